@@ -1,0 +1,95 @@
+//! The loopback HTTP API: `/metrics`, and `POST /admin/send`, which sends a
+//! text message from a user to users wherever they are connected (the demo
+//! and operators' smoke tests use it). Bind it to loopback only.
+
+use crate::metrics::AppMetrics;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use iim::registry::Registry;
+use iim::types::UserId;
+use iim::{Iim, Outgoing};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Message kind of text sent through the admin API.
+pub const KIND_ADMIN_TEXT: u16 = 1;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    pub from: u64,
+    pub to: Vec<u64>,
+    pub text: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerOutcome {
+    pub server: u32,
+    pub status: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SendResponse {
+    pub id: String,
+    pub sessions: usize,
+    pub local_delivered: usize,
+    pub local_missing: usize,
+    pub servers: Vec<ServerOutcome>,
+}
+
+#[derive(Clone)]
+struct AdminState {
+    iim: Iim,
+    registry: Registry,
+}
+
+pub fn router(iim: Iim, registry: Registry, metrics: Arc<AppMetrics>) -> Router {
+    let admin = Router::new()
+        .route("/admin/send", post(send))
+        .route("/admin/health", get(|| async { "ok" }))
+        .with_state(AdminState { iim, registry });
+    iim::telemetry::metrics_router(metrics).merge(admin)
+}
+
+async fn send(
+    State(st): State<AdminState>,
+    Json(req): Json<SendRequest>,
+) -> Result<Json<SendResponse>, (StatusCode, String)> {
+    if req.to.len() > 10_000 {
+        return Err((StatusCode::BAD_REQUEST, "at most 10000 recipients".into()));
+    }
+    let users: Vec<UserId> = req.to.iter().map(|u| UserId(*u)).collect();
+    let sessions = st
+        .registry
+        .sessions_of(&users)
+        .await
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("registry: {e}")))?;
+    let msg = Outgoing {
+        kind: KIND_ADMIN_TEXT,
+        from: UserId(req.from),
+        body: Bytes::from(req.text.into_bytes()),
+        ..Default::default()
+    };
+    let report = st
+        .iim
+        .send(msg, &sessions)
+        .await
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(Json(SendResponse {
+        id: report.id.to_string(),
+        sessions: sessions.len(),
+        local_delivered: report.local.delivered,
+        local_missing: report.local.missing,
+        servers: report
+            .servers
+            .iter()
+            .map(|(s, st)| ServerOutcome {
+                server: s.0,
+                status: st.as_str().to_string(),
+            })
+            .collect(),
+    }))
+}

@@ -1,0 +1,288 @@
+//! The iim app server: hosts plugins and local client connections, and
+//! links to the exchange so `iim::send` reaches users on every server.
+//!
+//! [`start`] is what `main` and the tests call. Start-up takes a new epoch
+//! from the registry (clearing the sessions an earlier incarnation wrote),
+//! then links to the exchange. Shutdown drains: new sends are refused, the
+//! registry shows the server `draining`, outstanding reports are awaited
+//! within the grace period, the link closes cleanly and the server is
+//! marked `down`.
+
+pub mod admin;
+pub mod config;
+pub mod connections;
+pub mod dedup;
+mod link;
+pub mod metrics;
+pub mod outbox;
+
+pub use config::{Config, ExchangeTarget};
+pub use connections::{Attached, Connections};
+pub use link::LinkState;
+pub use metrics::AppMetrics;
+
+use anyhow::Context as _;
+use connections::Host;
+use iim::api::{IimParts, Submit};
+use iim::registry::{Registry, Role, ServerState};
+use iim::tls::{self, TlsMaterial};
+use iim::types::{ServerId, UserId, now_ms};
+use iim::{Iim, Plugin};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+/// A running app server.
+pub struct AppServerHandle {
+    pub id: ServerId,
+    pub epoch: u64,
+    pub iim: Iim,
+    pub connections: Arc<Connections>,
+    pub metrics: Arc<AppMetrics>,
+    pub http_addr: Option<SocketAddr>,
+    pub registry: Registry,
+    link: watch::Receiver<LinkState>,
+    /// Cancelled to start draining (SIGTERM).
+    shutdown: CancellationToken,
+    /// Cancelled when sends are refused.
+    closing: CancellationToken,
+    /// Cancelled to stop the link and the listeners.
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    endpoint: quinn::Endpoint,
+    grace: Duration,
+}
+
+impl AppServerHandle {
+    /// The link's state now.
+    pub fn link(&self) -> LinkState {
+        self.link.borrow().clone()
+    }
+
+    /// Watch the link's state.
+    pub fn link_watch(&self) -> watch::Receiver<LinkState> {
+        self.link.clone()
+    }
+
+    /// Begin a graceful shutdown (what SIGTERM does).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Resolves when a shutdown was asked for or the link failed for good.
+    pub async fn stop_requested(&self) {
+        let mut w = self.link.clone();
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {}
+            _ = w.wait_for(|s| s.fatal.is_some()) => {}
+        }
+    }
+
+    /// Drain and stop: refuse new sends, show `draining`, wait (within the
+    /// grace period) for outstanding reports, close the link cleanly, show
+    /// `down`.
+    pub async fn stopped(self) {
+        self.shutdown.cancel();
+        self.closing.cancel();
+        if let Err(e) = self
+            .registry
+            .set_state(self.id, self.epoch, ServerState::Draining, now_ms())
+            .await
+        {
+            warn!(error = %e, "could not mark the server draining");
+        }
+        let mut w = self.link.clone();
+        let drained = tokio::time::timeout(
+            self.grace,
+            w.wait_for(|s| s.outstanding == 0 || s.fatal.is_some()),
+        )
+        .await
+        .is_ok();
+        info!(drained, "draining done");
+        self.stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if let Err(e) = self.registry.mark_down(self.id, self.epoch, now_ms()).await {
+            warn!(error = %e, "could not mark the server down");
+        }
+        info!("app server stopped");
+    }
+}
+
+/// Start an app server with `plugins`. Returns once its epoch is taken and
+/// its listeners are bound; the link to the exchange comes up in the
+/// background (see [`AppServerHandle::link`]).
+pub async fn start(
+    config: Config,
+    tls: TlsMaterial,
+    plugins: Vec<Arc<dyn Plugin>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<AppServerHandle> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let id = ServerId(config.id);
+    let registry = Registry::connect(&config.database)
+        .await
+        .with_context(|| "cannot open the registry database")?;
+    let client_config = tls::quic_client_config(&tls, config.quic.transport())?;
+    let bind: SocketAddr = match config.exchange.as_ref().map(|e| e.address) {
+        Some(SocketAddr::V6(_)) => "[::]:0".parse()?,
+        _ => "0.0.0.0:0".parse()?,
+    };
+    let endpoint = quinn::Endpoint::client(bind).context("cannot bind the QUIC client socket")?;
+    let http_listener = match config.http_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a}"))?,
+        ),
+        None => None,
+    };
+    let http_addr = http_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let advertise = config
+        .advertise
+        .clone()
+        .or_else(|| http_addr.map(|a| a.to_string()))
+        .unwrap_or_default();
+    let epoch = registry
+        .begin_epoch(id, Role::App, &advertise, ServerState::Down, now_ms())
+        .await?;
+    let metrics = Arc::new(AppMetrics::default());
+    let connections = Arc::new(Connections::new(
+        id,
+        epoch,
+        registry.clone(),
+        metrics.clone(),
+        config.connection_queue,
+    ));
+    let host = Arc::new(Host {
+        connections: connections.clone(),
+        plugins: plugins.clone(),
+    });
+    let (submit_tx, submit_rx) = mpsc::channel::<Submit>(1_024);
+    let closing = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    // The 905's target names the exchange. With registry discovery the
+    // exchange is found once here; the link looks its address up again on
+    // every reconnect (one exchange per deployment until exchanges
+    // federate).
+    let exchange_id = match &config.exchange {
+        Some(t) => ServerId(t.id),
+        None => discover_exchange(&registry).await?,
+    };
+    let iim = Iim::new(IimParts {
+        server: id,
+        epoch,
+        exchange: exchange_id,
+        max_frame: config.max_frame_bytes,
+        link: submit_tx,
+        local: host.clone(),
+        closing: closing.clone(),
+    });
+    let link = link::spawn(
+        link::LinkParams {
+            server: id,
+            epoch,
+            exchange: config.exchange.clone(),
+            max_frame: config.max_frame_bytes,
+            send_timeout: Duration::from_millis(config.send_timeout_ms),
+            max_outstanding: config.max_outstanding,
+            heartbeat: Duration::from_millis(config.heartbeat_ms),
+            reconnect_min: Duration::from_millis(config.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(config.reconnect_max_ms),
+            client_config,
+            registry: registry.clone(),
+        },
+        endpoint.clone(),
+        submit_rx,
+        host,
+        metrics.clone(),
+        stop.clone(),
+        &tracker,
+    );
+    for p in &plugins {
+        p.start(iim.clone());
+    }
+    for user in &config.demo_users {
+        let attached = connections.attach(UserId(*user), "demo").await?;
+        tracker.spawn(demo_sink(attached, stop.clone()).instrument(info_span!(
+            "demo",
+            server = id.0,
+            user = *user
+        )));
+    }
+    if let Some(listener) = http_listener {
+        let router = admin::router(iim.clone(), registry.clone(), metrics.clone());
+        let token = stop.clone();
+        tracker.spawn(async move {
+            if let Err(e) = iim::telemetry::serve_http(listener, router, token).await {
+                warn!(error = %e, "http listener failed");
+            }
+        });
+    }
+    info!(
+        id = id.0,
+        epoch,
+        exchange = exchange_id.0,
+        "app server started"
+    );
+    Ok(AppServerHandle {
+        id,
+        epoch,
+        iim,
+        connections,
+        metrics,
+        http_addr,
+        registry,
+        link,
+        shutdown,
+        closing,
+        stop,
+        tracker,
+        endpoint,
+        grace: Duration::from_secs(config.shutdown_grace_secs),
+    })
+}
+
+/// The lowest-id exchange the registry shows up, waiting up to 30 s for one.
+async fn discover_exchange(registry: &Registry) -> anyhow::Result<ServerId> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let servers = registry.servers().await?;
+        if let Some(ex) = servers
+            .iter()
+            .find(|s| s.role == Role::Exchange && s.state == ServerState::Up)
+        {
+            return Ok(ex.id);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("no exchange is up in the registry; start one or set [exchange]");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A demo connection: logs every message it receives.
+async fn demo_sink(mut a: Attached, stop: CancellationToken) {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = a.rx.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        info!(
+            id = %msg.id,
+            from = %msg.source,
+            target = %msg.target,
+            text = %String::from_utf8_lossy(&msg.body),
+            "received"
+        );
+    }
+}

@@ -1,0 +1,536 @@
+//! The app server's link to its exchange.
+//!
+//! Two tasks: the *connector* finds the exchange (config or registry),
+//! connects with mTLS, registers, and spawns a reader per connection; the
+//! *link task* owns everything that must survive reconnects — the outbox
+//! of 905s awaiting reports, the 906 duplicate filter, pending acks — and
+//! never waits on IO (its writer is a separate task behind a bounded
+//! channel). On every new connection the whole outbox is written again in
+//! send order, so per (origin, target) order and exactly-once delivery hold
+//! across a cut.
+
+use crate::config::ExchangeTarget;
+use crate::dedup::{Dedup, Verdict};
+use crate::metrics::AppMetrics;
+use crate::outbox::Outbox;
+use bytes::Bytes;
+use iim::api::{LocalDelivery, Submit};
+use iim::quic::{self, CLOSE_GOING_AWAY, FrameReader, ReadError, Writer};
+use iim::registry::{Registry, Role, ServerState};
+use iim::tls;
+use iim::types::{Address, ServerId, now_ms};
+use iim::wire::{Ack906, Deliver906, ErrorCode, Frame, Heartbeat, Message, Register, ReportEntry};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+/// Batches the writer may hold before the link task waits.
+const WRITER_BATCHES: usize = 64;
+/// Events from connector and readers.
+const EVENT_CHANNEL: usize = 256;
+
+pub struct LinkParams {
+    pub server: ServerId,
+    pub epoch: u64,
+    pub exchange: Option<ExchangeTarget>,
+    pub max_frame: usize,
+    pub send_timeout: Duration,
+    pub max_outstanding: usize,
+    pub heartbeat: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub client_config: quinn::ClientConfig,
+    pub registry: Registry,
+}
+
+/// What the rest of the app server can observe of the link.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkState {
+    /// The exchange registered with now, if any.
+    pub exchange: Option<ServerId>,
+    pub outstanding: usize,
+    /// Set when the exchange refused this incarnation for good (another
+    /// process registered the same id with a newer epoch, or the
+    /// certificate does not match): the server must stop.
+    pub fatal: Option<String>,
+}
+
+enum Event {
+    Connected {
+        attempt_no: u64,
+        exchange: ServerId,
+        conn: quinn::Connection,
+        writer: Writer,
+    },
+    Frames(u64, Vec<Frame>),
+    Lost(u64),
+    Fatal(String),
+}
+
+/// Start the connector and the link task. `stop` ends both (after the
+/// caller drained what it wanted); the link then closes its connection as
+/// a clean, intended departure.
+pub fn spawn(
+    p: LinkParams,
+    endpoint: quinn::Endpoint,
+    submits: mpsc::Receiver<Submit>,
+    host: Arc<dyn LocalDelivery>,
+    metrics: Arc<AppMetrics>,
+    stop: CancellationToken,
+    tracker: &TaskTracker,
+) -> watch::Receiver<LinkState> {
+    let (events_tx, events) = mpsc::channel(EVENT_CHANNEL);
+    let (state_tx, state_rx) = watch::channel(LinkState::default());
+    let span = info_span!("link", server = p.server.0);
+    let connector = Connector {
+        server: p.server,
+        epoch: p.epoch,
+        target: p.exchange.clone(),
+        max_frame: p.max_frame,
+        reconnect_min: p.reconnect_min,
+        reconnect_max: p.reconnect_max,
+        client_config: p.client_config.clone(),
+        registry: p.registry.clone(),
+        endpoint,
+        events: events_tx,
+        stop: stop.clone(),
+        tracker: tracker.clone(),
+    };
+    tracker.spawn(connector.run().instrument(span.clone()));
+    let link = Link {
+        outbox: Outbox::new(p.epoch),
+        dedup: Dedup::default(),
+        out: Vec::new(),
+        cur: None,
+        connected_before: false,
+        p,
+        host,
+        metrics,
+        state: state_tx,
+    };
+    tracker.spawn(link.run(submits, events, stop).instrument(span));
+    state_rx
+}
+
+struct Current {
+    attempt_no: u64,
+    exchange: ServerId,
+    conn: quinn::Connection,
+    writer: Writer,
+}
+
+struct Link {
+    p: LinkParams,
+    outbox: Outbox<oneshot::Sender<Vec<ReportEntry>>>,
+    dedup: Dedup,
+    /// Frames waiting for the writer.
+    out: Vec<Bytes>,
+    cur: Option<Current>,
+    connected_before: bool,
+    host: Arc<dyn LocalDelivery>,
+    metrics: Arc<AppMetrics>,
+    state: watch::Sender<LinkState>,
+}
+
+impl Link {
+    async fn run(
+        mut self,
+        mut submits: mpsc::Receiver<Submit>,
+        mut events: mpsc::Receiver<Event>,
+        stop: CancellationToken,
+    ) {
+        let mut heartbeat = tokio::time::interval(self.p.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let writer = self
+                .cur
+                .as_ref()
+                .filter(|_| !self.out.is_empty())
+                .map(|c| c.writer.clone());
+            let deadline = self.outbox.next_deadline().map(Instant::from_std);
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_event(ev),
+                    None => break,
+                },
+                permit = reserve(writer) => match permit {
+                    Some(permit) => {
+                        permit.send(std::mem::take(&mut self.out));
+                    }
+                    None => self.lost(),
+                },
+                sub = submits.recv(), if self.outbox.len() < self.p.max_outstanding => match sub {
+                    Some(sub) => self.on_submit(sub),
+                    None => break,
+                },
+                _ = sleep_until_opt(deadline) => {
+                    for (reply, results) in self.outbox.poll_expired(std::time::Instant::now()) {
+                        for r in &results {
+                            self.metrics.reports_in.inc(r.status.as_str());
+                        }
+                        let _ = reply.send(results);
+                    }
+                }
+                _ = heartbeat.tick(), if self.cur.is_some() => {
+                    let f = Frame::Heartbeat(Heartbeat { sent_at_ms: now_ms() });
+                    self.out.extend(quic::frame_bytes(&f, self.p.max_frame));
+                }
+            }
+            self.publish();
+        }
+        // Stopping: whatever is still unreported times out for its sender.
+        for (reply, results) in self.outbox.abandon() {
+            let _ = reply.send(results);
+        }
+        if let Some(c) = self.cur.take() {
+            c.conn
+                .close(CLOSE_GOING_AWAY.into(), b"app server draining");
+        }
+        self.metrics.link_up.set(0);
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let next = LinkState {
+            exchange: self.cur.as_ref().map(|c| c.exchange),
+            outstanding: self.outbox.len(),
+            fatal: self.state.borrow().fatal.clone(),
+        };
+        self.metrics.outstanding.set(next.outstanding as i64);
+        self.state.send_if_modified(|s| {
+            if *s != next {
+                *s = next;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn on_submit(&mut self, sub: Submit) {
+        self.metrics.forwards_out.inc();
+        if self.cur.is_some() {
+            self.out.push(sub.frame.clone());
+        }
+        let deadline = std::time::Instant::now() + self.p.send_timeout;
+        self.outbox
+            .push(sub.id, sub.frame, sub.targets, deadline, sub.reply);
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Connected {
+                attempt_no,
+                exchange,
+                conn,
+                writer,
+            } => {
+                self.metrics.link_connects.inc();
+                self.metrics.link_up.set(1);
+                // Acks and heartbeats of the old connection mean nothing to
+                // the new one; every unreported 905 goes out again, in order.
+                self.out.clear();
+                self.out.extend(self.outbox.frames());
+                if self.connected_before {
+                    self.metrics.forwards_resent.add(self.outbox.len() as u64);
+                }
+                self.connected_before = true;
+                info!(
+                    exchange = exchange.0,
+                    resent = self.outbox.len(),
+                    "registered with the exchange"
+                );
+                self.cur = Some(Current {
+                    attempt_no,
+                    exchange,
+                    conn,
+                    writer,
+                });
+            }
+            Event::Frames(attempt_no, frames) => {
+                if self
+                    .cur
+                    .as_ref()
+                    .is_some_and(|c| c.attempt_no == attempt_no)
+                {
+                    self.on_frames(frames);
+                }
+            }
+            Event::Lost(attempt_no) => {
+                if self
+                    .cur
+                    .as_ref()
+                    .is_some_and(|c| c.attempt_no == attempt_no)
+                {
+                    self.lost();
+                }
+            }
+            Event::Fatal(reason) => {
+                error!(%reason, "the exchange refused this server for good");
+                self.state.send_modify(|s| s.fatal = Some(reason));
+            }
+        }
+    }
+
+    fn lost(&mut self) {
+        if self.cur.take().is_some() {
+            self.metrics.link_up.set(0);
+            self.out.clear();
+            warn!(outstanding = self.outbox.len(), "link to the exchange lost");
+        }
+    }
+
+    fn on_frames(&mut self, frames: Vec<Frame>) {
+        let mut ack = None;
+        for f in frames {
+            match f {
+                Frame::Deliver(d) => {
+                    ack = Some(d.no);
+                    self.on_deliver(d);
+                }
+                Frame::Report(r) => {
+                    for e in r.entries {
+                        self.metrics.reports_in.inc(e.status.as_str());
+                        if let Some((reply, results)) = self.outbox.handle_report(e) {
+                            let _ = reply.send(results);
+                        }
+                    }
+                }
+                Frame::Heartbeat(_) => {}
+                Frame::Error(e) => {
+                    warn!(code = ?e.code, detail = %e.detail, "error frame from the exchange")
+                }
+                other => {
+                    self.metrics.rejected.inc("protocol");
+                    warn!(kind = other.kind(), "unexpected frame from the exchange");
+                    if let Some(c) = &self.cur {
+                        quic::close_with(&c.conn, ErrorCode::Protocol, "unexpected frame");
+                    }
+                    self.lost();
+                    return;
+                }
+            }
+        }
+        if let Some(upto) = ack {
+            self.metrics.acks_out.inc();
+            let f = Frame::Ack(Ack906 { upto });
+            self.out.extend(quic::frame_bytes(&f, self.p.max_frame));
+        }
+    }
+
+    /// Restore the original message of a 906, drop duplicates, hand it to
+    /// the listed local connections. Every 906 is acknowledged, delivered or
+    /// not: a bad one must not block the queue behind it.
+    fn on_deliver(&mut self, d: Deliver906) {
+        self.metrics.delivers_in.inc();
+        let msg = match Message::decode(&d.message) {
+            Ok(m) => m,
+            Err(e) => {
+                self.metrics.rejected.inc("malformed_message");
+                warn!(id = %d.id, error = %e, "undecodable message in a 906");
+                return;
+            }
+        };
+        if msg.id != d.id || msg.source.server != d.id.origin || msg.target != Address::RECEIVER {
+            self.metrics.rejected.inc("forged_id");
+            warn!(id = %d.id, inner = %msg.id, "906 whose message does not match its header");
+            return;
+        }
+        match self.dedup.check(d.id.origin, d.id.epoch, d.seq) {
+            Verdict::New => {
+                debug!(id = %d.id, users = d.users.len(), "906 delivered");
+                self.host.deliver(&Arc::new(msg), &d.users);
+            }
+            Verdict::Duplicate | Verdict::Stale => self.metrics.duplicates.inc(),
+        }
+    }
+}
+
+struct Connector {
+    server: ServerId,
+    epoch: u64,
+    target: Option<ExchangeTarget>,
+    max_frame: usize,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+    client_config: quinn::ClientConfig,
+    registry: Registry,
+    endpoint: quinn::Endpoint,
+    events: mpsc::Sender<Event>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+enum ConnectError {
+    /// Try again later.
+    Retry(String),
+    /// This incarnation may never register: stop trying.
+    Fatal(String),
+}
+
+impl Connector {
+    async fn run(self) {
+        let mut backoff = self.reconnect_min;
+        let mut attempt_no = 0u64;
+        loop {
+            attempt_no += 1;
+            let attempt = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = self.connect_once(attempt_no) => r,
+            };
+            match attempt {
+                Ok(conn) => {
+                    backoff = self.reconnect_min;
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        e = conn.closed() => info!(error = %e, "exchange connection closed"),
+                    }
+                }
+                Err(ConnectError::Fatal(reason)) => {
+                    let _ = self.events.send(Event::Fatal(reason)).await;
+                    return;
+                }
+                Err(ConnectError::Retry(reason)) => {
+                    debug!(%reason, backoff_ms = backoff.as_millis() as u64, "cannot reach the exchange");
+                }
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.reconnect_max);
+        }
+    }
+
+    /// Where the exchange is: the configured one, else the lowest-id
+    /// exchange the registry shows up.
+    async fn locate(&self) -> Result<(ServerId, SocketAddr), ConnectError> {
+        if let Some(t) = &self.target {
+            return Ok((ServerId(t.id), t.address));
+        }
+        let servers = self
+            .registry
+            .servers()
+            .await
+            .map_err(|e| ConnectError::Retry(format!("registry: {e}")))?;
+        let ex = servers
+            .iter()
+            .find(|s| s.role == Role::Exchange && s.state == ServerState::Up)
+            .ok_or_else(|| ConnectError::Retry("no exchange is up in the registry".into()))?;
+        let addr = ex.address.parse().map_err(|_| {
+            ConnectError::Retry(format!("exchange {} has address {:?}", ex.id, ex.address))
+        })?;
+        Ok((ex.id, addr))
+    }
+
+    async fn connect_once(&self, attempt_no: u64) -> Result<quinn::Connection, ConnectError> {
+        let (exchange, addr) = self.locate().await?;
+        let retry = |e: &dyn std::fmt::Display| ConnectError::Retry(e.to_string());
+        let conn = self
+            .endpoint
+            .connect_with(
+                self.client_config.clone(),
+                addr,
+                &tls::exchange_name(exchange),
+            )
+            .map_err(|e| retry(&e))?
+            .await
+            .map_err(|e| retry(&e))?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| retry(&e))?;
+        let reg = Frame::Register(Register {
+            server: self.server,
+            epoch: self.epoch,
+            max_frame: self.max_frame as u32,
+        });
+        let bytes = quic::frame_bytes(&reg, self.max_frame)
+            .ok_or_else(|| ConnectError::Fatal("cannot encode register".into()))?;
+        send.write_all(&bytes).await.map_err(|e| retry(&e))?;
+        let mut reader = FrameReader::new(recv, self.max_frame);
+        let first = tokio::time::timeout(Duration::from_secs(10), reader.next()).await;
+        match first {
+            Ok(Ok(Some(Frame::Registered(r)))) if r.exchange == exchange => {}
+            Ok(Ok(Some(other))) => {
+                return Err(ConnectError::Retry(format!(
+                    "unexpected {} frame",
+                    other.kind()
+                )));
+            }
+            Ok(Ok(None)) => return Err(ConnectError::Retry("stream finished".into())),
+            Ok(Err(ReadError::Stream(quinn::ReadError::ConnectionLost(
+                quinn::ConnectionError::ApplicationClosed(c),
+            )))) => {
+                let reason = String::from_utf8_lossy(&c.reason).to_string();
+                let code = ErrorCode::from_close_code(c.error_code.into_inner());
+                return Err(match code {
+                    Some(ErrorCode::StaleEpoch | ErrorCode::IdentityMismatch) => {
+                        ConnectError::Fatal(format!("{code:?}: {reason}"))
+                    }
+                    _ => ConnectError::Retry(format!("refused ({code:?}): {reason}")),
+                });
+            }
+            Ok(Err(e)) => return Err(retry(&e)),
+            Err(_) => return Err(ConnectError::Retry("no registered frame in time".into())),
+        }
+        let (writer, writer_task) = quic::spawn_writer(send, WRITER_BATCHES);
+        self.events
+            .send(Event::Connected {
+                attempt_no,
+                exchange,
+                conn: conn.clone(),
+                writer,
+            })
+            .await
+            .map_err(|_| ConnectError::Retry("link stopped".into()))?;
+        let events = self.events.clone();
+        let c = conn.clone();
+        self.tracker.spawn(
+            async move {
+                read_loop(attempt_no, reader, events).await;
+                c.close(ErrorCode::Protocol.close_code().into(), b"reader ended");
+                writer_task.abort();
+            }
+            .in_current_span(),
+        );
+        Ok(conn)
+    }
+}
+
+async fn read_loop(attempt_no: u64, mut reader: FrameReader, events: mpsc::Sender<Event>) {
+    loop {
+        let mut batch = Vec::new();
+        match reader.next_batch(&mut batch).await {
+            Ok(true) => {
+                if events.send(Event::Frames(attempt_no, batch)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(false) => break,
+            Err(e) => {
+                debug!(error = %e, "exchange link read ended");
+                break;
+            }
+        }
+    }
+    let _ = events.send(Event::Lost(attempt_no)).await;
+}
+
+async fn reserve(w: Option<Writer>) -> Option<mpsc::OwnedPermit<Vec<Bytes>>> {
+    match w {
+        Some(w) => w.reserve_owned().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

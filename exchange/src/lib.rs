@@ -1,0 +1,206 @@
+//! The iim exchange: accepts app servers over QUIC with mutual TLS, records
+//! them in the registry, splits each 905 forward request into one 906 per
+//! target server, and reports each outcome back to the origin.
+//!
+//! [`start`] is what `main` and the tests call; it takes a validated config,
+//! TLS material and a shutdown token, and returns a handle once the
+//! endpoint is listening. See `docs/architecture.md` for the whole path.
+
+pub mod config;
+mod hub;
+mod link;
+pub mod metrics;
+pub mod queue;
+pub mod split;
+
+pub use config::Config;
+pub use metrics::ExchangeMetrics;
+
+use anyhow::Context as _;
+use hub::{Ctx, Hub};
+use iim::registry::{Registry, Role, ServerState};
+use iim::tls::{self, TlsMaterial};
+use iim::types::{ServerId, now_ms};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+/// A running exchange.
+pub struct ExchangeHandle {
+    pub id: ServerId,
+    pub epoch: u64,
+    /// The bound QUIC address.
+    pub addr: SocketAddr,
+    /// The bound metrics address, if enabled.
+    pub http_addr: Option<SocketAddr>,
+    pub metrics: Arc<ExchangeMetrics>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    endpoint: quinn::Endpoint,
+    registry: Registry,
+}
+
+impl ExchangeHandle {
+    /// Begin a graceful shutdown (what SIGTERM does).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Wait until the exchange has stopped: queues delivered or the grace
+    /// period over, links closed, the registry row marked down.
+    pub async fn stopped(self) {
+        self.shutdown.cancelled().await;
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.endpoint
+            .close(iim::quic::CLOSE_GOING_AWAY.into(), b"exchange stopped");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if let Err(e) = self
+            .registry
+            .set_state(self.id, self.epoch, ServerState::Down, now_ms())
+            .await
+        {
+            warn!(error = %e, "could not mark the exchange down in the registry");
+        }
+        info!("exchange stopped");
+    }
+}
+
+/// Start an exchange. Returns once it listens.
+pub async fn start(
+    config: Config,
+    tls: TlsMaterial,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExchangeHandle> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let id = ServerId(config.id);
+    let registry = Registry::connect(&config.database)
+        .await
+        .with_context(|| "cannot open the registry database")?;
+    let server_config = tls::quic_server_config(&tls, config.quic.transport())?;
+    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = endpoint.local_addr()?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+    let epoch = registry
+        .begin_epoch(id, Role::Exchange, &advertise, ServerState::Up, now_ms())
+        .await?;
+    let metrics = Arc::new(ExchangeMetrics::default());
+    let tracker = TaskTracker::new();
+    let ctx = Arc::new(Ctx {
+        id,
+        epoch,
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        hub: Hub::default(),
+        lease: Duration::from_secs(config.lease_secs),
+        grace: Duration::from_secs(config.shutdown_grace_secs),
+        max_frame: config.max_frame_bytes,
+        handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+        max_links: config.max_links,
+        queue_max_frames: config.queue_max_frames,
+        queue_max_bytes: config.queue_max_bytes,
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    });
+    // Servers this exchange served before a restart get a lease to come
+    // back; every other known server is routable as "down".
+    for s in registry.servers().await? {
+        if s.role != Role::App {
+            continue;
+        }
+        let ours = s.exchange == Some(id) && s.state != ServerState::Down;
+        let state = if ours {
+            hub::STATE_DISCONNECTED
+        } else {
+            hub::STATE_DOWN
+        };
+        hub::ensure_route(&ctx, s.id, s.epoch, state);
+    }
+    let http_addr = match config.http_listen {
+        Some(a) => {
+            let listener = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} for metrics"))?;
+            let bound = listener.local_addr()?;
+            let router = iim::telemetry::metrics_router(metrics.clone());
+            let token = shutdown.clone();
+            tracker.spawn(async move {
+                if let Err(e) = iim::telemetry::serve_http(listener, router, token).await {
+                    warn!(error = %e, "metrics listener failed");
+                }
+            });
+            Some(bound)
+        }
+        None => None,
+    };
+    tracker.spawn(
+        accept_loop(ctx.clone(), endpoint.clone()).instrument(info_span!("exchange", id = id.0)),
+    );
+    tracker.spawn(sweeper(ctx.clone()));
+    info!(id = id.0, epoch, %addr, "exchange listening");
+    Ok(ExchangeHandle {
+        id,
+        epoch,
+        addr,
+        http_addr,
+        metrics,
+        shutdown,
+        tracker,
+        endpoint,
+        registry,
+    })
+}
+
+async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
+    loop {
+        let incoming = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        ctx.tracker.spawn(link::serve(ctx.clone(), incoming));
+    }
+}
+
+/// Refresh `last_seen` of connected servers and learn servers that
+/// registered their epoch since, so a 905 naming them reads "down" rather
+/// than "unknown". Bounded: one registry round trip per period.
+async fn sweeper(ctx: Arc<Ctx>) {
+    let period = (ctx.lease / 3).max(Duration::from_millis(200));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let up = ctx.hub.up_servers();
+        let known = match ctx.registry.servers().await {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(error = %e, "registry unavailable for the sweep");
+                continue;
+            }
+        };
+        let mut touch = vec![(ctx.id, ctx.epoch)];
+        for s in &known {
+            if s.role != Role::App {
+                continue;
+            }
+            if up.contains(&s.id) {
+                touch.push((s.id, s.epoch));
+            } else if !ctx.hub.contains(s.id) {
+                hub::ensure_route(&ctx, s.id, s.epoch, hub::STATE_DOWN);
+            }
+        }
+        if let Err(e) = ctx.registry.touch(&touch, now_ms()).await {
+            warn!(error = %e, "could not refresh last_seen");
+        }
+    }
+}

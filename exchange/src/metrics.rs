@@ -1,0 +1,129 @@
+//! The exchange's counters, rendered at `/metrics`.
+
+use iim::metrics::{Counter, Family, Gauge, Page, Render};
+use iim::wire::Frame;
+
+/// Every reason a connection, a registration or a frame is refused.
+pub const REJECT_REASONS: &[&str] = &[
+    "tls_handshake",
+    "handshake_timeout",
+    "not_registered",
+    "identity_mismatch",
+    "stale_epoch",
+    "unknown_server",
+    "wrong_role",
+    "forged_source",
+    "wrong_target",
+    "malformed_905",
+    "malformed_frame",
+    "malformed_message",
+    "oversized_frame",
+    "bad_version",
+    "protocol",
+    "overloaded",
+    "too_many_links",
+    "registry_error",
+];
+
+const STATUSES: &[&str] = &[
+    "delivered",
+    "unknown_server",
+    "server_down",
+    "timed_out",
+    "overloaded",
+];
+
+#[derive(Debug)]
+pub struct ExchangeMetrics {
+    pub frames_in: Family,
+    pub forwards_in: Counter,
+    pub delivers_out: Counter,
+    pub acks_in: Counter,
+    pub retransmits: Counter,
+    pub reports_out: Family,
+    pub reports_dropped: Counter,
+    pub rejections: Family,
+    pub links: Gauge,
+    pub queued: Gauge,
+    pub marked_down: Counter,
+}
+
+impl Default for ExchangeMetrics {
+    fn default() -> Self {
+        ExchangeMetrics {
+            frames_in: Family::new("kind", &Frame::KINDS),
+            forwards_in: Counter::default(),
+            delivers_out: Counter::default(),
+            acks_in: Counter::default(),
+            retransmits: Counter::default(),
+            reports_out: Family::new("status", STATUSES),
+            reports_dropped: Counter::default(),
+            rejections: Family::new("reason", REJECT_REASONS),
+            links: Gauge::default(),
+            queued: Gauge::default(),
+            marked_down: Counter::default(),
+        }
+    }
+}
+
+impl Render for ExchangeMetrics {
+    fn render(&self) -> String {
+        let mut p = Page::default();
+        p.family(
+            "iim_exchange_frames_in_total",
+            "Frames received, by kind.",
+            &self.frames_in,
+        )
+        .counter(
+            "iim_exchange_905_in_total",
+            "905 forward requests accepted.",
+            &self.forwards_in,
+        )
+        .counter(
+            "iim_exchange_906_out_total",
+            "906 deliveries written (first sends and retransmits).",
+            &self.delivers_out,
+        )
+        .counter(
+            "iim_exchange_906_acked_total",
+            "906 deliveries acknowledged by their target.",
+            &self.acks_in,
+        )
+        .counter(
+            "iim_exchange_906_retransmits_total",
+            "906 deliveries written again after a reconnect.",
+            &self.retransmits,
+        )
+        .family(
+            "iim_exchange_reports_total",
+            "Delivery report entries sent to origins, by status.",
+            &self.reports_out,
+        )
+        .counter(
+            "iim_exchange_reports_dropped_total",
+            "Report entries dropped because the origin was not connected.",
+            &self.reports_dropped,
+        )
+        .family(
+            "iim_exchange_rejections_total",
+            "Refused connections, registrations and frames, by reason.",
+            &self.rejections,
+        )
+        .gauge(
+            "iim_exchange_links",
+            "App servers connected now.",
+            &self.links,
+        )
+        .gauge(
+            "iim_exchange_queued_906",
+            "906 deliveries queued and not yet acknowledged.",
+            &self.queued,
+        )
+        .counter(
+            "iim_exchange_servers_marked_down_total",
+            "App servers marked down (lease expired or clean shutdown).",
+            &self.marked_down,
+        );
+        p.finish()
+    }
+}

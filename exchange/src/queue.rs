@@ -1,0 +1,303 @@
+//! Sans-IO delivery queue for one target server: the 906s the exchange owes
+//! it, in order, until the target acknowledges them.
+//!
+//! The queue outlives connections. On a reconnect of the same incarnation
+//! everything not yet acknowledged is transmitted again, in the original
+//! order; the target drops what it already delivered (per-origin sequence),
+//! so the effect is exactly once and per-origin order holds across the cut.
+//! Frames are encoded once, when queued, and handed out in batches for one
+//! coalesced write.
+
+use bytes::{Bytes, BytesMut};
+use iim::types::MessageId;
+use iim::wire::{self, Deliver906, Frame};
+use std::collections::VecDeque;
+
+#[derive(Debug)]
+struct Entry {
+    no: u64,
+    id: MessageId,
+    frame: Bytes,
+    sent: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    #[error("delivery queue full")]
+    Full,
+    #[error("906 larger than the target's frame limit")]
+    Oversized,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("ack for delivery {upto} which was never sent (highest sent {sent})")]
+pub struct AckError {
+    pub upto: u64,
+    pub sent: u64,
+}
+
+/// What one call to [`DeliveryQueue::poll_transmit`] hands out.
+#[derive(Debug, Default)]
+pub struct Transmit {
+    pub frames: Vec<Bytes>,
+    pub bytes: usize,
+    /// How many of the frames are retransmissions.
+    pub retransmits: usize,
+}
+
+#[derive(Debug)]
+pub struct DeliveryQueue {
+    entries: VecDeque<Entry>,
+    /// Index in `entries` of the first frame not yet transmitted on the
+    /// current connection.
+    unsent: usize,
+    next_no: u64,
+    highest_sent: u64,
+    bytes: usize,
+    max_entries: usize,
+    max_bytes: usize,
+    max_frame: usize,
+}
+
+impl DeliveryQueue {
+    pub fn new(max_entries: usize, max_bytes: usize, max_frame: usize) -> Self {
+        DeliveryQueue {
+            entries: VecDeque::new(),
+            unsent: 0,
+            next_no: 1,
+            highest_sent: 0,
+            bytes: 0,
+            max_entries,
+            max_bytes,
+            max_frame,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn has_unsent(&self) -> bool {
+        self.unsent < self.entries.len()
+    }
+
+    /// Queue a 906; assigns its delivery number.
+    pub fn push(&mut self, mut d: Deliver906) -> Result<u64, PushError> {
+        if self.entries.len() >= self.max_entries {
+            return Err(PushError::Full);
+        }
+        d.no = self.next_no;
+        let id = d.id;
+        let frame = wire::encode_to_bytes(&Frame::Deliver(d), self.max_frame)
+            .map_err(|_| PushError::Oversized)?;
+        if self.bytes + frame.len() > self.max_bytes && !self.entries.is_empty() {
+            return Err(PushError::Full);
+        }
+        self.bytes += frame.len();
+        let no = self.next_no;
+        self.next_no += 1;
+        self.entries.push_back(Entry {
+            no,
+            id,
+            frame,
+            sent: false,
+        });
+        Ok(no)
+    }
+
+    /// Frames to write now, in order: at least one if any is unsent, then
+    /// more while the batch stays within `max_bytes`.
+    pub fn poll_transmit(&mut self, max_bytes: usize) -> Transmit {
+        let mut t = Transmit::default();
+        while let Some(e) = self.entries.get_mut(self.unsent) {
+            if !t.frames.is_empty() && t.bytes + e.frame.len() > max_bytes {
+                break;
+            }
+            t.bytes += e.frame.len();
+            t.frames.push(e.frame.clone());
+            if e.sent {
+                t.retransmits += 1;
+            }
+            e.sent = true;
+            self.highest_sent = self.highest_sent.max(e.no);
+            self.unsent += 1;
+        }
+        t
+    }
+
+    /// The target acknowledged every delivery up to `upto`: forget them and
+    /// return their message ids (for the origins' reports).
+    pub fn handle_ack(&mut self, upto: u64) -> Result<Vec<MessageId>, AckError> {
+        if upto > self.highest_sent {
+            return Err(AckError {
+                upto,
+                sent: self.highest_sent,
+            });
+        }
+        let mut done = Vec::new();
+        while let Some(front) = self.entries.front() {
+            if front.no > upto {
+                break;
+            }
+            let e = self.entries.pop_front().expect("front exists");
+            self.bytes -= e.frame.len();
+            self.unsent = self.unsent.saturating_sub(1);
+            done.push(e.id);
+        }
+        Ok(done)
+    }
+
+    /// The connection is gone: everything unacknowledged goes out again on
+    /// the next one.
+    pub fn on_disconnect(&mut self) {
+        self.unsent = 0;
+    }
+
+    /// The target is gone for good (down, or replaced by a new incarnation):
+    /// drop everything and return the ids to report.
+    pub fn drain(&mut self) -> Vec<MessageId> {
+        self.unsent = 0;
+        self.bytes = 0;
+        self.entries.drain(..).map(|e| e.id).collect()
+    }
+
+    /// Concatenate a transmit into one buffer (for writers that take one).
+    pub fn concat(t: &Transmit) -> Bytes {
+        let mut b = BytesMut::with_capacity(t.bytes);
+        for f in &t.frames {
+            b.extend_from_slice(f);
+        }
+        b.freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iim::types::ServerId;
+    use iim::wire::DEFAULT_MAX_FRAME;
+
+    fn d(seq: u64) -> Deliver906 {
+        Deliver906 {
+            no: 0,
+            id: MessageId {
+                origin: ServerId(1),
+                epoch: 1,
+                seq,
+            },
+            seq,
+            users: vec![],
+            message: Bytes::from_static(b"m"),
+        }
+    }
+
+    fn decode_all(t: &Transmit) -> Vec<Deliver906> {
+        let mut buf = BytesMut::from(&DeliveryQueue::concat(t)[..]);
+        let mut out = vec![];
+        while let Some(f) = wire::decode(&mut buf, DEFAULT_MAX_FRAME).unwrap() {
+            match f {
+                Frame::Deliver(d) => out.push(d),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn numbers_in_order_and_batches_respect_the_byte_budget() {
+        let mut q = DeliveryQueue::new(100, 1 << 20, DEFAULT_MAX_FRAME);
+        for s in 1..=10 {
+            assert_eq!(q.push(d(s)).unwrap(), s);
+        }
+        let frame_len = q.entries[0].frame.len();
+        let t = q.poll_transmit(frame_len * 4);
+        assert_eq!(t.frames.len(), 4);
+        let t2 = q.poll_transmit(usize::MAX);
+        assert_eq!(t2.frames.len(), 6);
+        let nos: Vec<u64> = decode_all(&t)
+            .iter()
+            .chain(&decode_all(&t2))
+            .map(|d| d.no)
+            .collect();
+        assert_eq!(nos, (1..=10).collect::<Vec<_>>());
+        assert!(!q.has_unsent());
+        // A single frame larger than the budget still goes out.
+        q.push(d(11)).unwrap();
+        assert_eq!(q.poll_transmit(1).frames.len(), 1);
+    }
+
+    #[test]
+    fn reconnect_retransmits_exactly_the_unacked_in_order() {
+        let mut q = DeliveryQueue::new(100, 1 << 20, DEFAULT_MAX_FRAME);
+        for s in 1..=6 {
+            q.push(d(s)).unwrap();
+        }
+        q.poll_transmit(usize::MAX);
+        let acked = q.handle_ack(3).unwrap();
+        assert_eq!(
+            acked.iter().map(|i| i.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        q.push(d(7)).unwrap();
+        q.on_disconnect();
+        let t = q.poll_transmit(usize::MAX);
+        assert_eq!(t.retransmits, 3);
+        let nos: Vec<u64> = decode_all(&t).iter().map(|d| d.no).collect();
+        assert_eq!(nos, vec![4, 5, 6, 7]);
+        // A stale ack is harmless; an ack beyond what was sent is an error.
+        assert!(q.handle_ack(2).unwrap().is_empty());
+        assert_eq!(q.handle_ack(8), Err(AckError { upto: 8, sent: 7 }));
+        assert_eq!(q.handle_ack(7).unwrap().len(), 4);
+        assert!(q.is_empty());
+        assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn ack_in_the_middle_of_a_partial_transmit_keeps_the_cursor_right() {
+        let mut q = DeliveryQueue::new(100, 1 << 20, DEFAULT_MAX_FRAME);
+        for s in 1..=5 {
+            q.push(d(s)).unwrap();
+        }
+        let one = q.entries[0].frame.len();
+        q.poll_transmit(one * 2);
+        q.handle_ack(2).unwrap();
+        let t = q.poll_transmit(usize::MAX);
+        assert_eq!(
+            decode_all(&t).iter().map(|d| d.no).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        assert_eq!(t.retransmits, 0);
+    }
+
+    #[test]
+    fn bounded_by_entries_and_bytes() {
+        let mut q = DeliveryQueue::new(2, 1 << 20, DEFAULT_MAX_FRAME);
+        q.push(d(1)).unwrap();
+        q.push(d(2)).unwrap();
+        assert_eq!(q.push(d(3)), Err(PushError::Full));
+        let mut q = DeliveryQueue::new(100, 1, DEFAULT_MAX_FRAME);
+        q.push(d(1)).unwrap(); // the first always fits
+        assert_eq!(q.push(d(2)), Err(PushError::Full));
+        let mut q = DeliveryQueue::new(100, 1 << 20, 8);
+        assert_eq!(q.push(d(1)), Err(PushError::Oversized));
+    }
+
+    #[test]
+    fn drain_returns_everything() {
+        let mut q = DeliveryQueue::new(100, 1 << 20, DEFAULT_MAX_FRAME);
+        for s in 1..=3 {
+            q.push(d(s)).unwrap();
+        }
+        q.poll_transmit(usize::MAX);
+        assert_eq!(q.drain().len(), 3);
+        assert!(q.is_empty() && !q.has_unsent());
+    }
+}

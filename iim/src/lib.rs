@@ -1,0 +1,20 @@
+//! iim: many instant-messaging app servers acting as one.
+//!
+//! This library holds what the exchange and the app servers share: the
+//! identifier types, the 905/906 wire protocol, QUIC/mTLS configuration,
+//! registry access, metrics rendering, and the plugin-facing API
+//! ([`Iim::send`], [`Plugin`]). Daemon logic lives in the `iim-exchange`
+//! and `iim-appserver` crates.
+
+pub mod api;
+pub mod metrics;
+pub mod quic;
+pub mod registry;
+pub mod telemetry;
+pub mod tls;
+pub mod types;
+pub mod wire;
+
+pub use api::{Iim, Outgoing, PendingReport, Plugin, SendError, SendReport};
+pub use types::{Address, ChannelId, MessageId, ServerId, Session, UserId};
+pub use wire::{DeliveryStatus, Message};

@@ -1,0 +1,614 @@
+//! The link protocol between app servers and the exchange: frames, their
+//! encoding, and the message encoding they carry. Pure: no IO, no clocks.
+//!
+//! A frame on the wire is
+//!
+//! ```text
+//! +---------+----------------+------------------------------+
+//! | version | length (u32 BE)| postcard body (length bytes) |
+//! +---------+----------------+------------------------------+
+//! ```
+//!
+//! The length is checked against the receiver's maximum before anything is
+//! allocated. postcard is not self-describing, so variants and fields are
+//! append-only; golden-bytes tests pin the encoding of every frame kind.
+//!
+//! Messages travel inside 905 and 906 frames as their own postcard encoding
+//! (`message: Bytes`), so the exchange relays them without decoding and all
+//! 906s of one 905 share the same bytes. Nested messages are encoded as
+//! length-delimited byte strings and decoded with an explicit depth limit,
+//! so every nested message knows its size (seed 002's serialisation bug) and
+//! no input can exhaust the decoder's stack.
+
+use crate::types::{Address, ChannelId, MessageId, ServerId, UserId};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+/// The only frame version this build speaks.
+pub const VERSION: u8 = 1;
+/// Bytes before a frame's body: version + length.
+pub const HEADER_LEN: usize = 5;
+/// Default maximum frame body size (1 MiB). Configurable per daemon.
+pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
+/// Deepest nesting of messages inside messages that is accepted.
+pub const MAX_NESTING: usize = 8;
+
+/// Errors of the codec. Every one of them ends the link that produced it:
+/// after a bad frame the byte stream can no longer be trusted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("unsupported frame version {0} (this build speaks {VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    Oversized { len: usize, max: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("malformed message: {0}")]
+    MalformedMessage(String),
+    #[error("message nesting deeper than {MAX_NESTING}")]
+    TooDeep,
+}
+
+impl WireError {
+    /// Short stable label for metrics and error frames.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WireError::UnsupportedVersion(_) => "bad_version",
+            WireError::Oversized { .. } => "oversized_frame",
+            WireError::Malformed(_) => "malformed_frame",
+            WireError::MalformedMessage(_) | WireError::TooDeep => "malformed_message",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Messages
+// ---------------------------------------------------------------------------
+
+/// Ordering ("timing control") attributes of a message. They are set once by
+/// the origin and survive forwarding unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Timing {
+    /// Origin wall clock when `send` was called, unix milliseconds.
+    pub sent_at_ms: i64,
+    /// Application-chosen key under which order matters (a conversation,
+    /// a presence subject); 0 when unused.
+    pub ordering_key: u64,
+}
+
+/// A message as plugins and client connections see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub id: MessageId,
+    /// The sending `(server, user)`.
+    pub source: Address,
+    /// Where the message is going. A message carried by a 905/906 has
+    /// target [`Address::RECEIVER`]: "the receiving client itself".
+    pub target: Address,
+    /// Which plugin the message belongs to (chat, presence, …).
+    pub kind: u16,
+    pub timing: Timing,
+    /// Opaque to the relay.
+    pub body: Bytes,
+    /// Messages carried inside this one (a quoted or forwarded message).
+    pub nested: Vec<Message>,
+}
+
+/// The encoded shape of a [`Message`]: nested messages are byte strings.
+#[derive(Serialize, Deserialize)]
+struct MessageWire {
+    id: MessageId,
+    source: Address,
+    target: Address,
+    kind: u16,
+    timing: Timing,
+    body: Bytes,
+    nested: Vec<Bytes>,
+}
+
+impl Message {
+    /// Encode into a fresh buffer.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        self.encode_into(&mut out);
+        out.freeze()
+    }
+
+    fn encode_into(&self, out: &mut BytesMut) {
+        let wire = MessageWire {
+            id: self.id,
+            source: self.source,
+            target: self.target,
+            kind: self.kind,
+            timing: self.timing.clone(),
+            body: self.body.clone(),
+            nested: self.nested.iter().map(Message::encode).collect(),
+        };
+        // Serialising into a growable buffer cannot fail for these types.
+        let _ = postcard::serialize_with_flavor(&wire, BytesMutFlavor(out));
+    }
+
+    /// Decode one message (and, recursively, the messages nested in it).
+    pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
+        Self::decode_at(bytes, 0)
+    }
+
+    fn decode_at(bytes: &[u8], depth: usize) -> Result<Message, WireError> {
+        if depth > MAX_NESTING {
+            return Err(WireError::TooDeep);
+        }
+        let (wire, rest): (MessageWire, _) = postcard::take_from_bytes(bytes)
+            .map_err(|e| WireError::MalformedMessage(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(WireError::MalformedMessage(format!(
+                "{} trailing bytes",
+                rest.len()
+            )));
+        }
+        let nested = wire
+            .nested
+            .iter()
+            .map(|b| Self::decode_at(b, depth + 1))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Message {
+            id: wire.id,
+            source: wire.source,
+            target: wire.target,
+            kind: wire.kind,
+            timing: wire.timing,
+            body: wire.body,
+            nested,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Frames
+// ---------------------------------------------------------------------------
+
+/// App server → exchange, first frame on a link: "I am `server`, incarnation
+/// `epoch`". The claim is checked against the peer's certificate and the
+/// registry before anything else is accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    pub server: ServerId,
+    pub epoch: u64,
+    /// Largest frame body the app server accepts.
+    pub max_frame: u32,
+}
+
+/// Exchange → app server: the registration is accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    pub exchange: ServerId,
+    pub exchange_epoch: u64,
+    /// How long the exchange keeps the server's deliveries after the link is
+    /// lost before it marks the server down.
+    pub lease_ms: u32,
+    /// Largest frame body the exchange accepts.
+    pub max_frame: u32,
+}
+
+/// Liveness, both directions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub sent_at_ms: i64,
+}
+
+/// One target user connection on a target server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UserRow {
+    pub user: UserId,
+    /// The connection on the target server.
+    pub channel: ChannelId,
+}
+
+/// One target server of a 905.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRow {
+    pub server: ServerId,
+    /// The server's channel: the exchange it is attached to according to the
+    /// registry (0 when unknown). One exchange today; the seam for several.
+    pub via: ServerId,
+    /// Per (origin, target) sequence, assigned by the origin in send order;
+    /// the target drops anything not above the last one it delivered.
+    pub seq: u64,
+    pub users: Vec<UserRow>,
+}
+
+/// 905: forward request, app server → exchange. Carries the message once
+/// plus the target rows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forward905 {
+    pub id: MessageId,
+    /// The sending `(server, user)`; must match the link's certificate.
+    pub source: Address,
+    /// The exchange: `(exchange id, 0)`.
+    pub target: Address,
+    pub rows: Vec<ServerRow>,
+    /// The original message, encoded, with target `(0,0)`.
+    pub message: Bytes,
+}
+
+/// 906: one delivery per target server, exchange → app server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deliver906 {
+    /// Delivery number on this exchange → target queue; acknowledged by
+    /// [`Ack906`].
+    pub no: u64,
+    pub id: MessageId,
+    /// The origin's per (origin, target) sequence from the server row.
+    pub seq: u64,
+    pub users: Vec<UserRow>,
+    pub message: Bytes,
+}
+
+/// App server → exchange: every 906 with `no <= upto` has been handled
+/// (delivered to local connections, or recognised as a duplicate).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack906 {
+    pub upto: u64,
+}
+
+/// The outcome of one message at one target server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DeliveryStatus {
+    /// The target server acknowledged the 906.
+    Delivered,
+    /// No such server in the registry.
+    UnknownServer,
+    /// The target is down (lease expired, shut down, or restarted).
+    ServerDown,
+    /// No outcome within the sender's deadline.
+    TimedOut,
+    /// The exchange's queue for the target is full.
+    Overloaded,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::UnknownServer => "unknown_server",
+            DeliveryStatus::ServerDown => "server_down",
+            DeliveryStatus::TimedOut => "timed_out",
+            DeliveryStatus::Overloaded => "overloaded",
+        }
+    }
+
+    pub const ALL: [DeliveryStatus; 5] = [
+        DeliveryStatus::Delivered,
+        DeliveryStatus::UnknownServer,
+        DeliveryStatus::ServerDown,
+        DeliveryStatus::TimedOut,
+        DeliveryStatus::Overloaded,
+    ];
+}
+
+/// One line of a delivery report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportEntry {
+    pub id: MessageId,
+    pub server: ServerId,
+    pub status: DeliveryStatus,
+}
+
+/// Exchange → origin app server: outcomes per (message, target server),
+/// batched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub entries: Vec<ReportEntry>,
+}
+
+/// Why a peer is being told off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    Malformed,
+    Oversized,
+    UnsupportedVersion,
+    NotRegistered,
+    IdentityMismatch,
+    StaleEpoch,
+    UnknownServer,
+    ForgedSource,
+    Protocol,
+    ShuttingDown,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The QUIC application close code for this error (0 is a clean close).
+    pub fn close_code(self) -> u32 {
+        match self {
+            ErrorCode::Malformed => 1,
+            ErrorCode::Oversized => 2,
+            ErrorCode::UnsupportedVersion => 3,
+            ErrorCode::NotRegistered => 4,
+            ErrorCode::IdentityMismatch => 5,
+            ErrorCode::StaleEpoch => 6,
+            ErrorCode::UnknownServer => 7,
+            ErrorCode::ForgedSource => 8,
+            ErrorCode::Protocol => 9,
+            ErrorCode::ShuttingDown => 10,
+            ErrorCode::Internal => 11,
+        }
+    }
+
+    pub fn from_close_code(code: u64) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        [
+            Malformed,
+            Oversized,
+            UnsupportedVersion,
+            NotRegistered,
+            IdentityMismatch,
+            StaleEpoch,
+            UnknownServer,
+            ForgedSource,
+            Protocol,
+            ShuttingDown,
+            Internal,
+        ]
+        .into_iter()
+        .find(|c| u64::from(c.close_code()) == code)
+    }
+
+    pub fn for_wire_error(e: &WireError) -> ErrorCode {
+        match e {
+            WireError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            WireError::Oversized { .. } => ErrorCode::Oversized,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+/// Either direction: a protocol error. A fatal one is followed by closing
+/// the connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub detail: String,
+}
+
+/// Everything that travels on a link. Append new variants at the end only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    Register(Register),
+    Registered(Registered),
+    Heartbeat(Heartbeat),
+    Forward(Forward905),
+    Deliver(Deliver906),
+    Ack(Ack906),
+    Report(Report),
+    Error(ErrorFrame),
+}
+
+impl Frame {
+    /// Stable label for logs and metrics; 905 and 906 keep their codes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Register(_) => "register",
+            Frame::Registered(_) => "registered",
+            Frame::Heartbeat(_) => "heartbeat",
+            Frame::Forward(_) => "905",
+            Frame::Deliver(_) => "906",
+            Frame::Ack(_) => "ack906",
+            Frame::Report(_) => "report",
+            Frame::Error(_) => "error",
+        }
+    }
+
+    /// All labels `kind` can return, for pre-registering metrics.
+    pub const KINDS: [&'static str; 8] = [
+        "register",
+        "registered",
+        "heartbeat",
+        "905",
+        "906",
+        "ack906",
+        "report",
+        "error",
+    ];
+}
+
+/// A postcard output flavor appending straight into a `BytesMut`.
+struct BytesMutFlavor<'a>(&'a mut BytesMut);
+
+impl postcard::ser_flavors::Flavor for BytesMutFlavor<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.put_u8(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Append one frame (header + body) to `out`. A body larger than `max` is
+/// refused here, so an oversized frame is the sender's error, not a
+/// surprise for the receiver; `out` is left as it was.
+pub fn encode(frame: &Frame, out: &mut BytesMut, max: usize) -> Result<(), WireError> {
+    let start = out.len();
+    out.put_u8(VERSION);
+    out.put_u32(0);
+    let _ = postcard::serialize_with_flavor(frame, BytesMutFlavor(out));
+    let len = out.len() - start - HEADER_LEN;
+    if len > max || len > u32::MAX as usize {
+        out.truncate(start);
+        return Err(WireError::Oversized { len, max });
+    }
+    out[start + 1..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Encode one frame into its own buffer.
+pub fn encode_to_bytes(frame: &Frame, max: usize) -> Result<Bytes, WireError> {
+    let mut out = BytesMut::new();
+    encode(frame, &mut out, max)?;
+    Ok(out.freeze())
+}
+
+/// Take one frame off the front of `buf`. `Ok(None)`: not complete yet (the
+/// caller reads more). The length prefix is checked against `max` before the
+/// body is waited for, so an oversized claim never allocates.
+pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, WireError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    if buf[0] != VERSION {
+        return Err(WireError::UnsupportedVersion(buf[0]));
+    }
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if len > max {
+        return Err(WireError::Oversized { len, max });
+    }
+    if buf.len() < HEADER_LEN + len {
+        buf.reserve(HEADER_LEN + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(HEADER_LEN);
+    let body = buf.split_to(len);
+    let (frame, rest) = postcard::take_from_bytes::<Frame>(&body)
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed(format!(
+            "{} trailing bytes in frame body",
+            rest.len()
+        )));
+    }
+    Ok(Some(frame))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u64) -> Message {
+        Message {
+            id: MessageId {
+                origin: ServerId(1),
+                epoch: 7,
+                seq,
+            },
+            source: Address::new(ServerId(1), UserId(1001)),
+            target: Address::RECEIVER,
+            kind: 2,
+            timing: Timing {
+                sent_at_ms: 1_700_000_000_000,
+                ordering_key: 42,
+            },
+            body: Bytes::from_static(b"hi"),
+            nested: vec![],
+        }
+    }
+
+    #[test]
+    fn partial_input_waits_for_more() {
+        let frame = Frame::Ack(Ack906 { upto: 300 });
+        let bytes = encode_to_bytes(&frame, DEFAULT_MAX_FRAME).unwrap();
+        for cut in 0..bytes.len() {
+            let mut buf = BytesMut::from(&bytes[..cut]);
+            assert_eq!(
+                decode(&mut buf, DEFAULT_MAX_FRAME),
+                Ok(None),
+                "cut at {cut}"
+            );
+        }
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert_eq!(decode(&mut buf, DEFAULT_MAX_FRAME), Ok(Some(frame)));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_the_body_arrives() {
+        let mut buf = BytesMut::new();
+        buf.put_u8(VERSION);
+        buf.put_u32(10_000_000);
+        assert_eq!(
+            decode(&mut buf, 1024),
+            Err(WireError::Oversized {
+                len: 10_000_000,
+                max: 1024
+            })
+        );
+        // Nothing was reserved for the claimed body.
+        assert!(buf.capacity() < 1024);
+    }
+
+    #[test]
+    fn encoder_refuses_oversized_and_leaves_buffer_intact() {
+        let mut out = BytesMut::new();
+        encode(&Frame::Ack(Ack906 { upto: 1 }), &mut out, 64).unwrap();
+        let before = out.clone();
+        let big = Frame::Heartbeat(Heartbeat { sent_at_ms: 0 });
+        let mut m = msg(1);
+        m.body = Bytes::from(vec![0u8; 100]);
+        let fwd = Frame::Forward(Forward905 {
+            id: m.id,
+            source: m.source,
+            target: Address::new(ServerId(100), UserId(0)),
+            rows: vec![],
+            message: m.encode(),
+        });
+        assert!(matches!(
+            encode(&fwd, &mut out, 64),
+            Err(WireError::Oversized { .. })
+        ));
+        assert_eq!(out, before);
+        encode(&big, &mut out, 64).unwrap();
+    }
+
+    #[test]
+    fn wrong_version_is_refused() {
+        let mut buf = BytesMut::from(&[2u8, 0, 0, 0, 0][..]);
+        assert_eq!(
+            decode(&mut buf, DEFAULT_MAX_FRAME),
+            Err(WireError::UnsupportedVersion(2))
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_in_body_are_malformed() {
+        let mut buf = BytesMut::new();
+        buf.put_u8(VERSION);
+        // Ack(upto = 1) is [5, 1]; claim 3 bytes with one extra.
+        buf.put_u32(3);
+        buf.put_slice(&[5, 1, 0]);
+        assert!(matches!(
+            decode(&mut buf, DEFAULT_MAX_FRAME),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn nested_messages_round_trip() {
+        let mut inner = msg(2);
+        inner.nested = vec![msg(3), msg(4)];
+        let mut outer = msg(1);
+        outer.nested = vec![inner, msg(5)];
+        let bytes = outer.encode();
+        assert_eq!(Message::decode(&bytes).unwrap(), outer);
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_limit_is_refused_without_recursion_blowup() {
+        let mut m = msg(0);
+        for i in 1..=(MAX_NESTING as u64 + 1) {
+            let mut outer = msg(i);
+            outer.nested = vec![m];
+            m = outer;
+        }
+        assert_eq!(Message::decode(&m.encode()), Err(WireError::TooDeep));
+    }
+}
