@@ -8,7 +8,6 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use iim::registry::Registry;
 use iim::types::UserId;
 use iim::{Iim, Outgoing};
 use serde::{Deserialize, Serialize};
@@ -43,14 +42,13 @@ pub struct SendResponse {
 #[derive(Clone)]
 struct AdminState {
     iim: Iim,
-    registry: Registry,
 }
 
-pub fn router(iim: Iim, registry: Registry, metrics: Arc<AppMetrics>) -> Router {
+pub fn router(iim: Iim, metrics: Arc<AppMetrics>) -> Router {
     let admin = Router::new()
         .route("/admin/send", post(send))
         .route("/admin/health", get(|| async { "ok" }))
-        .with_state(AdminState { iim, registry });
+        .with_state(AdminState { iim });
     iim::telemetry::metrics_router(metrics).merge(admin)
 }
 
@@ -63,8 +61,8 @@ async fn send(
     }
     let users: Vec<UserId> = req.to.iter().map(|u| UserId(*u)).collect();
     let sessions = st
-        .registry
-        .sessions_of(&users)
+        .iim
+        .user_list(&users)
         .await
         .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("registry: {e}")))?;
     let msg = Outgoing {

@@ -183,6 +183,7 @@ pub async fn start(
         link: submit_tx,
         local: host.clone(),
         closing: closing.clone(),
+        registry: registry.clone(),
     });
     let link = link::spawn(
         link::LinkParams {
@@ -217,7 +218,7 @@ pub async fn start(
         )));
     }
     if let Some(listener) = http_listener {
-        let router = admin::router(iim.clone(), registry.clone(), metrics.clone());
+        let router = admin::router(iim.clone(), metrics.clone());
         let token = stop.clone();
         tracker.spawn(async move {
             if let Err(e) = iim::telemetry::serve_http(listener, router, token).await {

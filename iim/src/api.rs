@@ -8,6 +8,7 @@
 //! sequence allocation; the link to the exchange (in the app server) owns
 //! retransmission and the reports.
 
+use crate::registry::{Registry, RegistryError};
 use crate::types::{Address, MessageId, ServerId, Session, UserId, now_ms};
 use crate::wire::{
     self, DeliveryStatus, Forward905, Frame, Message, ReportEntry, ServerRow, Timing, UserRow,
@@ -117,6 +118,7 @@ struct Inner {
     seq: Mutex<Sequences>,
     local: Arc<dyn LocalDelivery>,
     closing: CancellationToken,
+    registry: Registry,
 }
 
 /// Handle to the relay on one app server. Cheap to clone.
@@ -144,6 +146,7 @@ pub struct IimParts {
     pub local: Arc<dyn LocalDelivery>,
     /// Cancelled when the server starts draining: new sends are refused.
     pub closing: CancellationToken,
+    pub registry: Registry,
 }
 
 impl Iim {
@@ -161,6 +164,7 @@ impl Iim {
                 }),
                 local: parts.local,
                 closing: parts.closing,
+                registry: parts.registry,
             }),
         }
     }
@@ -171,6 +175,12 @@ impl Iim {
 
     pub fn epoch(&self) -> u64 {
         self.inner.epoch
+    }
+
+    /// The user list for `send`: every live connection of these users, on
+    /// any server, with its server and channel, in one registry query.
+    pub async fn user_list(&self, users: &[UserId]) -> Result<Vec<Session>, RegistryError> {
+        self.inner.registry.sessions_of(users).await
     }
 
     /// Send `msg` to every session in `users` and wait for the report.

@@ -1,0 +1,93 @@
+//! A fresh registry database per test.
+//!
+//! With `IIM_TEST_MYSQL_URL` (a MariaDB server URL without a database, as
+//! printed by `scripts/mariadb-test-setup`) each test gets its own database
+//! `iim_it_<pid>_<n>`; otherwise a SQLite file in a temporary directory.
+//! In CI (`CI=true`) MariaDB is required: its absence fails the test.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub struct TestDb {
+    url: String,
+    mysql: Option<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        match std::env::var("IIM_TEST_MYSQL_URL") {
+            Ok(server) if !server.is_empty() => Self::mysql(server).await,
+            _ => {
+                if std::env::var("CI").as_deref() == Ok("true") {
+                    panic!(
+                        "CI=true but IIM_TEST_MYSQL_URL is not set: run scripts/mariadb-test-setup"
+                    );
+                }
+                Self::sqlite()
+            }
+        }
+    }
+
+    /// Always SQLite (the embedded default), whatever the environment.
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("registry.db").display());
+        TestDb {
+            url,
+            mysql: None,
+            _dir: Some(dir),
+        }
+    }
+
+    async fn mysql(server: String) -> TestDb {
+        use sqlx::Connection;
+        let server = server.trim_end_matches('/').to_string();
+        let name = format!(
+            "iim_it_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut c = sqlx::MySqlConnection::connect(&server)
+            .await
+            .expect("connect to IIM_TEST_MYSQL_URL");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name}"
+        )))
+        .execute(&mut c)
+        .await
+        .expect("drop old test database");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut c)
+            .await
+            .expect("create test database");
+        TestDb {
+            url: format!("{server}/{name}"),
+            mysql: Some((server, name)),
+            _dir: None,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn is_mysql(&self) -> bool {
+        self.mysql.is_some()
+    }
+
+    /// Drop the MariaDB database (SQLite files go with the temp dir).
+    pub async fn cleanup(self) {
+        use sqlx::Connection;
+        if let Some((server, name)) = &self.mysql
+            && let Ok(mut c) = sqlx::MySqlConnection::connect(server).await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name}"
+            )))
+            .execute(&mut c)
+            .await;
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! The relay path end to end: exchange + app servers in one process over
+//! real QUIC + mTLS on loopback, registry on MariaDB in CI.
+
+use bytes::Bytes;
+use iim::api::LocalReport;
+use iim::types::{Address, ChannelId, MessageId, ServerId, Session, UserId};
+use iim::wire::{DeliveryStatus, Message, Timing, UserRow};
+use iim::{Iim, Outgoing, Plugin};
+use iim_tests::{
+    TestCa, TestDb, UdpProxy, appserver_config, eventually, exchange_config, spawn_appserver,
+    spawn_exchange, wait_linked,
+};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn text(kind: u16, from: u64, body: &str) -> Outgoing {
+    Outgoing {
+        kind,
+        from: UserId(from),
+        body: Bytes::from(body.to_string()),
+        ..Default::default()
+    }
+}
+
+async fn recv(rx: &mut tokio::sync::mpsc::Receiver<Arc<Message>>) -> Arc<Message> {
+    tokio::time::timeout(Duration::from_secs(15), rx.recv())
+        .await
+        .expect("a message within 15 s")
+        .expect("connection open")
+}
+
+/// Issue test 1: one `send` from server 1 to users on servers 1, 2 and 3 is
+/// one 905 and two 906s; every listed connection gets the message once,
+/// addressed (0,0), unchanged (nested message and timing included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_send_is_one_905_and_one_906_per_target_server() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let mut s = Vec::new();
+    for id in 1..=3 {
+        s.push(spawn_appserver(&ca, appserver_config(db.url(), id, ex.addr), vec![]).await);
+    }
+    for srv in &s {
+        wait_linked(srv).await;
+    }
+    let _sender = s[0].connections.attach(UserId(11), "phone").await.unwrap();
+    let mut r12 = s[0].connections.attach(UserId(12), "phone").await.unwrap();
+    let mut r21a = s[1].connections.attach(UserId(21), "phone").await.unwrap();
+    let mut r21b = s[1].connections.attach(UserId(21), "laptop").await.unwrap();
+    let mut r22 = s[1].connections.attach(UserId(22), "phone").await.unwrap();
+    let mut r31 = s[2].connections.attach(UserId(31), "phone").await.unwrap();
+    let users = s[0]
+        .iim
+        .user_list(&[UserId(12), UserId(21), UserId(22), UserId(31)])
+        .await
+        .unwrap();
+    assert_eq!(users.len(), 5, "five live connections: {users:?}");
+
+    let quoted = Message {
+        id: MessageId {
+            origin: ServerId(3),
+            epoch: 1,
+            seq: 9,
+        },
+        source: Address::new(ServerId(3), UserId(31)),
+        target: Address::new(ServerId(1), UserId(11)),
+        kind: 7,
+        timing: Timing {
+            sent_at_ms: 1,
+            ordering_key: 2,
+        },
+        body: Bytes::from_static(b"quoted"),
+        nested: vec![],
+    };
+    let mut out = text(7, 11, "hello everyone");
+    out.nested = vec![quoted.clone()];
+    out.ordering_key = 77;
+    let report = s[0].iim.send(out, &users).await.unwrap();
+
+    assert_eq!(
+        report.local,
+        LocalReport {
+            delivered: 1,
+            missing: 0
+        }
+    );
+    assert_eq!(
+        report.servers,
+        vec![
+            (ServerId(2), DeliveryStatus::Delivered),
+            (ServerId(3), DeliveryStatus::Delivered)
+        ]
+    );
+    assert_eq!(ex.metrics.forwards_in.get(), 1, "exactly one 905");
+    assert_eq!(ex.metrics.frames_in.get("905"), 1);
+    assert_eq!(ex.metrics.delivers_out.get(), 2, "exactly two 906s");
+    assert_eq!(ex.metrics.acks_in.get(), 2);
+    assert_eq!(s[1].metrics.delivers_in.get(), 1);
+    assert_eq!(s[2].metrics.delivers_in.get(), 1);
+
+    // "Delivered" is reported after the target handed the message over, so
+    // every connection holds it now.
+    for rx in [&mut r12, &mut r21a, &mut r21b, &mut r22, &mut r31] {
+        let m = rx.rx.try_recv().expect("delivered before the report");
+        assert_eq!(m.id, report.id);
+        assert_eq!(m.target, Address::RECEIVER, "target (0,0)");
+        assert_eq!(m.source, Address::new(ServerId(1), UserId(11)));
+        assert_eq!(m.kind, 7);
+        assert_eq!(&m.body[..], b"hello everyone");
+        assert_eq!(m.timing.ordering_key, 77);
+        assert_eq!(m.nested, vec![quoted.clone()], "nested message intact");
+        assert!(rx.rx.try_recv().is_err(), "exactly once");
+    }
+    assert_eq!(
+        s[1].metrics.duplicates.get() + s[2].metrics.duplicates.get(),
+        0
+    );
+
+    // A purely local send never touches the exchange.
+    let local = s[0].iim.user_list(&[UserId(12)]).await.unwrap();
+    let r = s[0].iim.send(text(7, 11, "local"), &local).await.unwrap();
+    assert!(r.servers.is_empty());
+    assert_eq!(r.local.delivered, 1);
+    assert_eq!(ex.metrics.forwards_in.get(), 1);
+    db.cleanup().await;
+}
+
+/// Unknown and down targets are reported, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_and_down_servers_are_reported() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
+    let s2 = spawn_appserver(&ca, appserver_config(db.url(), 2, ex.addr), vec![]).await;
+    wait_linked(&s1).await;
+    wait_linked(&s2).await;
+    let _c = s2.connections.attach(UserId(21), "phone").await.unwrap();
+    let stale = s1.iim.user_list(&[UserId(21)]).await.unwrap();
+    // Server 2 leaves cleanly: the exchange marks it down at once.
+    s2.stopped().await;
+    let rec = s1.registry.server(ServerId(2)).await.unwrap().unwrap();
+    assert_eq!(rec.state, iim::registry::ServerState::Down);
+    assert!(
+        s1.iim.user_list(&[UserId(21)]).await.unwrap().is_empty(),
+        "sessions cleared"
+    );
+
+    let mut users = stale;
+    users.push(Session {
+        user: UserId(77),
+        device: "ghost".into(),
+        server: ServerId(77),
+        channel: ChannelId(1),
+    });
+    let r = s1.iim.send(text(1, 1, "anyone?"), &users).await.unwrap();
+    assert_eq!(
+        r.servers,
+        vec![
+            (ServerId(2), DeliveryStatus::ServerDown),
+            (ServerId(77), DeliveryStatus::UnknownServer)
+        ]
+    );
+    db.cleanup().await;
+}
+
+async fn burst_across_a_cut(cut_origin: bool) {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let proxy = UdpProxy::start(ex.addr).await;
+    let (a1, a2) = if cut_origin {
+        (proxy.addr(), ex.addr)
+    } else {
+        (ex.addr, proxy.addr())
+    };
+    let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, a1), vec![]).await;
+    let s2 = spawn_appserver(&ca, appserver_config(db.url(), 2, a2), vec![]).await;
+    wait_linked(&s1).await;
+    wait_linked(&s2).await;
+    let cut_side = if cut_origin { &s1 } else { &s2 };
+    let mut r = s2.connections.attach(UserId(21), "phone").await.unwrap();
+    let users = s1.iim.user_list(&[UserId(21)]).await.unwrap();
+
+    let mut pending = Vec::with_capacity(1000);
+    for i in 0..1000u32 {
+        if i == 300 {
+            // Cut in the middle of the burst, and keep it cut until QUIC
+            // gives the connection up (idle timeout 1 s).
+            proxy.cut();
+            eventually!(
+                10,
+                "the cut link to drop",
+                cut_side.link().exchange.is_none()
+            );
+        }
+        if i == 700 {
+            proxy.restore();
+        }
+        pending.push(
+            s1.iim
+                .submit(text(1, 1, &i.to_string()), &users)
+                .await
+                .unwrap(),
+        );
+    }
+    for (i, p) in pending.into_iter().enumerate() {
+        let rep = tokio::time::timeout(Duration::from_secs(30), p)
+            .await
+            .expect("report in time");
+        assert_eq!(
+            rep.servers,
+            vec![(ServerId(2), DeliveryStatus::Delivered)],
+            "message {i}"
+        );
+    }
+    for i in 0..1000u32 {
+        let m = recv(&mut r.rx).await;
+        assert_eq!(
+            std::str::from_utf8(&m.body).unwrap(),
+            i.to_string(),
+            "in order, no loss, no duplicate"
+        );
+    }
+    assert!(r.rx.try_recv().is_err(), "nothing beyond the 1,000");
+    assert!(
+        cut_side.metrics.link_connects.get() >= 2,
+        "the link really reconnected"
+    );
+    if cut_origin {
+        assert!(s1.metrics.forwards_resent.get() > 0, "905s were sent again");
+    }
+    db.cleanup().await;
+}
+
+/// Issue test 2: 1,000 messages from server 1 to a user on server 2 arrive
+/// in order although the link between server 2 and the exchange is cut and
+/// restored in the middle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousand_messages_in_order_across_a_target_link_cut() {
+    burst_across_a_cut(false).await;
+}
+
+/// The same with the origin's link cut: its unreported 905s are sent again
+/// and the target drops what it already delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousand_messages_in_order_across_an_origin_link_cut() {
+    burst_across_a_cut(true).await;
+}
+
+/// Records every delivery it sees and answers kind-7 messages by sending a
+/// kind-8 reply to the sender, as a plugin author would.
+struct Echo {
+    iim: Mutex<Option<Iim>>,
+    seen: Mutex<Vec<(MessageId, Vec<UserRow>)>>,
+}
+
+impl Plugin for Echo {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+
+    fn start(&self, iim: Iim) {
+        *self.iim.lock().unwrap() = Some(iim);
+    }
+
+    fn on_message(&self, msg: &Arc<Message>, recipients: &[UserRow]) {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((msg.id, recipients.to_vec()));
+        if msg.kind != 7 {
+            return;
+        }
+        let Some(iim) = self.iim.lock().unwrap().clone() else {
+            return;
+        };
+        let to = msg.source.user;
+        let from = recipients[0].user;
+        tokio::spawn(async move {
+            let users = iim.user_list(&[to]).await.unwrap();
+            let _ = iim.send(text(8, from.0, "pong"), &users).await;
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plugin_receives_deliveries_and_sends_through_the_relay() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let echo = Arc::new(Echo {
+        iim: Mutex::new(None),
+        seen: Mutex::new(Vec::new()),
+    });
+    let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
+    let s2 = spawn_appserver(
+        &ca,
+        appserver_config(db.url(), 2, ex.addr),
+        vec![echo.clone()],
+    )
+    .await;
+    wait_linked(&s1).await;
+    wait_linked(&s2).await;
+    let mut alice = s1.connections.attach(UserId(11), "phone").await.unwrap();
+    let _bob = s2.connections.attach(UserId(21), "phone").await.unwrap();
+    let users = s1.iim.user_list(&[UserId(21)]).await.unwrap();
+    let rep = s1.iim.send(text(7, 11, "ping"), &users).await.unwrap();
+    assert!(rep.all_delivered());
+    let pong = recv(&mut alice.rx).await;
+    assert_eq!(pong.kind, 8);
+    assert_eq!(&pong.body[..], b"pong");
+    assert_eq!(pong.source, Address::new(ServerId(2), UserId(21)));
+    let seen = echo.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, rep.id);
+    assert_eq!(seen[0].1[0].user, UserId(21));
+    db.cleanup().await;
+}
