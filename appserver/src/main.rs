@@ -65,7 +65,6 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("iim-appserver: {e:#}");
             std::process::ExitCode::FAILURE
         }

@@ -55,7 +55,6 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("iim-exchange: {e:#}");
             std::process::ExitCode::FAILURE
         }

@@ -163,7 +163,22 @@ impl Registry {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::MySql => &MYSQL_MIGRATIONS,
         };
-        migrations.run(&pool).await?;
+        // Several processes may start on a fresh database at once (the demo
+        // starts four). MySQL migrations take a lock; SQLite's do not, so a
+        // loser of that race sees "table already exists" — and on a second
+        // run finds the migration applied.
+        let mut attempt = 0;
+        loop {
+            match migrations.run(&pool).await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "migration raced; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(Registry { pool, backend })
     }
 

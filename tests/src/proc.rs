@@ -127,3 +127,17 @@ pub async fn http(
         .unwrap_or_default();
     Ok((status, body))
 }
+
+impl Drop for Proc {
+    /// A failing test shows what the process said.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} log ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
