@@ -121,12 +121,14 @@ mod tests {
 
     #[test]
     fn default_config_round_trips_and_validates() {
-        let mut c = Config::default();
-        c.exchange = Some(ExchangeTarget {
-            id: 100,
-            address: "127.0.0.1:7100".parse().unwrap(),
-        });
-        c.demo_users = vec![1001];
+        let c = Config {
+            exchange: Some(ExchangeTarget {
+                id: 100,
+                address: "127.0.0.1:7100".parse().unwrap(),
+            }),
+            demo_users: vec![1001],
+            ..Default::default()
+        };
         c.validate().unwrap();
         let text = toml::to_string_pretty(&c).unwrap();
         assert_eq!(Config::from_toml(&text).unwrap(), c);

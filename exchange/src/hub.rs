@@ -250,14 +250,14 @@ impl Target {
                 }
             }
         }
-        // Shutting down: what is still queued is reported as down so the
-        // origins know (they may resend through another exchange).
+        // Shutting down: what is still queued is not reported. Its origins
+        // keep the 905s outstanding and send them again through the next
+        // exchange they reach; the target drops what it already has.
         let left = self.queue.drain();
         self.ctx.metrics.queued.add(-(left.len() as i64));
-        report(
-            &self.ctx,
-            entries(left, self.id, DeliveryStatus::ServerDown),
-        );
+        if !left.is_empty() {
+            info!(undelivered = left.len(), "left for the origins to resend");
+        }
         if let Some(a) = self.conn.take() {
             a.conn
                 .close(CLOSE_GOING_AWAY.into(), b"exchange shutting down");

@@ -160,3 +160,68 @@ pub async fn wait_linked(server: &AppServerHandle) {
     .unwrap_or_else(|_| panic!("server {} never linked", server.id))
     .expect("link watch");
 }
+
+/// An exchange on a runtime of its own, so a test can crash it: dropping
+/// the runtime stops every task mid-flight, with no drain and no goodbye on
+/// the wire, and loses all of the exchange's in-memory state.
+pub struct CrashableExchange {
+    rt: Option<tokio::runtime::Runtime>,
+    pub addr: SocketAddr,
+    pub metrics: Arc<iim_exchange::ExchangeMetrics>,
+    _handle: Option<ExchangeHandle>,
+}
+
+impl CrashableExchange {
+    /// Start; retries the bind for a while (the port of a crashed
+    /// predecessor is released asynchronously).
+    pub fn start(ca: &TestCa, config: iim_exchange::Config) -> CrashableExchange {
+        init_logs();
+        let tls = ca.exchange(ServerId(config.id));
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let handle = rt.block_on(async {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    match iim_exchange::start(config.clone(), tls.clone(), CancellationToken::new())
+                        .await
+                    {
+                        Ok(h) => break h,
+                        Err(e) if tokio::time::Instant::now() < deadline => {
+                            tracing::debug!(error = %e, "exchange start retry");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("exchange starts: {e:#}"),
+                    }
+                }
+            });
+            CrashableExchange {
+                addr: handle.addr,
+                metrics: handle.metrics.clone(),
+                _handle: Some(handle),
+                rt: Some(rt),
+            }
+        })
+        .join()
+        .expect("exchange thread")
+    }
+
+    /// Kill it without warning.
+    pub fn crash(mut self) {
+        self._handle.take();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for CrashableExchange {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}

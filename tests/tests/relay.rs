@@ -318,3 +318,63 @@ async fn a_plugin_receives_deliveries_and_sends_through_the_relay() {
     assert_eq!(seen[0].1[0].user, UserId(21));
     db.cleanup().await;
 }
+
+/// The exchange crashes in the middle of a burst and comes back on the same
+/// address: every message still arrives once, in order. Nothing the
+/// exchange held in memory is needed: the origin's outbox resends what was
+/// not reported, the target's filter drops what it already had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousand_messages_in_order_across_an_exchange_crash() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let mut cfg = exchange_config(db.url());
+    cfg.listen = format!("127.0.0.1:{}", iim_tests::proc::free_port(true))
+        .parse()
+        .unwrap();
+    let ex = iim_tests::CrashableExchange::start(&ca, cfg.clone());
+    let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
+    let s2 = spawn_appserver(&ca, appserver_config(db.url(), 2, ex.addr), vec![]).await;
+    wait_linked(&s1).await;
+    wait_linked(&s2).await;
+    let mut r = s2.connections.attach(UserId(21), "phone").await.unwrap();
+    let users = s1.iim.user_list(&[UserId(21)]).await.unwrap();
+    let mut ex = Some(ex);
+    let mut pending = Vec::with_capacity(1000);
+    for i in 0..1000u32 {
+        if i == 400 {
+            ex.take().unwrap().crash();
+            eventually!(
+                10,
+                "both links to notice",
+                s1.link().exchange.is_none() && s2.link().exchange.is_none()
+            );
+        }
+        if i == 600 {
+            ex = Some(iim_tests::CrashableExchange::start(&ca, cfg.clone()));
+        }
+        pending.push(
+            s1.iim
+                .submit(text(1, 1, &i.to_string()), &users)
+                .await
+                .unwrap(),
+        );
+    }
+    for (i, p) in pending.into_iter().enumerate() {
+        let rep = tokio::time::timeout(Duration::from_secs(30), p)
+            .await
+            .expect("report in time");
+        assert_eq!(
+            rep.servers,
+            vec![(ServerId(2), DeliveryStatus::Delivered)],
+            "message {i}"
+        );
+    }
+    for i in 0..1000u32 {
+        let m = recv(&mut r.rx).await;
+        assert_eq!(std::str::from_utf8(&m.body).unwrap(), i.to_string());
+    }
+    assert!(r.rx.try_recv().is_err(), "no duplicates");
+    assert!(s1.metrics.forwards_resent.get() > 0);
+    assert!(ex.unwrap().metrics.forwards_in.get() > 0);
+    db.cleanup().await;
+}
