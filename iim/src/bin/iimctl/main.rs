@@ -1,0 +1,394 @@
+//! `iimctl`: the operator's command line for an iim deployment.
+//!
+//! Reads the shared registry (servers, sessions), writes development
+//! certificates, sends test messages through an app server's loopback admin
+//! API, and runs the local demo. It never talks QUIC and never changes a
+//! registry row: the daemons own them.
+
+mod demo;
+mod http;
+mod view;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use iim::registry::Registry;
+use iim::tls::{TlsError, dev};
+use iim::types::{ServerId, UserId, now_ms};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Operate an iim deployment: inspect the registry, issue development
+/// certificates, send test messages, run the local demo.
+#[derive(Parser, Debug)]
+#[command(name = "iimctl", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write a development CA and server certificates into a directory.
+    ///
+    /// A CA already in the directory is reused, so certificates issued
+    /// earlier stay valid; leaf certificates are (re)issued every time.
+    Certs(CertsArgs),
+    /// List every server in the registry with its state and liveness.
+    Servers(ServersArgs),
+    /// List who is online: one row per client connection.
+    Sessions(SessionsArgs),
+    /// Send a text message through an app server's admin API and print the
+    /// delivery report.
+    ///
+    /// Exits 0 when every targeted server reported `delivered` (and no local
+    /// connection was missing), 1 otherwise, including when none of the
+    /// users is connected anywhere.
+    Send(SendArgs),
+    /// Run the local demo: an exchange and three app servers on this machine.
+    ///
+    /// Uses the binaries built next to iimctl, a fresh SQLite registry and
+    /// generated development certificates; sends a message across the three
+    /// servers, stops one, then stops everything (unless --keep-running).
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct CertsArgs {
+    /// Directory for ca.pem, ca.key, exchange-<id>.pem/.key and
+    /// server-<id>.pem/.key.
+    #[arg(long, default_value = "certs/dev")]
+    dir: PathBuf,
+    /// Exchange ids to issue certificates for (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    exchange: Vec<u32>,
+    /// App server ids to issue certificates for (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    servers: Vec<u32>,
+}
+
+#[derive(Args, Debug)]
+struct DatabaseArg {
+    /// Registry database: `sqlite://FILE` or `mysql://USER:PASS@HOST:PORT/DB`.
+    #[arg(
+        long,
+        env = "IIM_DATABASE",
+        hide_env_values = true,
+        default_value = "sqlite://iim-dev.db",
+        value_name = "URL"
+    )]
+    database: String,
+}
+
+#[derive(Args, Debug)]
+struct ServersArgs {
+    #[command(flatten)]
+    db: DatabaseArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct SessionsArgs {
+    #[command(flatten)]
+    db: DatabaseArg,
+    /// Only this user's sessions.
+    #[arg(long, value_name = "ID")]
+    user: Option<u64>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct SendArgs {
+    /// The app server's admin API (its `http_listen`), HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:9201", value_name = "ADDR")]
+    server_http: String,
+    /// Sending user, on that app server.
+    #[arg(long, value_name = "ID")]
+    from: u64,
+    /// Recipients (comma-separated user ids), on any server.
+    #[arg(long, value_delimiter = ',', required = true, value_name = "IDS")]
+    to: Vec<u64>,
+    /// Message text.
+    #[arg(long)]
+    text: String,
+    /// Give up waiting for the report after this many seconds (the app
+    /// server itself reports `timed_out` after its `send_timeout_ms`).
+    #[arg(long, default_value_t = 40, value_name = "SECS")]
+    timeout: u64,
+    /// Print the app server's JSON answer instead of a report.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Working directory: certs/, registry.db and logs/ go here.
+    #[arg(long, default_value = ".local/demo")]
+    dir: PathBuf,
+    /// Leave the servers running at the end (until Ctrl-C) to try
+    /// `iimctl send` against them.
+    #[arg(long)]
+    keep_running: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Quiet unless asked: iimctl's output is its report, not a log.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("iimctl: {e:#}");
+            if let Some(hint) = hint(&e) {
+                eprintln!("  hint: {hint}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Certs(a) => certs(a).map(|()| ExitCode::SUCCESS),
+        Command::Servers(a) => servers(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Sessions(a) => sessions(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Send(a) => send(a).await,
+        Command::Demo(a) => {
+            demo::run(demo::Options {
+                dir: a.dir,
+                keep_running: a.keep_running,
+            })
+            .await
+        }
+    }
+}
+
+fn hint(e: &anyhow::Error) -> Option<String> {
+    match e.downcast_ref::<TlsError>()? {
+        TlsError::ExistingCa { dir, .. } => Some(format!(
+            "move {0}/ca.pem and {0}/ca.key away to start a new CA \
+             (certificates issued by the old one will no longer be trusted)",
+            dir.display()
+        )),
+        _ => None,
+    }
+}
+
+fn certs(a: CertsArgs) -> anyhow::Result<()> {
+    if a.exchange.is_empty() && a.servers.is_empty() {
+        bail!("nothing to issue: give --exchange IDS and/or --servers IDS");
+    }
+    if let Some(id) = a.exchange.iter().chain(&a.servers).find(|&&id| id == 0) {
+        bail!("server id {id} is reserved");
+    }
+    let (ca, written) = write_certs(&a.dir, &a.exchange, &a.servers)?;
+    println!("{ca}");
+    for path in written {
+        println!("  wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Writes development certificates. Returns a line saying whether the CA
+/// is new or reused, and the files written.
+pub(crate) fn write_certs(
+    dir: &Path,
+    exchanges: &[u32],
+    servers: &[u32],
+) -> anyhow::Result<(String, Vec<PathBuf>)> {
+    let ids = |v: &[u32]| v.iter().map(|&i| ServerId(i)).collect::<Vec<_>>();
+    let written = dev::write_dev_certs(dir, &ids(exchanges), &ids(servers))?;
+    let ca = dir.join("ca.pem");
+    let line = if written.contains(&ca) {
+        format!("created a new development CA: {}", ca.display())
+    } else {
+        format!("reusing the development CA in {}", ca.display())
+    };
+    Ok((line, written))
+}
+
+async fn servers(a: ServersArgs) -> anyhow::Result<()> {
+    let registry = open_registry(&a.db.database).await?;
+    let servers = registry.servers().await.context("cannot list servers")?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&view::servers_json(&servers))?
+        );
+    } else {
+        print!("{}", view::servers_table(&servers, now_ms()));
+    }
+    Ok(())
+}
+
+async fn sessions(a: SessionsArgs) -> anyhow::Result<()> {
+    let registry = open_registry(&a.db.database).await?;
+    let sessions = match a.user {
+        Some(u) => registry.sessions_of(&[UserId(u)]).await,
+        None => registry.sessions().await,
+    }
+    .context("cannot list sessions")?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&view::sessions_json(&sessions))?
+        );
+    } else {
+        print!("{}", view::sessions_table(&sessions));
+    }
+    Ok(())
+}
+
+async fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
+    let timeout = Duration::from_secs(a.timeout.max(1));
+    if a.json {
+        let raw = send_raw(&a.server_http, a.from, &a.to, &a.text, timeout).await?;
+        println!("{raw}");
+        let report: view::SendReport = serde_json::from_str(&raw)?;
+        return Ok(exit_code(report.all_delivered()));
+    }
+    let report = send_message(&a.server_http, a.from, &a.to, &a.text, timeout).await?;
+    print!("{}", report.render());
+    Ok(exit_code(report.all_delivered()))
+}
+
+fn exit_code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `POST /admin/send` and the parsed report.
+pub(crate) async fn send_message(
+    addr: &str,
+    from: u64,
+    to: &[u64],
+    text: &str,
+    timeout: Duration,
+) -> anyhow::Result<view::SendReport> {
+    let raw = send_raw(addr, from, to, text, timeout).await?;
+    serde_json::from_str(&raw).with_context(|| format!("unexpected answer from {addr}: {raw}"))
+}
+
+async fn send_raw(
+    addr: &str,
+    from: u64,
+    to: &[u64],
+    text: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let body = serde_json::json!({ "from": from, "to": to, "text": text }).to_string();
+    let resp = http::post_json(addr, "/admin/send", &body, timeout).await?;
+    if !resp.is_success() {
+        bail!(
+            "the app server at {addr} refused the send: HTTP {}: {}",
+            resp.status,
+            resp.body.trim()
+        );
+    }
+    Ok(resp.body)
+}
+
+/// Opens the registry for reading. A SQLite file that does not exist is an
+/// error here (connecting would create an empty one and list nothing).
+pub(crate) async fn open_registry(url: &str) -> anyhow::Result<Registry> {
+    if let Some(path) = sqlite_file(url)
+        && !path.exists()
+    {
+        bail!(
+            "registry {} does not exist; pass --database URL or set IIM_DATABASE",
+            path.display()
+        );
+    }
+    Registry::connect(url)
+        .await
+        .with_context(|| format!("cannot open the registry {}", redact(url)))
+}
+
+/// The file a `sqlite:` url names, unless it is an in-memory database.
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?.trim_start_matches("//");
+    let (path, params) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() || path == ":memory:" || params.contains("mode=memory") {
+        return None;
+    }
+    Some(PathBuf::from(path))
+}
+
+/// The url without its password, for messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_name_files() {
+        assert_eq!(
+            sqlite_file("sqlite://iim-dev.db"),
+            Some("iim-dev.db".into())
+        );
+        assert_eq!(
+            sqlite_file("sqlite:///tmp/x/registry.db?mode=rwc"),
+            Some("/tmp/x/registry.db".into())
+        );
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("mysql://u:p@h/db"), None);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("mysql://iim:secret@127.0.0.1:3306/iim"),
+            "mysql://iim:***@127.0.0.1:3306/iim"
+        );
+        assert_eq!(redact("sqlite://a.db"), "sqlite://a.db");
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "iimctl",
+            "send",
+            "--from",
+            "1001",
+            "--to",
+            "2001,3001",
+            "--text",
+            "hi",
+        ])
+        .unwrap();
+        let Command::Send(a) = cli.command else {
+            panic!("not send")
+        };
+        assert_eq!(
+            (a.server_http.as_str(), a.to),
+            ("127.0.0.1:9201", vec![2001, 3001])
+        );
+    }
+}
