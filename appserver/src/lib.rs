@@ -30,6 +30,7 @@ use iim::types::{ServerId, UserId, now_ms};
 use iim::{Iim, Plugin};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -175,11 +176,12 @@ pub async fn start(
         Some(t) => ServerId(t.id),
         None => discover_exchange(&registry).await?,
     };
+    let send_limit = Arc::new(AtomicUsize::new(config.max_frame_bytes));
     let iim = Iim::new(IimParts {
         server: id,
         epoch,
         exchange: exchange_id,
-        max_frame: config.max_frame_bytes,
+        max_frame: send_limit.clone(),
         link: submit_tx,
         local: host.clone(),
         closing: closing.clone(),
@@ -191,6 +193,7 @@ pub async fn start(
             epoch,
             exchange: config.exchange.clone(),
             max_frame: config.max_frame_bytes,
+            send_limit,
             send_timeout: Duration::from_millis(config.send_timeout_ms),
             max_outstanding: config.max_outstanding,
             heartbeat: Duration::from_millis(config.heartbeat_ms),

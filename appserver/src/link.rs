@@ -19,9 +19,13 @@ use iim::quic::{self, CLOSE_GOING_AWAY, FrameReader, ReadError, Writer};
 use iim::registry::{Registry, Role, ServerState};
 use iim::tls;
 use iim::types::{Address, ServerId, now_ms};
-use iim::wire::{Ack906, Deliver906, ErrorCode, Frame, Heartbeat, Message, Register, ReportEntry};
+use iim::wire::{
+    self, Ack906, Deliver906, DeliveryStatus, ErrorCode, Frame, Heartbeat, Message, Register,
+    ReportEntry,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -39,6 +43,8 @@ pub struct LinkParams {
     pub epoch: u64,
     pub exchange: Option<ExchangeTarget>,
     pub max_frame: usize,
+    /// The 905 size limit shared with `Iim`, lowered to the exchange's.
+    pub send_limit: Arc<AtomicUsize>,
     pub send_timeout: Duration,
     pub max_outstanding: usize,
     pub heartbeat: Duration,
@@ -64,6 +70,8 @@ enum Event {
     Connected {
         attempt_no: u64,
         exchange: ServerId,
+        /// The largest frame body the exchange accepts.
+        max_frame: usize,
         conn: quinn::Connection,
         writer: Writer,
     },
@@ -229,10 +237,21 @@ impl Link {
             Event::Connected {
                 attempt_no,
                 exchange,
+                max_frame,
                 conn,
                 writer,
             } => {
                 self.metrics.link_connects.inc();
+                let limit = max_frame.min(self.p.max_frame);
+                if limit < self.p.send_limit.fetch_min(limit, Ordering::Relaxed) {
+                    warn!(limit, "the exchange accepts smaller frames than configured");
+                }
+                let too_big = self
+                    .outbox
+                    .remove_larger_than(limit + wire::HEADER_LEN, DeliveryStatus::Overloaded);
+                for (reply, results) in too_big {
+                    let _ = reply.send(results);
+                }
                 self.metrics.link_up.set(1);
                 // Acks and heartbeats of the old connection mean nothing to
                 // the new one; every unreported 905 goes out again, in order.
@@ -454,8 +473,14 @@ impl Connector {
         send.write_all(&bytes).await.map_err(|e| retry(&e))?;
         let mut reader = FrameReader::new(recv, self.max_frame);
         let first = tokio::time::timeout(Duration::from_secs(10), reader.next()).await;
-        match first {
-            Ok(Ok(Some(Frame::Registered(r)))) if r.exchange == exchange => {}
+        let exchange_max = match first {
+            Ok(Ok(Some(Frame::Registered(r)))) if r.exchange == exchange => r.max_frame as usize,
+            Ok(Ok(Some(Frame::Registered(r)))) => {
+                return Err(ConnectError::Fatal(format!(
+                    "expected exchange {exchange}, reached exchange {}",
+                    r.exchange
+                )));
+            }
             Ok(Ok(Some(other))) => {
                 return Err(ConnectError::Retry(format!(
                     "unexpected {} frame",
@@ -477,12 +502,13 @@ impl Connector {
             }
             Ok(Err(e)) => return Err(retry(&e)),
             Err(_) => return Err(ConnectError::Retry("no registered frame in time".into())),
-        }
+        };
         let (writer, writer_task) = quic::spawn_writer(send, WRITER_BATCHES);
         self.events
             .send(Event::Connected {
                 attempt_no,
                 exchange,
+                max_frame: exchange_max.max(1_024),
                 conn: conn.clone(),
                 writer,
             })

@@ -120,6 +120,30 @@ impl<R> Outbox<R> {
         self.entries.values().map(|p| p.frame.clone())
     }
 
+    /// Remove entries whose frame is longer than `len` (the exchange will not
+    /// take them), completing them with `status` for every missing target.
+    pub fn remove_larger_than(&mut self, len: usize, status: DeliveryStatus) -> Vec<Done<R>> {
+        let big: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, p)| p.frame.len() > len)
+            .map(|(seq, _)| *seq)
+            .collect();
+        big.into_iter()
+            .filter_map(|seq| self.entries.remove(&seq))
+            .map(|mut p| {
+                let id = p.id;
+                p.results
+                    .extend(
+                        p.waiting
+                            .drain(..)
+                            .map(|server| ReportEntry { id, server, status }),
+                    );
+                (p.reply, p.results)
+            })
+            .collect()
+    }
+
     /// Give up on everything (shutdown): `timed_out` for what is missing.
     pub fn abandon(&mut self) -> Vec<Done<R>> {
         self.poll_expired(Instant::now() + std::time::Duration::from_secs(86_400 * 365))

@@ -61,6 +61,8 @@ pub enum TargetCmd {
     Attach {
         conn_id: u64,
         epoch: u64,
+        /// The largest frame body the server accepts.
+        max_frame: usize,
         conn: quinn::Connection,
         writer: Writer,
     },
@@ -323,6 +325,7 @@ impl Target {
             TargetCmd::Attach {
                 conn_id,
                 epoch,
+                max_frame,
                 conn,
                 writer,
             } => {
@@ -347,6 +350,22 @@ impl Target {
                     quic::close_with(&old.conn, ErrorCode::Protocol, "replaced by a newer link");
                 } else {
                     self.ctx.metrics.links.add(1);
+                }
+                let too_big = self.queue.set_max_frame(max_frame.min(self.ctx.max_frame));
+                if !too_big.is_empty() {
+                    warn!(
+                        count = too_big.len(),
+                        max_frame, "906s larger than the server accepts"
+                    );
+                    self.ctx
+                        .metrics
+                        .rejections
+                        .add("oversized_frame", too_big.len() as u64);
+                    self.ctx.metrics.queued.add(-(too_big.len() as i64));
+                    report(
+                        &self.ctx,
+                        entries(too_big, self.id, DeliveryStatus::Overloaded),
+                    );
                 }
                 self.queue.on_disconnect();
                 self.conn = Some(Attached {

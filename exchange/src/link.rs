@@ -116,7 +116,7 @@ async fn register(ctx: &Arc<Ctx>, conn: &quinn::Connection) -> Result<Registered
     let Some(Frame::Register(Register {
         server,
         epoch,
-        max_frame: _,
+        max_frame: peer_max_frame,
     })) = first
     else {
         return Err((
@@ -193,6 +193,7 @@ async fn register(ctx: &Arc<Ctx>, conn: &quinn::Connection) -> Result<Registered
         .send(TargetCmd::Attach {
             conn_id,
             epoch,
+            max_frame: (peer_max_frame as usize).clamp(1_024, ctx.max_frame),
             conn: conn.clone(),
             writer: writer.clone(),
         })

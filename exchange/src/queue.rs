@@ -89,6 +89,27 @@ impl DeliveryQueue {
         self.unsent < self.entries.len()
     }
 
+    /// The target's own frame limit (announced when it registers). Queued
+    /// 906s above it could never be delivered: they are removed and their
+    /// ids returned.
+    pub fn set_max_frame(&mut self, max_frame: usize) -> Vec<MessageId> {
+        self.max_frame = max_frame;
+        let limit = max_frame + wire::HEADER_LEN;
+        let mut dropped = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.entries.len());
+        for e in self.entries.drain(..) {
+            if e.frame.len() > limit {
+                self.bytes -= e.frame.len();
+                dropped.push(e.id);
+            } else {
+                kept.push_back(e);
+            }
+        }
+        self.entries = kept;
+        self.unsent = 0;
+        dropped
+    }
+
     /// Queue a 906; assigns its delivery number.
     pub fn push(&mut self, mut d: Deliver906) -> Result<u64, PushError> {
         if self.entries.len() >= self.max_entries {
@@ -288,6 +309,22 @@ mod tests {
         assert_eq!(q.push(d(2)), Err(PushError::Full));
         let mut q = DeliveryQueue::new(100, 1 << 20, 8);
         assert_eq!(q.push(d(1)), Err(PushError::Oversized));
+    }
+
+    #[test]
+    fn a_smaller_target_limit_removes_what_cannot_be_delivered() {
+        let mut q = DeliveryQueue::new(100, 1 << 20, DEFAULT_MAX_FRAME);
+        q.push(d(1)).unwrap();
+        let mut big = d(2);
+        big.message = Bytes::from(vec![0u8; 5_000]);
+        q.push(big).unwrap();
+        q.push(d(3)).unwrap();
+        let dropped = q.set_max_frame(4_096);
+        assert_eq!(dropped.iter().map(|i| i.seq).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(q.len(), 2);
+        let mut big = d(4);
+        big.message = Bytes::from(vec![0u8; 5_000]);
+        assert_eq!(q.push(big), Err(PushError::Oversized));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::{mpsc, oneshot};
@@ -113,7 +114,7 @@ struct Inner {
     server: ServerId,
     epoch: u64,
     exchange: ServerId,
-    max_frame: usize,
+    max_frame: Arc<AtomicUsize>,
     link: mpsc::Sender<Submit>,
     seq: Mutex<Sequences>,
     local: Arc<dyn LocalDelivery>,
@@ -141,7 +142,9 @@ pub struct IimParts {
     pub server: ServerId,
     pub epoch: u64,
     pub exchange: ServerId,
-    pub max_frame: usize,
+    /// Largest 905 body; shared with the link, which lowers it to what the
+    /// exchange announces it accepts.
+    pub max_frame: Arc<AtomicUsize>,
     pub link: mpsc::Sender<Submit>,
     pub local: Arc<dyn LocalDelivery>,
     /// Cancelled when the server starts draining: new sends are refused.
@@ -260,11 +263,12 @@ impl Iim {
                 rows,
                 message: message.encode(),
             });
-            let frame = wire::encode_to_bytes(&frame, inner.max_frame).map_err(|e| match e {
+            let max_frame = inner.max_frame.load(Ordering::Relaxed);
+            let frame = wire::encode_to_bytes(&frame, max_frame).map_err(|e| match e {
                 wire::WireError::Oversized { len, max } => SendError::TooLarge { len, max },
                 _ => SendError::TooLarge {
                     len: usize::MAX,
-                    max: inner.max_frame,
+                    max: max_frame,
                 },
             })?;
             permit.send(Submit {

@@ -378,3 +378,40 @@ async fn thousand_messages_in_order_across_an_exchange_crash() {
     assert!(ex.unwrap().metrics.forwards_in.get() > 0);
     db.cleanup().await;
 }
+
+/// Frame limits differ between nodes: a 906 the target would refuse is
+/// reported, not retried forever; a 905 the exchange would refuse is
+/// refused to the caller; everything within limits still flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn frame_limits_announced_by_peers_are_honoured() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let mut ecfg = exchange_config(db.url());
+    ecfg.max_frame_bytes = 64 * 1024;
+    let (ex, _stop) = spawn_exchange(&ca, ecfg).await;
+    let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
+    let mut small = appserver_config(db.url(), 2, ex.addr);
+    small.max_frame_bytes = 4_096;
+    let s2 = spawn_appserver(&ca, small, vec![]).await;
+    wait_linked(&s1).await;
+    wait_linked(&s2).await;
+    let mut r = s2.connections.attach(UserId(21), "phone").await.unwrap();
+    let users = s1.iim.user_list(&[UserId(21)]).await.unwrap();
+
+    let big = "x".repeat(8_000);
+    let rep = s1.iim.send(text(1, 1, &big), &users).await.unwrap();
+    assert_eq!(rep.servers, vec![(ServerId(2), DeliveryStatus::Overloaded)]);
+    let huge = "y".repeat(100_000);
+    let err = s1.iim.send(text(1, 1, &huge), &users).await.unwrap_err();
+    assert!(
+        matches!(err, iim::SendError::TooLarge { max: 65_536, .. }),
+        "{err:?}"
+    );
+
+    let rep = s1.iim.send(text(1, 1, "fits"), &users).await.unwrap();
+    assert!(rep.all_delivered());
+    assert_eq!(&recv(&mut r.rx).await.body[..], b"fits");
+    assert!(r.rx.try_recv().is_err());
+    assert_eq!(s2.metrics.link_connects.get(), 1, "no reconnect loop");
+    db.cleanup().await;
+}
