@@ -192,6 +192,7 @@ pub async fn start(
             server: id,
             epoch,
             exchange: config.exchange.clone(),
+            exchange_id,
             max_frame: config.max_frame_bytes,
             send_limit,
             send_timeout: Duration::from_millis(config.send_timeout_ms),

@@ -42,6 +42,8 @@ pub struct LinkParams {
     pub server: ServerId,
     pub epoch: u64,
     pub exchange: Option<ExchangeTarget>,
+    /// The exchange every 905 is addressed to.
+    pub exchange_id: ServerId,
     pub max_frame: usize,
     /// The 905 size limit shared with `Iim`, lowered to the exchange's.
     pub send_limit: Arc<AtomicUsize>,
@@ -99,6 +101,7 @@ pub fn spawn(
         server: p.server,
         epoch: p.epoch,
         target: p.exchange.clone(),
+        expected: p.exchange_id,
         max_frame: p.max_frame,
         reconnect_min: p.reconnect_min,
         reconnect_max: p.reconnect_max,
@@ -376,6 +379,7 @@ struct Connector {
     server: ServerId,
     epoch: u64,
     target: Option<ExchangeTarget>,
+    expected: ServerId,
     max_frame: usize,
     reconnect_min: Duration,
     reconnect_max: Duration,
@@ -428,8 +432,8 @@ impl Connector {
         }
     }
 
-    /// Where the exchange is: the configured one, else the lowest-id
-    /// exchange the registry shows up.
+    /// Where the exchange is: the configured one, else the registry's row of
+    /// the exchange this server's 905s are addressed to (found at start).
     async fn locate(&self) -> Result<(ServerId, SocketAddr), ConnectError> {
         if let Some(t) = &self.target {
             return Ok((ServerId(t.id), t.address));
@@ -441,8 +445,15 @@ impl Connector {
             .map_err(|e| ConnectError::Retry(format!("registry: {e}")))?;
         let ex = servers
             .iter()
-            .find(|s| s.role == Role::Exchange && s.state == ServerState::Up)
-            .ok_or_else(|| ConnectError::Retry("no exchange is up in the registry".into()))?;
+            .find(|s| {
+                s.role == Role::Exchange && s.id == self.expected && s.state == ServerState::Up
+            })
+            .ok_or_else(|| {
+                ConnectError::Retry(format!(
+                    "exchange {} is not up in the registry",
+                    self.expected
+                ))
+            })?;
         let addr = ex.address.parse().map_err(|_| {
             ConnectError::Retry(format!("exchange {} has address {:?}", ex.id, ex.address))
         })?;

@@ -8,6 +8,7 @@ const STATUSES: &[&str] = &[
     "server_down",
     "timed_out",
     "overloaded",
+    "refused",
 ];
 
 /// Why an incoming 906 or frame was not delivered.

@@ -12,7 +12,9 @@ use iim::quic::{self, CLOSE_GOING_AWAY, FrameReader, ReadError};
 use iim::registry::Registration;
 use iim::tls;
 use iim::types::{ServerId, now_ms};
-use iim::wire::{ErrorCode, ErrorFrame, Frame, Register, Registered, ReportEntry, WireError};
+use iim::wire::{
+    DeliveryStatus, ErrorCode, ErrorFrame, Frame, Register, Registered, ReportEntry, WireError,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::{Span, debug, info, warn};
@@ -65,7 +67,7 @@ pub async fn serve(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
     } = registered;
     Span::current().record("server", server.0);
     info!(epoch, "server registered");
-    let end = read_loop(&ctx, &conn, server, conn_id, &route, &writer, reader).await;
+    let end = read_loop(&ctx, &conn, server, epoch, conn_id, &route, &writer, reader).await;
     drop(writer);
     let clean = matches!(
         &end,
@@ -83,10 +85,7 @@ pub async fn serve(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
     }
     let _ = route
         .sender()
-        .send(TargetCmd::Detach {
-            conn_id,
-            clean: clean || matches!(end, LinkEnd::Finished),
-        })
+        .send(TargetCmd::Detach { conn_id, clean })
         .await;
     writer_task.abort();
 }
@@ -133,7 +132,7 @@ async fn register(ctx: &Arc<Ctx>, conn: &quinn::Connection) -> Result<Registered
             format!("certificate does not name server {server}: {e}"),
         )
     })?;
-    if ctx.metrics.links.get() as usize >= ctx.max_links && !ctx.hub.contains(server) {
+    if ctx.metrics.links.get() >= ctx.max_links as i64 {
         return Err((
             "too_many_links",
             ErrorCode::Internal,
@@ -230,10 +229,12 @@ enum LinkEnd {
     Shutdown,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn read_loop(
     ctx: &Arc<Ctx>,
     conn: &quinn::Connection,
     server: ServerId,
+    epoch: u64,
     conn_id: u64,
     route: &Route,
     writer: &quic::Writer,
@@ -269,14 +270,25 @@ async fn read_loop(
                         // again to whichever exchange it reaches next.
                         continue;
                     }
-                    if let Err(r) = split::validate(&fwd, server, ctx.id, &limits) {
-                        let code = match r {
-                            split::Reject::ForgedSource { .. } => ErrorCode::ForgedSource,
-                            _ => ErrorCode::Malformed,
-                        };
-                        send_error(writer, ctx.max_frame, code, &r.to_string());
-                        quic::close_with(conn, code, &r.to_string());
-                        return LinkEnd::Refused(r.kind(), r.to_string());
+                    if let Err(r) = split::validate(&fwd, server, epoch, ctx.id, &limits) {
+                        if r.is_forgery() {
+                            let code = ErrorCode::ForgedSource;
+                            send_error(writer, ctx.max_frame, code, &r.to_string());
+                            quic::close_with(conn, code, &r.to_string());
+                            return LinkEnd::Refused(r.kind(), r.to_string());
+                        }
+                        ctx.metrics.rejections.inc(r.kind());
+                        warn!(id = %fwd.id, reason = %r, "905 refused");
+                        let mut servers: Vec<ServerId> =
+                            fwd.rows.iter().map(|r| r.server).collect();
+                        servers.sort();
+                        servers.dedup();
+                        failures.extend(servers.into_iter().map(|s| ReportEntry {
+                            id: fwd.id,
+                            server: s,
+                            status: DeliveryStatus::Refused,
+                        }));
+                        continue;
                     }
                     ctx.metrics.forwards_in.inc();
                     debug!(id = %fwd.id, rows = fwd.rows.len(), "905 in");

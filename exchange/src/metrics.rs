@@ -31,6 +31,7 @@ const STATUSES: &[&str] = &[
     "server_down",
     "timed_out",
     "overloaded",
+    "refused",
 ];
 
 #[derive(Debug)]

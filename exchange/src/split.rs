@@ -30,6 +30,9 @@ pub enum Reject {
     /// The 905 claims a source other than the certified link's server.
     #[error("905 source {claimed} does not match the link's server {link}")]
     ForgedSource { claimed: ServerId, link: ServerId },
+    /// The message id names an incarnation other than the registered one.
+    #[error("905 message epoch {claimed} is not the link's registered epoch {registered}")]
+    ForgedEpoch { claimed: u64, registered: u64 },
     #[error("905 is addressed to {0}, not to this exchange")]
     WrongTarget(Address),
     #[error("malformed 905: {0}")]
@@ -37,19 +40,31 @@ pub enum Reject {
 }
 
 impl Reject {
+    /// A forgery closes the link; anything else is refused message by
+    /// message (reported `refused` to the origin), so one bad 905 cannot make
+    /// a link flap through retransmissions.
+    pub fn is_forgery(&self) -> bool {
+        matches!(
+            self,
+            Reject::ForgedSource { .. } | Reject::ForgedEpoch { .. }
+        )
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
-            Reject::ForgedSource { .. } => "forged_source",
+            Reject::ForgedSource { .. } | Reject::ForgedEpoch { .. } => "forged_source",
             Reject::WrongTarget(_) => "wrong_target",
             Reject::Malformed(_) => "malformed_905",
         }
     }
 }
 
-/// Check a 905 from the link of `link_server` arriving at `exchange`.
+/// Check a 905 from the link of `link_server` (registered with
+/// `link_epoch`) arriving at `exchange`.
 pub fn validate(
     fwd: &Forward905,
     link_server: ServerId,
+    link_epoch: u64,
     exchange: ServerId,
     limits: &SplitLimits,
 ) -> Result<(), Reject> {
@@ -63,6 +78,12 @@ pub fn validate(
         return Err(Reject::ForgedSource {
             claimed: fwd.id.origin,
             link: link_server,
+        });
+    }
+    if fwd.id.epoch != link_epoch {
+        return Err(Reject::ForgedEpoch {
+            claimed: fwd.id.epoch,
+            registered: link_epoch,
         });
     }
     if fwd.target != Address::new(exchange, UserId::NONE) {
@@ -156,7 +177,7 @@ mod tests {
     #[test]
     fn one_906_per_row_sharing_the_message_bytes() {
         let f = fwd(1, vec![row(2, &[20, 21]), row(3, &[30])]);
-        validate(&f, ServerId(1), EX, &SplitLimits::default()).unwrap();
+        validate(&f, ServerId(1), 1, EX, &SplitLimits::default()).unwrap();
         let msg_ptr = f.message.as_ptr();
         let out: Vec<_> = split(f).collect();
         assert_eq!(out.len(), 2);
@@ -175,16 +196,25 @@ mod tests {
     fn forged_source_and_forged_id_are_refused() {
         let f = fwd(2, vec![row(3, &[1])]);
         assert_eq!(
-            validate(&f, ServerId(1), EX, &SplitLimits::default()),
+            validate(&f, ServerId(1), 1, EX, &SplitLimits::default()),
             Err(Reject::ForgedSource {
                 claimed: ServerId(2),
                 link: ServerId(1)
             })
         );
         let mut f = fwd(1, vec![row(3, &[1])]);
+        f.id.epoch = 2;
+        assert!(matches!(
+            validate(&f, ServerId(1), 1, EX, &SplitLimits::default()),
+            Err(Reject::ForgedEpoch {
+                claimed: 2,
+                registered: 1
+            })
+        ));
+        let mut f = fwd(1, vec![row(3, &[1])]);
         f.id.origin = ServerId(4);
         assert!(matches!(
-            validate(&f, ServerId(1), EX, &SplitLimits::default()),
+            validate(&f, ServerId(1), 1, EX, &SplitLimits::default()),
             Err(Reject::ForgedSource { .. })
         ));
     }
@@ -208,7 +238,7 @@ mod tests {
         for f in cases {
             assert!(
                 matches!(
-                    validate(&f, ServerId(1), EX, &lim),
+                    validate(&f, ServerId(1), 1, EX, &lim),
                     Err(Reject::Malformed(_))
                 ),
                 "{f:?}"
@@ -217,7 +247,7 @@ mod tests {
         let mut f = fwd(1, vec![row(2, &[1])]);
         f.target = Address::new(ServerId(99), UserId::NONE);
         assert!(matches!(
-            validate(&f, ServerId(1), EX, &lim),
+            validate(&f, ServerId(1), 1, EX, &lim),
             Err(Reject::WrongTarget(_))
         ));
     }

@@ -16,8 +16,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Close code of a clean, intended disconnect (an app server draining, an
-/// exchange shutting down).
-pub const CLOSE_GOING_AWAY: u32 = 0;
+/// exchange shutting down). Not 0: QUIC closes a connection whose handles
+/// were all dropped with code 0, and that must not read as a goodbye.
+pub const CLOSE_GOING_AWAY: u32 = 100;
 
 /// QUIC settings both daemons share.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -77,6 +78,9 @@ pub struct FrameReader {
     recv: quinn::RecvStream,
     buf: BytesMut,
     max_frame: usize,
+    /// A codec error met after some good frames of a batch: returned by the
+    /// next call, so the good frames are handled first.
+    pending: Option<WireError>,
 }
 
 impl FrameReader {
@@ -85,6 +89,7 @@ impl FrameReader {
             recv,
             buf: BytesMut::with_capacity(64 * 1024),
             max_frame,
+            pending: None,
         }
     }
 
@@ -125,10 +130,22 @@ impl FrameReader {
 
     /// Every complete frame now buffered, reading at least once if none is.
     /// Lets callers handle a burst as one batch (one ack, one write).
+    /// A codec error after good frames is held back until the next call.
     pub async fn next_batch(&mut self, out: &mut Vec<Frame>) -> Result<bool, ReadError> {
+        if let Some(e) = self.pending.take() {
+            return Err(e.into());
+        }
         loop {
-            while let Some(f) = self.try_next()? {
-                out.push(f);
+            loop {
+                match self.try_next() {
+                    Ok(Some(f)) => out.push(f),
+                    Ok(None) => break,
+                    Err(e) if out.is_empty() => return Err(e.into()),
+                    Err(e) => {
+                        self.pending = Some(e);
+                        return Ok(true);
+                    }
+                }
             }
             if !out.is_empty() {
                 return Ok(true);

@@ -207,8 +207,9 @@ pub struct UserRow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerRow {
     pub server: ServerId,
-    /// The server's channel: the exchange it is attached to according to the
-    /// registry (0 when unknown). One exchange today; the seam for several.
+    /// The server's channel: the exchange it is reached through. Today the
+    /// origin's own exchange (one per deployment); the seam for several
+    /// exchanges, where it will come from the registry's `exchange_id`.
     pub via: ServerId,
     /// Per (origin, target) sequence, assigned by the origin in send order;
     /// the target drops anything not above the last one it delivered.
@@ -261,8 +262,12 @@ pub enum DeliveryStatus {
     ServerDown,
     /// No outcome within the sender's deadline.
     TimedOut,
-    /// The exchange's queue for the target is full.
+    /// The exchange's queue for the target is full, or the 906 is larger
+    /// than the target accepts.
     Overloaded,
+    /// The exchange refused the 905 itself (malformed or misaddressed). Not
+    /// retried.
+    Refused,
 }
 
 impl DeliveryStatus {
@@ -273,15 +278,17 @@ impl DeliveryStatus {
             DeliveryStatus::ServerDown => "server_down",
             DeliveryStatus::TimedOut => "timed_out",
             DeliveryStatus::Overloaded => "overloaded",
+            DeliveryStatus::Refused => "refused",
         }
     }
 
-    pub const ALL: [DeliveryStatus; 5] = [
+    pub const ALL: [DeliveryStatus; 6] = [
         DeliveryStatus::Delivered,
         DeliveryStatus::UnknownServer,
         DeliveryStatus::ServerDown,
         DeliveryStatus::TimedOut,
         DeliveryStatus::Overloaded,
+        DeliveryStatus::Refused,
     ];
 }
 

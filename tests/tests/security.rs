@@ -278,6 +278,16 @@ async fn a_905_with_a_forged_source_is_refused_and_counted() {
     assert_eq!(raw.closed_with().await, Some(ErrorCode::ForgedSource));
     assert_eq!(w.ex.metrics.rejections.get("forged_source"), 2);
 
+    // Honest source and origin, an epoch the registry did not issue to it.
+    let mut raw = registered(&w.ca, &w.ex, &reg, 7).await;
+    let mut f = forward(7, 7, 2, channel);
+    if let Frame::Forward(fwd) = &mut f {
+        fwd.id.epoch = 999;
+    }
+    raw.frame(&f).await.unwrap();
+    assert_eq!(raw.closed_with().await, Some(ErrorCode::ForgedSource));
+    assert_eq!(w.ex.metrics.rejections.get("forged_source"), 3);
+
     assert_eq!(w.ex.metrics.forwards_in.get(), 0, "nothing forwarded");
     assert_eq!(
         w.s2.metrics.delivers_in.get(),
@@ -340,5 +350,97 @@ async fn oversized_and_malformed_frames_close_only_the_offender() {
     assert!(page.contains("iim_exchange_rejections_total{reason=\"oversized_frame\"} 1"));
     assert!(page.contains("iim_exchange_rejections_total{reason=\"malformed_frame\"} 1"));
     w.still_serving("after all of it").await;
+    w.db.cleanup().await;
+}
+
+/// A malformed but not forged 905 is refused message by message: its sender
+/// gets a `refused` report and keeps its link, so a bad 905 cannot make the
+/// link flap through retransmissions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_905_is_reported_refused_and_the_link_stays() {
+    let mut w = world().await;
+    let reg = w.s1.registry.clone();
+    let channel = w.rx2.session.channel.0;
+    let epoch = reg
+        .begin_epoch(ServerId(7), Role::App, "raw", ServerState::Down, now_ms())
+        .await
+        .unwrap();
+    let mut raw = connect(&w.ca.server(ServerId(7)), w.ex.addr).await.unwrap();
+    raw.register(ServerId(7), epoch).await.unwrap();
+    let Frame::Forward(mut bad) = forward(7, 7, 2, channel) else {
+        unreachable!()
+    };
+    let reencode = |f: &mut Forward905| {
+        let mut m = Message::decode(&f.message).unwrap();
+        m.id = f.id;
+        f.message = m.encode();
+    };
+    bad.id.epoch = epoch;
+    reencode(&mut bad);
+    bad.rows.push(bad.rows[0].clone()); // server 2 listed twice
+    raw.frame(&Frame::Forward(bad.clone())).await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(10), raw.reader.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Frame::Report(r) = report else {
+        panic!("expected a report, got {report:?}")
+    };
+    assert_eq!(r.entries.len(), 1);
+    assert_eq!(
+        (r.entries[0].id, r.entries[0].status),
+        (bad.id, DeliveryStatus::Refused)
+    );
+    assert_eq!(w.ex.metrics.rejections.get("malformed_905"), 1);
+
+    // The same link still relays a good 905.
+    bad.rows.pop();
+    bad.id.seq = 2;
+    reencode(&mut bad);
+    raw.frame(&Frame::Forward(bad.clone())).await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(10), raw.reader.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Frame::Report(r) = report else {
+        panic!("expected a report, got {report:?}")
+    };
+    assert_eq!(
+        (r.entries[0].id, r.entries[0].status),
+        (bad.id, DeliveryStatus::Delivered)
+    );
+    let m = w.rx2.rx.try_recv().expect("delivered");
+    assert_eq!(m.id, bad.id);
+    w.still_serving("after the refusal").await;
+    w.db.cleanup().await;
+}
+
+/// A connection that just disappears (dropped, closed with QUIC's implicit
+/// code 0) is a lost link with a lease, not a goodbye: the server is not
+/// marked down and its sessions stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_implicit_close_is_not_a_clean_departure() {
+    let w = world().await;
+    let reg = w.s1.registry.clone();
+    let links = w.ex.metrics.links.get();
+    let raw = registered(&w.ca, &w.ex, &reg, 7).await;
+    eventually!(
+        10,
+        "the link counted",
+        w.ex.metrics.links.get() == links + 1
+    );
+    drop(raw);
+    eventually!(
+        10,
+        "the exchange noticed",
+        w.ex.metrics.links.get() == links
+    );
+    assert_eq!(w.ex.metrics.marked_down.get(), 0);
+    assert_eq!(
+        reg.server(ServerId(7)).await.unwrap().unwrap().state,
+        ServerState::Up
+    );
     w.db.cleanup().await;
 }

@@ -75,7 +75,10 @@ fn explain_status(status: &str) -> String {
         "unknown_server" => " (the exchange does not know this server)",
         "server_down" => " (the server is down or its link is gone)",
         "timed_out" => " (no outcome before the send timeout)",
-        "overloaded" => " (the exchange's queue for this server is full)",
+        "overloaded" => {
+            " (the exchange's queue for this server is full, or the message is larger than it accepts)"
+        }
+        "refused" => " (the exchange refused the forward request as malformed)",
         _ => "",
     };
     format!("{status}{hint}")
