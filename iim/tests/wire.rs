@@ -35,7 +35,10 @@ fn hex(bytes: &[u8]) -> String {
 /// Parses hex written with spaces between fields.
 fn unhex(s: &str) -> Vec<u8> {
     let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    assert!(digits.len() % 2 == 0, "odd number of hex digits in {s:?}");
+    assert!(
+        digits.len().is_multiple_of(2),
+        "odd number of hex digits in {s:?}"
+    );
     digits
         .chunks(2)
         .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap())
@@ -271,10 +274,10 @@ fn golden_ack_906() {
 
 #[test]
 fn golden_report_with_every_delivery_status() {
-    // 01 = version, 00000020 = length 32, 06 = Frame::Report, 05 = entries;
-    // each entry: id 01 07 ac02, server, status = variant index 00..04 in
+    // 01 = version, 00000026 = length 38, 06 = Frame::Report, 06 = entries;
+    // each entry: id 01 07 ac02, server, status = variant index 00..05 in
     // declaration order (Delivered, UnknownServer, ServerDown, TimedOut,
-    // Overloaded).
+    // Overloaded, Refused).
     let entries = DeliveryStatus::ALL
         .iter()
         .zip(2..)
@@ -286,12 +289,13 @@ fn golden_report_with_every_delivery_status() {
         .collect();
     assert_golden(
         &Frame::Report(Report { entries }),
-        "01 00000020 06 05
+        "01 00000026 06 06
          0107ac02 02 00
          0107ac02 03 01
          0107ac02 04 02
          0107ac02 05 03
-         0107ac02 06 04",
+         0107ac02 06 04
+         0107ac02 07 05",
     );
     assert_eq!(
         DeliveryStatus::ALL.map(DeliveryStatus::as_str),
@@ -300,7 +304,8 @@ fn golden_report_with_every_delivery_status() {
             "unknown_server",
             "server_down",
             "timed_out",
-            "overloaded"
+            "overloaded",
+            "refused",
         ],
         "ALL is in declaration (wire) order"
     );
