@@ -171,7 +171,7 @@ impl Link {
                     Some(ev) => self.on_event(ev),
                     None => break,
                 },
-                permit = reserve(writer) => match permit {
+                permit = quic::reserve(writer) => match permit {
                     Some(permit) => {
                         permit.send(std::mem::take(&mut self.out));
                     }
@@ -181,7 +181,7 @@ impl Link {
                     Some(sub) => self.on_submit(sub),
                     None => break,
                 },
-                _ = sleep_until_opt(deadline) => {
+                _ = quic::sleep_until_opt(deadline) => {
                     for (reply, results) in self.outbox.poll_expired(std::time::Instant::now()) {
                         for r in &results {
                             self.metrics.reports_in.inc(r.status.as_str());
@@ -556,18 +556,4 @@ async fn read_loop(attempt_no: u64, mut reader: FrameReader, events: mpsc::Sende
         }
     }
     let _ = events.send(Event::Lost(attempt_no)).await;
-}
-
-async fn reserve(w: Option<Writer>) -> Option<mpsc::OwnedPermit<Vec<Bytes>>> {
-    match w {
-        Some(w) => w.reserve_owned().await.ok(),
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }

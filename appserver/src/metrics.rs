@@ -1,15 +1,7 @@
 //! The app server's counters, rendered at `/metrics`.
 
 use iim::metrics::{Counter, Family, Gauge, Page, Render};
-
-const STATUSES: &[&str] = &[
-    "delivered",
-    "unknown_server",
-    "server_down",
-    "timed_out",
-    "overloaded",
-    "refused",
-];
+use iim::wire::DeliveryStatus;
 
 /// Why an incoming 906 or frame was not delivered.
 pub const REJECT_REASONS: &[&str] = &["malformed_message", "forged_id", "protocol"];
@@ -41,7 +33,7 @@ impl Default for AppMetrics {
             duplicates: Counter::default(),
             rejected: Family::new("reason", REJECT_REASONS),
             acks_out: Counter::default(),
-            reports_in: Family::new("status", STATUSES),
+            reports_in: Family::new("status", &DeliveryStatus::LABELS),
             local_deliveries: Counter::default(),
             missing_channels: Counter::default(),
             connection_overflow: Counter::default(),

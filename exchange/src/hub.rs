@@ -235,19 +235,19 @@ impl Target {
                 _ = self.ctx.shutdown.cancelled(), if drain_deadline.is_none() => {
                     drain_deadline = Some(Instant::now() + self.ctx.grace);
                 }
-                _ = sleep_until_opt(drain_deadline) => break,
+                _ = quic::sleep_until_opt(drain_deadline) => break,
                 cmd = self.rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd).await,
                     None => break,
                 },
-                permit = reserve(writer), if want_write => match permit {
+                permit = quic::reserve(writer), if want_write => match permit {
                     Some(permit) => {
                         permit.send(self.take_output());
                     }
                     // The writer died with its connection.
                     None => self.detach(false).await,
                 },
-                _ = sleep_until_opt(lease_at), if self.state.load(Ordering::Acquire) == STATE_DISCONNECTED => {
+                _ = quic::sleep_until_opt(lease_at), if self.state.load(Ordering::Acquire) == STATE_DISCONNECTED => {
                     self.mark_down("lease expired").await;
                 }
             }
@@ -274,12 +274,14 @@ impl Target {
             for e in &entries {
                 self.ctx.metrics.reports_out.inc(e.status.as_str());
             }
-            // Split so no report frame approaches the frame limit.
-            for chunk in entries.chunks(4_096) {
+            // Split to the server's own frame limit: an entry is at most
+            // 31 bytes (three u64 and two u32 varints, a status byte).
+            let max_frame = self.queue.max_frame();
+            for chunk in entries.chunks((max_frame / 32).max(1)) {
                 let f = Frame::Report(Report {
                     entries: chunk.to_vec(),
                 });
-                out.extend(quic::frame_bytes(&f, self.ctx.max_frame));
+                out.extend(quic::frame_bytes(&f, max_frame));
             }
         }
         let t = self.queue.poll_transmit(WRITE_BATCH_BYTES);
@@ -442,19 +444,5 @@ impl Target {
                 tracing::error!(error = %e, why, "could not mark server down in the registry")
             }
         }
-    }
-}
-
-async fn reserve(w: Option<Writer>) -> Option<mpsc::OwnedPermit<Vec<bytes::Bytes>>> {
-    match w {
-        Some(w) => w.reserve_owned().await.ok(),
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

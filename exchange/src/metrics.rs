@@ -1,6 +1,7 @@
 //! The exchange's counters, rendered at `/metrics`.
 
 use iim::metrics::{Counter, Family, Gauge, Page, Render};
+use iim::wire::DeliveryStatus;
 use iim::wire::Frame;
 
 /// Every reason a connection, a registration or a frame is refused.
@@ -23,15 +24,6 @@ pub const REJECT_REASONS: &[&str] = &[
     "overloaded",
     "too_many_links",
     "registry_error",
-];
-
-const STATUSES: &[&str] = &[
-    "delivered",
-    "unknown_server",
-    "server_down",
-    "timed_out",
-    "overloaded",
-    "refused",
 ];
 
 #[derive(Debug)]
@@ -57,7 +49,7 @@ impl Default for ExchangeMetrics {
             delivers_out: Counter::default(),
             acks_in: Counter::default(),
             retransmits: Counter::default(),
-            reports_out: Family::new("status", STATUSES),
+            reports_out: Family::new("status", &DeliveryStatus::LABELS),
             reports_dropped: Counter::default(),
             rejections: Family::new("reason", REJECT_REASONS),
             links: Gauge::default(),

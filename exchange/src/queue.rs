@@ -81,6 +81,11 @@ impl DeliveryQueue {
         self.entries.is_empty()
     }
 
+    /// The target's frame limit in force.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes
     }

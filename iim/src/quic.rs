@@ -205,3 +205,22 @@ pub fn close_with(conn: &quinn::Connection, code: ErrorCode, detail: &str) {
     let reason: Vec<u8> = detail.bytes().take(512).collect();
     conn.close(code.close_code().into(), &reason);
 }
+
+/// Wait for room in a link's writer; never resolves without a writer, so it
+/// can sit in a `select!` whether or not a link is up. `None`: the writer
+/// is gone (its connection died).
+pub async fn reserve(w: Option<Writer>) -> Option<mpsc::OwnedPermit<Vec<Bytes>>> {
+    match w {
+        Some(w) => w.reserve_owned().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleep until `at`; never resolves for `None` (an unarmed timer in a
+/// `select!`).
+pub async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

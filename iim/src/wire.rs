@@ -282,6 +282,16 @@ impl DeliveryStatus {
         }
     }
 
+    /// Every label `as_str` returns, in variant order (for metrics).
+    pub const LABELS: [&'static str; 6] = [
+        "delivered",
+        "unknown_server",
+        "server_down",
+        "timed_out",
+        "overloaded",
+        "refused",
+    ];
+
     pub const ALL: [DeliveryStatus; 6] = [
         DeliveryStatus::Delivered,
         DeliveryStatus::UnknownServer,
@@ -596,6 +606,13 @@ mod tests {
             decode(&mut buf, DEFAULT_MAX_FRAME),
             Err(WireError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn status_labels_match_variants() {
+        for (s, label) in DeliveryStatus::ALL.iter().zip(DeliveryStatus::LABELS) {
+            assert_eq!(s.as_str(), label);
+        }
     }
 
     #[test]

@@ -165,6 +165,31 @@ async fn unknown_and_down_servers_are_reported() {
     db.cleanup().await;
 }
 
+/// Every report of a burst says `delivered` to server 2, and the connection
+/// received the bodies "0", "1", … once each, in order, and nothing more.
+async fn assert_burst_delivered(pending: Vec<iim::PendingReport>, r: &mut iim_appserver::Attached) {
+    let n = pending.len();
+    for (i, p) in pending.into_iter().enumerate() {
+        let rep = tokio::time::timeout(Duration::from_secs(30), p)
+            .await
+            .expect("report in time");
+        assert_eq!(
+            rep.servers,
+            vec![(ServerId(2), DeliveryStatus::Delivered)],
+            "message {i}"
+        );
+    }
+    for i in 0..n {
+        let m = recv(&mut r.rx).await;
+        assert_eq!(
+            std::str::from_utf8(&m.body).unwrap(),
+            i.to_string(),
+            "in order, no loss, no duplicate"
+        );
+    }
+    assert!(r.rx.try_recv().is_err(), "nothing beyond the burst");
+}
+
 async fn burst_across_a_cut(cut_origin: bool) {
     let db = TestDb::new().await;
     let ca = TestCa::new();
@@ -205,25 +230,7 @@ async fn burst_across_a_cut(cut_origin: bool) {
                 .unwrap(),
         );
     }
-    for (i, p) in pending.into_iter().enumerate() {
-        let rep = tokio::time::timeout(Duration::from_secs(30), p)
-            .await
-            .expect("report in time");
-        assert_eq!(
-            rep.servers,
-            vec![(ServerId(2), DeliveryStatus::Delivered)],
-            "message {i}"
-        );
-    }
-    for i in 0..1000u32 {
-        let m = recv(&mut r.rx).await;
-        assert_eq!(
-            std::str::from_utf8(&m.body).unwrap(),
-            i.to_string(),
-            "in order, no loss, no duplicate"
-        );
-    }
-    assert!(r.rx.try_recv().is_err(), "nothing beyond the 1,000");
+    assert_burst_delivered(pending, &mut r).await;
     assert!(
         cut_side.metrics.link_connects.get() >= 2,
         "the link really reconnected"
@@ -359,21 +366,7 @@ async fn thousand_messages_in_order_across_an_exchange_crash() {
                 .unwrap(),
         );
     }
-    for (i, p) in pending.into_iter().enumerate() {
-        let rep = tokio::time::timeout(Duration::from_secs(30), p)
-            .await
-            .expect("report in time");
-        assert_eq!(
-            rep.servers,
-            vec![(ServerId(2), DeliveryStatus::Delivered)],
-            "message {i}"
-        );
-    }
-    for i in 0..1000u32 {
-        let m = recv(&mut r.rx).await;
-        assert_eq!(std::str::from_utf8(&m.body).unwrap(), i.to_string());
-    }
-    assert!(r.rx.try_recv().is_err(), "no duplicates");
+    assert_burst_delivered(pending, &mut r).await;
     assert!(s1.metrics.forwards_resent.get() > 0);
     assert!(ex.unwrap().metrics.forwards_in.get() > 0);
     db.cleanup().await;

@@ -71,6 +71,14 @@ impl Raw {
         }
     }
 
+    /// The next frame, which must be a report.
+    async fn report(&mut self) -> iim::wire::Report {
+        match tokio::time::timeout(Duration::from_secs(10), self.reader.next()).await {
+            Ok(Ok(Some(Frame::Report(r)))) => r,
+            other => panic!("expected a report, got {other:?}"),
+        }
+    }
+
     /// How the exchange closed this connection: its error code.
     async fn closed_with(&self) -> Option<ErrorCode> {
         let e = tokio::time::timeout(Duration::from_secs(10), self.conn.closed())
@@ -379,14 +387,7 @@ async fn a_malformed_905_is_reported_refused_and_the_link_stays() {
     reencode(&mut bad);
     bad.rows.push(bad.rows[0].clone()); // server 2 listed twice
     raw.frame(&Frame::Forward(bad.clone())).await.unwrap();
-    let report = tokio::time::timeout(Duration::from_secs(10), raw.reader.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let Frame::Report(r) = report else {
-        panic!("expected a report, got {report:?}")
-    };
+    let r = raw.report().await;
     assert_eq!(r.entries.len(), 1);
     assert_eq!(
         (r.entries[0].id, r.entries[0].status),
@@ -399,14 +400,7 @@ async fn a_malformed_905_is_reported_refused_and_the_link_stays() {
     bad.id.seq = 2;
     reencode(&mut bad);
     raw.frame(&Frame::Forward(bad.clone())).await.unwrap();
-    let report = tokio::time::timeout(Duration::from_secs(10), raw.reader.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let Frame::Report(r) = report else {
-        panic!("expected a report, got {report:?}")
-    };
+    let r = raw.report().await;
     assert_eq!(
         (r.entries[0].id, r.entries[0].status),
         (bad.id, DeliveryStatus::Delivered)
