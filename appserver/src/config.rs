@@ -44,8 +44,134 @@ pub struct Config {
     /// Users given an in-process connection that logs what it receives
     /// (for the local demo; real clients arrive with the gateway).
     pub demo_users: Vec<u64>,
+    /// The client WebSocket endpoint, `ws://HOST:PORT/ws`; empty for no
+    /// client gateway.
+    pub client_listen: Option<SocketAddr>,
     pub quic: QuicTuning,
     pub tls: TlsFiles,
+    pub auth: AuthConfig,
+    pub limits: ClientLimits,
+    pub chat: ChatConfig,
+}
+
+/// How clients prove who they are.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 secret that client tokens are signed with (see `iimctl
+    /// token`). The default is for development only: the server warns
+    /// when it is in use.
+    pub jwt_secret: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: iim::token::DEV_SECRET.into(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// True when the shipped development secret is in use.
+    pub fn is_dev_secret(&self) -> bool {
+        self.jwt_secret == iim::token::DEV_SECRET
+    }
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("jwt_secret", &"***")
+            .finish()
+    }
+}
+
+/// Per-connection limits of the client gateway.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientLimits {
+    /// Largest client text frame accepted as a request; larger ones get
+    /// `too_large`. Frames over 4x this are refused by the WebSocket layer
+    /// and close the connection (1009).
+    pub max_message_bytes: usize,
+    /// Sustained requests per second per connection (token bucket).
+    pub rate_per_sec: u32,
+    /// Requests a connection may make at once above the sustained rate.
+    pub rate_burst: u32,
+    /// The `auth` frame must arrive within this long of connecting.
+    pub auth_timeout_ms: u64,
+    /// A connection from which nothing (not even a pong) arrives for this
+    /// long is closed.
+    pub idle_timeout_secs: u64,
+    /// The server pings every connection this often.
+    pub ping_interval_secs: u64,
+    /// Most messages one `sync` returns (the client's `limit` is clamped
+    /// to this).
+    pub sync_page_max: u32,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            max_message_bytes: 65_536,
+            rate_per_sec: 50,
+            rate_burst: 100,
+            auth_timeout_ms: 5_000,
+            idle_timeout_secs: 60,
+            ping_interval_secs: 20,
+            sync_page_max: 200,
+        }
+    }
+}
+
+impl ClientLimits {
+    fn validate(&self) -> Result<(), String> {
+        if !(1_024..=(16 << 20)).contains(&self.max_message_bytes) {
+            return Err(format!(
+                "limits.max_message_bytes: {} is outside 1024..=16777216",
+                self.max_message_bytes
+            ));
+        }
+        if self.rate_per_sec == 0 || self.rate_burst == 0 {
+            return Err("limits.rate_per_sec and limits.rate_burst must be > 0".into());
+        }
+        if self.auth_timeout_ms == 0 {
+            return Err("limits.auth_timeout_ms must be > 0".into());
+        }
+        if self.ping_interval_secs == 0 || self.ping_interval_secs >= self.idle_timeout_secs {
+            return Err(format!(
+                "limits.ping_interval_secs: {} must be > 0 and below limits.idle_timeout_secs ({}), \
+                 or idle clients that only answer pings are cut",
+                self.ping_interval_secs, self.idle_timeout_secs
+            ));
+        }
+        if !(1..=10_000).contains(&self.sync_page_max) {
+            return Err(format!(
+                "limits.sync_page_max: {} is outside 1..=10000",
+                self.sync_page_max
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The built-in chat service.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatConfig {
+    /// Groups with at least this many members are read from a shared
+    /// timeline (read fan-out) instead of being copied to every member's
+    /// inbox.
+    pub large_group_threshold: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            large_group_threshold: 500,
+        }
+    }
 }
 
 impl Default for Config {
@@ -65,12 +191,16 @@ impl Default for Config {
             connection_queue: 1_024,
             shutdown_grace_secs: 5,
             demo_users: Vec::new(),
+            client_listen: Some("127.0.0.1:8201".parse().expect("literal address")),
             quic: QuicTuning::default(),
             tls: TlsFiles {
                 ca: PathBuf::from("certs/dev/ca.pem"),
                 cert: PathBuf::from("certs/dev/server-1.pem"),
                 key: PathBuf::from("certs/dev/server-1.key"),
             },
+            auth: AuthConfig::default(),
+            limits: ClientLimits::default(),
+            chat: ChatConfig::default(),
         }
     }
 }
@@ -105,6 +235,13 @@ impl Config {
         {
             return Err("exchange.id must differ from id and from 0".into());
         }
+        if self.auth.jwt_secret.is_empty() {
+            return Err("auth.jwt_secret: must not be empty".into());
+        }
+        self.limits.validate()?;
+        if self.chat.large_group_threshold < 2 {
+            return Err("chat.large_group_threshold must be >= 2".into());
+        }
         self.quic.validate()
     }
 
@@ -127,11 +264,37 @@ mod tests {
                 address: "127.0.0.1:7100".parse().unwrap(),
             }),
             demo_users: vec![1001],
+            client_listen: Some("127.0.0.1:0".parse().unwrap()),
+            auth: AuthConfig {
+                jwt_secret: "s3cret".into(),
+            },
+            limits: ClientLimits {
+                max_message_bytes: 4_096,
+                rate_per_sec: 5,
+                rate_burst: 7,
+                auth_timeout_ms: 300,
+                idle_timeout_secs: 9,
+                ping_interval_secs: 3,
+                sync_page_max: 50,
+            },
+            chat: ChatConfig {
+                large_group_threshold: 100,
+            },
             ..Default::default()
         };
         c.validate().unwrap();
         let text = toml::to_string_pretty(&c).unwrap();
         assert_eq!(Config::from_toml(&text).unwrap(), c);
+        let d = Config::default();
+        d.validate().unwrap();
+        let text = toml::to_string_pretty(&d).unwrap();
+        assert_eq!(Config::from_toml(&text).unwrap(), d);
+        assert!(d.auth.is_dev_secret());
+        assert!(!format!("{d:?}").contains(iim::token::DEV_SECRET));
+        let none = Config::from_toml("[limits]\nrate_burst = 3\n").unwrap();
+        assert_eq!(none.limits.rate_burst, 3);
+        assert_eq!(none.limits.rate_per_sec, 50);
+        assert_eq!(none.client_listen, d.client_listen);
     }
 
     #[test]
@@ -144,5 +307,27 @@ mod tests {
                 .unwrap_err()
                 .contains("exchange.id")
         );
+        for (text, field) in [
+            ("[auth]\njwt_secret = \"\"", "auth.jwt_secret"),
+            ("[auth]\nbogus = 1", "bogus"),
+            (
+                "[limits]\nmax_message_bytes = 10",
+                "limits.max_message_bytes",
+            ),
+            ("[limits]\nrate_per_sec = 0", "limits.rate_per_sec"),
+            ("[limits]\nauth_timeout_ms = 0", "limits.auth_timeout_ms"),
+            (
+                "[limits]\nping_interval_secs = 60",
+                "limits.ping_interval_secs",
+            ),
+            ("[limits]\nsync_page_max = 0", "limits.sync_page_max"),
+            (
+                "[chat]\nlarge_group_threshold = 1",
+                "chat.large_group_threshold",
+            ),
+        ] {
+            let e = Config::from_toml(text).unwrap_err();
+            assert!(e.contains(field), "{text:?}: {e}");
+        }
     }
 }

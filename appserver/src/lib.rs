@@ -9,9 +9,11 @@
 //! marked `down`.
 
 pub mod admin;
+pub mod chat;
 pub mod config;
 pub mod connections;
 pub mod dedup;
+pub mod gateway;
 mod link;
 pub mod metrics;
 pub mod outbox;
@@ -26,6 +28,7 @@ use connections::Host;
 use iim::api::{IimParts, Submit};
 use iim::registry::{Registry, Role, ServerState};
 use iim::tls::{self, TlsMaterial};
+use iim::token::{Hs256Verifier, TokenVerifier};
 use iim::types::{ServerId, UserId, now_ms};
 use iim::{Iim, Plugin};
 use std::net::SocketAddr;
@@ -45,6 +48,9 @@ pub struct AppServerHandle {
     pub connections: Arc<Connections>,
     pub metrics: Arc<AppMetrics>,
     pub http_addr: Option<SocketAddr>,
+    /// The client WebSocket endpoint (`ws://{client_addr}/ws`), when the
+    /// gateway runs.
+    pub client_addr: Option<SocketAddr>,
     pub registry: Registry,
     link: watch::Receiver<LinkState>,
     /// Cancelled to start draining (SIGTERM).
@@ -117,14 +123,31 @@ impl AppServerHandle {
 
 /// Start an app server with `plugins`. Returns once its epoch is taken and
 /// its listeners are bound; the link to the exchange comes up in the
-/// background (see [`AppServerHandle::link`]).
+/// background (see [`AppServerHandle::link`]). Client tokens are checked
+/// with the HS256 secret of `[auth]`; see [`start_with`] for another key.
 pub async fn start(
     config: Config,
     tls: TlsMaterial,
     plugins: Vec<Arc<dyn Plugin>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<AppServerHandle> {
+    start_with(config, tls, plugins, None, shutdown).await
+}
+
+/// [`start`], with the client gateway checking tokens with `verifier`
+/// (e.g. RS256 against an identity provider's public key; see
+/// [`iim::token`]). `None`: HS256 with `config.auth.jwt_secret`.
+pub async fn start_with(
+    config: Config,
+    tls: TlsMaterial,
+    plugins: Vec<Arc<dyn Plugin>>,
+    verifier: Option<Arc<dyn TokenVerifier>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<AppServerHandle> {
     config.validate().map_err(anyhow::Error::msg)?;
+    let dev_secret = verifier.is_none() && config.auth.is_dev_secret();
+    let verifier: Arc<dyn TokenVerifier> =
+        verifier.unwrap_or_else(|| Arc::new(Hs256Verifier::new(config.auth.jwt_secret.as_bytes())));
     let id = ServerId(config.id);
     let registry = Registry::connect(&config.database)
         .await
@@ -213,6 +236,51 @@ pub async fn start(
     for p in &plugins {
         p.start(iim.clone());
     }
+    let chat = Some(Arc::new(chat::Chat::new(
+        iim::store::Store::new(&registry),
+        iim.clone(),
+        chat::ChatConfig {
+            large_group_threshold: config.chat.large_group_threshold,
+            sync_page_max: config.limits.sync_page_max,
+        },
+        metrics.chat.clone(),
+        stop.clone(),
+        &tracker,
+    )));
+    let client_addr = match (config.client_listen, chat) {
+        (Some(addr), Some(chat)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for clients on {addr}"))?;
+            let local = listener.local_addr()?;
+            if dev_secret {
+                warn!(
+                    "auth.jwt_secret is the development default: anyone can mint client \
+                     tokens; set a secret of your own"
+                );
+            }
+            let state = gateway::GatewayState {
+                chat,
+                connections: connections.clone(),
+                verifier,
+                metrics: metrics.clone(),
+                limits: config.limits.clone(),
+                stop: stop.clone(),
+                tracker: tracker.clone(),
+            };
+            tracker.spawn(
+                async move {
+                    if let Err(e) = gateway::serve(listener, state).await {
+                        warn!(error = %e, "client listener failed");
+                    }
+                }
+                .instrument(info_span!("gateway", server = id.0)),
+            );
+            info!(addr = %local, path = "/ws", "client gateway listening");
+            Some(local)
+        }
+        _ => None,
+    };
     for user in &config.demo_users {
         let attached = connections.attach(UserId(*user), "demo").await?;
         tracker.spawn(demo_sink(attached, stop.clone()).instrument(info_span!(
@@ -243,6 +311,7 @@ pub async fn start(
         connections,
         metrics,
         http_addr,
+        client_addr,
         registry,
         link,
         shutdown,

@@ -31,6 +31,9 @@ struct Cli {
     /// Override `http_listen`.
     #[arg(long)]
     http_listen: Option<SocketAddr>,
+    /// Override `client_listen` (the WebSocket endpoint for clients).
+    #[arg(long)]
+    client_listen: Option<SocketAddr>,
     /// Connect to this exchange (`ID@HOST:PORT`) instead of looking it up.
     #[arg(long, value_parser = parse_exchange)]
     exchange: Option<ExchangeTarget>,
@@ -89,6 +92,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(v) = cli.http_listen {
         config.http_listen = Some(v);
+    }
+    if let Some(v) = cli.client_listen {
+        config.client_listen = Some(v);
     }
     if let Some(v) = &cli.exchange {
         config.exchange = Some(v.clone());

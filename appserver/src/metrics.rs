@@ -6,8 +6,36 @@ use iim::wire::DeliveryStatus;
 /// Why an incoming 906 or frame was not delivered.
 pub const REJECT_REASONS: &[&str] = &["malformed_message", "forged_id", "protocol"];
 
+/// Why a WebSocket client failed to authenticate.
+pub const AUTH_FAILURE_REASONS: &[&str] =
+    &["invalid", "expired", "missing", "not_first", "timeout"];
+
+/// The `code`s of error frames sent to clients (docs/client-protocol.md).
+pub const CLIENT_ERROR_CODES: &[&str] = &[
+    "auth_failed",
+    "auth_expired",
+    "auth_required",
+    "invalid_json",
+    "unknown_op",
+    "binary_not_supported",
+    "bad_request",
+    "forged_from",
+    "too_large",
+    "rate_limited",
+    "too_slow",
+    "unknown_user",
+    "unknown_group",
+    "not_member",
+    "unavailable",
+];
+
+/// Client operations counted by `op` (anything else counts as `other`).
+pub const CLIENT_OPS: &[&str] = &["auth", "send", "sync", "ping"];
+
 #[derive(Debug)]
 pub struct AppMetrics {
+    /// The chat service's own counters.
+    pub chat: std::sync::Arc<crate::chat::ChatMetrics>,
     pub forwards_out: Counter,
     pub forwards_resent: Counter,
     pub delivers_in: Counter,
@@ -22,11 +50,16 @@ pub struct AppMetrics {
     pub link_up: Gauge,
     pub outstanding: Gauge,
     pub connections: Gauge,
+    pub ws_connections: Gauge,
+    pub auth_failures: Family,
+    pub client_errors: Family,
+    pub client_ops: Family,
 }
 
 impl Default for AppMetrics {
     fn default() -> Self {
         AppMetrics {
+            chat: Default::default(),
             forwards_out: Counter::default(),
             forwards_resent: Counter::default(),
             delivers_in: Counter::default(),
@@ -41,6 +74,10 @@ impl Default for AppMetrics {
             link_up: Gauge::default(),
             outstanding: Gauge::default(),
             connections: Gauge::default(),
+            ws_connections: Gauge::default(),
+            auth_failures: Family::new("reason", AUTH_FAILURE_REASONS),
+            client_errors: Family::new("code", CLIENT_ERROR_CODES),
+            client_ops: Family::new("op", CLIENT_OPS),
         }
     }
 }
@@ -117,7 +154,29 @@ impl Render for AppMetrics {
             "iim_appserver_connections",
             "Local client connections.",
             &self.connections,
+        )
+        .gauge(
+            "iim_appserver_ws_connections",
+            "Open client WebSocket connections, authenticated or not.",
+            &self.ws_connections,
+        )
+        .family(
+            "iim_appserver_auth_failures_total",
+            "Client WebSocket authentications refused, by reason.",
+            &self.auth_failures,
+        )
+        .family(
+            "iim_appserver_client_errors_total",
+            "Error frames sent to clients, by code.",
+            &self.client_errors,
+        )
+        .family(
+            "iim_appserver_client_ops_total",
+            "Client requests handled, by op.",
+            &self.client_ops,
         );
-        p.finish()
+        let mut page = p.finish();
+        page.push_str(&self.chat.render());
+        page
     }
 }

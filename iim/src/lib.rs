@@ -10,8 +10,10 @@ pub mod api;
 pub mod metrics;
 pub mod quic;
 pub mod registry;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod token;
 pub mod types;
 pub mod wire;
 

@@ -186,6 +186,11 @@ impl Registry {
         self.backend
     }
 
+    /// The pool, for the other stores on this database (`store.rs`).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// A server process starting: inserts its row with epoch 1 or bumps the
     /// epoch by one, sets role, address, `state`, registered_at and last_seen,
     /// and deletes the sessions earlier incarnations left behind, all in one

@@ -4,6 +4,7 @@
 //! over real QUIC + mTLS on loopback, a UDP proxy that can cut a link, and
 //! helpers to run the real binaries.
 
+pub mod client;
 pub mod db;
 pub mod proc;
 pub mod proxy;
@@ -23,6 +24,18 @@ pub use proxy::UdpProxy;
 
 /// Exchange id used by the tests.
 pub const EXCHANGE: ServerId = ServerId(100);
+
+/// The client-token secret every test app server uses.
+pub const JWT_SECRET: &str = "iim-test-secret";
+
+/// A client token for `user`, valid for an hour.
+pub fn token(user: u64) -> String {
+    iim::token::mint(
+        JWT_SECRET.as_bytes(),
+        iim::types::UserId(user),
+        Duration::from_secs(3_600),
+    )
+}
 
 /// Poll `$cond` (an async-free boolean expression) until it holds, failing
 /// the test with `$what` after `$secs` seconds.
@@ -113,6 +126,15 @@ pub fn appserver_config(db: &str, id: u32, exchange: SocketAddr) -> iim_appserve
             address: exchange,
         }),
         http_listen: None,
+        client_listen: Some("127.0.0.1:0".parse().expect("addr")),
+        auth: iim_appserver::config::AuthConfig {
+            jwt_secret: JWT_SECRET.into(),
+        },
+        limits: iim_appserver::config::ClientLimits {
+            rate_per_sec: 100_000,
+            rate_burst: 100_000,
+            ..Default::default()
+        },
         send_timeout_ms: 30_000,
         heartbeat_ms: 200,
         reconnect_min_ms: 50,

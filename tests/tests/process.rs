@@ -42,6 +42,7 @@ fn appserver_toml(dir: &Path, db: &str, id: u32, http: SocketAddr, users: &[u64]
         r#"id = {id}
 database = "{db}"
 http_listen = "{http}"
+client_listen = "127.0.0.1:0"
 demo_users = {users:?}
 send_timeout_ms = 20000
 shutdown_grace_secs = 5

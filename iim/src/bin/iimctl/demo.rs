@@ -346,6 +346,8 @@ fn spawn_app(
     args.extend([
         "--http-listen".to_owned(),
         format!("127.0.0.1:{http_port}"),
+        "--client-listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
         "--demo-users".to_owned(),
         users,
     ]);

@@ -6,6 +6,7 @@
 //! registry row: the daemons own them.
 
 mod demo;
+mod directory;
 mod http;
 mod view;
 
@@ -51,6 +52,33 @@ enum Command {
     /// generated development certificates; sends a message across the three
     /// servers, stops one, then stops everything (unless --keep-running).
     Demo(DemoArgs),
+    /// Manage the user directory: add and list users.
+    Users(directory::UsersArgs),
+    /// Manage friendships: add and list a user's friends.
+    Friends(directory::FriendsArgs),
+    /// Manage chat groups: create, add members, list.
+    Groups(directory::GroupsArgs),
+    /// Load the demo directory (users, friendships, a small and a large
+    /// group); idempotent.
+    DemoData(directory::DemoDataArgs),
+    /// Print a client token (HS256 JWT) for a user, to authenticate a
+    /// WebSocket client against an app server's gateway.
+    Token {
+        /// The user id the token names.
+        #[arg(value_name = "USER")]
+        user: u64,
+        /// The app servers' `auth.jwt_secret`.
+        #[arg(
+            long,
+            env = "IIM_JWT_SECRET",
+            hide_env_values = true,
+            default_value = iim::token::DEV_SECRET
+        )]
+        secret: String,
+        /// How long the token stays valid, in seconds.
+        #[arg(long, default_value_t = 86_400, value_name = "N")]
+        ttl_secs: u64,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -163,6 +191,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Servers(a) => servers(a).await.map(|()| ExitCode::SUCCESS),
         Command::Sessions(a) => sessions(a).await.map(|()| ExitCode::SUCCESS),
         Command::Send(a) => send(a).await,
+        Command::Token {
+            user,
+            secret,
+            ttl_secs,
+        } => token(user, &secret, ttl_secs).map(|()| ExitCode::SUCCESS),
+        Command::Users(a) => directory::users(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Friends(a) => directory::friends(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Groups(a) => directory::groups(a).await.map(|()| ExitCode::SUCCESS),
+        Command::DemoData(a) => directory::demo_data(a).await.map(|()| ExitCode::SUCCESS),
         Command::Demo(a) => {
             demo::run(demo::Options {
                 dir: a.dir,
@@ -171,6 +208,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
     }
+}
+
+fn token(user: u64, secret: &str, ttl_secs: u64) -> anyhow::Result<()> {
+    if user == 0 {
+        bail!("user 0 is reserved");
+    }
+    if secret.is_empty() {
+        bail!("the secret must not be empty");
+    }
+    if ttl_secs == 0 {
+        bail!("--ttl-secs must be > 0");
+    }
+    let ttl = Duration::from_secs(ttl_secs);
+    println!("{}", iim::token::mint(secret.as_bytes(), UserId(user), ttl));
+    Ok(())
 }
 
 fn hint(e: &anyhow::Error) -> Option<String> {

@@ -1,0 +1,386 @@
+//! Reliable chat, the built-in plugin: a message is stored (with its
+//! sequence in every recipient's inbox, or in a large group's timeline)
+//! before it is acknowledged or pushed; the push goes through `iim::send`
+//! and may be lost harmlessly, because clients sync by the highest sequence
+//! they hold.
+
+pub mod types;
+
+pub use types::*;
+
+use iim::metrics::{Counter, Page, Render};
+use iim::store::{Delivery, NewMessage, Store, StoreError, StoredMessage, Target};
+use iim::types::{ChannelId, ServerId, UserId, now_ms};
+use iim::wire::Message;
+use iim::{Iim, Outgoing};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+/// Message kind of chat pushes on the relay.
+pub const KIND_CHAT: u16 = 2;
+
+/// What a chat push carries on the relay: the message once, plus each
+/// recipient's sequence (write fan-out) or the timeline sequence.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PushEnvelope {
+    pub m: ChatMessage,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seqs: Vec<(u64, u64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gseq: Option<u64>,
+}
+
+/// The chat message a push carries for `user`, with `user`'s own sequence;
+/// `None` if `msg` is not a chat push or does not concern `user`.
+pub fn push_for(user: UserId, msg: &Message) -> Option<ChatMessage> {
+    if msg.kind != KIND_CHAT {
+        return None;
+    }
+    let env: PushEnvelope = serde_json::from_slice(&msg.body).ok()?;
+    let mut m = env.m;
+    if let Some(g) = env.gseq {
+        m.gseq = Some(g);
+        return Some(m);
+    }
+    let seq = env.seqs.iter().find(|(u, _)| *u == user.0)?.1;
+    m.seq = Some(seq);
+    Some(m)
+}
+
+/// The chat service's counters.
+#[derive(Debug, Default)]
+pub struct ChatMetrics {
+    pub stored: Counter,
+    pub duplicates: Counter,
+    pub pushes: Counter,
+    pub pushes_dropped: Counter,
+}
+
+impl Render for ChatMetrics {
+    fn render(&self) -> String {
+        let mut p = Page::default();
+        p.counter(
+            "iim_chat_messages_stored_total",
+            "Chat messages stored (first sends).",
+            &self.stored,
+        )
+        .counter(
+            "iim_chat_resends_total",
+            "Sends recognised as resends of a stored req.",
+            &self.duplicates,
+        )
+        .counter(
+            "iim_chat_pushes_total",
+            "Chat pushes handed to the relay.",
+            &self.pushes,
+        )
+        .counter(
+            "iim_chat_pushes_dropped_total",
+            "Pushes dropped (queue full or sessions unavailable); clients sync.",
+            &self.pushes_dropped,
+        );
+        p.finish()
+    }
+}
+
+/// Settings of the chat service.
+#[derive(Clone, Copy, Debug)]
+pub struct ChatConfig {
+    /// Groups with more members than this are read from a group timeline.
+    pub large_group_threshold: usize,
+    /// Most messages in one sync page.
+    pub sync_page_max: u32,
+}
+
+/// Bound of the push queue; beyond it pushes are dropped (clients sync).
+const PUSH_QUEUE: usize = 4_096;
+
+struct PushJob {
+    delivery: Delivery,
+    /// The connection that sent it: it has the ack, it gets no push.
+    channel: ChannelId,
+    members: Vec<UserId>,
+}
+
+/// The chat service of one app server.
+pub struct Chat {
+    store: Store,
+    cfg: ChatConfig,
+    pushes: mpsc::Sender<PushJob>,
+    metrics: Arc<ChatMetrics>,
+    server: ServerId,
+}
+
+impl Chat {
+    /// Start the service; its push task stops with `stop`.
+    pub fn new(
+        store: Store,
+        iim: Iim,
+        cfg: ChatConfig,
+        metrics: Arc<ChatMetrics>,
+        stop: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Chat {
+        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let server = iim.server();
+        tracker.spawn(push_loop(iim, rx, metrics.clone(), stop));
+        Chat {
+            store,
+            cfg,
+            pushes: tx,
+            metrics,
+            server,
+        }
+    }
+
+    /// Store, then push (in order, through the relay), then acknowledge.
+    /// `channel` is the sending connection: it gets the ack, not a push.
+    pub async fn send(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        req: SendRequest,
+    ) -> Result<SendAck, ChatError> {
+        if req.req.is_empty() || req.req.len() > 64 {
+            return Err(ChatError::BadRequest(
+                "req must be 1 to 64 characters".into(),
+            ));
+        }
+        if req.kind.is_empty() || req.kind.len() > 32 {
+            return Err(ChatError::BadRequest(
+                "type must be 1 to 32 characters".into(),
+            ));
+        }
+        let target = match req.ope {
+            Ope::Single => Target::User(UserId(req.to)),
+            Ope::Group => Target::Group(req.to),
+        };
+        let new = NewMessage {
+            sender: user,
+            req: &req.req,
+            target,
+            kind: &req.kind,
+            body: req.body.get(),
+            ex: req.ex.as_ref().map(|e| e.get()),
+            ts_ms: now_ms(),
+        };
+        let d = self
+            .store
+            .store_message(&new, self.cfg.large_group_threshold)
+            .await
+            .map_err(store_error)?;
+        let ack = SendAck {
+            req: req.req,
+            id: d.message.id,
+            seq: d.sender_seq,
+            gseq: d.gseq,
+            ts: d.message.ts_ms,
+            duplicate: d.duplicate,
+        };
+        if d.duplicate {
+            self.metrics.duplicates.inc();
+        } else {
+            self.metrics.stored.inc();
+        }
+        // A resend is pushed again too: the first push may never have
+        // happened (the server died between storing and pushing); clients
+        // ignore what they already hold.
+        let members = match (d.gseq, target) {
+            (Some(_), Target::Group(g)) => match self.store.group(g).await {
+                Ok(Some(g)) => g.members,
+                _ => Vec::new(),
+            },
+            _ => d.inbox.iter().map(|(u, _)| *u).collect(),
+        };
+        let job = PushJob {
+            delivery: d,
+            channel,
+            members,
+        };
+        if self.pushes.try_send(job).is_err() {
+            self.metrics.pushes_dropped.inc();
+        }
+        Ok(ack)
+    }
+
+    /// A page of the inbox (or of a large group's timeline) above `since`.
+    pub async fn sync(&self, user: UserId, req: SyncRequest) -> Result<SyncPage, ChatError> {
+        let limit = req.limit.clamp(1, self.cfg.sync_page_max);
+        let page = match req.group {
+            None => self.store.inbox_since(user, req.since, limit + 1).await,
+            Some(g) => {
+                let group = self
+                    .store
+                    .group(g)
+                    .await
+                    .map_err(store_error)?
+                    .ok_or(ChatError::UnknownGroup(g))?;
+                if !group.members.contains(&user) {
+                    return Err(ChatError::NotMember(g));
+                }
+                self.store.timeline_since(g, req.since, limit + 1).await
+            }
+        }
+        .map_err(store_error)?;
+        if req.since > page.max {
+            return Err(ChatError::BadRequest(format!(
+                "since {} is beyond the latest sequence {}",
+                req.since, page.max
+            )));
+        }
+        let more = page.items.len() > limit as usize;
+        let messages = page
+            .items
+            .into_iter()
+            .take(limit as usize)
+            .map(|(seq, m)| {
+                let (s, g) = if req.group.is_some() {
+                    (None, Some(seq))
+                } else {
+                    (Some(seq), None)
+                };
+                to_client(m, s, g)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(SyncPage {
+            group: req.group,
+            messages,
+            max: page.max,
+            more,
+        })
+    }
+
+    /// What a freshly authenticated client is told.
+    pub async fn welcome(&self, user: UserId, device: &str) -> Result<Welcome, ChatError> {
+        let inbox_max = self.store.inbox_max(user).await.map_err(store_error)?;
+        let large_groups = self
+            .store
+            .groups_of(user)
+            .await
+            .map_err(store_error)?
+            .into_iter()
+            .filter(|g| g.members as usize > self.cfg.large_group_threshold)
+            .map(|g| LargeGroup {
+                group: g.id,
+                max: g.timeline_max,
+            })
+            .collect();
+        Ok(Welcome {
+            user: user.0,
+            device: device.to_string(),
+            server: self.server.0,
+            inbox_max,
+            large_groups,
+        })
+    }
+}
+
+fn store_error(e: StoreError) -> ChatError {
+    match e {
+        StoreError::UnknownUser(u) => ChatError::UnknownUser(u),
+        StoreError::UnknownGroup(g) => ChatError::UnknownGroup(g),
+        StoreError::NotMember(g) => ChatError::NotMember(g),
+        other => {
+            warn!(error = %other, "message store error");
+            ChatError::Unavailable
+        }
+    }
+}
+
+/// A stored message as clients see it.
+fn to_client(
+    m: StoredMessage,
+    seq: Option<u64>,
+    gseq: Option<u64>,
+) -> Result<ChatMessage, ChatError> {
+    let raw = |s: String| {
+        RawValue::from_string(s).map_err(|e| {
+            warn!(error = %e, "stored message body is not JSON");
+            ChatError::Unavailable
+        })
+    };
+    let (ope, to) = match m.target {
+        Target::User(u) => (Ope::Single, u.0),
+        Target::Group(g) => (Ope::Group, g),
+    };
+    Ok(ChatMessage {
+        seq,
+        gseq,
+        id: m.id,
+        req: m.req,
+        ope,
+        from: m.sender.0,
+        to,
+        kind: m.kind,
+        body: raw(m.body)?,
+        ex: m.ex.map(raw).transpose()?,
+        ts: m.ts_ms,
+    })
+}
+
+/// Pushes stored messages through the relay, one at a time, in the order
+/// they were stored by this server: one `iim::send` per message to every
+/// live connection of its recipients (except the sending connection).
+async fn push_loop(
+    iim: Iim,
+    mut rx: mpsc::Receiver<PushJob>,
+    metrics: Arc<ChatMetrics>,
+    stop: CancellationToken,
+) {
+    loop {
+        let job = tokio::select! {
+            _ = stop.cancelled() => return,
+            j = rx.recv() => match j {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        let d = &job.delivery;
+        let sessions = match iim.user_list(&job.members).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot look up sessions for a push");
+                metrics.pushes_dropped.inc();
+                continue;
+            }
+        };
+        let sessions: Vec<_> = sessions
+            .into_iter()
+            .filter(|s| !(s.server == iim.server() && s.channel == job.channel))
+            .collect();
+        if sessions.is_empty() {
+            continue;
+        }
+        let m = match to_client(d.message.clone(), None, None) {
+            Ok(m) => m,
+            Err(_) => continue,
+        };
+        let env = PushEnvelope {
+            m,
+            seqs: d.inbox.iter().map(|(u, s)| (u.0, *s)).collect(),
+            gseq: d.gseq,
+        };
+        let body = match serde_json::to_vec(&env) {
+            Ok(b) => b,
+            Err(_) => continue,
+        };
+        let out = Outgoing {
+            kind: KIND_CHAT,
+            from: d.message.sender,
+            body: body.into(),
+            ordering_key: d.message.id,
+            ..Default::default()
+        };
+        // Admission only: the report is not awaited, a lost push is
+        // repaired by the recipient's next sync.
+        match iim.submit(out, &sessions).await {
+            Ok(_) => metrics.pushes.inc(),
+            Err(_) => return,
+        }
+    }
+}

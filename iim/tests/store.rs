@@ -1,0 +1,843 @@
+//! Chat store and directory integration tests. Every test body runs against
+//! SQLite (a file in a temporary directory) and against MySQL/MariaDB when
+//! `IIM_TEST_MYSQL_URL` names a server (no database: each run creates
+//! `iim_t_<random>` and drops it). With `CI=true` a missing
+//! `IIM_TEST_MYSQL_URL` fails the MySQL half.
+//!
+//! The concurrency tests open one `Registry` per task: separate pools, as
+//! separate app servers would have.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::hash::BuildHasher;
+
+use anyhow::{Context, bail, ensure};
+use iim::registry::{Backend, Registry};
+use iim::store::{
+    Delivery, Group, GroupSummary, NewMessage, Store, StoreError, StoredMessage, Target, User,
+};
+use iim::types::UserId;
+use sqlx::{AssertSqlSafe, Connection, Executor};
+
+/// What a test body gets: a store, and the url it was opened with (to open
+/// more handles or poke at the tables directly).
+struct Ctx {
+    store: Store,
+    url: String,
+}
+
+/// Runs `body` once per available backend. A failing body still drops its
+/// MySQL database before the test fails.
+async fn each_backend<F, Fut>(body: F)
+where
+    F: Fn(Ctx) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let reg = Registry::connect(&url).await.expect("connect to sqlite");
+    assert_eq!(reg.backend(), Backend::Sqlite);
+    let store = Store::new(&reg);
+    finish("sqlite", tokio::spawn(body(Ctx { store, url })).await);
+
+    let Some(server) = mysql_server_url() else {
+        return;
+    };
+    let db = MySqlTestDb::create(&server).await;
+    let reg = Registry::connect(&db.url).await.expect("connect to mysql");
+    assert_eq!(reg.backend(), Backend::MySql);
+    let store = Store::new(&reg);
+    let outcome = tokio::spawn(body(Ctx {
+        store,
+        url: db.url.clone(),
+    }))
+    .await;
+    db.drop_database().await;
+    finish("mysql", outcome);
+}
+
+fn finish(backend: &str, outcome: Result<anyhow::Result<()>, tokio::task::JoinError>) {
+    match outcome {
+        Ok(Ok(())) => eprintln!("{backend}: ok"),
+        Ok(Err(e)) => panic!("{backend}: {e:?}"),
+        Err(e) if e.is_panic() => {
+            eprintln!("{backend}: panicked");
+            std::panic::resume_unwind(e.into_panic())
+        }
+        Err(e) => panic!("{backend}: {e}"),
+    }
+}
+
+fn mysql_server_url() -> Option<String> {
+    match std::env::var("IIM_TEST_MYSQL_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").as_deref() == Ok("true") => panic!(
+            "CI=true but IIM_TEST_MYSQL_URL is not set: the MySQL half of the store tests \
+             must run in CI (see scripts/mariadb-test-setup)"
+        ),
+        _ => {
+            eprintln!("mysql: skipped, IIM_TEST_MYSQL_URL is not set");
+            None
+        }
+    }
+}
+
+struct MySqlTestDb {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl MySqlTestDb {
+    async fn create(server: &str) -> MySqlTestDb {
+        let (base, params) = match server.split_once('?') {
+            Some((base, params)) => (base, format!("?{params}")),
+            None => (server, String::new()),
+        };
+        let base = base.trim_end_matches('/');
+        let name = format!(
+            "iim_t_{:016x}",
+            RandomState::new().hash_one(std::process::id())
+        );
+        let mut conn = sqlx::mysql::MySqlConnection::connect(server)
+            .await
+            .expect("connect to IIM_TEST_MYSQL_URL");
+        conn.execute(AssertSqlSafe(format!("CREATE DATABASE `{name}`")))
+            .await
+            .expect("create test database");
+        conn.close().await.ok();
+        MySqlTestDb {
+            server: server.to_owned(),
+            url: format!("{base}/{name}{params}"),
+            name,
+        }
+    }
+
+    async fn drop_database(&self) {
+        let mut conn = sqlx::mysql::MySqlConnection::connect(&self.server)
+            .await
+            .expect("connect to IIM_TEST_MYSQL_URL");
+        conn.execute(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS `{}`",
+            self.name
+        )))
+        .await
+        .expect("drop test database");
+        conn.close().await.ok();
+    }
+}
+
+const T0: i64 = 1_700_000_000_000;
+
+fn user(id: u64, name: &str, org: &str) -> User {
+    User {
+        id: UserId(id),
+        name: name.to_owned(),
+        org: org.to_owned(),
+    }
+}
+
+/// Users `ids`, named `u<id>`, all in `org`.
+async fn add_users(
+    store: &Store,
+    ids: impl IntoIterator<Item = u64>,
+    org: &str,
+) -> anyhow::Result<()> {
+    let users: Vec<User> = ids
+        .into_iter()
+        .map(|id| user(id, &format!("u{id}"), org))
+        .collect();
+    store.add_users(&users).await?;
+    Ok(())
+}
+
+fn msg<'a>(sender: u64, req: &'a str, target: Target, body: &'a str) -> NewMessage<'a> {
+    NewMessage {
+        sender: UserId(sender),
+        req,
+        target,
+        kind: "text",
+        body,
+        ex: None,
+        ts_ms: T0,
+    }
+}
+
+fn to_user(id: u64) -> Target {
+    Target::User(UserId(id))
+}
+
+async fn send(store: &Store, sender: u64, req: &str, target: Target) -> anyhow::Result<Delivery> {
+    let body = format!(r#"{{"text":"{req}"}}"#);
+    Ok(store
+        .store_message(&msg(sender, req, target, &body), 10)
+        .await?)
+}
+
+/// Message ids of the user's whole inbox, checking the sequence is exactly
+/// 1..=n and agrees with `max`.
+async fn whole_inbox(store: &Store, u: u64) -> anyhow::Result<Vec<StoredMessage>> {
+    let page = store.inbox_since(UserId(u), 0, 100_000).await?;
+    let seqs: Vec<u64> = page.items.iter().map(|(s, _)| *s).collect();
+    let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+    ensure!(seqs == want, "user {u}: inbox sequences {seqs:?}");
+    ensure!(
+        page.max == seqs.len() as u64,
+        "user {u}: max {} for {} items",
+        page.max,
+        seqs.len()
+    );
+    Ok(page.items.into_iter().map(|(_, m)| m).collect())
+}
+
+async fn store_at(url: &str) -> anyhow::Result<Store> {
+    let reg = Registry::connect(url).await?;
+    Ok(Store::new(&reg))
+}
+
+async fn raw_execute(url: &str, sql: &str) -> anyhow::Result<()> {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await?;
+    conn.execute(AssertSqlSafe(sql.to_owned())).await?;
+    conn.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn directory_round_trips() {
+    each_backend(|Ctx { store, .. }| async move {
+        ensure!(store.users().await?.is_empty());
+        ensure!(store.user(UserId(1)).await?.is_none());
+        let big = u64::MAX - 1;
+        store.add_user(&user(big, "Big", "acme")).await?;
+        store.add_user(&user(2, "Bob", "acme")).await?;
+        store.add_user(&user(1, "Alice", "acme")).await?;
+        ensure!(store.user(UserId(1)).await? == Some(user(1, "Alice", "acme")));
+        // Upsert: name and org change, nothing is duplicated.
+        store.add_user(&user(1, "Alice B.", "globex")).await?;
+        ensure!(store.user(UserId(1)).await? == Some(user(1, "Alice B.", "globex")));
+        // Ids above i64::MAX keep their bits and sort as u64.
+        let ids: Vec<u64> = store.users().await?.iter().map(|u| u.id.0).collect();
+        ensure!(ids == vec![1, 2, big], "{ids:?}");
+        ensure!(store.user(UserId(big)).await? == Some(user(big, "Big", "acme")));
+
+        // 128 characters (not bytes) fit in a name, 129 do not, anywhere.
+        let long = "é".repeat(128);
+        store.add_user(&user(3, &long, "acme")).await?;
+        ensure!(store.user(UserId(3)).await?.context("user 3")?.name == long);
+        let res = store.add_user(&user(4, &"x".repeat(129), "acme")).await;
+        ensure!(matches!(res, Err(StoreError::Database(_))), "{res:?}");
+        ensure!(store.user(UserId(4)).await?.is_none());
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn friendships_both_ways_and_colleagues_by_org() {
+    each_backend(|Ctx { store, .. }| async move {
+        store
+            .add_users(&[
+                user(1001, "Alice", "acme"),
+                user(1002, "Bob", "acme"),
+                user(2002, "Dave", "acme"),
+                user(3001, "Erin", "globex"),
+                user(u64::MAX, "Max", "acme"),
+            ])
+            .await?;
+        store.add_friendship(UserId(1001), UserId(3001)).await?;
+        store.add_friendship(UserId(3001), UserId(1001)).await?;
+        store.add_friendship(UserId(1001), UserId(3001)).await?;
+        store.add_friendship(UserId(u64::MAX), UserId(3001)).await?;
+        ensure!(store.friends_of(UserId(1001)).await? == vec![UserId(3001)]);
+        ensure!(store.friends_of(UserId(3001)).await? == vec![UserId(1001), UserId(u64::MAX)]);
+        ensure!(store.friends_of(UserId(1002)).await?.is_empty());
+        ensure!(store.friends_of(UserId(9)).await?.is_empty());
+
+        let res = store.add_friendship(UserId(1001), UserId(9)).await;
+        ensure!(matches!(res, Err(StoreError::UnknownUser(9))), "{res:?}");
+        let res = store.add_friendship(UserId(8), UserId(1001)).await;
+        ensure!(matches!(res, Err(StoreError::UnknownUser(8))), "{res:?}");
+        ensure!(store.friends_of(UserId(1001)).await? == vec![UserId(3001)]);
+
+        let acme = store.colleagues_of(UserId(1002)).await?;
+        ensure!(
+            acme == vec![UserId(1001), UserId(2002), UserId(u64::MAX)],
+            "{acme:?}"
+        );
+        ensure!(store.colleagues_of(UserId(3001)).await?.is_empty());
+        ensure!(store.colleagues_of(UserId(9)).await?.is_empty());
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn groups_and_membership() {
+    each_backend(|Ctx { store, .. }| async move {
+        add_users(&store, [1, 2, 3, 4], "acme").await?;
+        let g = store
+            .create_group("team", &[UserId(3), UserId(1), UserId(3), UserId(2)])
+            .await?;
+        let want = Group {
+            id: g,
+            name: "team".to_owned(),
+            members: vec![UserId(1), UserId(2), UserId(3)],
+        };
+        ensure!(store.group(g).await? == Some(want));
+        ensure!(store.group(g + 100).await?.is_none());
+
+        store.add_member(g, UserId(4)).await?;
+        store.add_member(g, UserId(4)).await?;
+        ensure!(store.group(g).await?.context("group")?.members.len() == 4);
+        ensure!(store.remove_member(g, UserId(2)).await?);
+        ensure!(!store.remove_member(g, UserId(2)).await?);
+        let members = store.group(g).await?.context("group")?.members;
+        ensure!(
+            members == vec![UserId(1), UserId(3), UserId(4)],
+            "{members:?}"
+        );
+
+        let res = store.add_member(g, UserId(99)).await;
+        ensure!(matches!(res, Err(StoreError::UnknownUser(99))), "{res:?}");
+        let res = store.add_member(g + 100, UserId(1)).await;
+        ensure!(
+            matches!(res, Err(StoreError::UnknownGroup(x)) if x == g + 100),
+            "{res:?}"
+        );
+        let res = store.remove_member(g + 100, UserId(1)).await;
+        ensure!(matches!(res, Err(StoreError::UnknownGroup(_))), "{res:?}");
+        // A group with an unknown member is not created at all.
+        let res = store.create_group("bad", &[UserId(1), UserId(77)]).await;
+        ensure!(matches!(res, Err(StoreError::UnknownUser(77))), "{res:?}");
+
+        let h = store.create_group("pair", &[UserId(1), UserId(2)]).await?;
+        ensure!(h > g);
+        let summary = |id, name: &str, members| GroupSummary {
+            id,
+            name: name.to_owned(),
+            members,
+            timeline_max: 0,
+        };
+        ensure!(
+            store.groups_of(UserId(1)).await? == vec![summary(g, "team", 3), summary(h, "pair", 2)]
+        );
+        ensure!(store.groups_of(UserId(2)).await? == vec![summary(h, "pair", 2)]);
+        ensure!(store.groups_of(UserId(9)).await?.is_empty());
+        ensure!(store.groups().await? == vec![summary(g, "team", 3), summary(h, "pair", 2)]);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_to_one_writes_both_inboxes_with_consecutive_seqs() {
+    each_backend(|Ctx { store, .. }| async move {
+        add_users(&store, [1, 2], "acme").await?;
+        let body = r#"{"text": "héllo", "n": [1, 2.50]}"#;
+        let mut m = msg(1, "r1", to_user(2), body);
+        m.ex = Some(r#"{"reply_to": 7}"#);
+        let d = store.store_message(&m, 10).await?;
+        ensure!(
+            !d.duplicate && d.gseq.is_none() && d.sender_seq == Some(1),
+            "{d:?}"
+        );
+        ensure!(d.inbox == vec![(UserId(1), 1), (UserId(2), 1)], "{d:?}");
+        let stored = &d.message;
+        ensure!(stored.sender == UserId(1) && stored.req == "r1" && stored.target == to_user(2));
+        ensure!(stored.body == body && stored.kind == "text" && stored.ts_ms == T0);
+        ensure!(stored.ex.as_deref() == Some(r#"{"reply_to": 7}"#));
+
+        let d2 = send(&store, 1, "r2", to_user(2)).await?;
+        ensure!(d2.inbox == vec![(UserId(1), 2), (UserId(2), 2)] && d2.message.id > stored.id);
+        let d3 = send(&store, 2, "r1", to_user(1)).await?;
+        ensure!(d3.sender_seq == Some(3) && d3.inbox == vec![(UserId(1), 3), (UserId(2), 3)]);
+        // To oneself: one inbox entry.
+        let d4 = send(&store, 1, "note", to_user(1)).await?;
+        ensure!(
+            d4.sender_seq == Some(4) && d4.inbox == vec![(UserId(1), 4)],
+            "{d4:?}"
+        );
+
+        let inbox1 = whole_inbox(&store, 1).await?;
+        ensure!(inbox1.len() == 4 && inbox1[0] == d.message, "{inbox1:?}");
+        let ids: Vec<u64> = inbox1.iter().map(|m| m.id).collect();
+        ensure!(ids == vec![d.message.id, d2.message.id, d3.message.id, d4.message.id]);
+        let inbox2 = whole_inbox(&store, 2).await?;
+        ensure!(inbox2 == vec![d.message, d2.message, d3.message]);
+        ensure!(store.inbox_max(UserId(1)).await? == 4 && store.inbox_max(UserId(2)).await? == 3);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idempotent_resend_returns_the_original_allocation() {
+    each_backend(|Ctx { store, .. }| async move {
+        add_users(&store, [1, 2, 3], "acme").await?;
+        let first = send(&store, 1, "same", to_user(2)).await?;
+        send(&store, 3, "other", to_user(2)).await?;
+        // A resend, even with another body or target, is the original.
+        let again = store
+            .store_message(&msg(1, "same", to_user(3), "{}"), 10)
+            .await?;
+        ensure!(again.duplicate, "{again:?}");
+        ensure!(
+            Delivery {
+                duplicate: false,
+                ..again.clone()
+            } == first,
+            "{again:?} vs {first:?}"
+        );
+        ensure!(store.inbox_max(UserId(2)).await? == 2 && store.inbox_max(UserId(3)).await? == 1);
+        // The same req from another sender is another message.
+        let d = send(&store, 2, "same", to_user(1)).await?;
+        ensure!(!d.duplicate && d.message.id != first.message.id);
+
+        // Group: a resend is answered even after the sender left the group.
+        let g = store
+            .create_group("g", &[UserId(1), UserId(2), UserId(3)])
+            .await?;
+        let gm = send(&store, 3, "g1", Target::Group(g)).await?;
+        ensure!(store.remove_member(g, UserId(3)).await?);
+        let again = send(&store, 3, "g1", Target::Group(g)).await?;
+        ensure!(again.duplicate && again.inbox == gm.inbox && again.sender_seq == gm.sender_seq);
+        let res = send(&store, 3, "g2", Target::Group(g)).await;
+        ensure!(
+            matches!(res.as_ref().map_err(|e| e.downcast_ref::<StoreError>()), Err(Some(StoreError::NotMember(x))) if *x == g),
+            "{res:?}"
+        );
+
+        // Large group: the duplicate reports the timeline sequence.
+        let big = store
+            .create_group("big", &[UserId(1), UserId(2), UserId(3)])
+            .await?;
+        let t1 = store
+            .store_message(&msg(1, "t1", Target::Group(big), "{}"), 2)
+            .await?;
+        let t1b = store
+            .store_message(&msg(1, "t1", Target::Group(big), "{}"), 2)
+            .await?;
+        ensure!(t1.gseq == Some(1) && t1b.gseq == Some(1) && t1b.duplicate && t1b.inbox.is_empty());
+        ensure!(store.timeline_max(big).await? == 1);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn small_group_write_fan_out_gives_every_member_one_entry() {
+    each_backend(|Ctx { store, .. }| async move {
+        add_users(&store, [1, 2, 3, 4, 5], "acme").await?;
+        send(&store, 1, "warm-up", to_user(2)).await?;
+        let members = [UserId(1), UserId(2), UserId(3), UserId(4)];
+        let g = store.create_group("team", &members).await?;
+        let d = store
+            .store_message(&msg(3, "hello", Target::Group(g), r#"{"t":1}"#), 4)
+            .await?;
+        ensure!(d.gseq.is_none() && d.sender_seq == Some(1), "{d:?}");
+        let want = vec![
+            (UserId(1), 2),
+            (UserId(2), 2),
+            (UserId(3), 1),
+            (UserId(4), 1),
+        ];
+        ensure!(d.inbox == want, "{d:?}");
+        ensure!(d.message.target == Target::Group(g));
+        for u in [1, 2, 3, 4] {
+            let inbox = whole_inbox(&store, u).await?;
+            let last = inbox.last().context("entry")?;
+            ensure!(*last == d.message, "user {u}: {last:?}");
+        }
+        ensure!(store.inbox_max(UserId(5)).await? == 0);
+        ensure!(store.timeline_max(g).await? == 0);
+        ensure!(store.timeline_since(g, 0, 10).await?.items.is_empty());
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn large_group_uses_the_timeline() {
+    each_backend(|Ctx { store, .. }| async move {
+        add_users(&store, [1, 2, 3, 4, 5], "acme").await?;
+        let members = [UserId(1), UserId(2), UserId(3), UserId(4)];
+        let g = store.create_group("town-hall", &members).await?;
+        let mut sent = Vec::new();
+        for (i, sender) in [1, 4, 1].into_iter().enumerate() {
+            let req = format!("m{i}");
+            let d = store
+                .store_message(&msg(sender, &req, Target::Group(g), "{}"), 3)
+                .await?;
+            ensure!(d.gseq == Some(i as u64 + 1) && d.sender_seq.is_none() && d.inbox.is_empty());
+            sent.push(d.message);
+        }
+        for u in 1..=4 {
+            ensure!(
+                store.inbox_max(UserId(u)).await? == 0,
+                "user {u} got an inbox entry"
+            );
+        }
+        let page = store.timeline_since(g, 0, 2).await?;
+        ensure!(page.max == 3);
+        ensure!(page.items == vec![(1, sent[0].clone()), (2, sent[1].clone())]);
+        let page = store.timeline_since(g, 2, 10).await?;
+        ensure!(page.items == vec![(3, sent[2].clone())] && page.max == 3);
+        ensure!(store.timeline_since(g, 3, 10).await?.items.is_empty());
+        ensure!(store.groups_of(UserId(4)).await?[0].timeline_max == 3);
+        // The same group under a larger threshold fans out to inboxes.
+        let d = store
+            .store_message(&msg(2, "small", Target::Group(g), "{}"), 4)
+            .await?;
+        ensure!(d.gseq.is_none() && d.inbox.len() == 4 && store.timeline_max(g).await? == 3);
+
+        // Membership is checked for large groups too, without a gap.
+        let res = store
+            .store_message(&msg(5, "outsider", Target::Group(g), "{}"), 3)
+            .await;
+        ensure!(
+            matches!(res, Err(StoreError::NotMember(x)) if x == g),
+            "{res:?}"
+        );
+        let d = store
+            .store_message(&msg(3, "after", Target::Group(g), "{}"), 3)
+            .await?;
+        ensure!(d.gseq == Some(4), "{d:?}");
+
+        let res = store.timeline_since(g + 1, 0, 10).await;
+        ensure!(matches!(res, Err(StoreError::UnknownGroup(_))), "{res:?}");
+        let res = store.timeline_max(g + 1).await;
+        ensure!(matches!(res, Err(StoreError::UnknownGroup(_))), "{res:?}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refused_and_failed_sends_leave_no_gap() {
+    each_backend(|Ctx { store, .. }| async move {
+        add_users(&store, [1, 2, 3], "acme").await?;
+        let g = store.create_group("g", &[UserId(1), UserId(2)]).await?;
+        send(&store, 1, "a", to_user(2)).await?;
+
+        let err = |r: Result<Delivery, StoreError>| match r {
+            Err(e) => Ok(e),
+            Ok(d) => bail!("expected an error, got {d:?}"),
+        };
+        let e = err(store
+            .store_message(&msg(1, "b", to_user(9), "{}"), 10)
+            .await)?;
+        ensure!(matches!(e, StoreError::UnknownUser(9)), "{e:?}");
+        let e = err(store
+            .store_message(&msg(9, "b", to_user(1), "{}"), 10)
+            .await)?;
+        ensure!(matches!(e, StoreError::UnknownUser(9)), "{e:?}");
+        let e = err(store
+            .store_message(&msg(3, "b", Target::Group(g), "{}"), 10)
+            .await)?;
+        ensure!(matches!(e, StoreError::NotMember(x) if x == g), "{e:?}");
+        let e = err(store
+            .store_message(&msg(1, "b", Target::Group(g + 9), "{}"), 10)
+            .await)?;
+        ensure!(
+            matches!(e, StoreError::UnknownGroup(x) if x == g + 9),
+            "{e:?}"
+        );
+        ensure!(e.to_string() == format!("unknown group {}", g + 9));
+        // Fails inside the transaction, after the sequences were locked.
+        let mut m = msg(1, "b", to_user(2), "{}");
+        let kind = "k".repeat(33);
+        m.kind = &kind;
+        let e = err(store.store_message(&m, 10).await)?;
+        ensure!(matches!(e, StoreError::Database(_)), "{e:?}");
+        let mut m = msg(1, "b", Target::Group(g), "{}");
+        let req = "r".repeat(65);
+        m.req = &req;
+        let e = err(store.store_message(&m, 10).await)?;
+        ensure!(matches!(e, StoreError::Database(_)), "{e:?}");
+
+        // "b" was never stored: it goes through now, with the next seqs.
+        let d = send(&store, 1, "b", to_user(2)).await?;
+        ensure!(
+            !d.duplicate && d.inbox == vec![(UserId(1), 2), (UserId(2), 2)],
+            "{d:?}"
+        );
+        whole_inbox(&store, 1).await?;
+        whole_inbox(&store, 2).await?;
+        ensure!(store.inbox_max(UserId(3)).await? == 0);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn inbox_since_pages() {
+    each_backend(|Ctx { store, .. }| async move {
+        add_users(&store, [1, 2], "acme").await?;
+        for i in 0..10 {
+            send(&store, 1, &format!("m{i}"), to_user(2)).await?;
+        }
+        let u = UserId(2);
+        let page = store.inbox_since(u, 0, 3).await?;
+        let seqs: Vec<u64> = page.items.iter().map(|(s, _)| *s).collect();
+        ensure!(
+            seqs == vec![1, 2, 3] && page.max == 10,
+            "{seqs:?} {}",
+            page.max
+        );
+        ensure!(page.items[0].1.req == "m0" && page.items[2].1.req == "m2");
+        let page = store.inbox_since(u, 8, 5).await?;
+        let seqs: Vec<u64> = page.items.iter().map(|(s, _)| *s).collect();
+        ensure!(seqs == vec![9, 10] && page.max == 10);
+        for since in [10, 11, 1000, u64::MAX] {
+            let page = store.inbox_since(u, since, 5).await?;
+            ensure!(page.items.is_empty() && page.max == 10, "since {since}");
+        }
+        let page = store.inbox_since(u, 0, 0).await?;
+        ensure!(page.items.is_empty() && page.max == 10);
+        // Sync loop: pull from the highest seq held until caught up.
+        let (mut have, mut got) = (0, Vec::new());
+        loop {
+            let page = store.inbox_since(u, have, 4).await?;
+            let Some(&(last, _)) = page.items.last() else {
+                break;
+            };
+            got.extend(page.items.into_iter().map(|(s, _)| s));
+            have = last;
+        }
+        ensure!(got == (1..=10).collect::<Vec<_>>());
+
+        let page = store.inbox_since(UserId(77), 0, 10).await?;
+        ensure!(page.items.is_empty() && page.max == 0);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn write_fan_out_to_500_members_and_users_without_a_seq_row() {
+    each_backend(|Ctx { store, url }| async move {
+        add_users(&store, 10_000..10_500, "bigcorp").await?;
+        // A user written by another tool has no user_seq row yet.
+        raw_execute(
+            &url,
+            "INSERT INTO users (id, name, org, created_at) VALUES (-5, 'raw', 'bigcorp', 0)",
+        )
+        .await?;
+        let mut members: Vec<UserId> = (10_000..10_499).map(UserId).collect();
+        members.push(UserId(u64::MAX - 4));
+        let g = store.create_group("all", &members).await?;
+        let started = std::time::Instant::now();
+        let d = store
+            .store_message(&msg(10_007, "x", Target::Group(g), "{}"), 500)
+            .await?;
+        let took = started.elapsed();
+        ensure!(
+            d.inbox.len() == 500 && d.inbox.iter().all(|&(_, s)| s == 1),
+            "{:?}",
+            &d.inbox[..3]
+        );
+        ensure!(d.inbox.windows(2).all(|w| w[0].0 < w[1].0));
+        ensure!(d.inbox.last() == Some(&(UserId(u64::MAX - 4), 1)));
+        let d = store
+            .store_message(&msg(10_008, "y", Target::Group(g), "{}"), 500)
+            .await?;
+        ensure!(d.inbox.iter().all(|&(_, s)| s == 2) && d.sender_seq == Some(2));
+        ensure!(store.inbox_max(UserId(u64::MAX - 4)).await? == 2);
+        ensure!(store.inbox_max(UserId(10_499)).await? == 0);
+        eprintln!("500-member write fan-out: {took:?}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_bad_row_is_an_error_not_a_panic() {
+    each_backend(|Ctx { store, url }| async move {
+        add_users(&store, [1], "acme").await?;
+        raw_execute(&url, "UPDATE user_seq SET last_seq = -3 WHERE user_id = 1").await?;
+        match store.inbox_max(UserId(1)).await {
+            Err(StoreError::BadRow { what }) => ensure!(what.contains("negative"), "{what}"),
+            other => bail!("expected a bad row, got {other:?}"),
+        }
+        let res = send(&store, 1, "x", to_user(1)).await;
+        ensure!(
+            matches!(
+                res.as_ref().map_err(|e| e.downcast_ref::<StoreError>()),
+                Err(Some(StoreError::BadRow { .. }))
+            ),
+            "{res:?}"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+/// (a) Eight app servers (own pools) send 50 messages each, from eight
+/// senders, into one inbox: exactly 1..=400, each sender in send order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_senders_into_one_inbox_from_separate_pools() {
+    each_backend(|Ctx { store, url }| async move {
+        const TASKS: u64 = 8;
+        const EACH: u64 = 50;
+        add_users(&store, [1], "acme").await?;
+        add_users(&store, 101..101 + TASKS, "acme").await?;
+        let started = std::time::Instant::now();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let store = store_at(&url).await?;
+                    let sender = 101 + t;
+                    for k in 0..EACH {
+                        let d = send(&store, sender, &format!("{k}"), to_user(1)).await?;
+                        ensure!(d.sender_seq == Some(k + 1), "sender {sender}: {d:?}");
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        eprintln!(
+            "{} messages from {TASKS} pools: {:?}",
+            TASKS * EACH,
+            started.elapsed()
+        );
+        let inbox = whole_inbox(&store, 1).await?;
+        ensure!(inbox.len() == (TASKS * EACH) as usize);
+        let mut ids: Vec<u64> = inbox.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ensure!(ids.len() == inbox.len(), "a message appears twice");
+        let mut per_sender: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for m in &inbox {
+            per_sender
+                .entry(m.sender.0)
+                .or_default()
+                .push(m.req.parse()?);
+        }
+        ensure!(per_sender.len() == TASKS as usize);
+        for (sender, reqs) in per_sender {
+            ensure!(
+                reqs == (0..EACH).collect::<Vec<_>>(),
+                "sender {sender}: {reqs:?}"
+            );
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// (b) Four senders on separate pools, 25 messages each, into one small
+/// group of six: every member sees the same order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_group_senders_give_every_member_the_same_order() {
+    each_backend(|Ctx { store, url }| async move {
+        add_users(&store, 1..=6, "acme").await?;
+        let members: Vec<UserId> = (1..=6).map(UserId).collect();
+        let g = store.create_group("six", &members).await?;
+        // Some 1:1 traffic interleaves with the group's in the inboxes.
+        send(&store, 5, "before", to_user(6)).await?;
+        let tasks: Vec<_> = (1..=4u64)
+            .map(|sender| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let store = store_at(&url).await?;
+                    for k in 0..25 {
+                        send(&store, sender, &format!("g{k}"), Target::Group(g)).await?;
+                        if k % 5 == 0 {
+                            send(&store, sender, &format!("p{k}"), to_user(5 + sender % 2)).await?;
+                        }
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        let mut orders = HashMap::new();
+        for u in 1..=6 {
+            let order: Vec<u64> = whole_inbox(&store, u)
+                .await?
+                .into_iter()
+                .filter(|m| m.target == Target::Group(g))
+                .map(|m| m.id)
+                .collect();
+            ensure!(
+                order.len() == 100,
+                "user {u}: {} group messages",
+                order.len()
+            );
+            orders.insert(u, order);
+        }
+        for u in 2..=6 {
+            ensure!(
+                orders[&u] == orders[&1],
+                "user {u} sees another order than user 1"
+            );
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// (c) Four tasks race the same (sender, req): one stores, all agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_resends_store_once() {
+    each_backend(|Ctx { store, url }| async move {
+        add_users(&store, [1, 2, 3], "acme").await?;
+        let g = store
+            .create_group("g", &[UserId(1), UserId(2), UserId(3)])
+            .await?;
+        let stores = {
+            let mut v = Vec::new();
+            for _ in 0..4 {
+                v.push(store_at(&url).await?);
+            }
+            v
+        };
+        for round in 0..6u64 {
+            let target = if round % 2 == 0 {
+                to_user(2)
+            } else {
+                Target::Group(g)
+            };
+            let req = format!("race-{round}");
+            let tasks: Vec<_> = stores
+                .iter()
+                .cloned()
+                .map(|s| {
+                    let req = req.clone();
+                    tokio::spawn(async move { send(&s, 1, &req, target).await })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for task in tasks {
+                out.push(task.await??);
+            }
+            let fresh = out.iter().filter(|d| !d.duplicate).count();
+            ensure!(fresh == 1, "round {round}: {fresh} stored");
+            let first = Delivery {
+                duplicate: false,
+                ..out[0].clone()
+            };
+            for d in &out {
+                let d = Delivery {
+                    duplicate: false,
+                    ..d.clone()
+                };
+                ensure!(d == first, "round {round}: {d:?} vs {first:?}");
+            }
+        }
+        // Three 1:1 and three group messages, each stored once.
+        ensure!(whole_inbox(&store, 1).await?.len() == 6);
+        ensure!(whole_inbox(&store, 2).await?.len() == 6);
+        ensure!(whole_inbox(&store, 3).await?.len() == 3);
+        Ok(())
+    })
+    .await;
+}

@@ -1,0 +1,309 @@
+//! Chat end to end in one process: three app servers and an exchange over
+//! real QUIC + mTLS, real WebSocket clients, the registry and message store
+//! on MariaDB in CI (issue 3 tests 1, 4 and 5).
+
+use iim::store::{Store, User};
+use iim::types::UserId;
+use iim_tests::client::{ChatClient, Device};
+use iim_tests::{
+    TestCa, TestDb, appserver_config, exchange_config, spawn_appserver, spawn_exchange, token,
+    wait_linked,
+};
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+async fn directory(db: &TestDb, users: &[u64]) -> Store {
+    let reg = iim::registry::Registry::connect(db.url()).await.unwrap();
+    let store = Store::new(&reg);
+    for u in users {
+        store
+            .add_user(&User {
+                id: UserId(*u),
+                name: format!("user{u}"),
+                org: "acme".into(),
+            })
+            .await
+            .unwrap();
+    }
+    store
+}
+
+fn no_repeats(ids: &[u64]) -> bool {
+    ids.iter().collect::<BTreeSet<_>>().len() == ids.len()
+}
+
+/// Issue test 1: users on three servers chat 1:1, in a small group (write
+/// fan-out) and a large group (read fan-out), concurrently. Every device
+/// receives every message meant for it exactly once, live; its inbox is
+/// gap-free; both devices of one user hold the same inbox; all members see
+/// each group's messages in the same order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_servers_one_to_one_small_and_large_groups() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let store = directory(&db, &[11, 21, 31]).await;
+    let small = store
+        .create_group("pair", &[UserId(11), UserId(21)])
+        .await
+        .unwrap();
+    let large = store
+        .create_group("all", &[UserId(11), UserId(21), UserId(31)])
+        .await
+        .unwrap();
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let mut servers = Vec::new();
+    for id in 1..=3 {
+        let mut cfg = appserver_config(db.url(), id, ex.addr);
+        cfg.chat.large_group_threshold = 2;
+        servers.push(spawn_appserver(&ca, cfg, vec![]).await);
+    }
+    for s in &servers {
+        wait_linked(s).await;
+    }
+    let at = |i: usize| servers[i].client_addr.unwrap();
+    let d11 = Device::new(
+        ChatClient::connect(at(0), &token(11), "phone")
+            .await
+            .unwrap(),
+    );
+    let d21a = Device::new(
+        ChatClient::connect(at(1), &token(21), "phone")
+            .await
+            .unwrap(),
+    );
+    let d21b = Device::new(
+        ChatClient::connect(at(2), &token(21), "laptop")
+            .await
+            .unwrap(),
+    );
+    let d31 = Device::new(
+        ChatClient::connect(at(2), &token(31), "phone")
+            .await
+            .unwrap(),
+    );
+
+    // (device, [(ope, to)]) — each device sends its list in order while the
+    // others send theirs.
+    let plan: Vec<(Device, Vec<(u8, u64)>)> = vec![
+        (d11, [(0, 21), (1, small), (1, large)].repeat(4)),
+        (d21a, [(0, 11)].repeat(5)),
+        (d21b, [(1, small), (1, large)].repeat(3)),
+        (d31, [(0, 11), (1, large)].repeat(3)),
+    ];
+    let mut tasks = Vec::new();
+    for (mut dev, sends) in plan {
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            // `req` is unique per user across its devices.
+            let tag = dev.client.welcome["device"].as_str().unwrap().to_string();
+            for (i, (ope, to)) in sends.into_iter().enumerate() {
+                let req = format!("{tag}-{i}");
+                let a = dev
+                    .client
+                    .send(&req, ope, to, &format!("{} #{i}", dev.client.user))
+                    .await
+                    .unwrap();
+                assert_eq!(a["op"], "ack", "{a}");
+                acked.push(a["id"].as_u64().unwrap());
+            }
+            (dev, acked)
+        }));
+    }
+    let mut devices = Vec::new();
+    for t in tasks {
+        devices.push(t.await.unwrap());
+    }
+    // Expected pushes per device: what others sent it (any channel of its
+    // user other than itself), inbox and large-group alike.
+    // 11: 5 from 21a, 3 from 31, 3 small + 3 large from 21b, 3 large from 31.
+    // 21 (each device): 4 from 11 (1:1), 4 small + 4 large from 11, 3 large
+    //   from 31, plus what the *other* device of 21 sent.
+    // 31: 4 large from 11, 3 large from 21b.
+    let expected_pushes = [17usize, 12 + 3 + 6, 12 + 3 + 5, 7];
+    for ((dev, _), n) in devices.iter_mut().zip(expected_pushes) {
+        dev.await_pushes(n, Duration::from_secs(20)).await;
+        assert_eq!(dev.pushed.len(), n, "user {} pushes", dev.client.user);
+        assert!(
+            no_repeats(&dev.pushed),
+            "no message pushed twice: user {} {:?}",
+            dev.client.user,
+            dev.pushed
+        );
+    }
+    for (dev, _) in devices.iter_mut() {
+        dev.sync().await.unwrap();
+        let seqs: Vec<u64> = dev.inbox.keys().copied().collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "gap-free inbox"
+        );
+        assert!(no_repeats(&dev.ids()), "each message once");
+    }
+    // Inbox sizes: 11 holds 4+4 (own 1:1 and small) + 5 + 3 + 3 = 19,
+    // 21 holds 4 + 4 + 5 + 3 = 16, 31 holds its 3 own 1:1 messages.
+    let sizes: Vec<usize> = devices.iter().map(|(d, _)| d.inbox.len()).collect();
+    assert_eq!(sizes, vec![19, 16, 16, 3]);
+    assert_eq!(
+        devices[1].0.ids(),
+        devices[2].0.ids(),
+        "both devices of 21 agree"
+    );
+    // The small group's order is the same for its two members.
+    let small_of = |d: &Device| -> Vec<u64> {
+        d.inbox
+            .values()
+            .filter(|m| m["ope"] == 1 && m["to"] == json!(small))
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(small_of(&devices[0].0).len(), 7);
+    assert_eq!(small_of(&devices[0].0), small_of(&devices[1].0));
+    // The large group's timeline is the same for everyone, gap-free.
+    let mut timelines = Vec::new();
+    for (dev, _) in devices.iter_mut() {
+        let t = dev.client.sync_all(Some(large), 0).await.unwrap();
+        let gseqs: Vec<u64> = t.iter().map(|m| m["gseq"].as_u64().unwrap()).collect();
+        assert_eq!(gseqs, (1..=10).collect::<Vec<_>>());
+        timelines.push(
+            t.iter()
+                .map(|m| m["id"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert!(timelines.windows(2).all(|w| w[0] == w[1]));
+    db.cleanup().await;
+}
+
+/// Issue test 4: two devices of one user, one offline during a burst: after
+/// sync both hold the identical sequence of messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_offline_during_a_burst_catches_up_identically() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    directory(&db, &[11, 21]).await;
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
+    let s2 = spawn_appserver(&ca, appserver_config(db.url(), 2, ex.addr), vec![]).await;
+    wait_linked(&s1).await;
+    wait_linked(&s2).await;
+    let mut sender = ChatClient::connect(s1.client_addr.unwrap(), &token(11), "phone")
+        .await
+        .unwrap();
+    let mut online = Device::new(
+        ChatClient::connect(s2.client_addr.unwrap(), &token(21), "phone")
+            .await
+            .unwrap(),
+    );
+    for i in 0..120 {
+        let a = sender
+            .send(&format!("m{i}"), 0, 21, &i.to_string())
+            .await
+            .unwrap();
+        assert_eq!(a["op"], "ack");
+        assert_eq!(a["seq"], json!(i + 1), "the sender's own inbox sequence");
+    }
+    online.await_inbox(120, Duration::from_secs(20)).await;
+    assert_eq!(online.pushed.len(), 120, "live pushes");
+    let mut later = Device::new(
+        ChatClient::connect(s1.client_addr.unwrap(), &token(21), "tablet")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(later.client.welcome["inbox_max"], json!(120));
+    later.sync().await.unwrap();
+    online.sync().await.unwrap();
+    assert_eq!(later.inbox.len(), 120);
+    assert_eq!(later.ids(), online.ids());
+    let texts: Vec<String> = later
+        .inbox
+        .values()
+        .map(|m| m["body"]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        texts,
+        (0..120).map(|i| i.to_string()).collect::<Vec<_>>(),
+        "sender order"
+    );
+    db.cleanup().await;
+}
+
+/// Issue test 5: bad input gets a clear error and nothing else is affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_client_input_gets_clear_errors_and_harms_no_one() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    directory(&db, &[11, 21]).await;
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
+    let s2 = spawn_appserver(&ca, appserver_config(db.url(), 2, ex.addr), vec![]).await;
+    wait_linked(&s1).await;
+    wait_linked(&s2).await;
+    let a1 = s1.client_addr.unwrap();
+    let mut alice = ChatClient::connect(a1, &token(11), "phone").await.unwrap();
+    let mut bob = Device::new(
+        ChatClient::connect(s2.client_addr.unwrap(), &token(21), "phone")
+            .await
+            .unwrap(),
+    );
+
+    // Unauthenticated: an error, then the connection is closed.
+    let mut anon = ChatClient::raw(a1).await.unwrap();
+    anon.send_json(
+        &json!({"op": "send", "req": "x", "ope": 0, "to": 21, "type": "text", "body": {}}),
+    )
+    .await
+    .unwrap();
+    let e = anon
+        .next_frame(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (e["op"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("auth_required"))
+    );
+    assert!(
+        anon.next_frame(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_none(),
+        "closed"
+    );
+    // A bad token.
+    assert!(ChatClient::connect(a1, "not-a-token", "x").await.is_err());
+
+    let mut mallory = ChatClient::connect(a1, &token(11), "laptop").await.unwrap();
+    let cases = [
+        (json!({"op": "send", "req": "f", "ope": 0, "to": 21, "from": 21, "type": "text", "body": {}}).to_string(), "forged_from"),
+        (json!({"op": "send", "req": "big", "ope": 0, "to": 21, "type": "text", "body": {"t": "x".repeat(70_000)}}).to_string(), "too_large"),
+        ("{not json".to_string(), "invalid_json"),
+        (json!({"op": "sync", "since": -1}).to_string(), "bad_request"),
+        (json!({"op": "sync", "since": 1_000_000_000u64}).to_string(), "bad_request"),
+        (json!({"op": "send", "req": "g", "ope": 1, "to": 999, "type": "text", "body": {}}).to_string(), "unknown_group"),
+        (json!({"op": "send", "req": "u", "ope": 0, "to": 999, "type": "text", "body": {}}).to_string(), "unknown_user"),
+        (json!({"op": "fly"}).to_string(), "unknown_op"),
+    ];
+    for (frame, code) in cases {
+        mallory.send_text_frame(&frame).await.unwrap();
+        let e = mallory.answer().await.unwrap();
+        assert_eq!(e["op"], "error", "{frame:.60}");
+        assert_eq!(e["code"], code, "{e}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // Mallory's connection still works, and so does everyone else's.
+    let a = mallory.send("ok", 0, 21, "still here").await.unwrap();
+    assert_eq!(a["op"], "ack");
+    let a = alice.send("a1", 0, 21, "hello bob").await.unwrap();
+    assert_eq!(a["op"], "ack");
+    bob.await_inbox(2, Duration::from_secs(20)).await;
+    assert_eq!(bob.inbox.len(), 2);
+    let texts: Vec<&str> = bob
+        .inbox
+        .values()
+        .map(|m| m["body"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, vec!["still here", "hello bob"]);
+    db.cleanup().await;
+}
