@@ -380,7 +380,11 @@ async fn push_loop(
         // repaired by the recipient's next sync.
         match iim.submit(out, &sessions).await {
             Ok(_) => metrics.pushes.inc(),
-            Err(_) => return,
+            Err(iim::SendError::ShuttingDown) => return,
+            Err(e @ iim::SendError::TooLarge { .. }) => {
+                warn!(error = %e, id = d.message.id, "push too large for the relay; recipients will sync");
+                metrics.pushes_dropped.inc();
+            }
         }
     }
 }
