@@ -160,7 +160,7 @@ impl ClientLimits {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChatConfig {
-    /// Groups with at least this many members are read from a shared
+    /// Groups with more than this many members are read from a shared
     /// timeline (read fan-out) instead of being copied to every member's
     /// inbox.
     pub large_group_threshold: usize,

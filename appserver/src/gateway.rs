@@ -408,6 +408,12 @@ impl<C: ChatApi> Conn<C> {
                     return end;
                 }
             }
+            Err(e @ ChatError::UnknownUser(_)) => {
+                self.st.metrics.auth_failures.inc("unknown_user");
+                info!(error = %e, "token for a user the directory does not know");
+                let _ = self.write_error(e.code(), None, &e.to_string()).await;
+                return End::Close(close_code::POLICY, "unknown user");
+            }
             Err(e) => {
                 warn!(error = %e, "welcome failed; closing the client");
                 let _ = self.write_error(e.code(), None, &e.to_string()).await;

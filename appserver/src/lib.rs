@@ -351,12 +351,23 @@ async fn demo_sink(mut a: Attached, stop: CancellationToken) {
                 None => return,
             },
         };
-        info!(
-            id = %msg.id,
-            from = %msg.source,
-            target = %msg.target,
-            text = %String::from_utf8_lossy(&msg.body),
-            "received"
-        );
+        match chat::push_for(a.session.user, &msg) {
+            Some(m) => info!(
+                id = m.id,
+                seq = ?m.seq,
+                from = m.from,
+                to = m.to,
+                body = %m.body.get(),
+                "received chat message"
+            ),
+            None if msg.kind == chat::KIND_CHAT => {}
+            None => info!(
+                id = %msg.id,
+                from = %msg.source,
+                target = %msg.target,
+                text = %String::from_utf8_lossy(&msg.body),
+                "received"
+            ),
+        }
     }
 }

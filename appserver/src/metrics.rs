@@ -7,8 +7,14 @@ use iim::wire::DeliveryStatus;
 pub const REJECT_REASONS: &[&str] = &["malformed_message", "forged_id", "protocol"];
 
 /// Why a WebSocket client failed to authenticate.
-pub const AUTH_FAILURE_REASONS: &[&str] =
-    &["invalid", "expired", "missing", "not_first", "timeout"];
+pub const AUTH_FAILURE_REASONS: &[&str] = &[
+    "invalid",
+    "expired",
+    "missing",
+    "not_first",
+    "timeout",
+    "unknown_user",
+];
 
 /// The `code`s of error frames sent to clients (docs/client-protocol.md).
 pub const CLIENT_ERROR_CODES: &[&str] = &[

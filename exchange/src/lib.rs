@@ -85,6 +85,16 @@ pub async fn start(
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = endpoint.local_addr()?;
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+    // Everything is bound before the registry hears of this exchange, so a
+    // failed start never leaves an "up" row that nobody answers behind.
+    let http_listener = match config.http_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} for metrics"))?,
+        ),
+        None => None,
+    };
     let epoch = registry
         .begin_epoch(id, Role::Exchange, &advertise, ServerState::Up, now_ms())
         .await?;
@@ -120,11 +130,8 @@ pub async fn start(
         };
         hub::ensure_route(&ctx, s.id, s.epoch, state);
     }
-    let http_addr = match config.http_listen {
-        Some(a) => {
-            let listener = tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("cannot listen on {a} for metrics"))?;
+    let http_addr = match http_listener {
+        Some(listener) => {
             let bound = listener.local_addr()?;
             let router = iim::telemetry::metrics_router(metrics.clone());
             let token = shutdown.clone();

@@ -271,8 +271,30 @@ async fn bad_client_input_gets_clear_errors_and_harms_no_one() {
             .is_none(),
         "closed"
     );
-    // A bad token.
+    // A bad token, and a valid token for a user the directory does not know.
     assert!(ChatClient::connect(a1, "not-a-token", "x").await.is_err());
+    let mut ghost = ChatClient::raw(a1).await.unwrap();
+    ghost
+        .send_json(&json!({"op": "auth", "token": token(999), "device": "x"}))
+        .await
+        .unwrap();
+    let e = ghost
+        .next_frame(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (e["op"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("unknown_user"))
+    );
+    assert!(
+        ghost
+            .next_frame(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_none(),
+        "closed"
+    );
 
     let mut mallory = ChatClient::connect(a1, &token(11), "laptop").await.unwrap();
     let cases = [

@@ -15,12 +15,14 @@ use std::time::Duration;
 
 const BURST: usize = 1_000;
 
+/// Fields drop in order: the processes (which print their logs if the test
+/// failed) before the directory holding those logs.
 struct Deployment {
-    dir: tempfile::TempDir,
-    db: TestDb,
     exchange: Option<Proc>,
     servers: BTreeMap<u32, Option<Proc>>,
     ws: BTreeMap<u32, SocketAddr>,
+    db: TestDb,
+    dir: tempfile::TempDir,
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -54,7 +56,7 @@ impl Deployment {
         std::fs::write(
             d.join("exchange.toml"),
             format!(
-                "id = 100\nlisten = \"{quic}\"\ndatabase = \"{db}\"\nlease_secs = 3\nshutdown_grace_secs = 2\n\
+                "id = 100\nlisten = \"{quic}\"\nhttp_listen = \"127.0.0.1:0\"\ndatabase = \"{db}\"\nlease_secs = 3\nshutdown_grace_secs = 2\n\
                  [quic]\nkeep_alive_ms = 200\nidle_timeout_ms = 1000\n\
                  [tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/exchange-100.pem\"\nkey = \"{p}/exchange-100.key\"\n",
                 db = db.url(),
@@ -96,7 +98,31 @@ impl Deployment {
         for id in 1..=3 {
             dep.wait_ws(id).await;
         }
+        dep.wait_linked(&reg).await;
         dep
+    }
+
+    /// Wait until the registry shows every app server up (linked to the
+    /// exchange), so pushes flow from the first message on.
+    async fn wait_linked(&self, reg: &iim::registry::Registry) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let servers = reg.servers().await.unwrap();
+            let up = servers
+                .iter()
+                .filter(|s| {
+                    s.role == iim::registry::Role::App && s.state == iim::registry::ServerState::Up
+                })
+                .count();
+            if up == 3 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "app servers never linked: {servers:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn path(&self) -> PathBuf {
@@ -223,7 +249,13 @@ async fn recipient_server_killed_mid_burst() {
         "the connection died with its server"
     );
     let held = recipient.cursor();
-    assert!(held > 0, "some messages arrived live before the kill");
+    assert!(
+        held > 0,
+        "some messages arrived live before the kill (inbox {}, pushed {}, first {:?})",
+        recipient.inbox.len(),
+        recipient.pushed.len(),
+        recipient.inbox.keys().next()
+    );
     recipient.client = dep.client(3, 21, "phone").await;
     recipient.sync().await.unwrap();
     assert_complete(&recipient);

@@ -257,6 +257,11 @@ impl Chat {
 
     /// What a freshly authenticated client is told.
     pub async fn welcome(&self, user: UserId, device: &str) -> Result<Welcome, ChatError> {
+        // A valid token for someone the directory does not know is refused:
+        // they could not send or be sent anything.
+        if self.store.user(user).await.map_err(store_error)?.is_none() {
+            return Err(ChatError::UnknownUser(user.0));
+        }
         let inbox_max = self.store.inbox_max(user).await.map_err(store_error)?;
         let large_groups = self
             .store

@@ -2,10 +2,13 @@
 //!
 //! Starts the real `iim-exchange` and three `iim-appserver` processes (the
 //! binaries built next to iimctl) on loopback, with a fresh SQLite registry
-//! and development certificates, sends one message across all three
-//! servers, stops one server, and stops everything again. The app servers
-//! find the exchange through the registry. Every child is stopped with
-//! SIGTERM (then killed after a grace period) however iimctl ends.
+//! holding the demo directory (`iimctl demo-data`) and development
+//! certificates; sends one message across all three servers, stops one
+//! server and starts it again, then runs `iimctl chat` clients (this
+//! binary) on different servers chatting one to one and in a group, and
+//! stops everything. The app servers find the exchange through the
+//! registry. Every child is stopped with SIGTERM (then killed after a grace
+//! period) however iimctl ends.
 
 use crate::view;
 use anyhow::{Context, bail};
@@ -13,7 +16,9 @@ use iim::registry::{Registry, Role, ServerState};
 use iim::types::now_ms;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::process::Child;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -24,6 +29,8 @@ const SERVERS: [(u32, &[u64]); 3] = [(1, &[1001, 1002]), (2, &[2001, 2002]), (3,
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const SEND_TIMEOUT: Duration = Duration::from_secs(40);
+/// How long the demo's chat receivers print what arrives.
+const CHAT_WAIT_SECS: u64 = 4;
 /// Environment that would change how the children start or log.
 const SCRUBBED_ENV: [&str; 5] = [
     "RUST_LOG",
@@ -117,6 +124,17 @@ async fn script(opts: &Options, bins: &Binaries, fleet: &mut Fleet) -> anyhow::R
         .await
         .with_context(|| format!("cannot create the registry {url}"))?;
     println!("  {url}");
+    println!("  $ iimctl demo-data --database {url}");
+    for line in crate::directory::load_demo_data(&url).await? {
+        println!("    {line}");
+    }
+    let team = iim::store::Store::new(&registry)
+        .groups()
+        .await?
+        .iter()
+        .find(|g| g.name == "team")
+        .map(|g| g.id)
+        .context("the demo data has no group \"team\"")?;
 
     section("3. Start the exchange, then the app servers");
     let ports = Ports::pick()?;
@@ -151,11 +169,11 @@ async fn script(opts: &Options, bins: &Binaries, fleet: &mut Fleet) -> anyhow::R
 
     let started = Instant::now();
     for (i, (id, _)) in SERVERS.iter().enumerate() {
-        let (args, pid) = spawn_app(fleet, bins, *id, ports.app_http[i], &url, &certs)?;
+        let (args, pid) = spawn_app(fleet, bins, *id, &ports, &url, &certs)?;
         println!("  $ iim-appserver {}", args.join(" "));
         println!(
-            "    pid {pid}, admin API at http://127.0.0.1:{}",
-            ports.app_http[i]
+            "    pid {pid}, admin API at http://127.0.0.1:{}, clients at ws://127.0.0.1:{}/ws",
+            ports.app_http[i], ports.client[i]
         );
     }
     println!("  (no --exchange flag: each app server looks the exchange up in the registry)");
@@ -260,11 +278,36 @@ async fn script(opts: &Options, bins: &Binaries, fleet: &mut Fleet) -> anyhow::R
         ));
     }
 
-    section("7. Done");
+    section("7. Start app server 3 again");
+    let (_, pid) = spawn_app(fleet, bins, 3, &ports, &url, &certs)?;
+    fleet
+        .wait_until("server 3 to come back", async || {
+            apps_ready(&registry, &[3], &addrs[2..3]).await
+        })
+        .await?;
+    let epoch = registry
+        .server(iim::ServerId(3))
+        .await?
+        .map_or(0, |s| s.epoch);
+    println!("  server 3 is back (pid {pid}) with a new epoch, {epoch}");
+    if epoch < 2 {
+        problems.push(format!("server 3 restarted with epoch {epoch}, expected 2"));
+    }
+
+    let chat: Vec<String> = ports
+        .client
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    chat_steps(&chat, team, &mut problems).await?;
+
+    section("10. Done");
     if opts.keep_running {
-        keep_running(fleet, bins, &url, &certs, &addrs, ports.app_http[2]).await?;
+        keep_running(fleet, &url, &addrs, &chat).await?;
     } else {
-        println!("  Run again with --keep-running to leave the servers up and try iimctl send.");
+        println!(
+            "  Run again with --keep-running to leave the servers up and chat from two terminals."
+        );
     }
 
     if problems.is_empty() {
@@ -279,32 +322,23 @@ async fn script(opts: &Options, bins: &Binaries, fleet: &mut Fleet) -> anyhow::R
     Ok(ExitCode::FAILURE)
 }
 
-/// Restarts server 3 (a new epoch), prints what to try, and waits until a
-/// server dies (an error) or iimctl is interrupted (handled by [`run`]).
+/// Prints what to try and waits until a server dies (an error) or iimctl
+/// is interrupted (handled by [`run`]).
 async fn keep_running(
     fleet: &mut Fleet,
-    bins: &Binaries,
     url: &str,
-    certs: &Path,
     addrs: &[String],
-    server3_port: u16,
+    chat: &[String],
 ) -> anyhow::Result<()> {
-    let (_, pid) = spawn_app(fleet, bins, 3, server3_port, url, certs)?;
-    let registry = Registry::connect(url).await?;
-    fleet
-        .wait_until("server 3 to come back", async || {
-            apps_ready(&registry, &[3], &addrs[2..3]).await
-        })
-        .await?;
-    let epoch = registry
-        .server(iim::ServerId(3))
-        .await?
-        .map_or(0, |s| s.epoch);
-    println!("  Server 3 is back (pid {pid}) with epoch {epoch}; everything keeps running. Try:");
-    let me = std::env::current_exe()
-        .ok()
-        .map(|p| shorten(&p))
-        .unwrap_or_else(|| "iimctl".to_owned());
+    let me = me();
+    println!("  Everything keeps running. Chat from two terminals:");
+    println!("    {me} chat --server {} --user 1001", chat[0]);
+    println!("    {me} chat --server {} --user 2001", chat[1]);
+    println!("  then type /to 2001 in the first and a line of text; /help lists the commands.");
+    if std::env::var_os("IIM_JWT_SECRET").is_some() {
+        println!("  (unset IIM_JWT_SECRET first: these servers use the development secret)");
+    }
+    println!("  Or try:");
     println!(
         "    {me} send --server-http {} --from 2001 --to 1001,3001 --text hi",
         addrs[1]
@@ -316,6 +350,195 @@ async fn keep_running(
     loop {
         fleet.check_alive()?;
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Steps 8 and 9: users chatting through `iimctl chat` processes, one to
+/// one across two servers, then in the small group "team".
+async fn chat_steps(chat: &[String], team: u64, problems: &mut Vec<String>) -> anyhow::Result<()> {
+    section("8. Chat: user 1001 on server 1 writes to user 2001 on server 2, over WebSocket");
+    println!("  A user connects to any app server's client endpoint with a token (iimctl token);");
+    println!("  a message is stored, acknowledged with its seq, then pushed through the exchange.");
+    let texts = [
+        "hi Carol, Alice here on server 1",
+        "the exchange carried this to server 2",
+    ];
+    let receiver = ChatProc::receiver(&chat[1], 2001).await?;
+    let input = format!("/to 2001\n{}\n{}\n", texts[0], texts[1]);
+    let sender = ChatProc::sender(&chat[0], 1001, &input)?;
+    let sent = sender
+        .finish("the sender, user 1001 on server 1", problems)
+        .await;
+    let acks = sent.iter().filter(|l| l.starts_with("sent, seq ")).count();
+    if acks != 2 {
+        problems.push(format!("the 1:1 sender printed {acks} acks, expected 2"));
+    }
+    let got = receiver
+        .finish("the receiver, user 2001 on server 2", problems)
+        .await;
+    for text in texts {
+        expect_line(
+            &got,
+            "user 2001",
+            "[seq ",
+            &format!("1001 → you: {text}"),
+            problems,
+        );
+    }
+
+    section(&format!(
+        "9. A group: user 3001 on server 3 writes to \"team\" (group {team}: 1001, 2001, 3001)"
+    ));
+    println!(
+        "  A small group's message gets a seq in every member's inbox; the history shows step 8."
+    );
+    let alice = ChatProc::receiver(&chat[0], 1001).await?;
+    let carol = ChatProc::receiver(&chat[1], 2001).await?;
+    let text = "hello team, Erin here on server 3";
+    let sender = ChatProc::sender(&chat[2], 3001, &format!("/group {team}\n{text}\n"))?;
+    let sent = sender
+        .finish("the sender, user 3001 on server 3", problems)
+        .await;
+    if !sent.iter().any(|l| l.starts_with("sent, seq ")) {
+        problems.push("the group sender printed no ack".to_owned());
+    }
+    let start = format!("[group {team}, seq ");
+    let end = format!("3001: {text}");
+    for (proc, user, server) in [(alice, 1001, 1), (carol, 2001, 2)] {
+        let got = proc
+            .finish(
+                &format!("the receiver, user {user} on server {server}"),
+                problems,
+            )
+            .await;
+        expect_line(&got, &format!("user {user}"), &start, &end, problems);
+    }
+    Ok(())
+}
+
+/// A live line (not history) starting with `start` and ending with `end`.
+fn expect_line(lines: &[String], who: &str, start: &str, end: &str, problems: &mut Vec<String>) {
+    if !lines
+        .iter()
+        .any(|l| l.starts_with(start) && l.ends_with(end))
+    {
+        problems.push(format!("{who} did not print a line \"{start}…] {end}\""));
+    }
+}
+
+/// An `iimctl chat` child (this binary), its output collected line by line.
+struct ChatProc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    readers: JoinSet<()>,
+}
+
+impl ChatProc {
+    /// A user that prints what it receives for [`CHAT_WAIT_SECS`]; returns
+    /// once it is connected and has printed its history.
+    async fn receiver(server: &str, user: u64) -> anyhow::Result<ChatProc> {
+        let wait = CHAT_WAIT_SECS.to_string();
+        println!("  $ iimctl chat --server {server} --user {user} --wait-secs {wait} &");
+        let mut proc = ChatProc::start(server, user, &["--wait-secs", &wait], None)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !proc.output().iter().any(|l| l.starts_with("ready")) {
+            if Instant::now() >= deadline || proc.child.try_wait()?.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(proc)
+    }
+
+    /// A user that sends `input` and exits once every send is acknowledged.
+    fn sender(server: &str, user: u64, input: &str) -> anyhow::Result<ChatProc> {
+        println!(
+            "  $ printf '{}' | iimctl chat --server {server} --user {user} --exit-after-input",
+            input.replace('\n', "\\n")
+        );
+        ChatProc::start(server, user, &["--exit-after-input"], Some(input))
+    }
+
+    fn start(
+        server: &str,
+        user: u64,
+        args: &[&str],
+        input: Option<&str>,
+    ) -> anyhow::Result<ChatProc> {
+        let me = std::env::current_exe().context("cannot locate the iimctl binary")?;
+        let mut cmd = tokio::process::Command::new(me);
+        cmd.args(["chat", "--server", server, "--user", &user.to_string()])
+            .args(args)
+            .env_remove("IIM_JWT_SECRET")
+            .env_remove("RUST_LOG")
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("cannot start iimctl chat")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = JoinSet::new();
+        if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
+            let input = input.to_owned();
+            readers.spawn(async move {
+                let _ = stdin.write_all(input.as_bytes()).await;
+            });
+        }
+        if let Some(out) = child.stdout.take() {
+            readers.spawn(collect_lines(out, lines.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.spawn(collect_lines(err, lines.clone()));
+        }
+        Ok(ChatProc {
+            child,
+            lines,
+            readers,
+        })
+    }
+
+    fn output(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits for it to exit, prints its output under `title`, and returns
+    /// the output.
+    async fn finish(mut self, title: &str, problems: &mut Vec<String>) -> Vec<String> {
+        let limit = Duration::from_secs(CHAT_WAIT_SECS + 20);
+        let failed = match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(Ok(status)) if status.success() => None,
+            Ok(Ok(status)) => Some(status.to_string()),
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                Some(format!("still running after {} s, killed", limit.as_secs()))
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.readers.join_next().await.is_some() {}
+        })
+        .await;
+        let lines = self.output();
+        println!("  {title}:");
+        for line in &lines {
+            println!("    {line}");
+        }
+        if let Some(how) = failed {
+            problems.push(format!("iimctl chat for {title} ended with {how}"));
+        }
+        lines
+    }
+}
+
+/// Appends each line `stream` yields to `lines`.
+async fn collect_lines(stream: impl tokio::io::AsyncRead + Unpin, lines: Arc<Mutex<Vec<String>>>) {
+    let mut reader = tokio::io::BufReader::new(stream).lines();
+    while let Ok(Some(line)) = reader.next_line().await {
+        lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
     }
 }
 
@@ -332,10 +555,14 @@ fn spawn_app(
     fleet: &mut Fleet,
     bins: &Binaries,
     id: u32,
-    http_port: u16,
+    ports: &Ports,
     url: &str,
     certs: &Path,
 ) -> anyhow::Result<(Vec<String>, u32)> {
+    let i = SERVERS
+        .iter()
+        .position(|(s, _)| *s == id)
+        .context("not a demo server")?;
     let users = SERVERS
         .iter()
         .find(|(s, _)| *s == id)
@@ -345,9 +572,9 @@ fn spawn_app(
     args.extend(common_args(url, certs));
     args.extend([
         "--http-listen".to_owned(),
-        format!("127.0.0.1:{http_port}"),
+        format!("127.0.0.1:{}", ports.app_http[i]),
         "--client-listen".to_owned(),
-        "127.0.0.1:0".to_owned(),
+        format!("127.0.0.1:{}", ports.client[i]),
         "--demo-users".to_owned(),
         users,
     ]);
@@ -458,6 +685,14 @@ fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
 }
 
+/// How to run this binary, from the current directory.
+fn me() -> String {
+    std::env::current_exe()
+        .ok()
+        .map(|p| shorten(&p))
+        .unwrap_or_else(|| "iimctl".to_owned())
+}
+
 /// A path relative to the current directory when it is below it.
 fn shorten(path: &Path) -> String {
     std::env::current_dir()
@@ -503,13 +738,15 @@ struct Ports {
     quic: u16,
     exchange_http: u16,
     app_http: [u16; 3],
+    /// The app servers' client (WebSocket) endpoints.
+    client: [u16; 3],
 }
 
 impl Ports {
     fn pick() -> anyhow::Result<Ports> {
         // Hold every socket until all are picked so no port comes up twice.
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").context("no free UDP port")?;
-        let tcp = (0..4)
+        let tcp = (0..7)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
             .collect::<Result<Vec<_>, _>>()
             .context("no free TCP port")?;
@@ -518,6 +755,7 @@ impl Ports {
             quic: udp.local_addr()?.port(),
             exchange_http: port(&tcp[0])?,
             app_http: [port(&tcp[1])?, port(&tcp[2])?, port(&tcp[3])?],
+            client: [port(&tcp[4])?, port(&tcp[5])?, port(&tcp[6])?],
         })
     }
 }

@@ -250,7 +250,20 @@ pub(crate) async fn groups(a: GroupsArgs) -> anyhow::Result<()> {
 
 /// Loads the demo directory; running it again changes nothing.
 pub(crate) async fn demo_data(a: DemoDataArgs) -> anyhow::Result<()> {
-    let store = open_for_writing(&a.db).await?;
+    for line in load_demo_data(&a.db.database).await? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Loads the demo directory into the database at `url` (as `iimctl
+/// demo-data`); returns what it did, one line each.
+pub(crate) async fn load_demo_data(url: &str) -> anyhow::Result<Vec<String>> {
+    let store = open_for_writing(&DatabaseArg {
+        database: url.to_owned(),
+    })
+    .await?;
+    let mut out = Vec::new();
     let mut users: Vec<User> = DEMO_USERS
         .iter()
         .map(|&(id, name, org)| User {
@@ -269,12 +282,12 @@ pub(crate) async fn demo_data(a: DemoDataArgs) -> anyhow::Result<()> {
         .iter()
         .map(|(id, name, org)| format!("{id} {name} ({org})"))
         .collect();
-    println!("users: {}", named.join(", "));
-    println!(
+    out.push(format!("users: {}", named.join(", ")));
+    out.push(format!(
         "users: {}..{} generated as user<id> (bigcorp)",
         DEMO_GENERATED.start,
         DEMO_GENERATED.end - 1
-    );
+    ));
 
     for (a, b) in DEMO_FRIENDS {
         store
@@ -286,7 +299,7 @@ pub(crate) async fn demo_data(a: DemoDataArgs) -> anyhow::Result<()> {
         .iter()
         .map(|(a, b)| format!("{a}–{b}"))
         .collect();
-    println!("friendships: {}", pairs.join(", "));
+    out.push(format!("friendships: {}", pairs.join(", ")));
 
     let team: Vec<UserId> = DEMO_TEAM.iter().map(|&u| UserId(u)).collect();
     let mut town_hall = team.clone();
@@ -294,19 +307,22 @@ pub(crate) async fn demo_data(a: DemoDataArgs) -> anyhow::Result<()> {
     let existing = store.groups().await.context("cannot list groups")?;
     for (name, members) in [("team", team), ("town-hall", town_hall)] {
         if let Some(g) = existing.iter().find(|g| g.name == name) {
-            println!(
+            out.push(format!(
                 "group {name}: exists already (id {}, {} members), left as it is",
                 g.id, g.members
-            );
+            ));
             continue;
         }
         let id = store
             .create_group(name, &members)
             .await
             .with_context(|| format!("cannot create group {name}"))?;
-        println!("group {name}: created, id {id}, {} members", members.len());
+        out.push(format!(
+            "group {name}: created, id {id}, {} members",
+            members.len()
+        ));
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Connects as the daemons do: migrations run, a missing SQLite file is

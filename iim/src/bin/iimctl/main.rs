@@ -5,6 +5,7 @@
 //! API, and runs the local demo. It never talks QUIC and never changes a
 //! registry row: the daemons own them.
 
+mod chat;
 mod demo;
 mod directory;
 mod http;
@@ -48,9 +49,11 @@ enum Command {
     Send(SendArgs),
     /// Run the local demo: an exchange and three app servers on this machine.
     ///
-    /// Uses the binaries built next to iimctl, a fresh SQLite registry and
-    /// generated development certificates; sends a message across the three
-    /// servers, stops one, then stops everything (unless --keep-running).
+    /// Uses the binaries built next to iimctl, a fresh SQLite registry with
+    /// the demo directory and generated development certificates; sends a
+    /// message across the three servers, stops and restarts one, shows users
+    /// on different servers chatting with `iimctl chat`, then stops
+    /// everything (unless --keep-running).
     Demo(DemoArgs),
     /// Manage the user directory: add and list users.
     Users(directory::UsersArgs),
@@ -61,6 +64,13 @@ enum Command {
     /// Load the demo directory (users, friendships, a small and a large
     /// group); idempotent.
     DemoData(directory::DemoDataArgs),
+    /// Chat from the terminal as a user: connect to an app server's client
+    /// endpoint, print history and incoming messages, send what you type.
+    ///
+    /// `/to USER` or `/group GROUP` picks who you talk to; a plain line sends
+    /// it; `/sync` fetches what you missed; `/quit` or the end of input
+    /// leaves. Reconnects by itself and resends what was not acknowledged.
+    Chat(chat::ChatArgs),
     /// Print a client token (HS256 JWT) for a user, to authenticate a
     /// WebSocket client against an app server's gateway.
     Token {
@@ -157,8 +167,8 @@ struct DemoArgs {
     /// Working directory: certs/, registry.db and logs/ go here.
     #[arg(long, default_value = ".local/demo")]
     dir: PathBuf,
-    /// Leave the servers running at the end (until Ctrl-C) to try
-    /// `iimctl send` against them.
+    /// Leave the servers running at the end (until Ctrl-C) to chat from two
+    /// terminals with `iimctl chat`, or try `iimctl send`.
     #[arg(long)]
     keep_running: bool,
 }
@@ -191,6 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Servers(a) => servers(a).await.map(|()| ExitCode::SUCCESS),
         Command::Sessions(a) => sessions(a).await.map(|()| ExitCode::SUCCESS),
         Command::Send(a) => send(a).await,
+        Command::Chat(a) => chat::run(a).await,
         Command::Token {
             user,
             secret,
