@@ -52,6 +52,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: ClientLimits,
     pub chat: ChatConfig,
+    pub presence: crate::presence::PresenceConfig,
 }
 
 /// How clients prove who they are.
@@ -201,6 +202,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: ClientLimits::default(),
             chat: ChatConfig::default(),
+            presence: Default::default(),
         }
     }
 }
@@ -242,6 +244,7 @@ impl Config {
         if self.chat.large_group_threshold < 2 {
             return Err("chat.large_group_threshold must be >= 2".into());
         }
+        self.presence.validate()?;
         self.quic.validate()
     }
 

@@ -158,14 +158,27 @@ impl Connections {
     }
 }
 
-/// The in-process delivery path: plugins first, then connections.
+/// The in-process delivery path: presence hints to the presence service
+/// (never straight to clients: they are verified first), everything else to
+/// the plugins, then to the listed connections.
 pub struct Host {
     pub connections: Arc<Connections>,
     pub plugins: Vec<Arc<dyn Plugin>>,
+    /// Set once the presence service has started.
+    pub presence: std::sync::OnceLock<Arc<crate::presence::Presence>>,
 }
 
 impl LocalDelivery for Host {
     fn deliver(&self, msg: &Arc<Message>, rows: &[UserRow]) -> LocalReport {
+        if msg.kind == crate::presence::KIND_PRESENCE {
+            if let Some(p) = self.presence.get() {
+                p.hint(msg.id.origin, msg);
+            }
+            return LocalReport {
+                delivered: rows.len(),
+                missing: 0,
+            };
+        }
         for p in &self.plugins {
             p.on_message(msg, rows);
         }

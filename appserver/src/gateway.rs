@@ -18,6 +18,7 @@ use crate::chat::{Chat, ChatError, SendAck, SendRequest, SyncPage, SyncRequest, 
 use crate::config::ClientLimits;
 use crate::connections::Connections;
 use crate::metrics::AppMetrics;
+use crate::presence::Presence;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::connect_info::ConnectInfo;
@@ -26,8 +27,8 @@ use axum::http::Extensions;
 use axum::response::Response;
 use axum::routing::get;
 use frames::{
-    Fields, Hello, Refusal, bad, chat_refusal, error_frame, parse_hello, parse_send, parse_sync,
-    peek_req, render_push, tagged,
+    Fields, Hello, Refusal, bad, chat_refusal, error_frame, parse_hello, parse_send, parse_status,
+    parse_subscribe, parse_sync, peek_req, presence_frame, render_push, tagged,
 };
 use futures_util::SinkExt as _;
 use iim::token::{TokenError, TokenVerifier};
@@ -112,6 +113,8 @@ pub struct GatewayState<C: ChatApi> {
     pub chat: Arc<C>,
     pub connections: Arc<Connections>,
     pub verifier: Arc<dyn TokenVerifier>,
+    /// Presence (absent in gateway-only tests).
+    pub presence: Option<Arc<Presence>>,
     pub metrics: Arc<AppMetrics>,
     pub limits: ClientLimits,
     /// Cancelled when the server stops: connections close with 1001.
@@ -127,6 +130,7 @@ impl<C: ChatApi> Clone for GatewayState<C> {
             chat: self.chat.clone(),
             connections: self.connections.clone(),
             verifier: self.verifier.clone(),
+            presence: self.presence.clone(),
             metrics: self.metrics.clone(),
             limits: self.limits.clone(),
             stop: self.stop.clone(),
@@ -312,6 +316,11 @@ impl<C: ChatApi> Conn<C> {
         if let Err(e) = self.st.connections.detach(channel).await {
             warn!(error = %e, "could not remove the session");
         }
+        // After the session is gone, so the user's presence is recomputed
+        // without it.
+        if let Some(p) = &self.st.presence {
+            p.disconnected(user, channel).await;
+        }
         end
     }
 
@@ -402,9 +411,26 @@ impl<C: ChatApi> Conn<C> {
     ) -> End {
         // Attached before the welcome: anything stored after the welcome's
         // `inbox_max` is pushed, anything before it is synced.
+        // This user is online (in the database) before it is welcomed; its
+        // contacts' presence follows the welcome.
+        let contacts = match self.st.presence.clone() {
+            Some(p) => match p.connected(user, channel).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    warn!(error = %e, "presence snapshot unavailable; repair will deliver it");
+                    None
+                }
+            },
+            None => None,
+        };
         match self.st.chat.welcome(user, device).await {
             Ok(w) => {
                 if let Err(end) = self.write_text(tagged("welcome", &w)).await {
+                    return end;
+                }
+                if let Some(c) = contacts
+                    && let Err(end) = self.write_text(presence_frame(&c)).await
+                {
                     return end;
                 }
             }
@@ -572,7 +598,7 @@ impl<C: ChatApi> Conn<C> {
         let fail = |r: Refusal| (req.clone(), r);
         let op: String = f.req("op", "a string").map_err(fail)?;
         let metric = match op.as_str() {
-            "auth" | "send" | "sync" | "ping" => op.as_str(),
+            "auth" | "send" | "sync" | "ping" | "set_status" | "presence_subscribe" => op.as_str(),
             _ => "other",
         };
         self.st.metrics.client_ops.inc(metric);
@@ -599,6 +625,38 @@ impl<C: ChatApi> Conn<C> {
                 Ok(tagged("sync", &page))
             }
             "ping" => Ok(r#"{"op":"pong"}"#.to_string()),
+            "set_status" | "presence_subscribe" => {
+                let Some(p) = self.st.presence.clone() else {
+                    return Err(fail(Refusal {
+                        code: code::UNAVAILABLE,
+                        message: "presence is not enabled on this server".into(),
+                    }));
+                };
+                if op == "set_status" {
+                    let (status, text) = parse_status(&f).map_err(fail)?;
+                    p.set_status(channel, status, &text).await.map_err(|e| {
+                        warn!(error = %e, "set_status failed");
+                        fail(Refusal {
+                            code: code::UNAVAILABLE,
+                            message: "presence store unavailable, try again".into(),
+                        })
+                    })?;
+                    Ok(tagged(
+                        "status_set",
+                        &serde_json::json!({"status": status, "text": text}),
+                    ))
+                } else {
+                    let users = parse_subscribe(&f).map_err(fail)?;
+                    let contacts = p.subscribe(user, channel, &users).await.map_err(|e| {
+                        warn!(error = %e, "presence_subscribe failed");
+                        fail(Refusal {
+                            code: code::UNAVAILABLE,
+                            message: "presence store unavailable, try again".into(),
+                        })
+                    })?;
+                    Ok(presence_frame(&contacts))
+                }
+            }
             "auth" => Err(fail(bad("op", "already authenticated"))),
             other => {
                 let shown: String = other.chars().take(MAX_TYPE_CHARS).collect();

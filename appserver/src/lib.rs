@@ -17,6 +17,7 @@ pub mod gateway;
 mod link;
 pub mod metrics;
 pub mod outbox;
+pub mod presence;
 
 pub use config::{Config, ExchangeTarget};
 pub use connections::{Attached, Connections};
@@ -186,6 +187,7 @@ pub async fn start_with(
     let host = Arc::new(Host {
         connections: connections.clone(),
         plugins: plugins.clone(),
+        presence: std::sync::OnceLock::new(),
     });
     let (submit_tx, submit_rx) = mpsc::channel::<Submit>(1_024);
     let closing = CancellationToken::new();
@@ -228,7 +230,7 @@ pub async fn start_with(
         },
         endpoint.clone(),
         submit_rx,
-        host,
+        host.clone(),
         metrics.clone(),
         stop.clone(),
         &tracker,
@@ -247,6 +249,17 @@ pub async fn start_with(
         stop.clone(),
         &tracker,
     )));
+    let presence = presence::Presence::start(
+        iim.clone(),
+        registry.clone(),
+        connections.clone(),
+        config.presence.clone(),
+        metrics.presence.clone(),
+        link.clone(),
+        stop.clone(),
+        &tracker,
+    );
+    let _ = host.presence.set(presence.clone());
     let client_addr = match (config.client_listen, chat) {
         (Some(addr), Some(chat)) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -263,6 +276,7 @@ pub async fn start_with(
                 chat,
                 connections: connections.clone(),
                 verifier,
+                presence: Some(presence.clone()),
                 metrics: metrics.clone(),
                 limits: config.limits.clone(),
                 stop: stop.clone(),

@@ -36,12 +36,21 @@ pub const CLIENT_ERROR_CODES: &[&str] = &[
 ];
 
 /// Client operations counted by `op` (anything else counts as `other`).
-pub const CLIENT_OPS: &[&str] = &["auth", "send", "sync", "ping"];
+pub const CLIENT_OPS: &[&str] = &[
+    "auth",
+    "send",
+    "sync",
+    "ping",
+    "set_status",
+    "presence_subscribe",
+];
 
 #[derive(Debug)]
 pub struct AppMetrics {
     /// The chat service's own counters.
     pub chat: std::sync::Arc<crate::chat::ChatMetrics>,
+    /// The presence service's own counters.
+    pub presence: std::sync::Arc<crate::presence::PresenceMetrics>,
     pub forwards_out: Counter,
     pub forwards_resent: Counter,
     pub delivers_in: Counter,
@@ -66,6 +75,7 @@ impl Default for AppMetrics {
     fn default() -> Self {
         AppMetrics {
             chat: Default::default(),
+            presence: Default::default(),
             forwards_out: Counter::default(),
             forwards_resent: Counter::default(),
             delivers_in: Counter::default(),
@@ -183,6 +193,7 @@ impl Render for AppMetrics {
         );
         let mut page = p.finish();
         page.push_str(&self.chat.render());
+        page.push_str(&self.presence.render());
         page
     }
 }

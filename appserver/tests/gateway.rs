@@ -138,6 +138,7 @@ async fn spawn(limits: ClientLimits, queue: usize) -> Gw {
         chat: chat.clone(),
         connections: connections.clone(),
         verifier: Arc::new(Hs256Verifier::new(SECRET)),
+        presence: None,
         metrics: metrics.clone(),
         limits,
         stop: stop.clone(),

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod metrics;
+pub mod presence;
 pub mod quic;
 pub mod registry;
 pub mod store;

@@ -20,6 +20,7 @@ use sqlx::error::ErrorKind;
 use sqlx::migrate::Migrator;
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Connection, Executor, Row};
 
+use crate::presence;
 use crate::types::{ChannelId, ServerId, Session, UserId};
 
 static MYSQL_MIGRATIONS: Migrator = sqlx::migrate!("../sql/mysql");
@@ -193,7 +194,8 @@ impl Registry {
 
     /// A server process starting: inserts its row with epoch 1 or bumps the
     /// epoch by one, sets role, address, `state`, registered_at and last_seen,
-    /// and deletes the sessions earlier incarnations left behind, all in one
+    /// and deletes the sessions earlier incarnations left behind, recomputing
+    /// the presence of their users (see [`Registry::mark_down`]), all in one
     /// transaction. Returns the new epoch.
     pub async fn begin_epoch(
         &self,
@@ -253,10 +255,7 @@ impl Registry {
             .fetch_one(&mut *tx)
             .await?;
         let epoch = epoch_col(&row, "epoch")?;
-        sqlx::query("DELETE FROM sessions WHERE server_id = ?")
-            .bind(server_param(id))
-            .execute(&mut *tx)
-            .await?;
+        self.delete_sessions_in(&mut tx, id, now_ms).await?;
         tx.commit().await?;
         Ok(epoch)
     }
@@ -329,7 +328,31 @@ impl Registry {
     /// Lease expired or clean shutdown: if the epoch matches, state = down and
     /// the server's sessions are deleted, in one transaction. Returns whether
     /// the row matched.
+    ///
+    /// In the same transaction every user who had a session there gets its
+    /// presence recomputed with server 0 as the changer: offline (empty text,
+    /// version + 1) when it has no session left anywhere and was not offline
+    /// already, else the aggregate of its remaining sessions.
     pub async fn mark_down(
+        &self,
+        id: ServerId,
+        epoch: u64,
+        now_ms: i64,
+    ) -> Result<bool, RegistryError> {
+        let mut attempt = 1;
+        loop {
+            match self.try_mark_down(id, epoch, now_ms).await {
+                Err(RegistryError::Database(e)) if attempt < EPOCH_ATTEMPTS && is_conflict(&e) => {
+                    tracing::debug!(server = id.0, attempt, error = %e, "mark_down conflict, retrying");
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_mark_down(
         &self,
         id: ServerId,
         epoch: u64,
@@ -348,12 +371,59 @@ impl Registry {
             tx.rollback().await?;
             return Ok(false);
         }
-        sqlx::query("DELETE FROM sessions WHERE server_id = ?")
-            .bind(server_param(id))
-            .execute(&mut *tx)
-            .await?;
+        self.delete_sessions_in(&mut tx, id, now_ms).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// Deletes every session of `server` inside `conn`'s transaction (begun
+    /// with [`Registry::begin`]) and recomputes the presence of their users
+    /// there, with server 0 as the changer.
+    ///
+    /// Rows are locked (MySQL), then deleted by key, until none is left: at
+    /// `READ COMMITTED` a session inserted between the read and a blanket
+    /// `DELETE` would go without its user being recomputed.
+    async fn delete_sessions_in(
+        &self,
+        conn: &mut AnyConnection,
+        server: ServerId,
+        now_ms: i64,
+    ) -> Result<(), RegistryError> {
+        let sql = format!(
+            "SELECT channel, user_id FROM sessions WHERE server_id = ?{}",
+            match self.backend {
+                Backend::Sqlite => "",
+                Backend::MySql => " FOR UPDATE",
+            }
+        );
+        let mut users = Vec::new();
+        loop {
+            let rows = sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(server_param(server))
+                .fetch_all(&mut *conn)
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut channels = Vec::with_capacity(rows.len());
+            for row in &rows {
+                channels.push(col::<i64>(row, "channel")?);
+                users.push(UserId(col::<i64>(row, "user_id")? as u64));
+            }
+            for chunk in channels.chunks(CHUNK / 2) {
+                let sql = format!(
+                    "DELETE FROM sessions WHERE server_id = ? AND channel IN ({})",
+                    vec!["?"; chunk.len()].join(", ")
+                );
+                let mut query = sqlx::query(AssertSqlSafe(sql)).bind(server_param(server));
+                for &channel in chunk {
+                    query = query.bind(channel);
+                }
+                query.execute(&mut *conn).await?;
+            }
+        }
+        presence::recompute_in(conn, self.backend, &users, ServerId::NONE, now_ms).await?;
+        Ok(())
     }
 
     /// Refreshes last_seen of every listed server whose epoch still matches,
@@ -495,12 +565,11 @@ impl Registry {
     }
 
     /// A transaction that holds the write lock from its start on SQLite, so
-    /// the busy timeout applies instead of a failed lock upgrade later.
+    /// the busy timeout applies instead of a failed lock upgrade later, and
+    /// runs at `READ COMMITTED` on MySQL, as presence recomputation needs
+    /// ([`presence::begin_write`]).
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-        match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::MySql => self.pool.begin().await,
-        }
+        presence::begin_write(&self.pool, self.backend).await
     }
 }
 

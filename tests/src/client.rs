@@ -24,6 +24,11 @@ pub struct ChatClient {
     pushes: VecDeque<Value>,
     /// The connection ended (closed or reset).
     pub ended: bool,
+    /// Presence of contacts as this client has been told: user -> the
+    /// update with the highest version (as the protocol says to apply them).
+    pub presence: BTreeMap<u64, Value>,
+    /// `presence` frames received.
+    pub presence_frames: usize,
 }
 
 impl ChatClient {
@@ -36,6 +41,8 @@ impl ChatClient {
             welcome: Value::Null,
             pushes: VecDeque::new(),
             ended: false,
+            presence: BTreeMap::new(),
+            presence_frames: 0,
         })
     }
 
@@ -65,7 +72,60 @@ impl ChatClient {
         Ok(())
     }
 
+    /// Apply a `presence` frame: newer versions win.
+    fn apply_presence(&mut self, f: &Value) {
+        self.presence_frames += 1;
+        for c in f["contacts"].as_array().into_iter().flatten() {
+            let (Some(user), Some(v)) = (c["user"].as_u64(), c["version"].as_u64()) else {
+                continue;
+            };
+            let newer = self
+                .presence
+                .get(&user)
+                .is_none_or(|old| old["version"].as_u64().unwrap_or(0) < v);
+            if newer || !self.presence.contains_key(&user) {
+                self.presence.insert(user, c.clone());
+            }
+        }
+    }
+
+    /// The status this client shows for `user` ("offline" if unknown).
+    pub fn status_of(&self, user: u64) -> (String, u64) {
+        self.presence
+            .get(&user)
+            .map(|c| {
+                (
+                    c["status"].as_str().unwrap_or("?").to_string(),
+                    c["version"].as_u64().unwrap_or(0),
+                )
+            })
+            .unwrap_or_else(|| ("offline".into(), 0))
+    }
+
+    /// Read frames (keeping pushes and answers for later) until `pred`
+    /// holds for this client's presence view, or `wait` passes.
+    pub async fn await_presence(
+        &mut self,
+        wait: Duration,
+        pred: impl Fn(&ChatClient) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        while !pred(self) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() || self.ended {
+                return false;
+            }
+            match self.next_frame(left.min(Duration::from_millis(100))).await {
+                Ok(Some(f)) => self.pushes.push_back(f),
+                Ok(None) => return pred(self),
+                Err(_) => {}
+            }
+        }
+        true
+    }
+
     /// The next frame of any kind; `None` when the connection closed.
+    /// `presence` frames are applied to the presence view and not returned.
     pub async fn next_frame(&mut self, wait: Duration) -> anyhow::Result<Option<Value>> {
         loop {
             let f = tokio::time::timeout(wait, self.ws.next())
@@ -76,7 +136,14 @@ impl ChatClient {
                     self.ended = true;
                     return Ok(None);
                 }
-                Some(Ok(Ws::Text(t))) => return Ok(Some(serde_json::from_str(&t)?)),
+                Some(Ok(Ws::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t)?;
+                    if v["op"] == "presence" {
+                        self.apply_presence(&v);
+                        continue;
+                    }
+                    return Ok(Some(v));
+                }
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => {
                     self.ended = true;

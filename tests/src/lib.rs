@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod db;
+pub mod deploy;
 pub mod proc;
 pub mod proxy;
 

@@ -2,192 +2,13 @@
 //! binaries, SIGKILLed in the middle of a burst of 1,000 messages, with
 //! real WebSocket clients (issue 3 tests 2 and 3).
 
-use iim::store::{Store, User};
-use iim::types::{ServerId, UserId};
 use iim_tests::client::{ChatClient, Device};
-use iim_tests::proc::{Proc, free_port};
-use iim_tests::{JWT_SECRET, TestDb, token};
+use iim_tests::deploy::Deployment;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 const BURST: usize = 1_000;
-
-/// Fields drop in order: the processes (which print their logs if the test
-/// failed) before the directory holding those logs.
-struct Deployment {
-    exchange: Option<Proc>,
-    servers: BTreeMap<u32, Option<Proc>>,
-    ws: BTreeMap<u32, SocketAddr>,
-    db: TestDb,
-    dir: tempfile::TempDir,
-}
-
-fn addr(port: u16) -> SocketAddr {
-    format!("127.0.0.1:{port}").parse().unwrap()
-}
-
-impl Deployment {
-    async fn start() -> Deployment {
-        let db = TestDb::new().await;
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        iim::tls::dev::write_dev_certs(
-            &d,
-            &[ServerId(100)],
-            &[ServerId(1), ServerId(2), ServerId(3)],
-        )
-        .unwrap();
-        let reg = iim::registry::Registry::connect(db.url()).await.unwrap();
-        let store = Store::new(&reg);
-        for u in [11u64, 21] {
-            store
-                .add_user(&User {
-                    id: UserId(u),
-                    name: format!("user{u}"),
-                    org: "acme".into(),
-                })
-                .await
-                .unwrap();
-        }
-        let quic = addr(free_port(true));
-        std::fs::write(
-            d.join("exchange.toml"),
-            format!(
-                "id = 100\nlisten = \"{quic}\"\nhttp_listen = \"127.0.0.1:0\"\ndatabase = \"{db}\"\nlease_secs = 3\nshutdown_grace_secs = 2\n\
-                 [quic]\nkeep_alive_ms = 200\nidle_timeout_ms = 1000\n\
-                 [tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/exchange-100.pem\"\nkey = \"{p}/exchange-100.key\"\n",
-                db = db.url(),
-                p = d.display()
-            ),
-        )
-        .unwrap();
-        let mut ws = BTreeMap::new();
-        for id in 1..=3u32 {
-            let port = free_port(false);
-            ws.insert(id, addr(port));
-            std::fs::write(
-                d.join(format!("s{id}.toml")),
-                format!(
-                    "id = {id}\ndatabase = \"{db}\"\nclient_listen = \"127.0.0.1:{port}\"\n\
-                     exchange = {{ id = 100, address = \"{quic}\" }}\n\
-                     http_listen = \"127.0.0.1:0\"\nreconnect_min_ms = 50\nreconnect_max_ms = 300\n\
-                     [auth]\njwt_secret = \"{JWT_SECRET}\"\n\
-                     [limits]\nrate_per_sec = 100000\nrate_burst = 100000\n\
-                     [quic]\nkeep_alive_ms = 200\nidle_timeout_ms = 1000\n\
-                     [tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/server-{id}.pem\"\nkey = \"{p}/server-{id}.key\"\n",
-                    db = db.url(),
-                    p = d.display()
-                ),
-            )
-            .unwrap();
-        }
-        let mut dep = Deployment {
-            dir,
-            db,
-            exchange: None,
-            servers: BTreeMap::new(),
-            ws,
-        };
-        dep.start_exchange();
-        for id in 1..=3 {
-            dep.start_server(id);
-        }
-        for id in 1..=3 {
-            dep.wait_ws(id).await;
-        }
-        dep.wait_linked(&reg).await;
-        dep
-    }
-
-    /// Wait until the registry shows every app server up (linked to the
-    /// exchange), so pushes flow from the first message on.
-    async fn wait_linked(&self, reg: &iim::registry::Registry) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let servers = reg.servers().await.unwrap();
-            let up = servers
-                .iter()
-                .filter(|s| {
-                    s.role == iim::registry::Role::App && s.state == iim::registry::ServerState::Up
-                })
-                .count();
-            if up == 3 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "app servers never linked: {servers:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
-    }
-
-    fn cfg(&self, name: &str) -> Vec<String> {
-        vec![
-            "--config".into(),
-            self.path().join(name).display().to_string(),
-        ]
-    }
-
-    fn start_exchange(&mut self) {
-        let p = Proc::spawn(
-            "iim-exchange",
-            &self.cfg("exchange.toml"),
-            &self.path(),
-            "exchange",
-        );
-        self.exchange = Some(p);
-    }
-
-    fn start_server(&mut self, id: u32) {
-        let p = Proc::spawn(
-            "iim-appserver",
-            &self.cfg(&format!("s{id}.toml")),
-            &self.path(),
-            &format!("s{id}"),
-        );
-        self.servers.insert(id, Some(p));
-    }
-
-    async fn kill_server(&mut self, id: u32) {
-        if let Some(Some(mut p)) = self.servers.remove(&id) {
-            p.kill9().await;
-        }
-        self.servers.insert(id, None);
-    }
-
-    async fn kill_exchange(&mut self) {
-        if let Some(mut p) = self.exchange.take() {
-            p.kill9().await;
-        }
-    }
-
-    /// Wait until server `id` accepts WebSocket connections.
-    async fn wait_ws(&self, id: u32) {
-        let a = self.ws[&id];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(a).await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "server {id} never listened on {a}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn client(&self, id: u32, user: u64, device: &str) -> ChatClient {
-        ChatClient::connect(self.ws[&id], &token(user), device)
-            .await
-            .unwrap()
-    }
-}
 
 /// The recipient's view after the burst: exactly the 1,000 acknowledged
 /// messages, once each, in the sender's order, gap-free.
@@ -223,7 +44,7 @@ async fn send_one(sender: &mut ChatClient, i: usize) {
 /// burst, restart it, reconnect the client to another server and sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recipient_server_killed_mid_burst() {
-    let mut dep = Deployment::start().await;
+    let mut dep = Deployment::start(&[(11, "acme"), (21, "acme")], 3, "").await;
     let mut sender = dep.client(1, 11, "phone").await;
     // The recipient reads its pushes while the burst goes on, until its
     // server dies under it.
@@ -266,7 +87,7 @@ async fn recipient_server_killed_mid_burst() {
 /// Sending never depends on it; pushes resume; a final sync is complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exchange_killed_mid_burst() {
-    let mut dep = Deployment::start().await;
+    let mut dep = Deployment::start(&[(11, "acme"), (21, "acme")], 3, "").await;
     let mut sender = dep.client(1, 11, "phone").await;
     let mut recipient = Device::new(dep.client(2, 21, "phone").await);
     for i in 0..BURST {
@@ -291,7 +112,7 @@ async fn exchange_killed_mid_burst() {
 /// another server: nothing lost, nothing stored twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sender_server_killed_before_acking_and_the_client_resends() {
-    let mut dep = Deployment::start().await;
+    let mut dep = Deployment::start(&[(11, "acme"), (21, "acme")], 3, "").await;
     let mut sender = dep.client(1, 11, "phone").await;
     let frame = |i: usize| json!({"op": "send", "req": format!("m{i}"), "ope": 0, "to": 21, "type": "text", "body": {"text": i.to_string()}});
     // Pipeline the whole burst, then read acks until the server dies.

@@ -5,6 +5,8 @@
 use super::{DEFAULT_DEVICE, MAX_DEVICE_CHARS, MAX_REQ_CHARS, MAX_TYPE_CHARS, code};
 use crate::admin::KIND_ADMIN_TEXT;
 use crate::chat::{self, ChatError, KIND_CHAT, Ope, SendRequest, SyncRequest};
+use crate::presence::{KIND_PRESENCE, Update};
+use iim::presence::Status;
 use iim::types::UserId;
 use iim::wire::Message as IimMessage;
 use serde::{Deserialize, Serialize};
@@ -245,8 +247,44 @@ pub(super) fn chat_refusal(e: ChatError) -> Refusal {
 }
 
 /// The frame a push becomes for `user`, if any.
+/// `{"op":"presence","contacts":[…]}`: a snapshot, or one update.
+pub(super) fn presence_frame(contacts: &[Update]) -> String {
+    tagged("presence", &serde_json::json!({ "contacts": contacts }))
+}
+
+/// `set_status`: a status a client may choose, and an optional text.
+pub(super) fn parse_status(f: &Fields<'_>) -> Result<(Status, String), Refusal> {
+    let status: Status = f.req("status", "one of online, away, busy")?;
+    if status == Status::Offline {
+        return Err(bad(
+            "status",
+            "one of online, away, busy (offline is not having a connection)",
+        ));
+    }
+    let text = f.string("text", MAX_STATUS_TEXT_CHARS)?.unwrap_or_default();
+    Ok((status, text))
+}
+
+/// `presence_subscribe`: the users to watch.
+pub(super) fn parse_subscribe(f: &Fields<'_>) -> Result<Vec<UserId>, Refusal> {
+    let users: Vec<u64> = f.req("users", "an array of user ids")?;
+    if users.len() > MAX_SUBSCRIBE {
+        return Err(bad("users", format!("at most {MAX_SUBSCRIBE} per request")));
+    }
+    Ok(users.into_iter().map(UserId).collect())
+}
+
+/// Longest status text, in characters (the sessions table's column).
+pub(super) const MAX_STATUS_TEXT_CHARS: usize = 140;
+/// Most users in one `presence_subscribe`.
+pub(super) const MAX_SUBSCRIBE: usize = 500;
+
 pub(super) fn render_push(user: UserId, msg: &IimMessage) -> Option<String> {
     match msg.kind {
+        KIND_PRESENCE => {
+            let u: Update = serde_json::from_slice(&msg.body).ok()?;
+            Some(presence_frame(&[u]))
+        }
         KIND_CHAT => match chat::push_for(user, msg) {
             Some(m) => Some(tagged("msg", &m)),
             None => {
