@@ -7,10 +7,10 @@
 //! The concurrency test opens one `Registry` per task: separate pools, as
 //! separate app servers would have.
 
-use std::collections::hash_map::RandomState;
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
-use std::hash::BuildHasher;
 
 use anyhow::{Context, bail, ensure};
 use iim::presence::{PresenceError, PresenceRow, PresenceStore, Status};
@@ -29,31 +29,13 @@ struct Ctx {
     url: String,
 }
 
-/// Runs `body` once per available backend. A failing body still drops its
-/// MySQL database before the test fails.
+/// Runs `body` once per available backend (see `common`).
 async fn each_backend<F, Fut>(body: F)
 where
     F: Fn(Ctx) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let url = format!("sqlite://{}", dir.path().join("presence.db").display());
-    let reg = Registry::connect(&url).await.expect("connect to sqlite");
-    assert_eq!(reg.backend(), Backend::Sqlite);
-    let started = std::time::Instant::now();
-    let outcome = tokio::spawn(body(ctx(reg, url))).await;
-    finish("sqlite", started, outcome);
-
-    let Some(server) = mysql_server_url() else {
-        return;
-    };
-    let db = MySqlTestDb::create(&server).await;
-    let reg = Registry::connect(&db.url).await.expect("connect to mysql");
-    assert_eq!(reg.backend(), Backend::MySql);
-    let started = std::time::Instant::now();
-    let outcome = tokio::spawn(body(ctx(reg, db.url.clone()))).await;
-    db.drop_database().await;
-    finish("mysql", started, outcome);
+    common::each_backend(|reg, url| body(ctx(reg, url))).await
 }
 
 fn ctx(reg: Registry, url: String) -> Ctx {
@@ -62,81 +44,6 @@ fn ctx(reg: Registry, url: String) -> Ctx {
         store: Store::new(&reg),
         reg,
         url,
-    }
-}
-
-fn finish(
-    backend: &str,
-    started: std::time::Instant,
-    outcome: Result<anyhow::Result<()>, tokio::task::JoinError>,
-) {
-    match outcome {
-        Ok(Ok(())) => eprintln!("{backend}: ok in {:?}", started.elapsed()),
-        Ok(Err(e)) => panic!("{backend}: {e:?}"),
-        Err(e) if e.is_panic() => {
-            eprintln!("{backend}: panicked");
-            std::panic::resume_unwind(e.into_panic())
-        }
-        Err(e) => panic!("{backend}: {e}"),
-    }
-}
-
-fn mysql_server_url() -> Option<String> {
-    match std::env::var("IIM_TEST_MYSQL_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").as_deref() == Ok("true") => panic!(
-            "CI=true but IIM_TEST_MYSQL_URL is not set: the MySQL half of the presence tests \
-             must run in CI (see scripts/mariadb-test-setup)"
-        ),
-        _ => {
-            eprintln!("mysql: skipped, IIM_TEST_MYSQL_URL is not set");
-            None
-        }
-    }
-}
-
-struct MySqlTestDb {
-    server: String,
-    name: String,
-    url: String,
-}
-
-impl MySqlTestDb {
-    async fn create(server: &str) -> MySqlTestDb {
-        let (base, params) = match server.split_once('?') {
-            Some((base, params)) => (base, format!("?{params}")),
-            None => (server, String::new()),
-        };
-        let base = base.trim_end_matches('/');
-        let name = format!(
-            "iim_t_{:016x}",
-            RandomState::new().hash_one(std::process::id())
-        );
-        let mut conn = sqlx::mysql::MySqlConnection::connect(server)
-            .await
-            .expect("connect to IIM_TEST_MYSQL_URL");
-        conn.execute(AssertSqlSafe(format!("CREATE DATABASE `{name}`")))
-            .await
-            .expect("create test database");
-        conn.close().await.ok();
-        MySqlTestDb {
-            server: server.to_owned(),
-            url: format!("{base}/{name}{params}"),
-            name,
-        }
-    }
-
-    async fn drop_database(&self) {
-        let mut conn = sqlx::mysql::MySqlConnection::connect(&self.server)
-            .await
-            .expect("connect to IIM_TEST_MYSQL_URL");
-        conn.execute(AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS `{}`",
-            self.name
-        )))
-        .await
-        .expect("drop test database");
-        conn.close().await.ok();
     }
 }
 

@@ -7,13 +7,13 @@
 //! The concurrency tests open one `Registry` per task: separate pools, as
 //! separate app servers would have.
 
-use std::collections::hash_map::RandomState;
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::hash::BuildHasher;
 
 use anyhow::{Context, bail, ensure};
-use iim::registry::{Backend, Registry};
+use iim::registry::Registry;
 use iim::store::{
     Delivery, Group, GroupSummary, NewMessage, Store, StoreError, StoredMessage, Target, User,
 };
@@ -27,105 +27,19 @@ struct Ctx {
     url: String,
 }
 
-/// Runs `body` once per available backend. A failing body still drops its
-/// MySQL database before the test fails.
+/// Runs `body` once per available backend (see `common`).
 async fn each_backend<F, Fut>(body: F)
 where
     F: Fn(Ctx) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    let reg = Registry::connect(&url).await.expect("connect to sqlite");
-    assert_eq!(reg.backend(), Backend::Sqlite);
-    let store = Store::new(&reg);
-    finish("sqlite", tokio::spawn(body(Ctx { store, url })).await);
-
-    let Some(server) = mysql_server_url() else {
-        return;
-    };
-    let db = MySqlTestDb::create(&server).await;
-    let reg = Registry::connect(&db.url).await.expect("connect to mysql");
-    assert_eq!(reg.backend(), Backend::MySql);
-    let store = Store::new(&reg);
-    let outcome = tokio::spawn(body(Ctx {
-        store,
-        url: db.url.clone(),
-    }))
-    .await;
-    db.drop_database().await;
-    finish("mysql", outcome);
-}
-
-fn finish(backend: &str, outcome: Result<anyhow::Result<()>, tokio::task::JoinError>) {
-    match outcome {
-        Ok(Ok(())) => eprintln!("{backend}: ok"),
-        Ok(Err(e)) => panic!("{backend}: {e:?}"),
-        Err(e) if e.is_panic() => {
-            eprintln!("{backend}: panicked");
-            std::panic::resume_unwind(e.into_panic())
-        }
-        Err(e) => panic!("{backend}: {e}"),
-    }
-}
-
-fn mysql_server_url() -> Option<String> {
-    match std::env::var("IIM_TEST_MYSQL_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").as_deref() == Ok("true") => panic!(
-            "CI=true but IIM_TEST_MYSQL_URL is not set: the MySQL half of the store tests \
-             must run in CI (see scripts/mariadb-test-setup)"
-        ),
-        _ => {
-            eprintln!("mysql: skipped, IIM_TEST_MYSQL_URL is not set");
-            None
-        }
-    }
-}
-
-struct MySqlTestDb {
-    server: String,
-    name: String,
-    url: String,
-}
-
-impl MySqlTestDb {
-    async fn create(server: &str) -> MySqlTestDb {
-        let (base, params) = match server.split_once('?') {
-            Some((base, params)) => (base, format!("?{params}")),
-            None => (server, String::new()),
-        };
-        let base = base.trim_end_matches('/');
-        let name = format!(
-            "iim_t_{:016x}",
-            RandomState::new().hash_one(std::process::id())
-        );
-        let mut conn = sqlx::mysql::MySqlConnection::connect(server)
-            .await
-            .expect("connect to IIM_TEST_MYSQL_URL");
-        conn.execute(AssertSqlSafe(format!("CREATE DATABASE `{name}`")))
-            .await
-            .expect("create test database");
-        conn.close().await.ok();
-        MySqlTestDb {
-            server: server.to_owned(),
-            url: format!("{base}/{name}{params}"),
-            name,
-        }
-    }
-
-    async fn drop_database(&self) {
-        let mut conn = sqlx::mysql::MySqlConnection::connect(&self.server)
-            .await
-            .expect("connect to IIM_TEST_MYSQL_URL");
-        conn.execute(AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS `{}`",
-            self.name
-        )))
-        .await
-        .expect("drop test database");
-        conn.close().await.ok();
-    }
+    common::each_backend(|reg, url| {
+        body(Ctx {
+            store: Store::new(&reg),
+            url,
+        })
+    })
+    .await
 }
 
 const T0: i64 = 1_700_000_000_000;
