@@ -7,6 +7,7 @@
 //! and `iim-appserver` crates.
 
 pub mod api;
+mod db;
 pub mod metrics;
 pub mod presence;
 pub mod quic;

@@ -40,16 +40,14 @@
 //! Column mapping as in the registry: user ids are `u64` stored bit for bit
 //! in `BIGINT`s, ordered here in Rust, never in SQL.
 
+use crate::db::{backoff, is_retryable};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
 use std::str::FromStr;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
-use sqlx::error::ErrorKind;
 use sqlx::{Any, AnyConnection, AnyPool, AssertSqlSafe, Row, Transaction};
 
 use crate::registry::{Backend, ParseNameError, Registry, RegistryError};
@@ -577,31 +575,6 @@ async fn finish<T>(tx: Tx, result: Result<T, PresenceError>) -> Result<T, Presen
             Err(e)
         }
     }
-}
-
-/// Conflicts worth retrying a whole transaction for: a duplicate key from an
-/// insert race, an InnoDB deadlock (1213) or lock wait timeout (1205), or
-/// SQLite still busy after its timeout.
-fn is_retryable(e: &sqlx::Error) -> bool {
-    let sqlx::Error::Database(db) = e else {
-        return false;
-    };
-    if db.kind() == ErrorKind::UniqueViolation {
-        return true;
-    }
-    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-        return matches!(my.number(), 1205 | 1213);
-    }
-    matches!(
-        db.code().as_deref(),
-        Some("40001") | Some("5") | Some("6") | Some("261") | Some("517")
-    )
-}
-
-/// 5, 10, 15 ... ms plus up to 4 ms of jitter, so racing servers drift apart.
-fn backoff(attempt: u32) -> Duration {
-    let jitter = RandomState::new().hash_one(attempt) % 5;
-    Duration::from_millis(5 * u64::from(attempt) + jitter)
 }
 
 fn for_update(backend: Backend) -> &'static str {

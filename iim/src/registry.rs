@@ -11,12 +11,12 @@
 //! are `u64` stored bit for bit as `i64` (channel ids carry the epoch in their
 //! high bits), so ordering by them is done here in Rust, never in SQL.
 
+use crate::db::is_retryable;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::error::ErrorKind;
 use sqlx::migrate::Migrator;
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Connection, Executor, Row};
 
@@ -208,7 +208,7 @@ impl Registry {
         let mut attempt = 1;
         loop {
             match self.try_begin_epoch(id, role, address, state, now_ms).await {
-                Err(RegistryError::Database(e)) if attempt < EPOCH_ATTEMPTS && is_conflict(&e) => {
+                Err(RegistryError::Database(e)) if attempt < EPOCH_ATTEMPTS && is_retryable(&e) => {
                     tracing::debug!(server = id.0, attempt, error = %e, "begin_epoch conflict, retrying");
                     tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
                     attempt += 1;
@@ -342,7 +342,7 @@ impl Registry {
         let mut attempt = 1;
         loop {
             match self.try_mark_down(id, epoch, now_ms).await {
-                Err(RegistryError::Database(e)) if attempt < EPOCH_ATTEMPTS && is_conflict(&e) => {
+                Err(RegistryError::Database(e)) if attempt < EPOCH_ATTEMPTS && is_retryable(&e) => {
                     tracing::debug!(server = id.0, attempt, error = %e, "mark_down conflict, retrying");
                     tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
                     attempt += 1;
@@ -626,21 +626,6 @@ async fn connect_mysql(url: &str) -> Result<AnyPool, RegistryError> {
         .connect(url)
         .await?;
     Ok(pool)
-}
-
-/// Conflicts worth retrying a whole transaction for: a duplicate key from an
-/// insert race, an InnoDB deadlock, or SQLite still busy after its timeout.
-fn is_conflict(e: &sqlx::Error) -> bool {
-    let sqlx::Error::Database(db) = e else {
-        return false;
-    };
-    if db.kind() == ErrorKind::UniqueViolation {
-        return true;
-    }
-    matches!(
-        db.code().as_deref(),
-        Some("40001") | Some("5") | Some("6") | Some("261") | Some("517")
-    )
 }
 
 fn sort_sessions(sessions: &mut [Session]) {

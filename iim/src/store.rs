@@ -26,13 +26,11 @@
 //! in `BIGINT`s, so they are ordered in Rust, never in SQL. Sequences and
 //! generated ids are positive and may be ordered by the database.
 
+use crate::db::{backoff, is_retryable};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
-use std::time::Duration;
 
 use sqlx::any::{AnyArguments, AnyRow};
-use sqlx::error::ErrorKind;
 use sqlx::query::Query;
 use sqlx::{Any, AnyConnection, AnyPool, AssertSqlSafe, Row, Transaction};
 
@@ -1011,32 +1009,6 @@ async fn missing_users(
         .collect())
 }
 
-/// Conflicts worth retrying a whole transaction for: a duplicate key (an
-/// insert race, or a racing resend), an InnoDB deadlock (1213) or lock wait
-/// timeout (1205), or SQLite still busy after its timeout.
-fn is_retryable(e: &sqlx::Error) -> bool {
-    let sqlx::Error::Database(db) = e else {
-        return false;
-    };
-    if db.kind() == ErrorKind::UniqueViolation {
-        return true;
-    }
-    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-        return matches!(my.number(), 1205 | 1213);
-    }
-    matches!(
-        db.code().as_deref(),
-        Some("40001") | Some("5") | Some("6") | Some("261") | Some("517")
-    )
-}
-
-/// 5, 10, 15 ... ms plus up to 4 ms of jitter, so racing processes drift
-/// apart.
-fn backoff(attempt: u32) -> Duration {
-    let jitter = RandomState::new().hash_one(attempt) % 5;
-    Duration::from_millis(5 * u64::from(attempt) + jitter)
-}
-
 /// `?, ?, ?`
 fn placeholders(n: usize) -> String {
     vec!["?"; n].join(", ")
@@ -1182,11 +1154,5 @@ mod tests {
     fn ids_keep_their_bits() {
         assert_eq!(id_param(UserId(u64::MAX)), -1);
         assert_eq!(id_param(UserId(1 << 63)) as u64, 1 << 63);
-    }
-
-    #[test]
-    fn backoff_grows() {
-        assert!(backoff(1) < Duration::from_millis(10));
-        assert!(backoff(4) >= Duration::from_millis(20));
     }
 }
