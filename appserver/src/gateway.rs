@@ -254,8 +254,14 @@ async fn connection<C: ChatApi>(st: GatewayState<C>, ws: WebSocket, peer: Option
     };
     let end = conn.run().await;
     match &end {
-        End::Gone(why) => debug!(why, "client connection ended"),
-        End::Close(code, why) => debug!(code, why, "client connection closed"),
+        End::Gone(why) => {
+            conn.st.metrics.ws_closes.inc("client_gone");
+            debug!(why, "client connection ended");
+        }
+        End::Close(code, why) => {
+            conn.st.metrics.ws_closes.inc(&why.replace(' ', "_"));
+            debug!(code, why, "client connection closed");
+        }
     }
     if let End::Close(code, why) = end {
         conn.close(code, why).await;

@@ -36,6 +36,18 @@ pub const CLIENT_ERROR_CODES: &[&str] = &[
 ];
 
 /// Client operations counted by `op` (anything else counts as `other`).
+/// Why client connections ended.
+pub const WS_CLOSE_REASONS: &[&str] = &[
+    "client_gone",
+    "idle_timeout",
+    "going_away",
+    "too_slow",
+    "authentication_failed",
+    "unknown_user",
+    "frame_too_large",
+    "try_again_later",
+];
+
 pub const CLIENT_OPS: &[&str] = &[
     "auth",
     "send",
@@ -69,6 +81,7 @@ pub struct AppMetrics {
     pub auth_failures: Family,
     pub client_errors: Family,
     pub client_ops: Family,
+    pub ws_closes: Family,
 }
 
 impl Default for AppMetrics {
@@ -94,6 +107,7 @@ impl Default for AppMetrics {
             auth_failures: Family::new("reason", AUTH_FAILURE_REASONS),
             client_errors: Family::new("code", CLIENT_ERROR_CODES),
             client_ops: Family::new("op", CLIENT_OPS),
+            ws_closes: Family::new("reason", WS_CLOSE_REASONS),
         }
     }
 }
@@ -190,6 +204,11 @@ impl Render for AppMetrics {
             "iim_appserver_client_ops_total",
             "Client requests handled, by op.",
             &self.client_ops,
+        )
+        .family(
+            "iim_appserver_ws_closes_total",
+            "Client connections ended, by reason.",
+            &self.ws_closes,
         );
         let mut page = p.finish();
         page.push_str(&self.chat.render());
