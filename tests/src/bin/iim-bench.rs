@@ -1,0 +1,823 @@
+//! `iim-bench`: the relay side by side with NATS, in one run.
+//!
+//! Topology (all on loopback, TLS everywhere):
+//! - iim: a real `iim-exchange` PROCESS (the release binary next to this
+//!   one) on a SQLite registry in a temp dir, with dev certificates generated
+//!   at run time; the origin app server (1) and the k target app servers
+//!   (2..=17) run IN THIS PROCESS (one tokio runtime), each target with one
+//!   attached user whose queue is drained. The origin drives `Iim::submit`
+//!   to one user on each of k target servers.
+//! - NATS: `nats-server` (TLS, client certificates verified) on a free
+//!   loopback port; one publisher connection publishes each message once
+//!   per target subject to k subscriber connections (async-nats, ring only).
+//!
+//! Measured: deliveries/s at saturation (a fixed number of messages, at
+//! most `--window` messages outstanding, counting `delivered` report
+//! entries / received NATS messages); server CPU µs per delivery
+//! (utime+stime of the exchange / nats-server process from /proc, before and
+//! after); iim latency p50/p99/p999 at 25/50/80 % of the measured saturation
+//! rate (sends scheduled at fixed intervals, latency from the INTENDED send
+//! time to the delivered report: corrected for coordinated omission); the
+//! exchange's RSS with 100 registered idle app servers (a second, fresh
+//! exchange process; the app servers in this process).
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use hdrhistogram::Histogram;
+use iim::tls::dev::DevCa;
+use iim::types::{ServerId, Session, UserId};
+use iim::{DeliveryStatus, Iim, Outgoing};
+use iim_appserver::{AppServerHandle, ExchangeTarget};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+const EXCHANGE_ID: u32 = 100;
+const ORIGIN: u32 = 1;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    about = "iim relay benchmark side by side with NATS (TLS). Needs `cargo build --release --bins` first."
+)]
+struct Args {
+    /// Small subset: k = 1 and 16, 1 KiB only, fewer messages, 1 s latency runs.
+    #[arg(long)]
+    quick: bool,
+    /// Fan-outs (target servers per message).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    k: Vec<usize>,
+    /// Payload sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "100,1024")]
+    sizes: Vec<usize>,
+    /// Deliveries per saturation run (messages = this / k).
+    #[arg(long, default_value_t = 300_000)]
+    deliveries: usize,
+    /// Most messages outstanding (unreported) at once in saturation runs;
+    /// NATS gets `window * k` deliveries in flight.
+    #[arg(long, default_value_t = 4_096)]
+    window: usize,
+    /// Seconds per latency run (one per offered load).
+    #[arg(long, default_value_t = 4.0)]
+    latency_secs: f64,
+    /// Skip NATS.
+    #[arg(long)]
+    no_nats: bool,
+    /// Skip the latency runs.
+    #[arg(long)]
+    no_latency: bool,
+    /// Skip the RSS measurement with idle app servers.
+    #[arg(long)]
+    no_rss: bool,
+    /// Idle app servers for the RSS measurement.
+    #[arg(long, default_value_t = 100)]
+    idle_servers: u32,
+    /// The nats-server binary.
+    #[arg(long, default_value = "/usr/sbin/nats-server")]
+    nats_server: PathBuf,
+}
+
+// ---------------------------------------------------------------------------
+// /proc
+// ---------------------------------------------------------------------------
+
+fn clk_tck() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = s.rsplit_once(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // Fields 14 and 15 of stat; `rest` starts at field 3.
+    n(11) + n(12)
+}
+
+/// A `Vm*` line of /proc/<pid>/status, in KiB.
+fn vm_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim_start_matches(':').split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+struct CpuMeter {
+    pid: u32,
+    ticks: u64,
+    tck: f64,
+}
+
+impl CpuMeter {
+    fn start(pid: u32, tck: f64) -> CpuMeter {
+        CpuMeter {
+            pid,
+            ticks: cpu_ticks(pid),
+            tck,
+        }
+    }
+    /// CPU microseconds used since `start`.
+    fn micros(&self) -> f64 {
+        (cpu_ticks(self.pid) - self.ticks) as f64 * 1e6 / self.tck
+    }
+}
+
+fn free_port(udp: bool) -> u16 {
+    iim_tests::proc::free_port(udp)
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+fn release_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("exe dir")?;
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        let p = d.join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "{name} not found next to {}: run `cargo build --release --bins` first",
+        exe.display()
+    )
+}
+
+async fn wait_port(addr: SocketAddr, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on {addr}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+struct ExchangeProc {
+    child: Child,
+    pid: u32,
+    addr: SocketAddr,
+}
+
+/// Start the exchange binary on a fresh registry (`db_url`) with the
+/// certificates in `certs`.
+async fn start_exchange(certs: &Path, db_url: &str, log: &Path) -> Result<ExchangeProc> {
+    let bin = release_bin("iim-exchange")?;
+    let port = free_port(true);
+    let http = free_port(false);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let out = std::fs::File::create(log)?;
+    let child = Command::new(&bin)
+        .args([
+            "--id",
+            &EXCHANGE_ID.to_string(),
+            "--listen",
+            &addr.to_string(),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+            "--database",
+            db_url,
+            "--certs",
+            &certs.display().to_string(),
+        ])
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out.try_clone()?))
+        .stderr(Stdio::from(out))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let pid = child.id().context("exchange pid")?;
+    // The HTTP listener binds after the QUIC endpoint.
+    wait_port(format!("127.0.0.1:{http}").parse()?, "iim-exchange").await?;
+    Ok(ExchangeProc { child, pid, addr })
+}
+
+// ---------------------------------------------------------------------------
+// iim side
+// ---------------------------------------------------------------------------
+
+fn server_config(db: &str, id: u32, exchange: SocketAddr) -> iim_appserver::Config {
+    let mut cfg = iim_tests::appserver_config(db, id, exchange);
+    cfg.exchange = Some(ExchangeTarget {
+        id: EXCHANGE_ID,
+        address: exchange,
+    });
+    // Production timers: a loaded 2-core box must not trip a 1 s idle timeout.
+    cfg.quic = iim::quic::QuicTuning::default();
+    cfg.heartbeat_ms = 1_000;
+    cfg.client_listen = None;
+    cfg
+}
+
+async fn start_server(
+    ca: &DevCa,
+    cfg: iim_appserver::Config,
+    stop: &CancellationToken,
+) -> Result<AppServerHandle> {
+    let tls = ca.issue(&iim::tls::server_name(ServerId(cfg.id)))?;
+    iim_appserver::start(cfg, tls, vec![], stop.child_token()).await
+}
+
+async fn wait_linked(s: &AppServerHandle) -> Result<()> {
+    let mut w = s.link_watch();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        w.wait_for(|l| l.exchange.is_some()),
+    )
+    .await
+    .with_context(|| format!("server {} never linked", s.id))??;
+    Ok(())
+}
+
+fn outgoing(body: &Bytes) -> Outgoing {
+    Outgoing {
+        kind: 1,
+        from: UserId(1),
+        body: body.clone(),
+        ..Default::default()
+    }
+}
+
+/// Saturation: `messages` submits, at most `window` unreported; returns
+/// (delivered report entries, seconds).
+async fn iim_saturate(
+    iim: &Iim,
+    users: &[Session],
+    messages: usize,
+    size: usize,
+    window: usize,
+) -> Result<(u64, f64)> {
+    let body = Bytes::from(vec![b'x'; size]);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(window.max(1));
+    let start = Instant::now();
+    let producer = {
+        let iim = iim.clone();
+        let users = users.to_vec();
+        tokio::spawn(async move {
+            for _ in 0..messages {
+                let p = iim.submit(outgoing(&body), &users).await?;
+                if tx.send(p).await.is_err() {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut delivered = 0u64;
+    while let Some(p) = rx.recv().await {
+        let r = p.await;
+        delivered += r
+            .servers
+            .iter()
+            .filter(|(_, s)| *s == DeliveryStatus::Delivered)
+            .count() as u64;
+    }
+    producer.await??;
+    Ok((delivered, start.elapsed().as_secs_f64()))
+}
+
+struct Latency {
+    offered_msgs: f64,
+    sent: u64,
+    not_delivered: u64,
+    achieved_msgs: f64,
+    hist: Histogram<u64>,
+}
+
+/// Fixed-rate run: message i is due at start + i / rate; its latency is
+/// from that intended time to its report (all k targets delivered). The
+/// sender is a plain thread with `std::thread::sleep` (finer than tokio's
+/// 1 ms timer).
+async fn iim_latency(
+    iim: &Iim,
+    users: &[Session],
+    rate: f64,
+    secs: f64,
+    size: usize,
+) -> Result<Latency> {
+    let n = (rate * secs).max(1.0) as u64;
+    let body = Bytes::from(vec![b'x'; size]);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handle = tokio::runtime::Handle::current();
+    let sender = {
+        let iim = iim.clone();
+        let users = users.to_vec();
+        std::thread::spawn(move || -> Result<()> {
+            let start = Instant::now();
+            let due = |i: u64| start + Duration::from_secs_f64(i as f64 / rate);
+            let mut i = 0u64;
+            while i < n {
+                let now = Instant::now();
+                if due(i) > now {
+                    std::thread::sleep(due(i) - now);
+                }
+                // Everything due by now goes in one hop into the runtime.
+                let now = start.elapsed().as_secs_f64();
+                let upto = ((now * rate) as u64 + 1).clamp(i + 1, n);
+                handle.block_on(async {
+                    for j in i..upto {
+                        let p = iim.submit(outgoing(&body), &users).await?;
+                        if tx.send((due(j), p)).is_err() {
+                            break;
+                        }
+                    }
+                    anyhow::Ok(())
+                })?;
+                i = upto;
+            }
+            Ok(())
+        })
+    };
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut waiting = FuturesUnordered::new();
+    let mut not_delivered = 0u64;
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    let mut sent = 0u64;
+    let mut record = |due: Instant, r: iim::SendReport, hist: &mut Histogram<u64>| {
+        let now = Instant::now();
+        last = now;
+        if r.all_delivered() {
+            hist.saturating_record((now - due).as_micros() as u64);
+        } else {
+            not_delivered += 1;
+        }
+    };
+    loop {
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some((due, p)) => {
+                    first.get_or_insert(due);
+                    sent += 1;
+                    waiting.push(async move { (due, p.await) });
+                }
+                None => break,
+            },
+            Some((due, r)) = waiting.next(), if !waiting.is_empty() => record(due, r, &mut hist),
+        }
+    }
+    while let Some((due, r)) = waiting.next().await {
+        record(due, r, &mut hist);
+    }
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    let span = first.map(|f| (last - f).as_secs_f64()).unwrap_or(1.0);
+    Ok(Latency {
+        offered_msgs: rate,
+        sent,
+        not_delivered,
+        achieved_msgs: sent as f64 / span,
+        hist,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// NATS side
+// ---------------------------------------------------------------------------
+
+struct Nats {
+    child: Child,
+    pid: u32,
+    url: String,
+    dir: PathBuf,
+}
+
+async fn start_nats(bin: &Path, ca: &DevCa, dir: &Path, log: &Path) -> Result<Nats> {
+    let dir = dir.join("nats");
+    std::fs::create_dir_all(&dir)?;
+    let srv = ca.issue("127.0.0.1")?;
+    let cli = ca.issue("nats-client.iim")?;
+    std::fs::write(dir.join("ca.pem"), &srv.ca_pem)?;
+    std::fs::write(dir.join("server.pem"), &srv.cert_pem)?;
+    std::fs::write(dir.join("server.key"), &srv.key_pem)?;
+    std::fs::write(dir.join("client.pem"), &cli.cert_pem)?;
+    std::fs::write(dir.join("client.key"), &cli.key_pem)?;
+    let port = free_port(false);
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nats.conf"),
+        format!(
+            "listen: 127.0.0.1:{port}\n\
+             tls {{\n  cert_file: \"{d}/server.pem\"\n  key_file: \"{d}/server.key\"\n  ca_file: \"{d}/ca.pem\"\n  verify: true\n  timeout: 5\n}}\n"
+        ),
+    )?;
+    if !bin.exists() {
+        bail!("{} not found (apt-get install nats-server)", bin.display());
+    }
+    let out = std::fs::File::create(log)?;
+    let child = Command::new(bin)
+        .args(["-c", &dir.join("nats.conf").display().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out.try_clone()?))
+        .stderr(Stdio::from(out))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let pid = child.id().context("nats pid")?;
+    wait_port(format!("127.0.0.1:{port}").parse()?, "nats-server").await?;
+    Ok(Nats {
+        child,
+        pid,
+        url: format!("tls://127.0.0.1:{port}"),
+        dir,
+    })
+}
+
+async fn nats_client(n: &Nats) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(n.dir.join("ca.pem"))
+        .add_client_certificate(n.dir.join("client.pem"), n.dir.join("client.key"))
+        .subscription_capacity(1 << 16)
+        .client_capacity(1 << 16)
+        .connect(&n.url)
+        .await
+        .context("connect to nats-server over TLS")
+}
+
+/// k subscriber connections (one subject each), one publisher publishing
+/// each message once per subject, at most `window` deliveries in flight.
+/// Returns (deliveries received, seconds, nats-server CPU µs).
+async fn nats_saturate(
+    n: &Nats,
+    k: usize,
+    messages: usize,
+    size: usize,
+    window: usize,
+    tck: f64,
+) -> Result<(u64, f64, f64)> {
+    let received = Arc::new(AtomicU64::new(0));
+    let mut subs = Vec::new();
+    let mut clients = Vec::new();
+    for i in 0..k {
+        let c = nats_client(n).await?;
+        let mut s = c.subscribe(format!("bench.s{i}")).await?;
+        c.flush().await?;
+        let r = received.clone();
+        subs.push(tokio::spawn(async move {
+            while s.next().await.is_some() {
+                r.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+        clients.push(c);
+    }
+    let publisher = nats_client(n).await?;
+    let subjects: Vec<async_nats::Subject> = (0..k)
+        .map(|i| async_nats::Subject::from(format!("bench.s{i}")))
+        .collect();
+    let body = Bytes::from(vec![b'x'; size]);
+    let total = (messages * k) as u64;
+    let cpu = CpuMeter::start(n.pid, tck);
+    let start = Instant::now();
+    let mut published = 0u64;
+    for _ in 0..messages {
+        while published - received.load(Ordering::Relaxed) > window as u64 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for s in &subjects {
+            publisher.publish(s.clone(), body.clone()).await?;
+            published += 1;
+        }
+    }
+    publisher.flush().await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu_us = cpu.micros();
+    let got = received.load(Ordering::Relaxed);
+    for s in subs {
+        s.abort();
+    }
+    drop(clients);
+    Ok((got, secs, cpu_us))
+}
+
+// ---------------------------------------------------------------------------
+// main
+// ---------------------------------------------------------------------------
+
+struct Row {
+    k: usize,
+    size: usize,
+    iim_dps: f64,
+    iim_cpu_us: f64,
+    bench_cpu_us: f64,
+    nats_dps: Option<f64>,
+    nats_cpu_us: Option<f64>,
+    nats_bench_cpu_us: Option<f64>,
+    lat: Vec<(u32, Latency)>,
+}
+
+fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    v.map(|v| format!("{v:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn ratio(a: f64, b: Option<f64>) -> String {
+    b.filter(|b| *b > 0.0)
+        .map(|b| format!("{:.2}", a / b))
+        .unwrap_or_else(|| "-".into())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.quick {
+        args.k = vec![1, 16];
+        args.sizes = vec![1024];
+        args.deliveries = args.deliveries.min(100_000);
+        args.latency_secs = args.latency_secs.min(1.5);
+    }
+    let exchange_bin = release_bin("iim-exchange")?;
+    let tck = clk_tck();
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().to_path_buf();
+    eprintln!(
+        "iim-bench: exchange {} ; work dir {}",
+        exchange_bin.display(),
+        dir.display()
+    );
+
+    // Certificates for everything, from one CA made now.
+    let ca = DevCa::new("iim bench CA")?;
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs)?;
+    let ex_tls = ca.issue(&iim::tls::exchange_name(ServerId(EXCHANGE_ID)))?;
+    std::fs::write(certs.join("ca.pem"), &ex_tls.ca_pem)?;
+    std::fs::write(
+        certs.join(format!("exchange-{EXCHANGE_ID}.pem")),
+        &ex_tls.cert_pem,
+    )?;
+    std::fs::write(
+        certs.join(format!("exchange-{EXCHANGE_ID}.key")),
+        &ex_tls.key_pem,
+    )?;
+
+    // Registry + exchange process.
+    let db_url = format!("sqlite://{}", dir.join("registry.db").display());
+    iim::registry::Registry::connect(&db_url).await?;
+    let mut ex = start_exchange(&certs, &db_url, &dir.join("exchange.log")).await?;
+    let stop = CancellationToken::new();
+
+    let kmax = *args.k.iter().max().unwrap_or(&1);
+    let mut cfg = server_config(&db_url, ORIGIN, ex.addr);
+    cfg.max_outstanding = args.window.max(1) * 2;
+    let origin = start_server(&ca, cfg, &stop).await?;
+    wait_linked(&origin).await?;
+    let mut targets = Vec::new();
+    let mut keep = Vec::new();
+    for i in 0..kmax {
+        let id = 2 + i as u32;
+        let mut cfg = server_config(&db_url, id, ex.addr);
+        cfg.connection_queue = 1 << 20;
+        let s = start_server(&ca, cfg, &stop).await?;
+        wait_linked(&s).await?;
+        let user = UserId(1000 + u64::from(id));
+        let mut conn = s.connections.attach(user, "bench").await?;
+        tokio::spawn(async move { while conn.rx.recv().await.is_some() {} });
+        targets.push(user);
+        keep.push(s);
+    }
+    let mut nats = if args.no_nats {
+        None
+    } else {
+        Some(start_nats(&args.nats_server, &ca, &dir, &dir.join("nats.log")).await?)
+    };
+
+    let me = std::process::id();
+    let mut rows = Vec::new();
+    for &size in &args.sizes {
+        for &k in &args.k {
+            let users = origin.iim.user_list(&targets[..k]).await?;
+            if users.len() != k {
+                bail!("expected {k} sessions, registry has {}", users.len());
+            }
+            let messages = (args.deliveries / k).max(1);
+            // Warm-up, then the measured run.
+            iim_saturate(
+                &origin.iim,
+                &users,
+                (messages / 10).max(100),
+                size,
+                args.window,
+            )
+            .await?;
+            let cpu = CpuMeter::start(ex.pid, tck);
+            let own = CpuMeter::start(me, tck);
+            let (delivered, secs) =
+                iim_saturate(&origin.iim, &users, messages, size, args.window).await?;
+            let iim_cpu = cpu.micros();
+            let bench_cpu = own.micros();
+            if delivered != (messages * k) as u64 {
+                eprintln!(
+                    "  warning: iim k={k} size={size}: {delivered} of {} delivered",
+                    messages * k
+                );
+            }
+            let dps = delivered as f64 / secs;
+            eprintln!(
+                "iim  k={k:<2} size={size:<5} {delivered} deliveries in {secs:.2}s = {dps:.0}/s, exchange {:.2} µs/delivery",
+                iim_cpu / delivered.max(1) as f64
+            );
+            let mut row = Row {
+                k,
+                size,
+                iim_dps: dps,
+                iim_cpu_us: iim_cpu / delivered.max(1) as f64,
+                bench_cpu_us: bench_cpu / delivered.max(1) as f64,
+                nats_dps: None,
+                nats_cpu_us: None,
+                nats_bench_cpu_us: None,
+                lat: Vec::new(),
+            };
+            if let Some(n) = &nats {
+                nats_saturate(n, k, (messages / 10).max(100), size, args.window * k, tck).await?;
+                let own = CpuMeter::start(me, tck);
+                let (got, secs, cpu_us) =
+                    nats_saturate(n, k, messages, size, args.window * k, tck).await?;
+                let bench_cpu = own.micros();
+                if got != (messages * k) as u64 {
+                    eprintln!(
+                        "  warning: nats k={k} size={size}: {got} of {} received",
+                        messages * k
+                    );
+                }
+                let dps = got as f64 / secs;
+                eprintln!(
+                    "nats k={k:<2} size={size:<5} {got} deliveries in {secs:.2}s = {dps:.0}/s, server {:.2} µs/message",
+                    cpu_us / got.max(1) as f64
+                );
+                row.nats_dps = Some(dps);
+                row.nats_cpu_us = Some(cpu_us / got.max(1) as f64);
+                row.nats_bench_cpu_us = Some(bench_cpu / got.max(1) as f64);
+            }
+            if !args.no_latency {
+                for pct in [25u32, 50, 80] {
+                    let rate = row.iim_dps / k as f64 * f64::from(pct) / 100.0;
+                    let l = iim_latency(&origin.iim, &users, rate, args.latency_secs, size).await?;
+                    eprintln!(
+                        "iim  k={k:<2} size={size:<5} {pct}% = {:.0} msg/s offered, {:.0} achieved: p50 {} µs p99 {} µs p999 {} µs max {} µs ({} samples, {} not delivered)",
+                        l.offered_msgs,
+                        l.achieved_msgs,
+                        l.hist.value_at_quantile(0.5),
+                        l.hist.value_at_quantile(0.99),
+                        l.hist.value_at_quantile(0.999),
+                        l.hist.max(),
+                        l.hist.len(),
+                        l.not_delivered
+                    );
+                    row.lat.push((pct, l));
+                }
+            }
+            rows.push(row);
+        }
+    }
+    let ex_rss_after = vm_kib(ex.pid, "VmRSS");
+    let ex_hwm_after = vm_kib(ex.pid, "VmHWM");
+
+    // Tear down the throughput deployment before the RSS one.
+    stop.cancel();
+    drop(keep);
+    drop(origin);
+    let _ = ex.child.start_kill();
+    let _ = ex.child.wait().await;
+    if let Some(n) = nats.as_mut() {
+        let _ = n.child.start_kill();
+        let _ = n.child.wait().await;
+    }
+
+    let mut rss = None;
+    if !args.no_rss {
+        rss = Some(idle_rss(&ca, &certs, &dir, args.idle_servers).await?);
+    }
+
+    // The table.
+    println!();
+    println!(
+        "## iim-bench results ({} target servers max, window {} messages, {} deliveries per saturation run)",
+        kmax, args.window, args.deliveries
+    );
+    println!();
+    println!(
+        "| k | payload | iim deliveries/s | NATS deliveries/s | iim/NATS | exchange CPU µs/delivery | nats-server CPU µs/msg | NATS/iim CPU | bench-process CPU µs/delivery iim / NATS |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} B | {:.0} | {} | {} | {:.2} | {} | {} | {:.2} / {} |",
+            r.k,
+            r.size,
+            r.iim_dps,
+            fmt_opt(r.nats_dps, 0),
+            ratio(r.iim_dps, r.nats_dps),
+            r.iim_cpu_us,
+            fmt_opt(r.nats_cpu_us, 2),
+            r.nats_cpu_us
+                .filter(|_| r.iim_cpu_us > 0.0)
+                .map(|n| format!("{:.2}", n / r.iim_cpu_us))
+                .unwrap_or_else(|| "-".into()),
+            r.bench_cpu_us,
+            fmt_opt(r.nats_bench_cpu_us, 2),
+        );
+    }
+    if rows.iter().any(|r| !r.lat.is_empty()) {
+        println!();
+        println!(
+            "iim latency, intended send time → delivered report at the origin (µs; corrected for coordinated omission)"
+        );
+        println!();
+        println!(
+            "| k | payload | load | offered msg/s | achieved msg/s | p50 | p99 | p999 | max | samples / sent | not delivered |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        for r in &rows {
+            for (pct, l) in &r.lat {
+                println!(
+                    "| {} | {} B | {pct} % | {:.0} | {:.0} | {} | {} | {} | {} | {} / {} | {} |",
+                    r.k,
+                    r.size,
+                    l.offered_msgs,
+                    l.achieved_msgs,
+                    l.hist.value_at_quantile(0.5),
+                    l.hist.value_at_quantile(0.99),
+                    l.hist.value_at_quantile(0.999),
+                    l.hist.max(),
+                    l.hist.len(),
+                    l.sent,
+                    l.not_delivered
+                );
+            }
+        }
+    }
+    println!();
+    println!(
+        "exchange after the throughput runs: VmRSS {} KiB, VmHWM {} KiB",
+        ex_rss_after, ex_hwm_after
+    );
+    if let Some((base, rss, hwm, n)) = rss {
+        println!(
+            "exchange with {n} registered idle app servers (fresh process): VmRSS {rss} KiB ({:.1} MiB), VmHWM {hwm} KiB; before any app server connected: {base} KiB",
+            rss as f64 / 1024.0
+        );
+    }
+    // Leave without waiting for the in-process servers' drains.
+    std::process::exit(0);
+}
+
+/// A fresh exchange process and `n` app servers that register and stay
+/// idle; returns (RSS before any server, RSS with them, HWM, n) in KiB.
+async fn idle_rss(ca: &DevCa, certs: &Path, dir: &Path, n: u32) -> Result<(u64, u64, u64, u32)> {
+    let db_url = format!("sqlite://{}", dir.join("registry-idle.db").display());
+    iim::registry::Registry::connect(&db_url).await?;
+    let mut ex = start_exchange(certs, &db_url, &dir.join("exchange-idle.log")).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = vm_kib(ex.pid, "VmRSS");
+    let stop = CancellationToken::new();
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let cfg = server_config(&db_url, 201 + i, ex.addr);
+        servers.push(start_server(ca, cfg, &stop).await?);
+    }
+    for s in &servers {
+        wait_linked(s).await?;
+    }
+    // Idle for a few heartbeats.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = vm_kib(ex.pid, "VmRSS");
+    let hwm = vm_kib(ex.pid, "VmHWM");
+    eprintln!("exchange with {n} idle app servers: VmRSS {rss} KiB (before: {base} KiB)");
+    stop.cancel();
+    let _ = ex.child.start_kill();
+    let _ = ex.child.wait().await;
+    std::mem::forget(servers);
+    Ok((base, rss, hwm, n))
+}
