@@ -26,6 +26,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::http::Extensions;
 use axum::response::Response;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use frames::{
     Fields, Hello, Refusal, bad, chat_refusal, error_frame, parse_hello, parse_send, parse_status,
     parse_subscribe, parse_sync, peek_req, presence_frame, render_push, tagged,
@@ -153,6 +154,14 @@ pub async fn serve<C: ChatApi>(
     state: GatewayState<C>,
 ) -> std::io::Result<()> {
     let stop = state.stop.clone();
+    // Pushes and answers are small writes back to back: without
+    // TCP_NODELAY each one after the first waits for the client's delayed
+    // ACK (~40 ms).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(error = %e, "cannot set TCP_NODELAY on a client connection");
+        }
+    });
     axum::serve(
         listener,
         router(state).into_make_service_with_connect_info::<SocketAddr>(),

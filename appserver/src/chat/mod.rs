@@ -10,11 +10,12 @@ pub use types::*;
 
 use iim::metrics::{Counter, Page, Render};
 use iim::store::{Delivery, NewMessage, Store, StoreError, StoredMessage, Target};
-use iim::types::{ChannelId, ServerId, UserId, now_ms};
+use iim::types::{ChannelId, ServerId, Session, UserId, now_ms};
 use iim::wire::Message;
 use iim::{Iim, Outgoing};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -331,65 +332,98 @@ fn to_client(
 /// Pushes stored messages through the relay, one at a time, in the order
 /// they were stored by this server: one `iim::send` per message to every
 /// live connection of its recipients (except the sending connection).
+/// Most queued pushes whose recipients are looked up in one query.
+const PUSH_BATCH: usize = 64;
+
 async fn push_loop(
     iim: Iim,
     mut rx: mpsc::Receiver<PushJob>,
     metrics: Arc<ChatMetrics>,
     stop: CancellationToken,
 ) {
+    let mut jobs = Vec::with_capacity(PUSH_BATCH);
     loop {
-        let job = tokio::select! {
+        jobs.clear();
+        let n = tokio::select! {
             _ = stop.cancelled() => return,
-            j = rx.recv() => match j {
-                Some(j) => j,
-                None => return,
-            },
+            n = rx.recv_many(&mut jobs, PUSH_BATCH) => n,
         };
-        let d = &job.delivery;
-        let sessions = match iim.user_list(&job.members).await {
+        if n == 0 {
+            return;
+        }
+        // One sessions query for everything queued: under load the pushes
+        // wait for one round trip, not one each.
+        let users: Vec<UserId> = jobs
+            .iter()
+            .flat_map(|j| j.members.iter().copied())
+            .collect();
+        let sessions = match iim.user_list(&users).await {
             Ok(s) => s,
             Err(e) => {
-                warn!(error = %e, "cannot look up sessions for a push");
-                metrics.pushes_dropped.inc();
+                warn!(error = %e, pushes = n, "cannot look up sessions for pushes");
+                metrics.pushes_dropped.add(n as u64);
                 continue;
             }
         };
-        let sessions: Vec<_> = sessions
-            .into_iter()
-            .filter(|s| !(s.server == iim.server() && s.channel == job.channel))
-            .collect();
-        if sessions.is_empty() {
-            continue;
+        let mut by_user: HashMap<UserId, Vec<Session>> = HashMap::new();
+        for s in sessions {
+            by_user.entry(s.user).or_default().push(s);
         }
-        let m = match to_client(d.message.clone(), None, None) {
-            Ok(m) => m,
-            Err(_) => continue,
-        };
-        let env = PushEnvelope {
-            m,
-            seqs: d.inbox.iter().map(|(u, s)| (u.0, *s)).collect(),
-            gseq: d.gseq,
-        };
-        let body = match serde_json::to_vec(&env) {
-            Ok(b) => b,
-            Err(_) => continue,
-        };
-        let out = Outgoing {
-            kind: KIND_CHAT,
-            from: d.message.sender,
-            body: body.into(),
-            ordering_key: d.message.id,
-            ..Default::default()
-        };
-        // Admission only: the report is not awaited, a lost push is
-        // repaired by the recipient's next sync.
-        match iim.submit(out, &sessions).await {
-            Ok(_) => metrics.pushes.inc(),
-            Err(iim::SendError::ShuttingDown) => return,
-            Err(e @ iim::SendError::TooLarge { .. }) => {
-                warn!(error = %e, id = d.message.id, "push too large for the relay; recipients will sync");
-                metrics.pushes_dropped.inc();
+        for job in jobs.drain(..) {
+            if !push(&iim, &job, &by_user, &metrics).await {
+                return;
             }
         }
     }
+}
+
+/// Submit one push to the live sessions of its members. `false` when the
+/// relay is shutting down.
+async fn push(
+    iim: &Iim,
+    job: &PushJob,
+    by_user: &HashMap<UserId, Vec<Session>>,
+    metrics: &ChatMetrics,
+) -> bool {
+    let d = &job.delivery;
+    let sessions: Vec<Session> = job
+        .members
+        .iter()
+        .filter_map(|u| by_user.get(u))
+        .flatten()
+        .filter(|s| !(s.server == iim.server() && s.channel == job.channel))
+        .cloned()
+        .collect();
+    if sessions.is_empty() {
+        return true;
+    }
+    let Ok(m) = to_client(d.message.clone(), None, None) else {
+        return true;
+    };
+    let env = PushEnvelope {
+        m,
+        seqs: d.inbox.iter().map(|(u, s)| (u.0, *s)).collect(),
+        gseq: d.gseq,
+    };
+    let Ok(body) = serde_json::to_vec(&env) else {
+        return true;
+    };
+    let out = Outgoing {
+        kind: KIND_CHAT,
+        from: d.message.sender,
+        body: body.into(),
+        ordering_key: d.message.id,
+        ..Default::default()
+    };
+    // Admission only: the report is not awaited, a lost push is repaired
+    // by the recipient's next sync.
+    match iim.submit(out, &sessions).await {
+        Ok(_) => metrics.pushes.inc(),
+        Err(iim::SendError::ShuttingDown) => return false,
+        Err(e @ iim::SendError::TooLarge { .. }) => {
+            warn!(error = %e, id = d.message.id, "push too large for the relay; recipients will sync");
+            metrics.pushes_dropped.inc();
+        }
+    }
+    true
 }
