@@ -28,6 +28,8 @@ use tracing::{Instrument, info, info_span, warn};
 const TARGET_CHANNEL: usize = 8_192;
 /// Most report entries held for an origin between two writes.
 const MAX_PENDING_REPORTS: usize = 65_536;
+/// Commands a target task takes per wake-up.
+const CMD_BATCH: usize = 256;
 /// Most bytes of 906s handed to the writer in one batch.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
@@ -222,6 +224,7 @@ struct Target {
 impl Target {
     async fn run(mut self) {
         let mut drain_deadline: Option<Instant> = None;
+        let mut cmds = Vec::with_capacity(CMD_BATCH);
         loop {
             if drain_deadline.is_some() && self.queue.is_empty() && self.reports.is_empty() {
                 break;
@@ -236,10 +239,14 @@ impl Target {
                     drain_deadline = Some(Instant::now() + self.ctx.grace);
                 }
                 _ = quic::sleep_until_opt(drain_deadline) => break,
-                cmd = self.rx.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd).await,
-                    None => break,
-                },
+                n = self.rx.recv_many(&mut cmds, CMD_BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for cmd in cmds.drain(..) {
+                        self.handle(cmd).await;
+                    }
+                }
                 permit = quic::reserve(writer), if want_write => match permit {
                     Some(permit) => {
                         permit.send(self.take_output());
@@ -285,9 +292,9 @@ impl Target {
             }
         }
         let t = self.queue.poll_transmit(WRITE_BATCH_BYTES);
-        self.ctx.metrics.delivers_out.add(t.frames.len() as u64);
+        self.ctx.metrics.delivers_out.add(t.frames as u64);
         self.ctx.metrics.retransmits.add(t.retransmits as u64);
-        out.extend(t.frames);
+        out.extend(t.chunks);
         out
     }
 

@@ -261,11 +261,12 @@ async fn read_loop(
         }
         let mut failures: Vec<ReportEntry> = Vec::new();
         let mut last_ack = None;
+        let draining = ctx.shutdown.is_cancelled();
         for frame in batch.drain(..) {
             ctx.metrics.frames_in.inc(frame.kind());
             match frame {
                 Frame::Forward(fwd) => {
-                    if ctx.shutdown.is_cancelled() {
+                    if draining {
                         // Draining: the origin keeps the 905 and sends it
                         // again to whichever exchange it reaches next.
                         continue;

@@ -5,20 +5,30 @@
 //! everything not yet acknowledged is transmitted again, in the original
 //! order; the target drops what it already delivered (per-origin sequence),
 //! so the effect is exactly once and per-origin order holds across the cut.
-//! Frames are encoded once, when queued, and handed out in batches for one
-//! coalesced write.
+//! Each 906 is queued as its own small head (frame header, delivery fields)
+//! plus the message bytes it shares with every other 906 of the same 905:
+//! the message is never copied on its way from the 905 into the transport.
+//! 906s are handed out in batches for one coalesced write.
 
 use bytes::{Bytes, BytesMut};
 use iim::types::MessageId;
-use iim::wire::{self, Deliver906, Frame};
+use iim::wire::{self, Deliver906};
 use std::collections::VecDeque;
 
 #[derive(Debug)]
 struct Entry {
     no: u64,
     id: MessageId,
-    frame: Bytes,
+    /// `head ++ message` is the encoded 906.
+    head: Bytes,
+    message: Bytes,
     sent: bool,
+}
+
+impl Entry {
+    fn len(&self) -> usize {
+        self.head.len() + self.message.len()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -39,7 +49,10 @@ pub struct AckError {
 /// What one call to [`DeliveryQueue::poll_transmit`] hands out.
 #[derive(Debug, Default)]
 pub struct Transmit {
-    pub frames: Vec<Bytes>,
+    /// Two chunks per 906 (head, message), to be written in this order.
+    pub chunks: Vec<Bytes>,
+    /// How many 906s the chunks hold.
+    pub frames: usize,
     pub bytes: usize,
     /// How many of the frames are retransmissions.
     pub retransmits: usize,
@@ -103,8 +116,8 @@ impl DeliveryQueue {
         let mut dropped = Vec::new();
         let mut kept = VecDeque::with_capacity(self.entries.len());
         for e in self.entries.drain(..) {
-            if e.frame.len() > limit {
-                self.bytes -= e.frame.len();
+            if e.len() > limit {
+                self.bytes -= e.len();
                 dropped.push(e.id);
             } else {
                 kept.push_back(e);
@@ -116,24 +129,25 @@ impl DeliveryQueue {
     }
 
     /// Queue a 906; assigns its delivery number.
-    pub fn push(&mut self, mut d: Deliver906) -> Result<u64, PushError> {
+    pub fn push(&mut self, d: Deliver906) -> Result<u64, PushError> {
         if self.entries.len() >= self.max_entries {
             return Err(PushError::Full);
         }
-        d.no = self.next_no;
-        let id = d.id;
-        let frame = wire::encode_to_bytes(&Frame::Deliver(d), self.max_frame)
-            .map_err(|_| PushError::Oversized)?;
-        if self.bytes + frame.len() > self.max_bytes && !self.entries.is_empty() {
+        let no = self.next_no;
+        let head =
+            wire::encode_deliver_head(no, d.id, d.seq, &d.users, d.message.len(), self.max_frame)
+                .map_err(|_| PushError::Oversized)?;
+        let len = head.len() + d.message.len();
+        if self.bytes + len > self.max_bytes && !self.entries.is_empty() {
             return Err(PushError::Full);
         }
-        self.bytes += frame.len();
-        let no = self.next_no;
+        self.bytes += len;
         self.next_no += 1;
         self.entries.push_back(Entry {
             no,
-            id,
-            frame,
+            id: d.id,
+            head,
+            message: d.message,
             sent: false,
         });
         Ok(no)
@@ -144,11 +158,13 @@ impl DeliveryQueue {
     pub fn poll_transmit(&mut self, max_bytes: usize) -> Transmit {
         let mut t = Transmit::default();
         while let Some(e) = self.entries.get_mut(self.unsent) {
-            if !t.frames.is_empty() && t.bytes + e.frame.len() > max_bytes {
+            if t.frames > 0 && t.bytes + e.len() > max_bytes {
                 break;
             }
-            t.bytes += e.frame.len();
-            t.frames.push(e.frame.clone());
+            t.bytes += e.len();
+            t.frames += 1;
+            t.chunks.push(e.head.clone());
+            t.chunks.push(e.message.clone());
             if e.sent {
                 t.retransmits += 1;
             }
@@ -174,7 +190,7 @@ impl DeliveryQueue {
                 break;
             }
             let e = self.entries.pop_front().expect("front exists");
-            self.bytes -= e.frame.len();
+            self.bytes -= e.len();
             self.unsent = self.unsent.saturating_sub(1);
             done.push(e.id);
         }
@@ -198,8 +214,8 @@ impl DeliveryQueue {
     /// Concatenate a transmit into one buffer (for writers that take one).
     pub fn concat(t: &Transmit) -> Bytes {
         let mut b = BytesMut::with_capacity(t.bytes);
-        for f in &t.frames {
-            b.extend_from_slice(f);
+        for c in &t.chunks {
+            b.extend_from_slice(c);
         }
         b.freeze()
     }
@@ -210,6 +226,7 @@ mod tests {
     use super::*;
     use iim::types::ServerId;
     use iim::wire::DEFAULT_MAX_FRAME;
+    use iim::wire::Frame;
 
     fn d(seq: u64) -> Deliver906 {
         Deliver906 {
@@ -243,11 +260,12 @@ mod tests {
         for s in 1..=10 {
             assert_eq!(q.push(d(s)).unwrap(), s);
         }
-        let frame_len = q.entries[0].frame.len();
+        let frame_len = q.entries[0].len();
         let t = q.poll_transmit(frame_len * 4);
-        assert_eq!(t.frames.len(), 4);
+        assert_eq!(t.frames, 4);
+        assert_eq!(t.chunks.len(), 8);
         let t2 = q.poll_transmit(usize::MAX);
-        assert_eq!(t2.frames.len(), 6);
+        assert_eq!(t2.frames, 6);
         let nos: Vec<u64> = decode_all(&t)
             .iter()
             .chain(&decode_all(&t2))
@@ -257,7 +275,7 @@ mod tests {
         assert!(!q.has_unsent());
         // A single frame larger than the budget still goes out.
         q.push(d(11)).unwrap();
-        assert_eq!(q.poll_transmit(1).frames.len(), 1);
+        assert_eq!(q.poll_transmit(1).frames, 1);
     }
 
     #[test]
@@ -292,7 +310,7 @@ mod tests {
         for s in 1..=5 {
             q.push(d(s)).unwrap();
         }
-        let one = q.entries[0].frame.len();
+        let one = q.entries[0].len();
         q.poll_transmit(one * 2);
         q.handle_ack(2).unwrap();
         let t = q.poll_transmit(usize::MAX);

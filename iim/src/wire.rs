@@ -95,7 +95,7 @@ pub struct Message {
 }
 
 /// The encoded shape of a [`Message`]: nested messages are byte strings.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct MessageWire {
     id: MessageId,
     source: Address,
@@ -109,9 +109,21 @@ struct MessageWire {
 impl Message {
     /// Encode into a fresh buffer.
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::new();
+        let mut out = BytesMut::with_capacity(self.size_hint());
         self.encode_into(&mut out);
         out.freeze()
+    }
+
+    /// An upper estimate of the encoded size, so encoding allocates once.
+    fn size_hint(&self) -> usize {
+        // Fixed fields are at most ~80 bytes of varints; each nested
+        // message adds its own size and a length prefix.
+        96 + self.body.len()
+            + self
+                .nested
+                .iter()
+                .map(|m| m.size_hint() + 10)
+                .sum::<usize>()
     }
 
     fn encode_into(&self, out: &mut BytesMut) {
@@ -129,15 +141,26 @@ impl Message {
     }
 
     /// Decode one message (and, recursively, the messages nested in it).
+    /// The bodies are copied out of `bytes`.
     pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
-        Self::decode_at(bytes, 0)
+        Self::decode_at(bytes, 0, &|body| Bytes::copy_from_slice(body))
     }
 
-    fn decode_at(bytes: &[u8], depth: usize) -> Result<Message, WireError> {
+    /// Like [`Message::decode`], but every body is a slice of `bytes`
+    /// (no copy; the bodies keep `bytes` alive).
+    pub fn decode_shared(bytes: &Bytes) -> Result<Message, WireError> {
+        Self::decode_at(bytes, 0, &|body| bytes.slice_ref(body))
+    }
+
+    fn decode_at(
+        bytes: &[u8],
+        depth: usize,
+        body_of: &dyn Fn(&[u8]) -> Bytes,
+    ) -> Result<Message, WireError> {
         if depth > MAX_NESTING {
             return Err(WireError::TooDeep);
         }
-        let (wire, rest): (MessageWire, _) = postcard::take_from_bytes(bytes)
+        let (wire, rest): (MessageWireRef<'_>, _) = postcard::take_from_bytes(bytes)
             .map_err(|e| WireError::MalformedMessage(e.to_string()))?;
         if !rest.is_empty() {
             return Err(WireError::MalformedMessage(format!(
@@ -148,7 +171,7 @@ impl Message {
         let nested = wire
             .nested
             .iter()
-            .map(|b| Self::decode_at(b, depth + 1))
+            .map(|b| Self::decode_at(b, depth + 1, body_of))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Message {
             id: wire.id,
@@ -156,10 +179,25 @@ impl Message {
             target: wire.target,
             kind: wire.kind,
             timing: wire.timing,
-            body: wire.body,
+            body: body_of(wire.body),
             nested,
         })
     }
+}
+
+/// [`MessageWire`] as the decoder reads it: byte strings borrowed from the
+/// input, so the caller decides whether bodies are copied or shared.
+#[derive(Deserialize)]
+struct MessageWireRef<'a> {
+    id: MessageId,
+    source: Address,
+    target: Address,
+    kind: u16,
+    timing: Timing,
+    #[serde(borrow)]
+    body: &'a [u8],
+    #[serde(borrow)]
+    nested: Vec<&'a [u8]>,
 }
 
 // ---------------------------------------------------------------------------
@@ -215,6 +253,13 @@ pub struct ServerRow {
     /// the target drops anything not above the last one it delivered.
     pub seq: u64,
     pub users: Vec<UserRow>,
+}
+
+impl ServerRow {
+    /// An upper estimate of the encoded size.
+    fn size_hint(&self) -> usize {
+        40 + 20 * self.users.len()
+    }
 }
 
 /// 905: forward request, app server → exchange. Carries the message once
@@ -468,8 +513,57 @@ pub fn encode(frame: &Frame, out: &mut BytesMut, max: usize) -> Result<(), WireE
 
 /// Encode one frame into its own buffer.
 pub fn encode_to_bytes(frame: &Frame, max: usize) -> Result<Bytes, WireError> {
-    let mut out = BytesMut::new();
+    let hint = match frame {
+        Frame::Forward(f) => {
+            f.message.len() + f.rows.iter().map(ServerRow::size_hint).sum::<usize>()
+        }
+        Frame::Deliver(d) => d.message.len() + 20 * d.users.len(),
+        Frame::Report(r) => 32 * r.entries.len(),
+        _ => 0,
+    };
+    let mut out = BytesMut::with_capacity(HEADER_LEN + 64 + hint);
     encode(frame, &mut out, max)?;
+    Ok(out.freeze())
+}
+
+/// postcard's index of [`Frame::Deliver`] (variants are append-only; a test
+/// pins it against the generic encoding).
+const DELIVER_VARIANT: u8 = 4;
+
+/// The fields of a 906 that precede its message, in encoding order.
+#[derive(Serialize)]
+struct DeliverHead<'a> {
+    no: u64,
+    id: MessageId,
+    seq: u64,
+    users: &'a [UserRow],
+}
+
+/// The head of a 906 whose message bytes are sent separately: the frame
+/// header, the delivery fields and the message's length prefix.
+/// `head ++ message` is byte for byte `encode(&Frame::Deliver(..))`, so
+/// every 906 of one 905 can share one copy of the message all the way into
+/// the transport.
+pub fn encode_deliver_head(
+    no: u64,
+    id: MessageId,
+    seq: u64,
+    users: &[UserRow],
+    message_len: usize,
+    max: usize,
+) -> Result<Bytes, WireError> {
+    let mut out = BytesMut::with_capacity(HEADER_LEN + 48 + 20 * users.len());
+    out.put_u8(VERSION);
+    out.put_u32(0);
+    out.put_u8(DELIVER_VARIANT);
+    let head = DeliverHead { no, id, seq, users };
+    let _ = postcard::serialize_with_flavor(&head, BytesMutFlavor(&mut out));
+    let _ = postcard::serialize_with_flavor(&(message_len as u64), BytesMutFlavor(&mut out));
+    let len = out.len() - HEADER_LEN + message_len;
+    if len > max || len > u32::MAX as usize {
+        return Err(WireError::Oversized { len, max });
+    }
+    out[1..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(out.freeze())
 }
 
@@ -494,9 +588,9 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, WireError
         buf.reserve(HEADER_LEN + len - buf.len());
         return Ok(None);
     }
-    buf.advance(HEADER_LEN);
-    let body = buf.split_to(len);
-    let (frame, rest) = postcard::take_from_bytes::<Frame>(&body)
+    // Decoded in place, then skipped: no split of the buffer (which would
+    // make it a shared, reference-counted one) per frame.
+    let (frame, rest) = postcard::take_from_bytes::<Frame>(&buf[HEADER_LEN..HEADER_LEN + len])
         .map_err(|e| WireError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(WireError::Malformed(format!(
@@ -504,6 +598,7 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, WireError
             rest.len()
         )));
     }
+    buf.advance(HEADER_LEN + len);
     Ok(Some(frame))
 }
 

@@ -713,7 +713,31 @@ proptest! {
 
     #[test]
     fn message_round_trips(m in message()) {
-        prop_assert_eq!(Message::decode(&m.encode()), Ok(m));
+        let bytes = m.encode();
+        prop_assert_eq!(Message::decode_shared(&bytes), Ok(m.clone()));
+        prop_assert_eq!(Message::decode(&bytes), Ok(m));
+    }
+
+    #[test]
+    fn a_906_head_and_its_shared_message_are_the_whole_frame(
+        no in any::<u64>(),
+        id in message_ids(),
+        seq in any::<u64>(),
+        users in vec(user_row(), 0..8),
+        message in carried_message(),
+    ) {
+        let whole = wire::encode_to_bytes(
+            &Frame::Deliver(Deliver906 { no, id, seq, users: users.clone(), message: message.clone() }),
+            usize::MAX,
+        ).unwrap();
+        let head = wire::encode_deliver_head(no, id, seq, &users, message.len(), usize::MAX).unwrap();
+        prop_assert_eq!(hex(&[&head[..], &message[..]].concat()), hex(&whole));
+        // The same limit applies to the parts as to the whole.
+        let body_len = whole.len() - HEADER_LEN;
+        prop_assert_eq!(
+            wire::encode_deliver_head(no, id, seq, &users, message.len(), body_len - 1),
+            Err(WireError::Oversized { len: body_len, max: body_len - 1 })
+        );
     }
 }
 
@@ -740,7 +764,8 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic_the_message_decoder(bytes in vec(any::<u8>(), 0..4096)) {
-        let _ = Message::decode(&bytes);
+        let copied = Message::decode(&bytes);
+        prop_assert_eq!(Message::decode_shared(&Bytes::from(bytes)), copied);
     }
 }
 
