@@ -4,9 +4,9 @@
 //!
 //! One long-lived bidirectional stream carries a link in each direction
 //! (the app server opens it). Frames are written in batches: whatever is
-//! queued when the writer becomes free goes out in one `write_all_chunks`,
-//! which NOTES.md measured as the largest single saving over a write per
-//! frame.
+//! queued when the writer becomes free goes out in one write of a few
+//! coalesced buffers, which NOTES.md measured as the largest single saving
+//! over a write per frame.
 
 use crate::wire::{self, ErrorCode, Frame, WireError};
 use bytes::{Bytes, BytesMut};
@@ -28,6 +28,16 @@ pub struct QuicTuning {
     pub keep_alive_ms: u64,
     /// A link silent for this long is dead.
     pub idle_timeout_ms: u64,
+    /// Requested UDP receive and send buffer of the endpoint's socket. The
+    /// kernel caps it (`net.core.rmem_max` / `wmem_max`); the size granted
+    /// is logged. Small buffers drop datagrams under bursts, and every drop
+    /// shrinks QUIC's congestion window (docs/benchmarks.md).
+    pub socket_buffer_bytes: usize,
+    /// Largest UDP payload this endpoint accepts and probes its paths for
+    /// (QUIC path MTU discovery starts at 1200 bytes and climbs towards
+    /// this while probes get through). 1452 fits any 1500-byte Ethernet
+    /// path; raise it where links carry jumbo frames, or on loopback.
+    pub max_udp_payload: u16,
 }
 
 impl Default for QuicTuning {
@@ -35,12 +45,20 @@ impl Default for QuicTuning {
         QuicTuning {
             keep_alive_ms: 1_000,
             idle_timeout_ms: 5_000,
+            socket_buffer_bytes: 4 << 20,
+            max_udp_payload: 1452,
         }
     }
 }
 
 impl QuicTuning {
     pub fn validate(&self) -> Result<(), String> {
+        if !(1200..=65_527).contains(&self.max_udp_payload) {
+            return Err(format!(
+                "quic: max_udp_payload ({}) is outside 1200..=65527",
+                self.max_udp_payload
+            ));
+        }
         if self.keep_alive_ms == 0 || self.idle_timeout_ms <= self.keep_alive_ms {
             return Err(format!(
                 "quic: idle_timeout_ms ({}) must exceed keep_alive_ms ({}) > 0",
@@ -48,6 +66,50 @@ impl QuicTuning {
             ));
         }
         Ok(())
+    }
+
+    /// Bind the UDP socket of a QUIC endpoint at `addr`, with the buffers
+    /// asked for (as far as the kernel allows).
+    pub fn bind_socket(&self, addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+        let want = self.socket_buffer_bytes;
+        if want > 0 {
+            if let Err(e) = state.set_recv_buffer_size((&socket).into(), want) {
+                tracing::warn!(error = %e, want, "cannot size the UDP receive buffer");
+            }
+            if let Err(e) = state.set_send_buffer_size((&socket).into(), want) {
+                tracing::warn!(error = %e, want, "cannot size the UDP send buffer");
+            }
+        }
+        let recv = state.recv_buffer_size((&socket).into()).unwrap_or(0);
+        let send = state.send_buffer_size((&socket).into()).unwrap_or(0);
+        // Linux reports twice what it grants (the doubling covers its own
+        // bookkeeping), so half the reading is what was granted.
+        if recv / 2 < want {
+            tracing::info!(
+                want,
+                granted = recv / 2,
+                "UDP receive buffer capped by the kernel (net.core.rmem_max)"
+            );
+        }
+        tracing::debug!(recv, send, "UDP socket buffers");
+        Ok(socket)
+    }
+
+    /// A QUIC endpoint on a socket from [`QuicTuning::bind_socket`]:
+    /// a server when `server` is given, else a client.
+    pub fn endpoint(
+        &self,
+        addr: std::net::SocketAddr,
+        server: Option<quinn::ServerConfig>,
+    ) -> std::io::Result<quinn::Endpoint> {
+        let socket = self.bind_socket(addr)?;
+        let mut config = quinn::EndpointConfig::default();
+        config
+            .max_udp_payload_size(self.max_udp_payload)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
     }
 
     pub fn transport(&self) -> Arc<quinn::TransportConfig> {
@@ -60,6 +122,9 @@ impl QuicTuning {
         t.stream_receive_window((8u32 << 20).into());
         t.receive_window((16u32 << 20).into());
         t.send_window(16 << 20);
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload);
+        t.mtu_discovery_config(Some(mtu));
         Arc::new(t)
     }
 }
@@ -160,8 +225,8 @@ impl FrameReader {
 /// Handle to a link's writer task. Dropping every handle finishes the stream.
 pub type Writer = mpsc::Sender<Vec<Bytes>>;
 
-/// Spawn the writer task of one link: each received batch goes out in one
-/// vectored write. The channel bound (in batches) is the link's only
+/// Spawn the writer task of one link: each received batch (and whatever
+/// else is already waiting) goes out in one write. The channel bound (in batches) is the link's only
 /// buffering beyond QUIC's own windows.
 pub fn spawn_writer(
     mut send: quinn::SendStream,
@@ -171,13 +236,14 @@ pub fn spawn_writer(
     let task = tokio::spawn(async move {
         while let Some(mut chunks) = rx.recv().await {
             // Gather whatever else is already waiting into the same write.
-            while chunks.len() < 1024 {
+            while chunks.len() < 2048 {
                 match rx.try_recv() {
                     Ok(more) => chunks.extend(more),
                     Err(_) => break,
                 }
             }
-            if let Err(e) = send.write_all_chunks(&mut chunks).await {
+            let mut out = coalesce(chunks);
+            if let Err(e) = send.write_all_chunks(&mut out).await {
                 tracing::debug!(error = %e, "link write failed");
                 return;
             }
@@ -185,6 +251,40 @@ pub fn spawn_writer(
         let _ = send.finish();
     });
     (tx, task)
+}
+
+/// Target size of the buffers [`coalesce`] builds.
+const COALESCED_CHUNK: usize = 32 * 1024;
+
+/// Copy small chunks into buffers of about [`COALESCED_CHUNK`] bytes; chunks
+/// that big already pass through uncopied. quinn's send buffer finds the
+/// data of each packet by walking its unacknowledged segments from the
+/// front, so thousands of small segments in flight cost more CPU than one
+/// copy (docs/benchmarks.md); buffers of this size stay in the allocator's
+/// cheap size classes.
+fn coalesce(chunks: Vec<Bytes>) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(chunks.len() / 16 + 2);
+    let mut buf = BytesMut::new();
+    for c in chunks {
+        if c.len() >= COALESCED_CHUNK / 2 {
+            if !buf.is_empty() {
+                out.push(buf.split().freeze());
+            }
+            out.push(c);
+            continue;
+        }
+        if buf.len() + c.len() > COALESCED_CHUNK && !buf.is_empty() {
+            out.push(buf.split().freeze());
+        }
+        if buf.capacity() - buf.len() < c.len() {
+            buf.reserve(COALESCED_CHUNK.max(c.len()));
+        }
+        buf.extend_from_slice(&c);
+    }
+    if !buf.is_empty() {
+        out.push(buf.freeze());
+    }
+    out
 }
 
 /// Encode one frame for a writer. Frames built from local state are small
@@ -222,5 +322,37 @@ pub async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn coalescing_keeps_every_byte_in_order(sizes in vec(0..40_000usize, 0..200)) {
+            let chunks: Vec<Bytes> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| Bytes::from(vec![i as u8; n]))
+                .collect();
+            let whole: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            let out = coalesce(chunks.clone());
+            let joined: Vec<u8> = out.iter().flat_map(|c| c.iter().copied()).collect();
+            prop_assert_eq!(joined, whole);
+            prop_assert!(out.iter().all(|c| !c.is_empty()));
+            // Copied buffers stay near the target size; only chunks that
+            // were big already are bigger.
+            for c in &out {
+                prop_assert!(
+                    c.len() <= COALESCED_CHUNK || chunks.iter().any(|o| o.len() == c.len())
+                );
+            }
+            // Small chunks are merged: never more buffers than chunks.
+            prop_assert!(out.len() <= chunks.len());
+        }
     }
 }

@@ -102,6 +102,7 @@ pub fn test_quic() -> iim::quic::QuicTuning {
     iim::quic::QuicTuning {
         keep_alive_ms: 200,
         idle_timeout_ms: 1_000,
+        ..Default::default()
     }
 }
 
