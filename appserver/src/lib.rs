@@ -104,12 +104,9 @@ impl AppServerHandle {
             warn!(error = %e, "could not mark the server draining");
         }
         let mut w = self.link.clone();
-        let drained = tokio::time::timeout(
-            self.grace,
-            w.wait_for(|s| s.outstanding == 0 || s.fatal.is_some()),
-        )
-        .await
-        .is_ok();
+        let drained = tokio::time::timeout(self.grace, w.wait_for(|s| s.idle || s.fatal.is_some()))
+            .await
+            .is_ok();
         info!(drained, "draining done");
         self.stop.cancel();
         self.tracker.close();
@@ -158,7 +155,10 @@ pub async fn start_with(
         Some(SocketAddr::V6(_)) => "[::]:0".parse()?,
         _ => "0.0.0.0:0".parse()?,
     };
-    let endpoint = quinn::Endpoint::client(bind).context("cannot bind the QUIC client socket")?;
+    let endpoint = config
+        .quic
+        .endpoint(bind, None)
+        .context("cannot bind the QUIC client socket")?;
     let http_listener = match config.http_listen {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)

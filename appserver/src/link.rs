@@ -35,6 +35,8 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 /// Batches the writer may hold before the link task waits.
 const WRITER_BATCHES: usize = 64;
+/// Submits the link task takes per wake-up.
+const SUBMIT_BATCH: usize = 256;
 /// Events from connector and readers.
 const EVENT_CHANNEL: usize = 256;
 
@@ -61,7 +63,9 @@ pub struct LinkParams {
 pub struct LinkState {
     /// The exchange registered with now, if any.
     pub exchange: Option<ServerId>,
-    pub outstanding: usize,
+    /// No 905 is waiting for its report. (Only the transitions wake
+    /// watchers; the exact count is the `outstanding_905` gauge.)
+    pub idle: bool,
     /// Set when the exchange refused this incarnation for good (another
     /// process registered the same id with a newer epoch, or the
     /// certificate does not match): the server must stop.
@@ -95,7 +99,10 @@ pub fn spawn(
     tracker: &TaskTracker,
 ) -> watch::Receiver<LinkState> {
     let (events_tx, events) = mpsc::channel(EVENT_CHANNEL);
-    let (state_tx, state_rx) = watch::channel(LinkState::default());
+    let (state_tx, state_rx) = watch::channel(LinkState {
+        idle: true,
+        ..LinkState::default()
+    });
     let span = info_span!("link", server = p.server.0);
     let connector = Connector {
         server: p.server,
@@ -155,6 +162,7 @@ impl Link {
         mut events: mpsc::Receiver<Event>,
         stop: CancellationToken,
     ) {
+        let mut subs = Vec::with_capacity(SUBMIT_BATCH);
         let mut heartbeat = tokio::time::interval(self.p.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -177,10 +185,14 @@ impl Link {
                     }
                     None => self.lost(),
                 },
-                sub = submits.recv(), if self.outbox.len() < self.p.max_outstanding => match sub {
-                    Some(sub) => self.on_submit(sub),
-                    None => break,
-                },
+                n = submits.recv_many(&mut subs, SUBMIT_BATCH.min(self.room())), if self.room() > 0 => {
+                    if n == 0 {
+                        break;
+                    }
+                    for sub in subs.drain(..) {
+                        self.on_submit(sub);
+                    }
+                }
                 _ = quic::sleep_until_opt(deadline) => {
                     for (reply, results) in self.outbox.poll_expired(std::time::Instant::now()) {
                         for r in &results {
@@ -208,20 +220,27 @@ impl Link {
         self.publish();
     }
 
+    /// 905s the outbox can still take.
+    fn room(&self) -> usize {
+        self.p.max_outstanding.saturating_sub(self.outbox.len())
+    }
+
     fn publish(&self) {
-        let next = LinkState {
-            exchange: self.cur.as_ref().map(|c| c.exchange),
-            outstanding: self.outbox.len(),
-            fatal: self.state.borrow().fatal.clone(),
-        };
-        self.metrics.outstanding.set(next.outstanding as i64);
-        self.state.send_if_modified(|s| {
-            if *s != next {
-                *s = next;
-                true
-            } else {
-                false
+        let exchange = self.cur.as_ref().map(|c| c.exchange);
+        let idle = self.outbox.is_empty();
+        self.metrics.outstanding.set(self.outbox.len() as i64);
+        {
+            // Most iterations change neither: a read lock, no wake-ups.
+            let s = self.state.borrow();
+            if s.exchange == exchange && s.idle == idle {
+                return;
             }
+        }
+        self.state.send_if_modified(|s| {
+            let changed = s.exchange != exchange || s.idle != idle;
+            s.exchange = exchange;
+            s.idle = idle;
+            changed
         });
     }
 
@@ -352,7 +371,7 @@ impl Link {
     /// not: a bad one must not block the queue behind it.
     fn on_deliver(&mut self, d: Deliver906) {
         self.metrics.delivers_in.inc();
-        let msg = match Message::decode(&d.message) {
+        let msg = match Message::decode_shared(&d.message) {
             Ok(m) => m,
             Err(e) => {
                 self.metrics.rejected.inc("malformed_message");

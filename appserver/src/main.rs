@@ -8,6 +8,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of the system allocator: the relay allocates and frees
+/// small buffers on several threads at once, where glibc's allocator spent
+/// ~15–20 % of the CPU (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The iim app server: plugin host and local connections, linked to the
 /// exchange so `iim::send` reaches users on every server.
 #[derive(Parser, Debug)]

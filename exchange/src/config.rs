@@ -35,6 +35,10 @@ pub struct Config {
     pub queue_max_bytes: usize,
     /// Most servers connected at once.
     pub max_links: usize,
+    /// Runtime threads: 1 runs every task on one thread (no hand-offs
+    /// between threads: the cheapest per delivery while one core keeps up);
+    /// 0 starts one worker per core.
+    pub worker_threads: usize,
     pub quic: QuicTuning,
     pub tls: TlsFiles,
 }
@@ -54,6 +58,7 @@ impl Default for Config {
             queue_max_frames: 65_536,
             queue_max_bytes: 64 << 20,
             max_links: 4_096,
+            worker_threads: 1,
             quic: QuicTuning::default(),
             tls: TlsFiles {
                 ca: PathBuf::from("certs/dev/ca.pem"),
@@ -88,6 +93,12 @@ impl Config {
             return Err(
                 "queue_max_frames must be > 0 and queue_max_bytes >= max_frame_bytes".into(),
             );
+        }
+        if self.worker_threads > 1_024 {
+            return Err(format!(
+                "worker_threads: {} is above 1024",
+                self.worker_threads
+            ));
         }
         if self.handshake_timeout_ms == 0 || self.max_links == 0 {
             return Err("handshake_timeout_ms and max_links must be > 0".into());

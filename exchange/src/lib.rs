@@ -81,7 +81,9 @@ pub async fn start(
         .await
         .with_context(|| "cannot open the registry database")?;
     let server_config = tls::quic_server_config(&tls, config.quic.transport())?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+    let endpoint = config
+        .quic
+        .endpoint(config.listen, Some(server_config))
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = endpoint.local_addr()?;
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());

@@ -8,6 +8,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of the system allocator: the relay allocates and frees
+/// small buffers on several threads at once, where glibc's allocator spent
+/// ~15–20 % of the CPU (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The iim exchange: relays 905 forward requests between app servers as
 /// 906 deliveries over QUIC with mutual TLS.
 #[derive(Parser, Debug)]
@@ -37,6 +43,9 @@ struct Cli {
     /// Override `lease_secs`.
     #[arg(long)]
     lease_secs: Option<u64>,
+    /// Override `worker_threads` (1: one thread; 0: one per core).
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// Directory holding ca.pem and exchange-<id>.pem/.key (overrides `tls`).
     #[arg(long)]
     certs: Option<PathBuf>,
@@ -86,6 +95,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(v) = cli.lease_secs {
         config.lease_secs = v;
     }
+    if let Some(v) = cli.worker_threads {
+        config.worker_threads = v;
+    }
     if let Some(dir) = &cli.certs {
         config.tls = iim::tls::dev::exchange_files(dir, iim::ServerId(config.id));
     }
@@ -98,7 +110,16 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load(&cli)?;
     let tls = iim::tls::TlsMaterial::load(&config.tls)?;
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = match config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        0 => tokio::runtime::Runtime::new()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
         let handle = iim_exchange::start(config, tls, shutdown.clone()).await?;

@@ -13,6 +13,10 @@ use iim_tests::{
 };
 use std::time::Instant;
 
+/// The allocator of the `iim-exchange` and `iim-appserver` binaries.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let args: Vec<usize> = std::env::args()
