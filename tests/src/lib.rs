@@ -8,6 +8,7 @@ pub mod client;
 pub mod db;
 pub mod deploy;
 pub mod proc;
+pub mod procfs;
 pub mod proxy;
 
 use iim::tls::TlsMaterial;

@@ -31,6 +31,7 @@ use iim::tls::dev::DevCa;
 use iim::types::{ServerId, Session, UserId};
 use iim::{DeliveryStatus, Iim, Outgoing};
 use iim_appserver::{AppServerHandle, ExchangeTarget};
+use iim_tests::procfs::{CpuMeter, clk_tck, vm_kib};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -39,6 +40,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
+
+/// The same allocator as the `iim-appserver` binary, for the app servers
+/// this process hosts.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const EXCHANGE_ID: u32 = 100;
 const ORIGIN: u32 = 1;
@@ -79,6 +85,13 @@ struct Args {
     /// Idle app servers for the RSS measurement.
     #[arg(long, default_value_t = 100)]
     idle_servers: u32,
+    /// The exchange's `worker_threads` (default: its config default).
+    #[arg(long)]
+    exchange_threads: Option<usize>,
+    /// `quic.max_udp_payload` of the exchange and the app servers
+    /// (default: the config default).
+    #[arg(long)]
+    max_udp_payload: Option<u16>,
     /// The nats-server binary.
     #[arg(long, default_value = "/usr/sbin/nats-server")]
     nats_server: PathBuf,
@@ -87,59 +100,6 @@ struct Args {
 // ---------------------------------------------------------------------------
 // /proc
 // ---------------------------------------------------------------------------
-
-fn clk_tck() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some((_, rest)) = s.rsplit_once(')') else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // Fields 14 and 15 of stat; `rest` starts at field 3.
-    n(11) + n(12)
-}
-
-/// A `Vm*` line of /proc/<pid>/status, in KiB.
-fn vm_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim_start_matches(':').split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-struct CpuMeter {
-    pid: u32,
-    ticks: u64,
-    tck: f64,
-}
-
-impl CpuMeter {
-    fn start(pid: u32, tck: f64) -> CpuMeter {
-        CpuMeter {
-            pid,
-            ticks: cpu_ticks(pid),
-            tck,
-        }
-    }
-    /// CPU microseconds used since `start`.
-    fn micros(&self) -> f64 {
-        (cpu_ticks(self.pid) - self.ticks) as f64 * 1e6 / self.tck
-    }
-}
 
 fn free_port(udp: bool) -> u16 {
     iim_tests::proc::free_port(udp)
@@ -183,14 +143,30 @@ struct ExchangeProc {
 
 /// Start the exchange binary on a fresh registry (`db_url`) with the
 /// certificates in `certs`.
-async fn start_exchange(certs: &Path, db_url: &str, log: &Path) -> Result<ExchangeProc> {
+async fn start_exchange(
+    certs: &Path,
+    db_url: &str,
+    log: &Path,
+    tuning: &Tuning,
+) -> Result<ExchangeProc> {
     let bin = release_bin("iim-exchange")?;
+    // Settings without a flag go in through a config file.
+    let defaults = iim_exchange::Config::default();
+    let config = iim_exchange::Config {
+        quic: tuning.quic(),
+        worker_threads: tuning.exchange_threads.unwrap_or(defaults.worker_threads),
+        ..defaults
+    };
+    let config_path = log.with_extension("toml");
+    std::fs::write(&config_path, toml::to_string(&config)?)?;
     let port = free_port(true);
     let http = free_port(false);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let out = std::fs::File::create(log)?;
     let child = Command::new(&bin)
         .args([
+            "--config",
+            &config_path.display().to_string(),
             "--id",
             &EXCHANGE_ID.to_string(),
             "--listen",
@@ -222,14 +198,37 @@ async fn start_exchange(certs: &Path, db_url: &str, log: &Path) -> Result<Exchan
 // iim side
 // ---------------------------------------------------------------------------
 
-fn server_config(db: &str, id: u32, exchange: SocketAddr) -> iim_appserver::Config {
+/// Transport and runtime settings that differ from the daemons' defaults
+/// (none unless asked for on the command line).
+#[derive(Clone, Debug, Default)]
+struct Tuning {
+    exchange_threads: Option<usize>,
+    max_udp_payload: Option<u16>,
+}
+
+impl Tuning {
+    fn quic(&self) -> iim::quic::QuicTuning {
+        let mut q = iim::quic::QuicTuning::default();
+        if let Some(p) = self.max_udp_payload {
+            q.max_udp_payload = p;
+        }
+        q
+    }
+}
+
+fn server_config(
+    db: &str,
+    id: u32,
+    exchange: SocketAddr,
+    tuning: &Tuning,
+) -> iim_appserver::Config {
     let mut cfg = iim_tests::appserver_config(db, id, exchange);
     cfg.exchange = Some(ExchangeTarget {
         id: EXCHANGE_ID,
         address: exchange,
     });
     // Production timers: a loaded 2-core box must not trip a 1 s idle timeout.
-    cfg.quic = iim::quic::QuicTuning::default();
+    cfg.quic = tuning.quic();
     cfg.heartbeat_ms = 1_000;
     cfg.client_listen = None;
     cfg
@@ -307,7 +306,55 @@ struct Latency {
     sent: u64,
     not_delivered: u64,
     achieved_msgs: f64,
+    /// Intended send time → the delivered report at the origin (every
+    /// target acknowledged), per message.
     hist: Histogram<u64>,
+    /// Intended send time → the message taken off a target connection's
+    /// queue, per delivery (what a recipient sees).
+    recv: Histogram<u64>,
+}
+
+/// Arrival times at the target connections during a latency run. Message
+/// i of a run carries i in its first 8 body bytes and was due at
+/// `start + i / rate`.
+#[derive(Default)]
+struct Arrivals {
+    run: std::sync::Mutex<Option<ArrivalRun>>,
+}
+
+struct ArrivalRun {
+    start: Instant,
+    rate: f64,
+    hist: Histogram<u64>,
+}
+
+impl Arrivals {
+    fn begin(&self, start: Instant, rate: f64) -> Result<()> {
+        let hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+        *self.run.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(ArrivalRun { start, rate, hist });
+        Ok(())
+    }
+
+    fn end(&self) -> Option<Histogram<u64>> {
+        self.run
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .map(|r| r.hist)
+    }
+
+    fn record(&self, m: &iim::Message) {
+        let now = Instant::now();
+        let mut run = self.run.lock().unwrap_or_else(|e| e.into_inner());
+        let (Some(r), Some(head)) = (run.as_mut(), m.body.get(..8)) else {
+            return;
+        };
+        let i = u64::from_le_bytes(head.try_into().unwrap_or_default());
+        let due = r.start + Duration::from_secs_f64(i as f64 / r.rate);
+        r.hist
+            .saturating_record(now.saturating_duration_since(due).as_micros() as u64);
+    }
 }
 
 /// Fixed-rate run: message i is due at start + i / rate; its latency is
@@ -320,16 +367,17 @@ async fn iim_latency(
     rate: f64,
     secs: f64,
     size: usize,
+    arrivals: &Arrivals,
 ) -> Result<Latency> {
     let n = (rate * secs).max(1.0) as u64;
-    let body = Bytes::from(vec![b'x'; size]);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let handle = tokio::runtime::Handle::current();
+    let start = Instant::now();
+    arrivals.begin(start, rate)?;
     let sender = {
         let iim = iim.clone();
         let users = users.to_vec();
         std::thread::spawn(move || -> Result<()> {
-            let start = Instant::now();
             let due = |i: u64| start + Duration::from_secs_f64(i as f64 / rate);
             let mut i = 0u64;
             while i < n {
@@ -342,7 +390,9 @@ async fn iim_latency(
                 let upto = ((now * rate) as u64 + 1).clamp(i + 1, n);
                 handle.block_on(async {
                     for j in i..upto {
-                        let p = iim.submit(outgoing(&body), &users).await?;
+                        let mut body = vec![b'x'; size.max(8)];
+                        body[..8].copy_from_slice(&j.to_le_bytes());
+                        let p = iim.submit(outgoing(&Bytes::from(body)), &users).await?;
                         if tx.send((due(j), p)).is_err() {
                             break;
                         }
@@ -389,12 +439,17 @@ async fn iim_latency(
         .join()
         .map_err(|_| anyhow::anyhow!("sender panicked"))??;
     let span = first.map(|f| (last - f).as_secs_f64()).unwrap_or(1.0);
+    // Every target acknowledged before its report: the messages are in the
+    // connection queues; give the drain tasks a moment to take them.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let recv = arrivals.end().context("arrival histogram")?;
     Ok(Latency {
         offered_msgs: rate,
         sent,
         not_delivered,
         achieved_msgs: sent as f64 / span,
         hist,
+        recv,
     })
 }
 
@@ -582,28 +637,38 @@ async fn main() -> Result<()> {
         &ex_tls.key_pem,
     )?;
 
+    let tuning = Tuning {
+        exchange_threads: args.exchange_threads,
+        max_udp_payload: args.max_udp_payload,
+    };
     // Registry + exchange process.
     let db_url = format!("sqlite://{}", dir.join("registry.db").display());
     iim::registry::Registry::connect(&db_url).await?;
-    let mut ex = start_exchange(&certs, &db_url, &dir.join("exchange.log")).await?;
+    let mut ex = start_exchange(&certs, &db_url, &dir.join("exchange.log"), &tuning).await?;
     let stop = CancellationToken::new();
 
     let kmax = *args.k.iter().max().unwrap_or(&1);
-    let mut cfg = server_config(&db_url, ORIGIN, ex.addr);
+    let mut cfg = server_config(&db_url, ORIGIN, ex.addr, &tuning);
     cfg.max_outstanding = args.window.max(1) * 2;
     let origin = start_server(&ca, cfg, &stop).await?;
     wait_linked(&origin).await?;
     let mut targets = Vec::new();
     let mut keep = Vec::new();
+    let arrivals = Arc::new(Arrivals::default());
     for i in 0..kmax {
         let id = 2 + i as u32;
-        let mut cfg = server_config(&db_url, id, ex.addr);
+        let mut cfg = server_config(&db_url, id, ex.addr, &tuning);
         cfg.connection_queue = 1 << 20;
         let s = start_server(&ca, cfg, &stop).await?;
         wait_linked(&s).await?;
         let user = UserId(1000 + u64::from(id));
         let mut conn = s.connections.attach(user, "bench").await?;
-        tokio::spawn(async move { while conn.rx.recv().await.is_some() {} });
+        let arrivals = arrivals.clone();
+        tokio::spawn(async move {
+            while let Some(m) = conn.rx.recv().await {
+                arrivals.record(&m);
+            }
+        });
         targets.push(user);
         keep.push(s);
     }
@@ -683,11 +748,22 @@ async fn main() -> Result<()> {
             if !args.no_latency {
                 for pct in [25u32, 50, 80] {
                     let rate = row.iim_dps / k as f64 * f64::from(pct) / 100.0;
-                    let l = iim_latency(&origin.iim, &users, rate, args.latency_secs, size).await?;
+                    let l = iim_latency(
+                        &origin.iim,
+                        &users,
+                        rate,
+                        args.latency_secs,
+                        size,
+                        &arrivals,
+                    )
+                    .await?;
                     eprintln!(
-                        "iim  k={k:<2} size={size:<5} {pct}% = {:.0} msg/s offered, {:.0} achieved: p50 {} µs p99 {} µs p999 {} µs max {} µs ({} samples, {} not delivered)",
+                        "iim  k={k:<2} size={size:<5} {pct}% = {:.0} msg/s offered, {:.0} achieved: received p50 {} µs p99 {} µs p999 {} µs; report p50 {} µs p99 {} µs p999 {} µs max {} µs ({} samples, {} not delivered)",
                         l.offered_msgs,
                         l.achieved_msgs,
+                        l.recv.value_at_quantile(0.5),
+                        l.recv.value_at_quantile(0.99),
+                        l.recv.value_at_quantile(0.999),
                         l.hist.value_at_quantile(0.5),
                         l.hist.value_at_quantile(0.99),
                         l.hist.value_at_quantile(0.999),
@@ -717,7 +793,7 @@ async fn main() -> Result<()> {
 
     let mut rss = None;
     if !args.no_rss {
-        rss = Some(idle_rss(&ca, &certs, &dir, args.idle_servers).await?);
+        rss = Some(idle_rss(&ca, &certs, &dir, args.idle_servers, &tuning).await?);
     }
 
     // The table.
@@ -752,21 +828,24 @@ async fn main() -> Result<()> {
     if rows.iter().any(|r| !r.lat.is_empty()) {
         println!();
         println!(
-            "iim latency, intended send time → delivered report at the origin (µs; corrected for coordinated omission)"
+            "iim latency in µs from the intended send time (corrected for coordinated omission): to the message leaving a target connection's queue (received, per delivery), and to the delivered report at the origin (report, per message)"
         );
         println!();
         println!(
-            "| k | payload | load | offered msg/s | achieved msg/s | p50 | p99 | p999 | max | samples / sent | not delivered |"
+            "| k | payload | load | offered msg/s | achieved msg/s | received p50 | received p99 | received p999 | report p50 | report p99 | report p999 | report max | samples / sent | not delivered |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for r in &rows {
             for (pct, l) in &r.lat {
                 println!(
-                    "| {} | {} B | {pct} % | {:.0} | {:.0} | {} | {} | {} | {} | {} / {} | {} |",
+                    "| {} | {} B | {pct} % | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
                     r.k,
                     r.size,
                     l.offered_msgs,
                     l.achieved_msgs,
+                    l.recv.value_at_quantile(0.5),
+                    l.recv.value_at_quantile(0.99),
+                    l.recv.value_at_quantile(0.999),
                     l.hist.value_at_quantile(0.5),
                     l.hist.value_at_quantile(0.99),
                     l.hist.value_at_quantile(0.999),
@@ -795,16 +874,22 @@ async fn main() -> Result<()> {
 
 /// A fresh exchange process and `n` app servers that register and stay
 /// idle; returns (RSS before any server, RSS with them, HWM, n) in KiB.
-async fn idle_rss(ca: &DevCa, certs: &Path, dir: &Path, n: u32) -> Result<(u64, u64, u64, u32)> {
+async fn idle_rss(
+    ca: &DevCa,
+    certs: &Path,
+    dir: &Path,
+    n: u32,
+    tuning: &Tuning,
+) -> Result<(u64, u64, u64, u32)> {
     let db_url = format!("sqlite://{}", dir.join("registry-idle.db").display());
     iim::registry::Registry::connect(&db_url).await?;
-    let mut ex = start_exchange(certs, &db_url, &dir.join("exchange-idle.log")).await?;
+    let mut ex = start_exchange(certs, &db_url, &dir.join("exchange-idle.log"), tuning).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = vm_kib(ex.pid, "VmRSS");
     let stop = CancellationToken::new();
     let mut servers = Vec::new();
     for i in 0..n {
-        let cfg = server_config(&db_url, 201 + i, ex.addr);
+        let cfg = server_config(&db_url, 201 + i, ex.addr, tuning);
         servers.push(start_server(ca, cfg, &stop).await?);
     }
     for s in &servers {
