@@ -337,8 +337,10 @@ impl Link {
                     self.on_deliver(d);
                 }
                 Frame::Report(r) => {
+                    self.metrics
+                        .reports_in
+                        .add_each(&DeliveryStatus::tally(r.entries.iter().map(|e| e.status)));
                     for e in r.entries {
-                        self.metrics.reports_in.inc(e.status.as_str());
                         if let Some((reply, results)) = self.outbox.handle_report(e) {
                             let _ = reply.send(results);
                         }

@@ -179,20 +179,33 @@ pub fn offer(ctx: &Ctx, target: ServerId, d: Deliver906) -> Option<DeliveryStatu
 /// Send report entries to their origins (grouped, one command per origin).
 /// An origin that is not connected or not keeping up loses them; it
 /// retransmits the 905 or reports a timeout, so nothing is lost silently.
-pub fn report(ctx: &Ctx, entries: impl IntoIterator<Item = ReportEntry>) {
+pub fn report(ctx: &Ctx, entries: Vec<ReportEntry>) {
+    let Some(first) = entries.first() else {
+        return;
+    };
+    // Usually every entry has the same origin: no regrouping then.
+    let origin = first.id.origin;
+    if entries.iter().all(|e| e.id.origin == origin) {
+        send_reports(ctx, origin, entries);
+        return;
+    }
     let mut by_origin: HashMap<ServerId, Vec<ReportEntry>> = HashMap::new();
     for e in entries {
         by_origin.entry(e.id.origin).or_default().push(e);
     }
     for (origin, entries) in by_origin {
-        let n = entries.len() as u64;
-        let sent = ctx
-            .hub
-            .route(origin)
-            .is_some_and(|r| r.tx.try_send(TargetCmd::Reports(entries)).is_ok());
-        if !sent {
-            ctx.metrics.reports_dropped.add(n);
-        }
+        send_reports(ctx, origin, entries);
+    }
+}
+
+fn send_reports(ctx: &Ctx, origin: ServerId, entries: Vec<ReportEntry>) {
+    let n = entries.len() as u64;
+    let sent = ctx
+        .hub
+        .route(origin)
+        .is_some_and(|r| r.tx.try_send(TargetCmd::Reports(entries)).is_ok());
+    if !sent {
+        ctx.metrics.reports_dropped.add(n);
     }
 }
 
@@ -278,9 +291,10 @@ impl Target {
         let mut out = Vec::new();
         if !self.reports.is_empty() {
             let entries = std::mem::take(&mut self.reports);
-            for e in &entries {
-                self.ctx.metrics.reports_out.inc(e.status.as_str());
-            }
+            self.ctx
+                .metrics
+                .reports_out
+                .add_each(&DeliveryStatus::tally(entries.iter().map(|e| e.status)));
             // Split to the server's own frame limit: an entry is at most
             // 31 bytes (three u64 and two u32 varints, a status byte).
             let max_frame = self.queue.max_frame();

@@ -70,6 +70,16 @@ impl Family {
         self.counts[self.index(value)].fetch_add(n, Relaxed);
     }
 
+    /// Add `counts[i]` to the i-th value of the family (for a batch counted
+    /// locally first).
+    pub fn add_each(&self, counts: &[u64]) {
+        for (c, &n) in self.counts.iter().zip(counts) {
+            if n > 0 {
+                c.fetch_add(n, Relaxed);
+            }
+        }
+    }
+
     pub fn get(&self, value: &str) -> u64 {
         self.counts[self.index(value)].load(Relaxed)
     }

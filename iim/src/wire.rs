@@ -337,6 +337,21 @@ impl DeliveryStatus {
         "refused",
     ];
 
+    /// Position in [`DeliveryStatus::ALL`] and [`DeliveryStatus::LABELS`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// How many of `statuses` are of each kind, in [`DeliveryStatus::ALL`]
+    /// order (for counting a batch with one update per kind).
+    pub fn tally(statuses: impl IntoIterator<Item = DeliveryStatus>) -> [u64; 6] {
+        let mut counts = [0u64; 6];
+        for s in statuses {
+            counts[s.index()] += 1;
+        }
+        counts
+    }
+
     pub const ALL: [DeliveryStatus; 6] = [
         DeliveryStatus::Delivered,
         DeliveryStatus::UnknownServer,
@@ -705,9 +720,20 @@ mod tests {
 
     #[test]
     fn status_labels_match_variants() {
-        for (s, label) in DeliveryStatus::ALL.iter().zip(DeliveryStatus::LABELS) {
+        for (i, (s, label)) in DeliveryStatus::ALL
+            .iter()
+            .zip(DeliveryStatus::LABELS)
+            .enumerate()
+        {
             assert_eq!(s.as_str(), label);
+            assert_eq!(s.index(), i);
         }
+        let t = DeliveryStatus::tally([
+            DeliveryStatus::Refused,
+            DeliveryStatus::Delivered,
+            DeliveryStatus::Refused,
+        ]);
+        assert_eq!(t, [1, 0, 0, 0, 0, 2]);
     }
 
     #[test]

@@ -312,6 +312,51 @@ struct Latency {
     /// Intended send time → the message taken off a target connection's
     /// queue, per delivery (what a recipient sees).
     recv: Histogram<u64>,
+    /// How late the sending thread itself was, per message: the part of
+    /// the figures above that is the box's scheduling, not the relay.
+    late: Histogram<u64>,
+}
+
+/// When message `i` of a fixed-rate run is due.
+fn due_at(start: Instant, rate: f64, i: u64) -> Instant {
+    start + Duration::from_secs_f64(i as f64 / rate)
+}
+
+/// A body of `size` bytes (at least 8) carrying `i` in its first 8 bytes.
+fn numbered_body(i: u64, size: usize) -> Bytes {
+    let mut body = vec![b'x'; size.max(8)];
+    body[..8].copy_from_slice(&i.to_le_bytes());
+    Bytes::from(body)
+}
+
+/// Drive a fixed-rate run on the calling (plain) thread: message i is due
+/// at `start + i / rate`; `send` gets every message already due in one
+/// call, so a late sender catches up at once instead of shifting the
+/// schedule. `std::thread::sleep` is finer than tokio's 1 ms timer. Returns
+/// how late each message was handed to `send`, in µs.
+fn pace(
+    start: Instant,
+    rate: f64,
+    n: u64,
+    mut send: impl FnMut(std::ops::Range<u64>) -> Result<()>,
+) -> Result<Histogram<u64>> {
+    let mut late = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut i = 0u64;
+    while i < n {
+        let now = Instant::now();
+        if due_at(start, rate, i) > now {
+            std::thread::sleep(due_at(start, rate, i) - now);
+        }
+        let now = Instant::now();
+        let upto = (((now - start).as_secs_f64() * rate) as u64 + 1).clamp(i + 1, n);
+        for j in i..upto {
+            let by = now.saturating_duration_since(due_at(start, rate, j));
+            late.saturating_record(by.as_micros() as u64);
+        }
+        send(i..upto)?;
+        i = upto;
+    }
+    Ok(late)
 }
 
 /// Arrival times at the target connections during a latency run. Message
@@ -351,16 +396,15 @@ impl Arrivals {
             return;
         };
         let i = u64::from_le_bytes(head.try_into().unwrap_or_default());
-        let due = r.start + Duration::from_secs_f64(i as f64 / r.rate);
+        let due = due_at(r.start, r.rate, i);
         r.hist
             .saturating_record(now.saturating_duration_since(due).as_micros() as u64);
     }
 }
 
-/// Fixed-rate run: message i is due at start + i / rate; its latency is
-/// from that intended time to its report (all k targets delivered). The
-/// sender is a plain thread with `std::thread::sleep` (finer than tokio's
-/// 1 ms timer).
+/// Fixed-rate run (see [`pace`]): latency from each message's intended
+/// send time to its arrival at each target connection and to its report
+/// (all k targets delivered).
 async fn iim_latency(
     iim: &Iim,
     users: &[Session],
@@ -377,31 +421,20 @@ async fn iim_latency(
     let sender = {
         let iim = iim.clone();
         let users = users.to_vec();
-        std::thread::spawn(move || -> Result<()> {
-            let due = |i: u64| start + Duration::from_secs_f64(i as f64 / rate);
-            let mut i = 0u64;
-            while i < n {
-                let now = Instant::now();
-                if due(i) > now {
-                    std::thread::sleep(due(i) - now);
-                }
-                // Everything due by now goes in one hop into the runtime.
-                let now = start.elapsed().as_secs_f64();
-                let upto = ((now * rate) as u64 + 1).clamp(i + 1, n);
+        std::thread::spawn(move || -> Result<Histogram<u64>> {
+            pace(start, rate, n, |range| {
                 handle.block_on(async {
-                    for j in i..upto {
-                        let mut body = vec![b'x'; size.max(8)];
-                        body[..8].copy_from_slice(&j.to_le_bytes());
-                        let p = iim.submit(outgoing(&Bytes::from(body)), &users).await?;
-                        if tx.send((due(j), p)).is_err() {
+                    for j in range {
+                        let p = iim
+                            .submit(outgoing(&numbered_body(j, size)), &users)
+                            .await?;
+                        if tx.send((due_at(start, rate, j), p)).is_err() {
                             break;
                         }
                     }
                     anyhow::Ok(())
-                })?;
-                i = upto;
-            }
-            Ok(())
+                })
+            })
         })
     };
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
@@ -435,7 +468,7 @@ async fn iim_latency(
     while let Some((due, r)) = waiting.next().await {
         record(due, r, &mut hist);
     }
-    sender
+    let late = sender
         .join()
         .map_err(|_| anyhow::anyhow!("sender panicked"))??;
     let span = first.map(|f| (last - f).as_secs_f64()).unwrap_or(1.0);
@@ -450,6 +483,7 @@ async fn iim_latency(
         achieved_msgs: sent as f64 / span,
         hist,
         recv,
+        late,
     })
 }
 
@@ -576,6 +610,87 @@ async fn nats_saturate(
     Ok((got, secs, cpu_us))
 }
 
+/// The same fixed-rate run on NATS: message i is published once per
+/// subject at its intended time; latency from then to its arrival at each
+/// subscriber, per delivery. Returns (latency, sender lateness, deliveries
+/// missing after 10 s).
+async fn nats_latency(
+    n: &Nats,
+    k: usize,
+    rate: f64,
+    secs: f64,
+    size: usize,
+) -> Result<(Histogram<u64>, Histogram<u64>, u64)> {
+    let count = (rate * secs).max(1.0) as u64;
+    let start = Instant::now();
+    let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        120_000_000,
+        3,
+    )?));
+    let received = Arc::new(AtomicU64::new(0));
+    let mut subs = Vec::new();
+    let mut clients = Vec::new();
+    for i in 0..k {
+        let c = nats_client(n).await?;
+        let mut s = c.subscribe(format!("bench.l{i}")).await?;
+        c.flush().await?;
+        let (hist, received) = (hist.clone(), received.clone());
+        subs.push(tokio::spawn(async move {
+            while let Some(m) = s.next().await {
+                let now = Instant::now();
+                let Some(head) = m.payload.get(..8) else {
+                    continue;
+                };
+                let i = u64::from_le_bytes(head.try_into().unwrap_or_default());
+                let by = now.saturating_duration_since(due_at(start, rate, i));
+                hist.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .saturating_record(by.as_micros() as u64);
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+        clients.push(c);
+    }
+    let publisher = nats_client(n).await?;
+    let subjects: Vec<async_nats::Subject> = (0..k)
+        .map(|i| async_nats::Subject::from(format!("bench.l{i}")))
+        .collect();
+    let handle = tokio::runtime::Handle::current();
+    let sender = {
+        let publisher = publisher.clone();
+        std::thread::spawn(move || -> Result<Histogram<u64>> {
+            pace(start, rate, count, |range| {
+                handle.block_on(async {
+                    for j in range {
+                        let body = numbered_body(j, size);
+                        for s in &subjects {
+                            publisher.publish(s.clone(), body.clone()).await?;
+                        }
+                    }
+                    anyhow::Ok(())
+                })
+            })
+        })
+    };
+    let late = tokio::task::spawn_blocking(move || sender.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("NATS sender panicked"))??;
+    publisher.flush().await?;
+    let total = count * k as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let missing = total.saturating_sub(received.load(Ordering::Relaxed));
+    for s in subs {
+        s.abort();
+    }
+    drop(clients);
+    let hist = hist.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok((hist, late, missing))
+}
+
 // ---------------------------------------------------------------------------
 // main
 // ---------------------------------------------------------------------------
@@ -590,6 +705,8 @@ struct Row {
     nats_cpu_us: Option<f64>,
     nats_bench_cpu_us: Option<f64>,
     lat: Vec<(u32, Latency)>,
+    /// NATS at the same offered loads: (latency, sender lateness, missing).
+    nats_lat: Vec<(Histogram<u64>, Histogram<u64>, u64)>,
 }
 
 fn fmt_opt(v: Option<f64>, prec: usize) -> String {
@@ -723,6 +840,7 @@ async fn main() -> Result<()> {
                 nats_cpu_us: None,
                 nats_bench_cpu_us: None,
                 lat: Vec::new(),
+                nats_lat: Vec::new(),
             };
             if let Some(n) = &nats {
                 nats_saturate(n, k, (messages / 10).max(100), size, args.window * k, tck).await?;
@@ -772,6 +890,18 @@ async fn main() -> Result<()> {
                         l.not_delivered
                     );
                     row.lat.push((pct, l));
+                    if let Some(n) = &nats {
+                        let (h, late, missing) =
+                            nats_latency(n, k, rate, args.latency_secs, size).await?;
+                        eprintln!(
+                            "nats k={k:<2} size={size:<5} {pct}% = {rate:.0} msg/s offered: received p50 {} µs p99 {} µs p999 {} µs ({missing} missing; sender late p99 {} µs)",
+                            h.value_at_quantile(0.5),
+                            h.value_at_quantile(0.99),
+                            h.value_at_quantile(0.999),
+                            late.value_at_quantile(0.99),
+                        );
+                        row.nats_lat.push((h, late, missing));
+                    }
                 }
             }
             rows.push(row);
@@ -832,13 +962,13 @@ async fn main() -> Result<()> {
         );
         println!();
         println!(
-            "| k | payload | load | offered msg/s | achieved msg/s | received p50 | received p99 | received p999 | report p50 | report p99 | report p999 | report max | samples / sent | not delivered |"
+            "| k | payload | load | offered msg/s | achieved msg/s | received p50 | received p99 | received p999 | report p50 | report p99 | report p999 | report max | sender late p99 | samples / sent | not delivered |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for r in &rows {
             for (pct, l) in &r.lat {
                 println!(
-                    "| {} | {} B | {pct} % | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
+                    "| {} | {} B | {pct} % | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
                     r.k,
                     r.size,
                     l.offered_msgs,
@@ -850,10 +980,39 @@ async fn main() -> Result<()> {
                     l.hist.value_at_quantile(0.99),
                     l.hist.value_at_quantile(0.999),
                     l.hist.max(),
+                    l.late.value_at_quantile(0.99),
                     l.hist.len(),
                     l.sent,
                     l.not_delivered
                 );
+            }
+        }
+        if rows.iter().any(|r| !r.nats_lat.is_empty()) {
+            println!();
+            println!(
+                "NATS-TLS at the same offered loads, µs from the intended publish time to the subscriber (per delivery; no report exists)"
+            );
+            println!();
+            println!(
+                "| k | payload | load | offered msg/s | received p50 | received p99 | received p999 | sender late p99 | missing | iim/NATS received p99 |"
+            );
+            println!("|---|---|---|---|---|---|---|---|---|---|");
+            for r in &rows {
+                for ((pct, l), (h, late, missing)) in r.lat.iter().zip(&r.nats_lat) {
+                    let p99 = h.value_at_quantile(0.99);
+                    println!(
+                        "| {} | {} B | {pct} % | {:.0} | {} | {} | {} | {} | {} | {:.2} |",
+                        r.k,
+                        r.size,
+                        l.offered_msgs,
+                        h.value_at_quantile(0.5),
+                        p99,
+                        h.value_at_quantile(0.999),
+                        late.value_at_quantile(0.99),
+                        missing,
+                        l.recv.value_at_quantile(0.99) as f64 / p99.max(1) as f64,
+                    );
+                }
             }
         }
     }
