@@ -143,5 +143,17 @@ mod tests {
                 .unwrap_err()
                 .contains("idle_timeout")
         );
+        assert!(
+            Config::from_toml("worker_threads = 5000")
+                .unwrap_err()
+                .contains("worker_threads")
+        );
+        assert!(
+            Config::from_toml("[quic]\nmax_udp_payload = 1000")
+                .unwrap_err()
+                .contains("max_udp_payload")
+        );
+        let c = Config::from_toml("worker_threads = 0\n[quic]\nsocket_buffer_bytes = 0").unwrap();
+        assert_eq!((c.worker_threads, c.quic.socket_buffer_bytes), (0, 0));
     }
 }
