@@ -36,7 +36,8 @@ pub struct QuicTuning {
     /// Largest UDP payload this endpoint accepts and probes its paths for
     /// (QUIC path MTU discovery starts at 1200 bytes and climbs towards
     /// this while probes get through). 1452 fits any 1500-byte Ethernet
-    /// path; raise it where links carry jumbo frames, or on loopback.
+    /// path; raise it where links carry jumbo frames (on loopback, larger
+    /// packets measured slower: docs/benchmarks.md).
     pub max_udp_payload: u16,
 }
 
@@ -226,8 +227,8 @@ impl FrameReader {
 pub type Writer = mpsc::Sender<Vec<Bytes>>;
 
 /// Spawn the writer task of one link: each received batch (and whatever
-/// else is already waiting) goes out in one write. The channel bound (in batches) is the link's only
-/// buffering beyond QUIC's own windows.
+/// else is already waiting) goes out in one write. The channel bound (in
+/// batches) is the link's only buffering beyond QUIC's own windows.
 pub fn spawn_writer(
     mut send: quinn::SendStream,
     batches: usize,
