@@ -80,9 +80,11 @@ enum Event {
         max_frame: usize,
         conn: quinn::Connection,
         writer: Writer,
+        writer_task: tokio::task::JoinHandle<()>,
+        /// The link task reads the connection itself: no hop through a
+        /// reader task per batch of frames.
+        reader: FrameReader,
     },
-    Frames(u64, Vec<Frame>),
-    Lost(u64),
     Fatal(String),
 }
 
@@ -117,7 +119,6 @@ pub fn spawn(
         endpoint,
         events: events_tx,
         stop: stop.clone(),
-        tracker: tracker.clone(),
     };
     tracker.spawn(connector.run().instrument(span.clone()));
     let link = Link {
@@ -140,6 +141,28 @@ struct Current {
     exchange: ServerId,
     conn: quinn::Connection,
     writer: Writer,
+    writer_task: tokio::task::JoinHandle<()>,
+    /// `None` while a read is in progress (the loop holds it then).
+    reader: Option<FrameReader>,
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        self.writer_task.abort();
+    }
+}
+
+/// The next batch of frames from `reader`; never resolves without one, so
+/// it can sit in a `select!` whether or not a link is up. Cancel-safe: a
+/// read is only interrupted while no frame of the batch is held.
+async fn read_frames(
+    reader: Option<&mut FrameReader>,
+    batch: &mut Vec<Frame>,
+) -> Result<bool, ReadError> {
+    match reader {
+        Some(r) => r.next_batch(batch).await,
+        None => std::future::pending().await,
+    }
 }
 
 struct Link {
@@ -163,6 +186,7 @@ impl Link {
         stop: CancellationToken,
     ) {
         let mut subs = Vec::with_capacity(SUBMIT_BATCH);
+        let mut frames = Vec::new();
         let mut heartbeat = tokio::time::interval(self.p.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -172,12 +196,21 @@ impl Link {
                 .filter(|_| !self.out.is_empty())
                 .map(|c| c.writer.clone());
             let deadline = self.outbox.next_deadline().map(Instant::from_std);
+            let mut reading = self
+                .cur
+                .as_mut()
+                .and_then(|c| c.reader.take().map(|r| (c.attempt_no, r)));
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 ev = events.recv() => match ev {
                     Some(ev) => self.on_event(ev),
                     None => break,
+                },
+                r = read_frames(reading.as_mut().map(|(_, r)| r), &mut frames) => match r {
+                    Ok(true) => self.on_frames(std::mem::take(&mut frames)),
+                    Ok(false) => self.reader_ended("stream finished by the exchange"),
+                    Err(e) => self.reader_ended(&e.to_string()),
                 },
                 permit = quic::reserve(writer) => match permit {
                     Some(permit) => {
@@ -205,6 +238,14 @@ impl Link {
                     let f = Frame::Heartbeat(Heartbeat { sent_at_ms: now_ms() });
                     self.out.extend(quic::frame_bytes(&f, self.p.max_frame));
                 }
+            }
+            // The reader goes back to its connection, unless that was lost or
+            // replaced meanwhile.
+            if let (Some((attempt_no, r)), Some(c)) = (reading, self.cur.as_mut())
+                && c.attempt_no == attempt_no
+                && c.reader.is_none()
+            {
+                c.reader = Some(r);
             }
             self.publish();
         }
@@ -262,6 +303,8 @@ impl Link {
                 max_frame,
                 conn,
                 writer,
+                writer_task,
+                reader,
             } => {
                 self.metrics.link_connects.inc();
                 let limit = max_frame.min(self.p.max_frame);
@@ -293,31 +336,26 @@ impl Link {
                     exchange,
                     conn,
                     writer,
+                    writer_task,
+                    reader: Some(reader),
                 });
-            }
-            Event::Frames(attempt_no, frames) => {
-                if self
-                    .cur
-                    .as_ref()
-                    .is_some_and(|c| c.attempt_no == attempt_no)
-                {
-                    self.on_frames(frames);
-                }
-            }
-            Event::Lost(attempt_no) => {
-                if self
-                    .cur
-                    .as_ref()
-                    .is_some_and(|c| c.attempt_no == attempt_no)
-                {
-                    self.lost();
-                }
             }
             Event::Fatal(reason) => {
                 error!(%reason, "the exchange refused this server for good");
                 self.state.send_modify(|s| s.fatal = Some(reason));
             }
         }
+    }
+
+    /// The connection's stream ended or broke: close it (the connector
+    /// then reconnects) and forget it.
+    fn reader_ended(&mut self, why: &str) {
+        debug!(why, "exchange link read ended");
+        if let Some(c) = &self.cur {
+            c.conn
+                .close(ErrorCode::Protocol.close_code().into(), b"reader ended");
+        }
+        self.lost();
     }
 
     fn lost(&mut self) {
@@ -409,7 +447,6 @@ struct Connector {
     endpoint: quinn::Endpoint,
     events: mpsc::Sender<Event>,
     stop: CancellationToken,
-    tracker: TaskTracker,
 }
 
 enum ConnectError {
@@ -543,38 +580,11 @@ impl Connector {
                 max_frame: exchange_max.max(1_024),
                 conn: conn.clone(),
                 writer,
+                writer_task,
+                reader,
             })
             .await
             .map_err(|_| ConnectError::Retry("link stopped".into()))?;
-        let events = self.events.clone();
-        let c = conn.clone();
-        self.tracker.spawn(
-            async move {
-                read_loop(attempt_no, reader, events).await;
-                c.close(ErrorCode::Protocol.close_code().into(), b"reader ended");
-                writer_task.abort();
-            }
-            .in_current_span(),
-        );
         Ok(conn)
     }
-}
-
-async fn read_loop(attempt_no: u64, mut reader: FrameReader, events: mpsc::Sender<Event>) {
-    loop {
-        let mut batch = Vec::new();
-        match reader.next_batch(&mut batch).await {
-            Ok(true) => {
-                if events.send(Event::Frames(attempt_no, batch)).await.is_err() {
-                    return;
-                }
-            }
-            Ok(false) => break,
-            Err(e) => {
-                debug!(error = %e, "exchange link read ended");
-                break;
-            }
-        }
-    }
-    let _ = events.send(Event::Lost(attempt_no)).await;
 }

@@ -209,7 +209,9 @@ fn send_reports(ctx: &Ctx, origin: ServerId, entries: Vec<ReportEntry>) {
     let n = entries.len() as u64;
     let sent = ctx
         .hub
-        .with_route(origin, |r| r.tx.try_send(TargetCmd::Reports(entries)).is_ok())
+        .with_route(origin, |r| {
+            r.tx.try_send(TargetCmd::Reports(entries)).is_ok()
+        })
         .unwrap_or(false);
     if !sent {
         ctx.metrics.reports_dropped.add(n);
