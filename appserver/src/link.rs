@@ -1,11 +1,12 @@
 //! The app server's link to its exchange.
 //!
 //! Two tasks: the *connector* finds the exchange (config or registry),
-//! connects with mTLS, registers, and spawns a reader per connection; the
-//! *link task* owns everything that must survive reconnects — the outbox
-//! of 905s awaiting reports, the 906 duplicate filter, pending acks — and
-//! never waits on IO (its writer is a separate task behind a bounded
-//! channel). On every new connection the whole outbox is written again in
+//! connects with mTLS, registers, and hands the connection over; the *link
+//! task* reads the current connection's frames and owns everything that
+//! must survive reconnects — the outbox of 905s awaiting reports, the 906
+//! duplicate filter, pending acks. It never waits on a write (its writer is
+//! a separate task behind a bounded channel), and a read is one branch of
+//! its `select!`, so reading never holds up the rest. On every new connection the whole outbox is written again in
 //! send order, so per (origin, target) order and exactly-once delivery hold
 //! across a cut.
 
