@@ -24,6 +24,9 @@ impl Default for SplitLimits {
     }
 }
 
+/// Up to this many rows, duplicates are found without a set.
+const SMALL_ROWS: usize = 16;
+
 /// Why a 905 is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Reject {
@@ -95,8 +98,10 @@ pub fn validate(
     if fwd.rows.len() > limits.max_rows {
         return Err(Reject::Malformed("too many server rows"));
     }
-    let mut seen = HashSet::with_capacity(fwd.rows.len());
-    for row in &fwd.rows {
+    // Duplicates: a linear scan for the usual handful of rows (no
+    // allocation per 905), a set beyond that.
+    let mut seen = (fwd.rows.len() > SMALL_ROWS).then(|| HashSet::with_capacity(fwd.rows.len()));
+    for (i, row) in fwd.rows.iter().enumerate() {
         if row.server == link_server {
             return Err(Reject::Malformed("origin listed as a target"));
         }
@@ -109,7 +114,11 @@ pub fn validate(
         if row.users.len() > limits.max_users_per_row {
             return Err(Reject::Malformed("too many users in a server row"));
         }
-        if !seen.insert(row.server) {
+        let twice = match seen.as_mut() {
+            Some(seen) => !seen.insert(row.server),
+            None => fwd.rows[..i].iter().any(|r| r.server == row.server),
+        };
+        if twice {
             return Err(Reject::Malformed("server listed twice"));
         }
     }
@@ -244,6 +253,20 @@ mod tests {
                 "{f:?}"
             );
         }
+        // Duplicates beyond the linear-scan size, and none.
+        let wide = SplitLimits::default();
+        let mut rows: Vec<ServerRow> = (2..2 + SMALL_ROWS as u32 + 4)
+            .map(|s| row(s, &[1]))
+            .collect();
+        assert_eq!(
+            validate(&fwd(1, rows.clone()), ServerId(1), 1, EX, &wide),
+            Ok(())
+        );
+        rows.push(row(7, &[1]));
+        assert_eq!(
+            validate(&fwd(1, rows), ServerId(1), 1, EX, &wide),
+            Err(Reject::Malformed("server listed twice"))
+        );
         let mut f = fwd(1, vec![row(2, &[1])]);
         f.target = Address::new(ServerId(99), UserId::NONE);
         assert!(matches!(
