@@ -28,19 +28,34 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
-/// A free loopback port (TCP or UDP, by `udp`).
+/// A free loopback port (TCP or UDP, by `udp`) for a process to listen on.
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`, 32768
+/// and up here), where no outgoing connection can grab it between this
+/// check and the process binding it, and handed out once per test process
+/// (a counter, started at a per-process offset so concurrent test
+/// processes rarely meet). Checked free by binding it.
 pub fn free_port(udp: bool) -> u16 {
-    if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("free udp port")
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("free tcp port")
-            .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let offset = (std::process::id().wrapping_mul(7_919)) % SPAN;
+        let _ = NEXT.compare_exchange(u32::MAX, offset, Ordering::Relaxed, Ordering::Relaxed);
     }
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        let free = if udp {
+            std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        } else {
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        };
+        if free {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN)
 }
 
 /// A child process whose output goes to a log file; killed on drop.
