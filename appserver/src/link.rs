@@ -6,9 +6,9 @@
 //! must survive reconnects — the outbox of 905s awaiting reports, the 906
 //! duplicate filter, pending acks. It never waits on a write (its writer is
 //! a separate task behind a bounded channel), and a read is one branch of
-//! its `select!`, so reading never holds up the rest. On every new connection the whole outbox is written again in
-//! send order, so per (origin, target) order and exactly-once delivery hold
-//! across a cut.
+//! its `select!`, so reading never holds up the rest. On every new
+//! connection the whole outbox is written again in send order, so per
+//! (origin, target) order and exactly-once delivery hold across a cut.
 
 use crate::config::ExchangeTarget;
 use crate::dedup::{Dedup, Verdict};
@@ -244,7 +244,6 @@ impl Link {
             // replaced meanwhile.
             if let (Some((attempt_no, r)), Some(c)) = (reading, self.cur.as_mut())
                 && c.attempt_no == attempt_no
-                && c.reader.is_none()
             {
                 c.reader = Some(r);
             }
@@ -278,11 +277,9 @@ impl Link {
                 return;
             }
         }
-        self.state.send_if_modified(|s| {
-            let changed = s.exchange != exchange || s.idle != idle;
+        self.state.send_modify(|s| {
             s.exchange = exchange;
             s.idle = idle;
-            changed
         });
     }
 

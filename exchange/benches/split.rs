@@ -100,6 +100,20 @@ fn bench_split(c: &mut Criterion) {
     g.finish();
 }
 
+/// A 906 of message `id` for one user, as a target task queues it.
+fn delivery(id: MessageId, msg: &Bytes) -> Deliver906 {
+    Deliver906 {
+        no: 0,
+        id,
+        seq: id.seq,
+        users: vec![UserRow {
+            user: UserId(2001),
+            channel: ChannelId(7),
+        }],
+        message: msg.clone(),
+    }
+}
+
 fn bench_queue(c: &mut Criterion) {
     let mut g = c.benchmark_group("queue");
     g.warm_up_time(Duration::from_millis(300))
@@ -122,18 +136,7 @@ fn bench_queue(c: &mut Criterion) {
                 };
                 b.iter(|| {
                     id.seq += 1;
-                    let no = q
-                        .push(Deliver906 {
-                            no: 0,
-                            id,
-                            seq: id.seq,
-                            users: vec![UserRow {
-                                user: UserId(2001),
-                                channel: ChannelId(7),
-                            }],
-                            message: msg.clone(),
-                        })
-                        .unwrap();
+                    let no = q.push(delivery(id, &msg)).unwrap();
                     let t = q.poll_transmit(256 * 1024);
                     black_box(&t);
                     q.handle_ack(no).unwrap()
@@ -158,18 +161,7 @@ fn bench_queue(c: &mut Criterion) {
                     let mut last = 0;
                     for _ in 0..64 {
                         id.seq += 1;
-                        last = q
-                            .push(Deliver906 {
-                                no: 0,
-                                id,
-                                seq: id.seq,
-                                users: vec![UserRow {
-                                    user: UserId(2001),
-                                    channel: ChannelId(7),
-                                }],
-                                message: msg.clone(),
-                            })
-                            .unwrap();
+                        last = q.push(delivery(id, &msg)).unwrap();
                     }
                     let t = q.poll_transmit(256 * 1024);
                     black_box(&t);

@@ -163,24 +163,21 @@ pub fn ensure_route(ctx: &Arc<Ctx>, id: ServerId, epoch: u64, state: u8) -> Rout
 /// Offer one 906 to its target. Returns the status to report at once when
 /// it cannot be queued.
 pub fn offer(ctx: &Ctx, target: ServerId, d: Deliver906) -> Option<DeliveryStatus> {
-    let outcome = ctx.hub.with_route(target, |route| {
-        if route.state() == STATE_DOWN {
-            return Some(DeliveryStatus::ServerDown);
-        }
-        match route.tx.try_send(TargetCmd::Deliver(d)) {
-            Ok(()) => None,
-            Err(TrySendError::Full(_)) => Some(DeliveryStatus::Overloaded),
-            Err(TrySendError::Closed(_)) => Some(DeliveryStatus::ServerDown),
-        }
-    });
-    match outcome {
-        None => Some(DeliveryStatus::UnknownServer),
-        Some(Some(DeliveryStatus::Overloaded)) => {
-            ctx.metrics.rejections.inc("overloaded");
-            Some(DeliveryStatus::Overloaded)
-        }
-        Some(status) => status,
-    }
+    ctx.hub
+        .with_route(target, |route| {
+            if route.state() == STATE_DOWN {
+                return Some(DeliveryStatus::ServerDown);
+            }
+            match route.tx.try_send(TargetCmd::Deliver(d)) {
+                Ok(()) => None,
+                Err(TrySendError::Full(_)) => {
+                    ctx.metrics.rejections.inc("overloaded");
+                    Some(DeliveryStatus::Overloaded)
+                }
+                Err(TrySendError::Closed(_)) => Some(DeliveryStatus::ServerDown),
+            }
+        })
+        .unwrap_or(Some(DeliveryStatus::UnknownServer))
 }
 
 /// Send report entries to their origins (grouped, one command per origin).

@@ -49,6 +49,7 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use iim::store::{Store, User};
 use iim::types::{ServerId, UserId};
+use iim_tests::proc::free_port;
 use iim_tests::procfs::{clk_tck, cpu_ticks};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -267,10 +268,6 @@ impl Daemons {
         }
         self.0.clear();
     }
-}
-
-fn free_port(udp: bool) -> u16 {
-    iim_tests::proc::free_port(udp)
 }
 
 fn loopback(port: u16) -> SocketAddr {

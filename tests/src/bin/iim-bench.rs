@@ -31,6 +31,7 @@ use iim::tls::dev::DevCa;
 use iim::types::{ServerId, Session, UserId};
 use iim::{DeliveryStatus, Iim, Outgoing};
 use iim_appserver::{AppServerHandle, ExchangeTarget};
+use iim_tests::proc::free_port;
 use iim_tests::procfs::{CpuMeter, clk_tck, vm_kib};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -100,10 +101,6 @@ struct Args {
 // ---------------------------------------------------------------------------
 // /proc
 // ---------------------------------------------------------------------------
-
-fn free_port(udp: bool) -> u16 {
-    iim_tests::proc::free_port(udp)
-}
 
 // ---------------------------------------------------------------------------
 // Processes
