@@ -719,7 +719,13 @@ fn ratio(a: f64, b: Option<f64>) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let mut args = Args::parse();
+    // Everything runs on the two workers, as an app server's plugins do:
+    // a waiter on the main thread would be a third thread to wake for each
+    // report (iim) or received batch (NATS).
+    tokio::spawn(run(Args::parse())).await?
+}
+
+async fn run(mut args: Args) -> Result<()> {
     if args.quick {
         args.k = vec![1, 16];
         args.sizes = vec![1024];
