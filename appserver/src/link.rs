@@ -14,7 +14,6 @@ use crate::config::ExchangeTarget;
 use crate::dedup::{Dedup, Verdict};
 use crate::metrics::AppMetrics;
 use crate::outbox::Outbox;
-use bytes::Bytes;
 use iim::api::{LocalDelivery, Submit};
 use iim::quic::{self, CLOSE_GOING_AWAY, FrameReader, ReadError, Writer};
 use iim::registry::{Registry, Role, ServerState};
@@ -125,7 +124,7 @@ pub fn spawn(
     let link = Link {
         outbox: Outbox::new(p.epoch),
         dedup: Dedup::default(),
-        out: Vec::new(),
+        out: quic::Coalescer::default(),
         cur: None,
         connected_before: false,
         p,
@@ -170,8 +169,8 @@ struct Link {
     p: LinkParams,
     outbox: Outbox<oneshot::Sender<Vec<ReportEntry>>>,
     dedup: Dedup,
-    /// Frames waiting for the writer.
-    out: Vec<Bytes>,
+    /// Frames waiting for the writer, coalesced as they come.
+    out: quic::Coalescer,
     cur: Option<Current>,
     connected_before: bool,
     host: Arc<dyn LocalDelivery>,
@@ -215,7 +214,7 @@ impl Link {
                 },
                 permit = quic::reserve(writer) => match permit {
                     Some(permit) => {
-                        permit.send(std::mem::take(&mut self.out));
+                        permit.send(self.out.take());
                     }
                     None => self.lost(),
                 },
@@ -237,7 +236,9 @@ impl Link {
                 }
                 _ = heartbeat.tick(), if self.cur.is_some() => {
                     let f = Frame::Heartbeat(Heartbeat { sent_at_ms: now_ms() });
-                    self.out.extend(quic::frame_bytes(&f, self.p.max_frame));
+                    if let Some(b) = quic::frame_bytes(&f, self.p.max_frame) {
+                        self.out.copy(&b);
+                    }
                 }
             }
             // The reader goes back to its connection, unless that was lost or
@@ -286,7 +287,7 @@ impl Link {
     fn on_submit(&mut self, sub: Submit) {
         self.metrics.forwards_out.inc();
         if self.cur.is_some() {
-            self.out.push(sub.frame.clone());
+            self.out.add(&sub.frame);
         }
         let deadline = std::time::Instant::now() + self.p.send_timeout;
         self.outbox
@@ -319,7 +320,9 @@ impl Link {
                 // Acks and heartbeats of the old connection mean nothing to
                 // the new one; every unreported 905 goes out again, in order.
                 self.out.clear();
-                self.out.extend(self.outbox.frames());
+                for f in self.outbox.frames() {
+                    self.out.add(f);
+                }
                 if self.connected_before {
                     self.metrics.forwards_resent.add(self.outbox.len() as u64);
                 }
@@ -400,7 +403,9 @@ impl Link {
         if let Some(upto) = ack {
             self.metrics.acks_out.inc();
             let f = Frame::Ack(Ack906 { upto });
-            self.out.extend(quic::frame_bytes(&f, self.p.max_frame));
+            if let Some(b) = quic::frame_bytes(&f, self.p.max_frame) {
+                self.out.copy(&b);
+            }
         }
     }
 

@@ -116,8 +116,8 @@ impl<R> Outbox<R> {
     }
 
     /// Every unfinished 905, in send order, for a new connection.
-    pub fn frames(&self) -> impl Iterator<Item = Bytes> + '_ {
-        self.entries.values().map(|p| p.frame.clone())
+    pub fn frames(&self) -> impl Iterator<Item = &Bytes> + '_ {
+        self.entries.values().map(|p| &p.frame)
     }
 
     /// Remove entries whose frame is longer than `len` (the exchange will not

@@ -7,10 +7,13 @@
 //! so the effect is exactly once and per-origin order holds across the cut.
 //! Each 906 is queued as its own small head (frame header, delivery fields)
 //! plus the message bytes it shares with every other 906 of the same 905:
-//! the message is never copied on its way from the 905 into the transport.
-//! 906s are handed out in batches for one coalesced write.
+//! a message is stored once however many targets it has. 906s are handed
+//! out in batches, already coalesced for one write ([`quic::Coalescer`]:
+//! small frames copied into a few large buffers, large messages by
+//! reference), so no queued frame is reference-counted per transmission.
 
 use bytes::{Bytes, BytesMut};
+use iim::quic;
 use iim::types::MessageId;
 use iim::wire::{self, Deliver906};
 use std::collections::VecDeque;
@@ -49,7 +52,8 @@ pub struct AckError {
 /// What one call to [`DeliveryQueue::poll_transmit`] hands out.
 #[derive(Debug, Default)]
 pub struct Transmit {
-    /// Two chunks per 906 (head, message), to be written in this order.
+    /// The 906s' bytes, to be written in this order (see
+    /// [`quic::Coalescer`]).
     pub chunks: Vec<Bytes>,
     /// How many 906s the chunks hold.
     pub frames: usize,
@@ -157,14 +161,15 @@ impl DeliveryQueue {
     /// more while the batch stays within `max_bytes`.
     pub fn poll_transmit(&mut self, max_bytes: usize) -> Transmit {
         let mut t = Transmit::default();
+        let mut out = quic::Coalescer::default();
         while let Some(e) = self.entries.get_mut(self.unsent) {
             if t.frames > 0 && t.bytes + e.len() > max_bytes {
                 break;
             }
+            out.copy(&e.head);
+            out.add(&e.message);
             t.bytes += e.len();
             t.frames += 1;
-            t.chunks.push(e.head.clone());
-            t.chunks.push(e.message.clone());
             if e.sent {
                 t.retransmits += 1;
             }
@@ -172,6 +177,7 @@ impl DeliveryQueue {
             self.highest_sent = self.highest_sent.max(e.no);
             self.unsent += 1;
         }
+        t.chunks = out.take();
         t
     }
 
@@ -263,7 +269,9 @@ mod tests {
         let frame_len = q.entries[0].len();
         let t = q.poll_transmit(frame_len * 4);
         assert_eq!(t.frames, 4);
-        assert_eq!(t.chunks.len(), 8);
+        assert_eq!(t.bytes, frame_len * 4);
+        // Small 906s are copied into one buffer.
+        assert_eq!(t.chunks.len(), 1);
         let t2 = q.poll_transmit(usize::MAX);
         assert_eq!(t2.frames, 6);
         let nos: Vec<u64> = decode_all(&t)
@@ -348,6 +356,47 @@ mod tests {
         let mut big = d(4);
         big.message = Bytes::from(vec![0u8; 5_000]);
         assert_eq!(q.push(big), Err(PushError::Oversized));
+    }
+
+    #[test]
+    fn large_messages_pass_by_reference_and_buffers_stay_bounded() {
+        let mut q = DeliveryQueue::new(1_000, 64 << 20, 1 << 20);
+        let big = Bytes::from(vec![7u8; quic::PASS_THROUGH]);
+        for s in 1..=200 {
+            let mut x = d(s);
+            x.message = if s.is_multiple_of(50) {
+                big.clone()
+            } else {
+                Bytes::from(vec![s as u8; 1_000])
+            };
+            q.push(x).unwrap();
+        }
+        let t = q.poll_transmit(usize::MAX);
+        assert_eq!(t.frames, 200);
+        assert_eq!(t.bytes, t.chunks.iter().map(|c| c.len()).sum::<usize>());
+        // The large messages are the queued bytes themselves, not copies.
+        let shared = t
+            .chunks
+            .iter()
+            .filter(|c| c.as_ptr() == big.as_ptr() && c.len() == big.len())
+            .count();
+        assert_eq!(shared, 4);
+        assert!(
+            t.chunks
+                .iter()
+                .all(|c| c.len() <= quic::COALESCED_CHUNK || c.len() == big.len())
+        );
+        let got = decode_all(&t);
+        assert_eq!(got.len(), 200);
+        for (i, x) in got.iter().enumerate() {
+            let s = i as u64 + 1;
+            assert_eq!(x.no, s);
+            if s.is_multiple_of(50) {
+                assert_eq!(x.message, big);
+            } else {
+                assert_eq!(&x.message[..], &vec![s as u8; 1_000][..]);
+            }
+        }
     }
 
     #[test]
