@@ -10,9 +10,7 @@
 
 use crate::registry::{Registry, RegistryError};
 use crate::types::{Address, MessageId, ServerId, Session, UserId, now_ms};
-use crate::wire::{
-    self, DeliveryStatus, Forward905, Frame, Message, ReportEntry, ServerRow, Timing, UserRow,
-};
+use crate::wire::{self, DeliveryStatus, Message, ReportEntry, ServerRow, Timing, UserRow};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -256,15 +254,16 @@ impl Iim {
                 })
                 .collect();
             let targets: Vec<ServerId> = rows.iter().map(|r| r.server).collect();
-            let frame = Frame::Forward(Forward905 {
-                id: message.id,
-                source: message.source,
-                target: Address::new(inner.exchange, UserId::NONE),
-                rows,
-                message: message.encode(),
-            });
             let max_frame = inner.max_frame.load(Ordering::Relaxed);
-            let frame = wire::encode_to_bytes(&frame, max_frame).map_err(|e| match e {
+            let frame = wire::encode_forward(
+                message.id,
+                message.source,
+                Address::new(inner.exchange, UserId::NONE),
+                &rows,
+                &message,
+                max_frame,
+            )
+            .map_err(|e| match e {
                 wire::WireError::Oversized { len, max } => SendError::TooLarge { len, max },
                 _ => SendError::TooLarge {
                     len: usize::MAX,

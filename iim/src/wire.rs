@@ -127,7 +127,12 @@ impl Message {
     }
 
     fn encode_into(&self, out: &mut BytesMut) {
-        let wire = MessageWire {
+        // Serialising into a growable buffer cannot fail for these types.
+        let _ = postcard::serialize_with_flavor(&self.wire(), BytesMutFlavor(out));
+    }
+
+    fn wire(&self) -> MessageWire {
+        MessageWire {
             id: self.id,
             source: self.source,
             target: self.target,
@@ -135,9 +140,7 @@ impl Message {
             timing: self.timing.clone(),
             body: self.body.clone(),
             nested: self.nested.iter().map(Message::encode).collect(),
-        };
-        // Serialising into a growable buffer cannot fail for these types.
-        let _ = postcard::serialize_with_flavor(&wire, BytesMutFlavor(out));
+        }
     }
 
     /// Decode one message (and, recursively, the messages nested in it).
@@ -541,9 +544,56 @@ pub fn encode_to_bytes(frame: &Frame, max: usize) -> Result<Bytes, WireError> {
     Ok(out.freeze())
 }
 
-/// postcard's index of [`Frame::Deliver`] (variants are append-only; a test
-/// pins it against the generic encoding).
+/// postcard's index of [`Frame::Forward`] and [`Frame::Deliver`] (variants
+/// are append-only; tests pin them against the generic encoding).
+const FORWARD_VARIANT: u8 = 3;
 const DELIVER_VARIANT: u8 = 4;
+
+/// The fields of a 905 that precede its message, in encoding order.
+#[derive(Serialize)]
+struct ForwardHead<'a> {
+    id: MessageId,
+    source: Address,
+    target: Address,
+    rows: &'a [ServerRow],
+}
+
+/// A whole 905 with `message` encoded in place: byte for byte
+/// `encode(&Frame::Forward(..))` with `message: message.encode()`, without
+/// encoding the message into a buffer of its own first.
+pub fn encode_forward(
+    id: MessageId,
+    source: Address,
+    target: Address,
+    rows: &[ServerRow],
+    message: &Message,
+    max: usize,
+) -> Result<Bytes, WireError> {
+    let wire = message.wire();
+    // Measuring walks the fields without writing; cannot fail.
+    let message_len = postcard::experimental::serialized_size(&wire).unwrap_or(0);
+    let rows_hint = rows.iter().map(ServerRow::size_hint).sum::<usize>();
+    let mut out = BytesMut::with_capacity(HEADER_LEN + 64 + rows_hint + message_len);
+    out.put_u8(VERSION);
+    out.put_u32(0);
+    out.put_u8(FORWARD_VARIANT);
+    let head = ForwardHead {
+        id,
+        source,
+        target,
+        rows,
+    };
+    let _ = postcard::serialize_with_flavor(&head, BytesMutFlavor(&mut out));
+    let _ = postcard::serialize_with_flavor(&(message_len as u64), BytesMutFlavor(&mut out));
+    let len = out.len() - HEADER_LEN + message_len;
+    if len > max || len > u32::MAX as usize {
+        return Err(WireError::Oversized { len, max });
+    }
+    let _ = postcard::serialize_with_flavor(&wire, BytesMutFlavor(&mut out));
+    debug_assert_eq!(out.len(), HEADER_LEN + len);
+    out[1..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out.freeze())
+}
 
 /// The fields of a 906 that precede its message, in encoding order.
 #[derive(Serialize)]

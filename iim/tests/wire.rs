@@ -719,6 +719,27 @@ proptest! {
     }
 
     #[test]
+    fn a_905_encoded_in_one_pass_is_the_generic_frame(
+        id in message_ids(),
+        source in address(),
+        target in address(),
+        rows in vec(server_row(), 0..6),
+        message in message(),
+    ) {
+        let whole = wire::encode_to_bytes(
+            &Frame::Forward(Forward905 { id, source, target, rows: rows.clone(), message: message.encode() }),
+            usize::MAX,
+        ).unwrap();
+        let one_pass = wire::encode_forward(id, source, target, &rows, &message, usize::MAX).unwrap();
+        prop_assert_eq!(hex(&one_pass), hex(&whole));
+        let body_len = whole.len() - HEADER_LEN;
+        prop_assert_eq!(
+            wire::encode_forward(id, source, target, &rows, &message, body_len - 1),
+            Err(WireError::Oversized { len: body_len, max: body_len - 1 })
+        );
+    }
+
+    #[test]
     fn a_906_head_and_its_shared_message_are_the_whole_frame(
         no in any::<u64>(),
         id in message_ids(),
