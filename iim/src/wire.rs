@@ -95,14 +95,15 @@ pub struct Message {
 }
 
 /// The encoded shape of a [`Message`]: nested messages are byte strings.
+/// Borrows the body: encoding touches no reference count.
 #[derive(Serialize)]
-struct MessageWire {
+struct MessageWire<'a> {
     id: MessageId,
     source: Address,
     target: Address,
     kind: u16,
-    timing: Timing,
-    body: Bytes,
+    timing: &'a Timing,
+    body: &'a Bytes,
     nested: Vec<Bytes>,
 }
 
@@ -131,14 +132,14 @@ impl Message {
         let _ = postcard::serialize_with_flavor(&self.wire(), BytesMutFlavor(out));
     }
 
-    fn wire(&self) -> MessageWire {
+    fn wire(&self) -> MessageWire<'_> {
         MessageWire {
             id: self.id,
             source: self.source,
             target: self.target,
             kind: self.kind,
-            timing: self.timing.clone(),
-            body: self.body.clone(),
+            timing: &self.timing,
+            body: &self.body,
             nested: self.nested.iter().map(Message::encode).collect(),
         }
     }
