@@ -12,7 +12,7 @@ use crate::registry::{Registry, RegistryError};
 use crate::types::{Address, MessageId, ServerId, Session, UserId, now_ms};
 use crate::wire::{self, DeliveryStatus, Message, ReportEntry, ServerRow, Timing, UserRow};
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -105,7 +105,9 @@ pub trait Plugin: Send + Sync + 'static {
 
 struct Sequences {
     next_seq: u64,
-    next_pair: HashMap<ServerId, u64>,
+    /// Last pair sequence per target server (an ordered map: no hashing
+    /// on the send path).
+    next_pair: BTreeMap<ServerId, u64>,
 }
 
 struct Inner {
@@ -161,7 +163,7 @@ impl Iim {
                 link: parts.link,
                 seq: Mutex::new(Sequences {
                     next_seq: 1,
-                    next_pair: HashMap::new(),
+                    next_pair: BTreeMap::new(),
                 }),
                 local: parts.local,
                 closing: parts.closing,
@@ -203,7 +205,7 @@ impl Iim {
             return Err(SendError::ShuttingDown);
         }
         let mut local_rows = Vec::new();
-        let mut remote: BTreeMap<ServerId, Vec<UserRow>> = BTreeMap::new();
+        let mut remote: Vec<(ServerId, UserRow)> = Vec::with_capacity(users.len());
         for s in users {
             let row = UserRow {
                 user: s.user,
@@ -212,9 +214,12 @@ impl Iim {
             if s.server == inner.server {
                 local_rows.push(row);
             } else {
-                remote.entry(s.server).or_default().push(row);
+                remote.push((s.server, row));
             }
         }
+        // Grouped by server, ordered by server id; stable, so each server's
+        // users keep the caller's order.
+        remote.sort_by_key(|(server, _)| *server);
         let mut message = Message {
             id: MessageId {
                 origin: inner.server,
@@ -235,24 +240,33 @@ impl Iim {
             message.id.seq = inner.seq.lock().unwrap_or_else(|e| e.into_inner()).next();
             None
         } else {
-            let permit = tokio::select! {
-                permit = inner.link.reserve() => permit.map_err(|_| SendError::ShuttingDown)?,
-                _ = inner.closing.cancelled() => return Err(SendError::ShuttingDown),
+            // Room in the link's queue is the usual case: no wait, and no
+            // waiter registered on the shutdown token.
+            let permit = match inner.link.try_reserve() {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Closed(())) => return Err(SendError::ShuttingDown),
+                Err(mpsc::error::TrySendError::Full(())) => tokio::select! {
+                    permit = inner.link.reserve() => permit.map_err(|_| SendError::ShuttingDown)?,
+                    _ = inner.closing.cancelled() => return Err(SendError::ShuttingDown),
+                },
             };
             let (tx, rx) = oneshot::channel();
             // Sequence allocation and the hand-off to the link happen under
             // one lock so the link sees messages in sequence order.
             let mut seqs = inner.seq.lock().unwrap_or_else(|e| e.into_inner());
             message.id.seq = seqs.next();
-            let rows: Vec<ServerRow> = remote
-                .into_iter()
-                .map(|(server, users)| ServerRow {
-                    server,
-                    via: inner.exchange,
-                    seq: seqs.next_pair_for(server),
-                    users,
-                })
-                .collect();
+            let mut rows: Vec<ServerRow> = Vec::new();
+            for (server, user) in remote {
+                match rows.last_mut() {
+                    Some(r) if r.server == server => r.users.push(user),
+                    _ => rows.push(ServerRow {
+                        server,
+                        via: inner.exchange,
+                        seq: seqs.next_pair_for(server),
+                        users: vec![user],
+                    }),
+                }
+            }
             let targets: Vec<ServerId> = rows.iter().map(|r| r.server).collect();
             let max_frame = inner.max_frame.load(Ordering::Relaxed);
             let frame = wire::encode_forward(
