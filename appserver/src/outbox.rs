@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use iim::types::{MessageId, ServerId};
 use iim::wire::{DeliveryStatus, ReportEntry};
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::time::Instant;
 
 struct Pending<R> {
@@ -23,26 +23,31 @@ struct Pending<R> {
 pub type Done<R> = (R, Vec<ReportEntry>);
 
 pub struct Outbox<R> {
-    /// Keyed by the message's per-origin sequence: iteration order is send
-    /// order.
-    entries: BTreeMap<u64, Pending<R>>,
+    /// In send order (increasing message sequence); a finished entry leaves
+    /// a hole (`None`) until the holes in front of it are gone or too many
+    /// holes are compacted away. Reports mostly arrive in send order, so
+    /// the entry they name is usually at the front.
+    slots: VecDeque<(u64, Option<Pending<R>>)>,
+    /// Unfinished entries (the `Some` slots).
+    live: usize,
     epoch: u64,
 }
 
 impl<R> Outbox<R> {
     pub fn new(epoch: u64) -> Self {
         Outbox {
-            entries: BTreeMap::new(),
+            slots: VecDeque::new(),
+            live: 0,
             epoch,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.live == 0
     }
 
     /// Track a 905 that was (or is about to be) written. Sequences must be
@@ -55,17 +60,42 @@ impl<R> Outbox<R> {
         deadline: Instant,
         reply: R,
     ) {
-        self.entries.insert(
+        debug_assert!(self.slots.back().is_none_or(|(s, _)| *s < id.seq));
+        self.slots.push_back((
             id.seq,
-            Pending {
+            Some(Pending {
                 id,
                 frame,
                 results: Vec::with_capacity(targets.len()),
                 waiting: targets,
                 deadline,
                 reply,
-            },
-        );
+            }),
+        ));
+        self.live += 1;
+    }
+
+    /// Index of the slot of sequence `seq`, if it is still tracked.
+    fn find(&self, seq: u64) -> Option<usize> {
+        match self.slots.front() {
+            Some((s, _)) if *s == seq => Some(0),
+            _ => self.slots.binary_search_by_key(&seq, |(s, _)| *s).ok(),
+        }
+    }
+
+    /// Take the entry at slot `i` out; drop the holes at the front, and
+    /// compact when holes outnumber the live entries (memory stays within
+    /// twice the live entries).
+    fn take(&mut self, i: usize) -> Option<Pending<R>> {
+        let p = self.slots.get_mut(i)?.1.take()?;
+        self.live -= 1;
+        while matches!(self.slots.front(), Some((_, None))) {
+            self.slots.pop_front();
+        }
+        if self.slots.len() > 2 * self.live + 64 {
+            self.slots.retain(|(_, p)| p.is_some());
+        }
+        Some(p)
     }
 
     /// Apply one report entry. Returns the finished entry when this was its
@@ -75,15 +105,16 @@ impl<R> Outbox<R> {
         if e.id.epoch != self.epoch {
             return None;
         }
-        let p = self.entries.get_mut(&e.id.seq)?;
+        let i = self.find(e.id.seq)?;
+        let p = self.slots[i].1.as_mut()?;
         if p.id != e.id {
             return None;
         }
-        let i = p.waiting.iter().position(|s| *s == e.server)?;
-        p.waiting.swap_remove(i);
+        let w = p.waiting.iter().position(|s| *s == e.server)?;
+        p.waiting.swap_remove(w);
         p.results.push(e);
         if p.waiting.is_empty() {
-            let p = self.entries.remove(&e.id.seq)?;
+            let p = self.take(i)?;
             return Some((p.reply, p.results));
         }
         None
@@ -93,11 +124,13 @@ impl<R> Outbox<R> {
     /// still missing.
     pub fn poll_expired(&mut self, now: Instant) -> Vec<Done<R>> {
         let mut out = Vec::new();
-        while let Some(entry) = self.entries.first_entry() {
-            if entry.get().deadline > now {
+        // The front slot is always a live entry (holes never stay in front),
+        // and deadlines do not decrease in send order.
+        while let Some((_, Some(p))) = self.slots.front() {
+            if p.deadline > now {
                 break;
             }
-            let mut p = entry.remove();
+            let Some(mut p) = self.take(0) else { break };
             let id = p.id;
             p.results
                 .extend(p.waiting.drain(..).map(|server| ReportEntry {
@@ -112,26 +145,28 @@ impl<R> Outbox<R> {
 
     /// The earliest deadline, to sleep until.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.entries.values().next().map(|p| p.deadline)
+        self.slots
+            .front()
+            .and_then(|(_, p)| p.as_ref())
+            .map(|p| p.deadline)
     }
 
     /// Every unfinished 905, in send order, for a new connection.
     pub fn frames(&self) -> impl Iterator<Item = &Bytes> + '_ {
-        self.entries.values().map(|p| &p.frame)
+        self.slots
+            .iter()
+            .filter_map(|(_, p)| p.as_ref().map(|p| &p.frame))
     }
 
     /// Remove entries whose frame is longer than `len` (the exchange will not
     /// take them), completing them with `status` for every missing target.
     pub fn remove_larger_than(&mut self, len: usize, status: DeliveryStatus) -> Vec<Done<R>> {
-        let big: Vec<u64> = self
-            .entries
-            .iter()
-            .filter(|(_, p)| p.frame.len() > len)
-            .map(|(seq, _)| *seq)
-            .collect();
-        big.into_iter()
-            .filter_map(|seq| self.entries.remove(&seq))
-            .map(|mut p| {
+        let mut done = Vec::new();
+        for (_, slot) in self.slots.iter_mut() {
+            if !slot.as_ref().is_some_and(|p| p.frame.len() > len) {
+                continue;
+            }
+            if let Some(mut p) = slot.take() {
                 let id = p.id;
                 p.results
                     .extend(
@@ -139,9 +174,12 @@ impl<R> Outbox<R> {
                             .drain(..)
                             .map(|server| ReportEntry { id, server, status }),
                     );
-                (p.reply, p.results)
-            })
-            .collect()
+                done.push((p.reply, p.results));
+            }
+        }
+        self.live -= done.len();
+        self.slots.retain(|(_, p)| p.is_some());
+        done
     }
 
     /// Give up on everything (shutdown): `timed_out` for what is missing.
@@ -226,5 +264,142 @@ mod tests {
         assert_eq!(done[0].1[0].status, DeliveryStatus::TimedOut);
         assert_eq!(ob.len(), 1);
         assert_eq!(ob.abandon().len(), 1);
+    }
+
+    #[test]
+    fn a_stuck_entry_does_not_let_holes_grow_without_bound() {
+        let t0 = Instant::now();
+        let mut ob = Outbox::new(3);
+        // Sequences with gaps, as local-only sends take numbers too.
+        for s in (2..=20_000u64).step_by(2) {
+            ob.push(id(s), Bytes::new(), vec![ServerId(2)], t0, s);
+        }
+        // Everything but the first (2) finishes, newest first.
+        for s in (2..=10_000u64).rev().map(|i| 2 * i) {
+            let (r, _) = ob
+                .handle_report(entry(s, 2, DeliveryStatus::Delivered))
+                .unwrap();
+            assert_eq!(r, s);
+            assert!(ob.slots.len() <= 2 * ob.len() + 64);
+        }
+        assert_eq!(ob.len(), 1);
+        assert_eq!(ob.frames().count(), 1);
+        assert!(
+            ob.handle_report(entry(2, 2, DeliveryStatus::Delivered))
+                .is_some()
+        );
+        assert!(ob.is_empty() && ob.slots.is_empty());
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Push {
+            gap: u64,
+            targets: u8,
+            big: bool,
+        },
+        Report {
+            pick: usize,
+            server: u32,
+            status: u8,
+        },
+        Expire {
+            upto: u64,
+        },
+        RemoveBig,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (1..3u64, 1..4u8, any::<bool>()).prop_map(|(gap, targets, big)| Op::Push { gap, targets, big }),
+            5 => (any::<usize>(), 1..5u32, 0..3u8).prop_map(|(pick, server, status)| Op::Report { pick, server, status }),
+            1 => (0..400u64).prop_map(|upto| Op::Expire { upto }),
+            1 => Just(Op::RemoveBig),
+        ]
+    }
+
+    /// The reference the outbox must behave like: a map in send order.
+    #[derive(Default)]
+    struct Model {
+        entries: std::collections::BTreeMap<u64, (Vec<ServerId>, usize, u64, bool)>,
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn behaves_like_an_ordered_map(ops in proptest::collection::vec(op(), 0..300)) {
+            let t0 = Instant::now();
+            let mut ob = Outbox::new(3);
+            let mut model = Model::default();
+            let (mut seq, mut clock) = (0u64, 0u64);
+            let statuses = [DeliveryStatus::Delivered, DeliveryStatus::ServerDown, DeliveryStatus::Overloaded];
+            for op in ops {
+                match op {
+                    Op::Push { gap, targets, big } => {
+                        seq += gap;
+                        clock += 1;
+                        let ts: Vec<ServerId> = (1..=u32::from(targets)).map(ServerId).collect();
+                        let frame = Bytes::from(vec![0u8; if big { 100 } else { 10 }]);
+                        ob.push(id(seq), frame, ts.clone(), t0 + Duration::from_millis(clock), seq);
+                        model.entries.insert(seq, (ts, 0, clock, big));
+                    }
+                    Op::Report { pick, server, status } => {
+                        // Mostly a tracked sequence, sometimes an unknown one.
+                        let seqs: Vec<u64> = model.entries.keys().copied().collect();
+                        let s = if seqs.is_empty() || pick % 7 == 0 { seq + 1 } else { seqs[pick % seqs.len()] };
+                        let got = ob.handle_report(entry(s, server, statuses[usize::from(status)]));
+                        let want = match model.entries.get_mut(&s) {
+                            Some((waiting, n, _, _)) => match waiting.iter().position(|w| *w == ServerId(server)) {
+                                Some(i) => {
+                                    waiting.swap_remove(i);
+                                    *n += 1;
+                                    waiting.is_empty()
+                                }
+                                None => false,
+                            },
+                            None => false,
+                        };
+                        if want {
+                            let (_, n, _, _) = model.entries.remove(&s).unwrap();
+                            let (r, results) = got.unwrap();
+                            proptest::prop_assert_eq!(r, s);
+                            proptest::prop_assert_eq!(results.len(), n);
+                        } else {
+                            proptest::prop_assert!(got.is_none());
+                        }
+                    }
+                    Op::Expire { upto } => {
+                        let now = t0 + Duration::from_millis(upto);
+                        let got: Vec<u64> = ob.poll_expired(now).into_iter().map(|(r, _)| r).collect();
+                        let mut want = Vec::new();
+                        while let Some((&s, &(_, _, at, _))) = model.entries.iter().next() {
+                            if at > upto {
+                                break;
+                            }
+                            model.entries.remove(&s);
+                            want.push(s);
+                        }
+                        proptest::prop_assert_eq!(got, want);
+                    }
+                    Op::RemoveBig => {
+                        let got: Vec<u64> = ob
+                            .remove_larger_than(50, DeliveryStatus::Overloaded)
+                            .into_iter()
+                            .map(|(r, _)| r)
+                            .collect();
+                        let want: Vec<u64> = model.entries.iter().filter(|(_, e)| e.3).map(|(s, _)| *s).collect();
+                        model.entries.retain(|_, e| !e.3);
+                        proptest::prop_assert_eq!(got, want);
+                    }
+                }
+                proptest::prop_assert_eq!(ob.len(), model.entries.len());
+                proptest::prop_assert!(ob.slots.len() <= 2 * ob.len() + 64);
+                proptest::prop_assert_eq!(
+                    ob.next_deadline(),
+                    model.entries.values().next().map(|e| t0 + Duration::from_millis(e.2))
+                );
+                proptest::prop_assert_eq!(ob.frames().count(), model.entries.len());
+            }
+        }
     }
 }
