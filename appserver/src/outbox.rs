@@ -163,7 +163,7 @@ impl<R> Outbox<R> {
     pub fn remove_larger_than(&mut self, len: usize, status: DeliveryStatus) -> Vec<Done<R>> {
         let mut done = Vec::new();
         for (_, slot) in self.slots.iter_mut() {
-            if !slot.as_ref().is_some_and(|p| p.frame.len() > len) {
+            if slot.as_ref().is_none_or(|p| p.frame.len() <= len) {
                 continue;
             }
             if let Some(mut p) = slot.take() {
