@@ -414,23 +414,30 @@ impl Link {
     /// not: a bad one must not block the queue behind it.
     fn on_deliver(&mut self, d: Deliver906) {
         self.metrics.delivers_in.inc();
-        let msg = match Message::decode_shared(&d.message) {
+        let Deliver906 {
+            id,
+            seq,
+            users,
+            message,
+            ..
+        } = d;
+        let msg = match Message::decode_owned(message) {
             Ok(m) => m,
             Err(e) => {
                 self.metrics.rejected.inc("malformed_message");
-                warn!(id = %d.id, error = %e, "undecodable message in a 906");
+                warn!(%id, error = %e, "undecodable message in a 906");
                 return;
             }
         };
-        if msg.id != d.id || msg.source.server != d.id.origin || msg.target != Address::RECEIVER {
+        if msg.id != id || msg.source.server != id.origin || msg.target != Address::RECEIVER {
             self.metrics.rejected.inc("forged_id");
-            warn!(id = %d.id, inner = %msg.id, "906 whose message does not match its header");
+            warn!(%id, inner = %msg.id, "906 whose message does not match its header");
             return;
         }
-        match self.dedup.check(d.id.origin, d.id.epoch, d.seq) {
+        match self.dedup.check(id.origin, id.epoch, seq) {
             Verdict::New => {
-                debug!(id = %d.id, users = d.users.len(), "906 delivered");
-                self.host.deliver(&Arc::new(msg), &d.users);
+                debug!(%id, users = users.len(), "906 delivered");
+                self.host.deliver(&Arc::new(msg), &users);
             }
             Verdict::Duplicate | Verdict::Stale => self.metrics.duplicates.inc(),
         }

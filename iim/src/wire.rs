@@ -156,6 +156,28 @@ impl Message {
         Self::decode_at(bytes, 0, &|body| bytes.slice_ref(body))
     }
 
+    /// Like [`Message::decode_shared`], taking the bytes: a message without
+    /// nested ones gets them, narrowed to its body, with no new reference
+    /// (a slice of a fresh buffer would allocate a shared header).
+    pub fn decode_owned(bytes: Bytes) -> Result<Message, WireError> {
+        let base = bytes.as_ptr() as usize;
+        let body_at = std::cell::Cell::new((0, 0));
+        let mut m = Self::decode_at(&bytes, 0, &|body| {
+            body_at.set((body.as_ptr() as usize - base, body.len()));
+            Bytes::new()
+        })?;
+        if !m.nested.is_empty() {
+            return Self::decode_shared(&bytes);
+        }
+        // Without nested messages the one body seen is this message's.
+        let (start, len) = body_at.get();
+        let mut body = bytes;
+        body.advance(start);
+        body.truncate(len);
+        m.body = body;
+        Ok(m)
+    }
+
     fn decode_at(
         bytes: &[u8],
         depth: usize,

@@ -715,6 +715,11 @@ proptest! {
     fn message_round_trips(m in message()) {
         let bytes = m.encode();
         prop_assert_eq!(Message::decode_shared(&bytes), Ok(m.clone()));
+        prop_assert_eq!(Message::decode_owned(bytes.clone()), Ok(m.clone()));
+        // Taking the bytes, the body is a view of them, not a copy.
+        let owned = Message::decode_owned(bytes.clone()).unwrap();
+        let within = bytes.as_ptr() as usize..bytes.as_ptr() as usize + bytes.len();
+        prop_assert!(owned.body.is_empty() || within.contains(&(owned.body.as_ptr() as usize)));
         prop_assert_eq!(Message::decode(&bytes), Ok(m));
     }
 
@@ -786,7 +791,8 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic_the_message_decoder(bytes in vec(any::<u8>(), 0..4096)) {
         let copied = Message::decode(&bytes);
-        prop_assert_eq!(Message::decode_shared(&Bytes::from(bytes)), copied);
+        prop_assert_eq!(Message::decode_shared(&Bytes::from(bytes.clone())), Message::decode(&bytes));
+        prop_assert_eq!(Message::decode_owned(Bytes::from(bytes)), copied);
     }
 }
 
