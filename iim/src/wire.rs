@@ -24,6 +24,8 @@ use crate::types::{Address, ChannelId, MessageId, ServerId, UserId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+mod fast;
+
 /// The only frame version this build speaks.
 pub const VERSION: u8 = 1;
 /// Bytes before a frame's body: version + length.
@@ -678,8 +680,12 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, WireError
     }
     // Decoded in place, then skipped: no split of the buffer (which would
     // make it a shared, reference-counted one) per frame.
-    let (frame, rest) = postcard::take_from_bytes::<Frame>(&buf[HEADER_LEN..HEADER_LEN + len])
-        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let body = &buf[HEADER_LEN..HEADER_LEN + len];
+    let (frame, rest) = match fast::decode(body) {
+        Some(done) => done,
+        None => postcard::take_from_bytes::<Frame>(body)
+            .map_err(|e| WireError::Malformed(e.to_string()))?,
+    };
     if !rest.is_empty() {
         return Err(WireError::Malformed(format!(
             "{} trailing bytes in frame body",

@@ -1,0 +1,336 @@
+//! Hand-written decoders for the frames of the hot path (905, 906, ack,
+//! report). They accept exactly what postcard's derived decoders accept and
+//! build the same values (a proptest compares them on valid frames and on
+//! garbage); anything they do not take — other frame kinds, or input they
+//! reject — goes to postcard, which then also names the error. The derived
+//! decoder walks serde's visitor machinery per field; these read the
+//! varints in place.
+
+use super::{Ack906, Deliver906, DeliveryStatus, Forward905, Frame, Report, ReportEntry};
+use super::{DELIVER_VARIANT, FORWARD_VARIANT, ServerRow, UserRow};
+use crate::types::{Address, ChannelId, MessageId, ServerId, UserId};
+use bytes::Bytes;
+
+const ACK_VARIANT: u32 = 5;
+const REPORT_VARIANT: u32 = 6;
+
+/// Input ended early or broke a rule: the caller falls back to postcard.
+struct Reject;
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn byte(&mut self) -> Result<u8, Reject> {
+        let (&b, rest) = self.buf.split_first().ok_or(Reject)?;
+        self.buf = rest;
+        Ok(b)
+    }
+
+    /// postcard's unsigned varint of a `bits`-bit integer: at most
+    /// `ceil(bits / 7)` bytes, and the last of that many may only carry the
+    /// bits that are left.
+    fn varint(&mut self, bits: u32) -> Result<u64, Reject> {
+        let max_bytes = bits.div_ceil(7);
+        let last_max = (1u8 << (bits % 7)) - 1;
+        let mut out = 0u64;
+        for i in 0..max_bytes {
+            let b = self.byte()?;
+            out |= u64::from(b & 0x7F) << (7 * i);
+            if b & 0x80 == 0 {
+                if i == max_bytes - 1 && b > last_max {
+                    return Err(Reject);
+                }
+                return Ok(out);
+            }
+        }
+        Err(Reject)
+    }
+
+    fn u64(&mut self) -> Result<u64, Reject> {
+        self.varint(64)
+    }
+
+    fn u32(&mut self) -> Result<u32, Reject> {
+        self.varint(32).map(|v| v as u32)
+    }
+
+    fn len(&mut self) -> Result<usize, Reject> {
+        usize::try_from(self.u64()?).map_err(|_| Reject)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Reject> {
+        if n > self.buf.len() {
+            return Err(Reject);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn bytes(&mut self) -> Result<Bytes, Reject> {
+        let n = self.len()?;
+        Ok(Bytes::copy_from_slice(self.take(n)?))
+    }
+
+    fn server(&mut self) -> Result<ServerId, Reject> {
+        self.u32().map(ServerId)
+    }
+
+    fn id(&mut self) -> Result<MessageId, Reject> {
+        Ok(MessageId {
+            origin: self.server()?,
+            epoch: self.u64()?,
+            seq: self.u64()?,
+        })
+    }
+
+    fn address(&mut self) -> Result<Address, Reject> {
+        Ok(Address {
+            server: self.server()?,
+            user: UserId(self.u64()?),
+        })
+    }
+
+    /// A sequence's length, capped for the allocation: every element takes
+    /// at least one byte, so more elements than bytes left cannot be valid.
+    fn seq_len(&mut self) -> Result<usize, Reject> {
+        let n = self.len()?;
+        if n > self.buf.len() {
+            return Err(Reject);
+        }
+        Ok(n)
+    }
+
+    fn users(&mut self) -> Result<Vec<UserRow>, Reject> {
+        let n = self.seq_len()?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(UserRow {
+                user: UserId(self.u64()?),
+                channel: ChannelId(self.u64()?),
+            });
+        }
+        Ok(v)
+    }
+}
+
+/// The frame in `body` (without the 5-byte header), if it is one of the
+/// hot kinds and valid, with what is left after it. `None`: decode with
+/// postcard.
+pub(super) fn decode(body: &[u8]) -> Option<(Frame, &[u8])> {
+    let mut c = Cursor { buf: body };
+    let frame = frame(&mut c).ok()?;
+    Some((frame, c.buf))
+}
+
+fn frame(c: &mut Cursor<'_>) -> Result<Frame, Reject> {
+    let variant = c.u32()?;
+    Ok(if variant == u32::from(FORWARD_VARIANT) {
+        let id = c.id()?;
+        let source = c.address()?;
+        let target = c.address()?;
+        let n = c.seq_len()?;
+        let mut rows = Vec::with_capacity(n);
+        for _ in 0..n {
+            rows.push(ServerRow {
+                server: c.server()?,
+                via: c.server()?,
+                seq: c.u64()?,
+                users: c.users()?,
+            });
+        }
+        Frame::Forward(Forward905 {
+            id,
+            source,
+            target,
+            rows,
+            message: c.bytes()?,
+        })
+    } else if variant == u32::from(DELIVER_VARIANT) {
+        Frame::Deliver(Deliver906 {
+            no: c.u64()?,
+            id: c.id()?,
+            seq: c.u64()?,
+            users: c.users()?,
+            message: c.bytes()?,
+        })
+    } else if variant == ACK_VARIANT {
+        Frame::Ack(Ack906 { upto: c.u64()? })
+    } else if variant == REPORT_VARIANT {
+        let n = c.seq_len()?;
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            entries.push(ReportEntry {
+                id: c.id()?,
+                server: c.server()?,
+                status: *DeliveryStatus::ALL
+                    .get(usize::try_from(c.u32()?).map_err(|_| Reject)?)
+                    .ok_or(Reject)?,
+            });
+        }
+        Frame::Report(Report { entries })
+    } else {
+        return Err(Reject);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{DEFAULT_MAX_FRAME, HEADER_LEN, encode_to_bytes};
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    fn id() -> impl Strategy<Value = MessageId> {
+        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(o, epoch, seq)| MessageId {
+            origin: ServerId(o),
+            epoch,
+            seq,
+        })
+    }
+
+    fn users() -> impl Strategy<Value = Vec<UserRow>> {
+        vec(
+            (any::<u64>(), any::<u64>()).prop_map(|(u, c)| UserRow {
+                user: UserId(u),
+                channel: ChannelId(c),
+            }),
+            0..4,
+        )
+    }
+
+    fn body() -> impl Strategy<Value = Bytes> {
+        vec(any::<u8>(), 0..40).prop_map(Bytes::from)
+    }
+
+    fn hot_frame() -> impl Strategy<Value = Frame> {
+        let address = (any::<u32>(), any::<u64>()).prop_map(|(s, u)| Address {
+            server: ServerId(s),
+            user: UserId(u),
+        });
+        let row = (any::<u32>(), any::<u32>(), any::<u64>(), users()).prop_map(
+            |(server, via, seq, users)| ServerRow {
+                server: ServerId(server),
+                via: ServerId(via),
+                seq,
+                users,
+            },
+        );
+        let entry = (id(), any::<u32>(), 0..6usize).prop_map(|(id, s, st)| ReportEntry {
+            id,
+            server: ServerId(s),
+            status: DeliveryStatus::ALL[st],
+        });
+        prop_oneof![
+            (id(), address.clone(), address, vec(row, 0..4), body()).prop_map(
+                |(id, source, target, rows, message)| Frame::Forward(Forward905 {
+                    id,
+                    source,
+                    target,
+                    rows,
+                    message,
+                })
+            ),
+            (any::<u64>(), id(), any::<u64>(), users(), body()).prop_map(
+                |(no, id, seq, users, message)| Frame::Deliver(Deliver906 {
+                    no,
+                    id,
+                    seq,
+                    users,
+                    message,
+                })
+            ),
+            any::<u64>().prop_map(|upto| Frame::Ack(Ack906 { upto })),
+            vec(entry, 0..5).prop_map(|entries| Frame::Report(Report { entries })),
+        ]
+    }
+
+    /// A valid frame body, then damaged: bytes overwritten, cut short or
+    /// extended, so both decoders see near-misses, not only noise.
+    fn damaged() -> impl Strategy<Value = Vec<u8>> {
+        (
+            hot_frame(),
+            vec((any::<usize>(), any::<u8>()), 0..4),
+            any::<usize>(),
+            vec(any::<u8>(), 0..8),
+        )
+            .prop_map(|(f, flips, cut, tail)| {
+                let whole = encode_to_bytes(&f, DEFAULT_MAX_FRAME).expect("small frame");
+                let mut b = whole[HEADER_LEN..].to_vec();
+                for (at, v) in flips {
+                    if !b.is_empty() {
+                        let i = at % b.len();
+                        b[i] = v;
+                    }
+                }
+                b.truncate(cut % (b.len() + 1) + (cut % 3) * b.len());
+                b.extend(tail);
+                b
+            })
+    }
+
+    fn agrees_with_postcard(b: &[u8]) -> Result<(), TestCaseError> {
+        let generic = postcard::take_from_bytes::<Frame>(b);
+        match decode(b) {
+            Some((f, rest)) => {
+                let (g, grest) = generic.map_err(|e| {
+                    TestCaseError::fail(format!("fast decoder took what postcard refuses: {e}"))
+                })?;
+                prop_assert_eq!(f, g);
+                prop_assert_eq!(rest, grest);
+            }
+            // Not taken: the caller asks postcard, so the outcome is its own;
+            // but a valid hot frame must not be left to it.
+            None => {
+                if let Ok((g, _)) = generic {
+                    prop_assert!(
+                        !matches!(
+                            g,
+                            Frame::Forward(_)
+                                | Frame::Deliver(_)
+                                | Frame::Ack(_)
+                                | Frame::Report(_)
+                        ),
+                        "valid {} frame not taken",
+                        g.kind()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn status_indices_are_the_declaration_order() {
+        for (i, s) in DeliveryStatus::ALL.iter().enumerate() {
+            let b = postcard::to_extend(s, Vec::new()).expect("encodes");
+            assert_eq!(b, vec![i as u8]);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn valid_hot_frames_decode_as_postcard_does(f in hot_frame()) {
+            let whole = encode_to_bytes(&f, DEFAULT_MAX_FRAME).expect("small frame");
+            let (got, rest) = decode(&whole[HEADER_LEN..]).expect("taken");
+            prop_assert_eq!(got, f);
+            prop_assert!(rest.is_empty());
+        }
+
+        #[test]
+        fn damaged_frames_decode_as_postcard_does(b in damaged()) {
+            agrees_with_postcard(&b)?;
+        }
+
+        #[test]
+        fn noise_decodes_as_postcard_does(tag in 0..9u8, rest in vec(any::<u8>(), 0..64)) {
+            let mut b = vec![tag];
+            b.extend(rest);
+            agrees_with_postcard(&b)?;
+        }
+    }
+}
