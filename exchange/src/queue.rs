@@ -5,9 +5,10 @@
 //! everything not yet acknowledged is transmitted again, in the original
 //! order; the target drops what it already delivered (per-origin sequence),
 //! so the effect is exactly once and per-origin order holds across the cut.
-//! Each 906 is queued as its own small head (frame header, delivery fields)
-//! plus the message bytes it shares with every other 906 of the same 905:
-//! a message is stored once however many targets it has. 906s are handed
+//! Each 906 is queued as its own small head (frame header, delivery fields;
+//! inline, not on the heap, when short) plus the message bytes it shares
+//! with every other 906 of the same 905: a message is stored once however
+//! many targets it has. 906s are handed
 //! out in batches, already coalesced for one write ([`quic::Coalescer`]:
 //! small frames copied into a few large buffers, large messages by
 //! reference), so no queued frame is reference-counted per transmission.
@@ -22,8 +23,8 @@ use std::collections::VecDeque;
 struct Entry {
     no: u64,
     id: MessageId,
-    /// `head ++ message` is the encoded 906.
-    head: Bytes,
+    /// `head ++ message` is the encoded 906; the head is inline when short.
+    head: wire::Head906,
     message: Bytes,
     sent: bool,
 }
@@ -138,9 +139,8 @@ impl DeliveryQueue {
             return Err(PushError::Full);
         }
         let no = self.next_no;
-        let head =
-            wire::encode_deliver_head(no, d.id, d.seq, &d.users, d.message.len(), self.max_frame)
-                .map_err(|_| PushError::Oversized)?;
+        let head = wire::Head906::new(no, d.id, d.seq, &d.users, d.message.len(), self.max_frame)
+            .map_err(|_| PushError::Oversized)?;
         let len = head.len() + d.message.len();
         if self.bytes + len > self.max_bytes && !self.entries.is_empty() {
             return Err(PushError::Full);
@@ -166,7 +166,7 @@ impl DeliveryQueue {
             if t.frames > 0 && t.bytes + e.len() > max_bytes {
                 break;
             }
-            out.copy(&e.head);
+            out.copy(e.head.as_slice());
             out.add(&e.message);
             t.bytes += e.len();
             t.frames += 1;

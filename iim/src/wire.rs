@@ -620,15 +620,6 @@ pub fn encode_forward(
     Ok(out.freeze())
 }
 
-/// The fields of a 906 that precede its message, in encoding order.
-#[derive(Serialize)]
-struct DeliverHead<'a> {
-    no: u64,
-    id: MessageId,
-    seq: u64,
-    users: &'a [UserRow],
-}
-
 /// The head of a 906 whose message bytes are sent separately: the frame
 /// header, the delivery fields and the message's length prefix.
 /// `head ++ message` is byte for byte `encode(&Frame::Deliver(..))`, so
@@ -642,19 +633,132 @@ pub fn encode_deliver_head(
     message_len: usize,
     max: usize,
 ) -> Result<Bytes, WireError> {
-    let mut out = BytesMut::with_capacity(HEADER_LEN + 48 + 20 * users.len());
-    out.put_u8(VERSION);
-    out.put_u32(0);
-    out.put_u8(DELIVER_VARIANT);
-    let head = DeliverHead { no, id, seq, users };
-    let _ = postcard::serialize_with_flavor(&head, BytesMutFlavor(&mut out));
-    let _ = postcard::serialize_with_flavor(&(message_len as u64), BytesMutFlavor(&mut out));
-    let len = out.len() - HEADER_LEN + message_len;
+    let (head_len, body_len) = deliver_head_len(no, id, seq, users, message_len, max)?;
+    let mut out = BytesMut::with_capacity(head_len);
+    write_deliver_head(&mut out, body_len, no, id, seq, users, message_len);
+    Ok(out.freeze())
+}
+
+/// Longest 906 head a [`Head906`] holds without a heap allocation (one or
+/// two user rows with typical ids).
+pub const HEAD_INLINE: usize = 56;
+
+/// A 906 head as [`encode_deliver_head`] builds it, kept inline when short:
+/// the exchange queues one per 906.
+#[derive(Clone, Debug)]
+pub enum Head906 {
+    Inline { len: u8, buf: [u8; HEAD_INLINE] },
+    Heap(Bytes),
+}
+
+impl Head906 {
+    pub fn new(
+        no: u64,
+        id: MessageId,
+        seq: u64,
+        users: &[UserRow],
+        message_len: usize,
+        max: usize,
+    ) -> Result<Head906, WireError> {
+        let (head_len, body_len) = deliver_head_len(no, id, seq, users, message_len, max)?;
+        if head_len > HEAD_INLINE {
+            let mut out = BytesMut::with_capacity(head_len);
+            write_deliver_head(&mut out, body_len, no, id, seq, users, message_len);
+            return Ok(Head906::Heap(out.freeze()));
+        }
+        let mut buf = [0u8; HEAD_INLINE];
+        let mut w = &mut buf[..head_len];
+        write_deliver_head(&mut w, body_len, no, id, seq, users, message_len);
+        Ok(Head906::Inline {
+            len: head_len as u8,
+            buf,
+        })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Head906::Inline { len, buf } => &buf[..usize::from(*len)],
+            Head906::Heap(b) => b,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Bytes of postcard's varint of `v`.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// (head bytes, frame body length) of a 906 head, checked against `max`.
+fn deliver_head_len(
+    no: u64,
+    id: MessageId,
+    seq: u64,
+    users: &[UserRow],
+    message_len: usize,
+    max: usize,
+) -> Result<(usize, u32), WireError> {
+    let head = HEADER_LEN
+        + 1
+        + varint_len(no)
+        + varint_len(u64::from(id.origin.0))
+        + varint_len(id.epoch)
+        + varint_len(id.seq)
+        + varint_len(seq)
+        + varint_len(users.len() as u64)
+        + users
+            .iter()
+            .map(|u| varint_len(u.user.0) + varint_len(u.channel.0))
+            .sum::<usize>()
+        + varint_len(message_len as u64);
+    let len = head - HEADER_LEN + message_len;
     if len > max || len > u32::MAX as usize {
         return Err(WireError::Oversized { len, max });
     }
-    out[1..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(out.freeze())
+    Ok((head, len as u32))
+}
+
+/// Write a 906 head (postcard's varints, fields in declaration order) into
+/// `out`, which has room for exactly [`deliver_head_len`] bytes or more.
+fn write_deliver_head<B: BufMut>(
+    out: &mut B,
+    body_len: u32,
+    no: u64,
+    id: MessageId,
+    seq: u64,
+    users: &[UserRow],
+    message_len: usize,
+) {
+    out.put_u8(VERSION);
+    out.put_u32(body_len);
+    out.put_u8(DELIVER_VARIANT);
+    put_varint(out, no);
+    put_varint(out, u64::from(id.origin.0));
+    put_varint(out, id.epoch);
+    put_varint(out, id.seq);
+    put_varint(out, seq);
+    put_varint(out, users.len() as u64);
+    for u in users {
+        put_varint(out, u.user.0);
+        put_varint(out, u.channel.0);
+    }
+    put_varint(out, message_len as u64);
+}
+
+/// postcard's unsigned varint.
+fn put_varint<B: BufMut>(out: &mut B, mut v: u64) {
+    while v >= 0x80 {
+        out.put_u8(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.put_u8(v as u8);
 }
 
 /// Take one frame off the front of `buf`. `Ok(None)`: not complete yet (the

@@ -758,6 +758,13 @@ proptest! {
         ).unwrap();
         let head = wire::encode_deliver_head(no, id, seq, &users, message.len(), usize::MAX).unwrap();
         prop_assert_eq!(hex(&[&head[..], &message[..]].concat()), hex(&whole));
+        // The queue's inline form is the same bytes, inline while short.
+        let kept = wire::Head906::new(no, id, seq, &users, message.len(), usize::MAX).unwrap();
+        prop_assert_eq!(kept.as_slice(), &head[..]);
+        prop_assert_eq!(
+            matches!(kept, wire::Head906::Inline { .. }),
+            head.len() <= wire::HEAD_INLINE
+        );
         // The same limit applies to the parts as to the whole.
         let body_len = whole.len() - HEADER_LEN;
         prop_assert_eq!(
