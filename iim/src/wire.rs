@@ -569,10 +569,12 @@ pub fn encode_to_bytes(frame: &Frame, max: usize) -> Result<Bytes, WireError> {
     Ok(out.freeze())
 }
 
-/// postcard's index of [`Frame::Forward`] and [`Frame::Deliver`] (variants
-/// are append-only; tests pin them against the generic encoding).
+/// postcard's indexes of the hot frame kinds (variants are append-only;
+/// tests pin them against the generic encoding).
 const FORWARD_VARIANT: u8 = 3;
 const DELIVER_VARIANT: u8 = 4;
+const ACK_VARIANT: u8 = 5;
+const REPORT_VARIANT: u8 = 6;
 
 /// The fields of a 905 that precede its message, in encoding order.
 #[derive(Serialize)]
@@ -620,31 +622,15 @@ pub fn encode_forward(
     Ok(out.freeze())
 }
 
-/// The head of a 906 whose message bytes are sent separately: the frame
-/// header, the delivery fields and the message's length prefix.
-/// `head ++ message` is byte for byte `encode(&Frame::Deliver(..))`, so
-/// every 906 of one 905 can share one copy of the message all the way into
-/// the transport.
-pub fn encode_deliver_head(
-    no: u64,
-    id: MessageId,
-    seq: u64,
-    users: &[UserRow],
-    message_len: usize,
-    max: usize,
-) -> Result<Bytes, WireError> {
-    let (head_len, body_len) = deliver_head_len(no, id, seq, users, message_len, max)?;
-    let mut out = BytesMut::with_capacity(head_len);
-    write_deliver_head(&mut out, body_len, no, id, seq, users, message_len);
-    Ok(out.freeze())
-}
-
 /// Longest 906 head a [`Head906`] holds without a heap allocation (one or
 /// two user rows with typical ids).
 pub const HEAD_INLINE: usize = 56;
 
-/// A 906 head as [`encode_deliver_head`] builds it, kept inline when short:
-/// the exchange queues one per 906.
+/// The head of a 906 whose message bytes are sent separately: the frame
+/// header, the delivery fields and the message's length prefix.
+/// `head ++ message` is byte for byte `encode(&Frame::Deliver(..))`, so
+/// every 906 of one 905 can share one copy of the message all the way into
+/// the transport. Kept inline when short: the exchange queues one per 906.
 #[derive(Clone, Debug)]
 pub enum Head906 {
     Inline { len: u8, buf: [u8; HEAD_INLINE] },

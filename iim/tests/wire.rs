@@ -756,20 +756,18 @@ proptest! {
             &Frame::Deliver(Deliver906 { no, id, seq, users: users.clone(), message: message.clone() }),
             usize::MAX,
         ).unwrap();
-        let head = wire::encode_deliver_head(no, id, seq, &users, message.len(), usize::MAX).unwrap();
-        prop_assert_eq!(hex(&[&head[..], &message[..]].concat()), hex(&whole));
-        // The queue's inline form is the same bytes, inline while short.
-        let kept = wire::Head906::new(no, id, seq, &users, message.len(), usize::MAX).unwrap();
-        prop_assert_eq!(kept.as_slice(), &head[..]);
+        let head = wire::Head906::new(no, id, seq, &users, message.len(), usize::MAX).unwrap();
+        prop_assert_eq!(hex(&[head.as_slice(), &message[..]].concat()), hex(&whole));
+        // Inline while short, on the heap beyond.
         prop_assert_eq!(
-            matches!(kept, wire::Head906::Inline { .. }),
+            matches!(head, wire::Head906::Inline { .. }),
             head.len() <= wire::HEAD_INLINE
         );
         // The same limit applies to the parts as to the whole.
         let body_len = whole.len() - HEADER_LEN;
         prop_assert_eq!(
-            wire::encode_deliver_head(no, id, seq, &users, message.len(), body_len - 1),
-            Err(WireError::Oversized { len: body_len, max: body_len - 1 })
+            wire::Head906::new(no, id, seq, &users, message.len(), body_len - 1).err(),
+            Some(WireError::Oversized { len: body_len, max: body_len - 1 })
         );
     }
 }

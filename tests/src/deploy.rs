@@ -171,15 +171,10 @@ impl Deployment {
 
     /// Wait until server `id` accepts WebSocket connections.
     pub async fn wait_ws(&self, id: u32) {
-        let a = self.ws[&id];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(a).await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "server {id} never listened on {a}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("server {id}");
+        crate::proc::wait_listening(self.ws[&id], &what, Duration::from_secs(30), || Ok(()))
+            .await
+            .unwrap();
     }
 
     pub async fn client(&self, id: u32, user: u64, device: &str) -> ChatClient {

@@ -114,6 +114,29 @@ impl Proc {
     }
 }
 
+/// Wait until something accepts TCP connections on `addr`, for at most
+/// `within`. `alive` is asked between tries (whether the process that
+/// should listen still runs); its error ends the wait.
+pub async fn wait_listening(
+    addr: SocketAddr,
+    what: &str,
+    within: Duration,
+    mut alive: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        alive()?;
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "{what} did not listen on {addr} within {} s",
+                within.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// One HTTP/1.1 request to a loopback admin API; returns (status, body).
 pub async fn http(
     addr: SocketAddr,

@@ -6,13 +6,10 @@
 //! decoder walks serde's visitor machinery per field; these read the
 //! varints in place.
 
+use super::{ACK_VARIANT, DELIVER_VARIANT, FORWARD_VARIANT, REPORT_VARIANT, ServerRow, UserRow};
 use super::{Ack906, Deliver906, DeliveryStatus, Forward905, Frame, Report, ReportEntry};
-use super::{DELIVER_VARIANT, FORWARD_VARIANT, ServerRow, UserRow};
 use crate::types::{Address, ChannelId, MessageId, ServerId, UserId};
 use bytes::Bytes;
-
-const ACK_VARIANT: u32 = 5;
-const REPORT_VARIANT: u32 = 6;
 
 /// Input ended early or broke a rule: the caller falls back to postcard.
 struct Reject;
@@ -93,26 +90,31 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    /// A sequence's length, capped for the allocation: every element takes
-    /// at least one byte, so more elements than bytes left cannot be valid.
-    fn seq_len(&mut self) -> Result<usize, Reject> {
+    /// A sequence: its length, then `item` that many times. More elements
+    /// than bytes left cannot be valid (each takes at least one), so the
+    /// length is checked before it sizes an allocation.
+    fn vec_of<T>(
+        &mut self,
+        mut item: impl FnMut(&mut Self) -> Result<T, Reject>,
+    ) -> Result<Vec<T>, Reject> {
         let n = self.len()?;
         if n > self.buf.len() {
             return Err(Reject);
         }
-        Ok(n)
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(item(self)?);
+        }
+        Ok(v)
     }
 
     fn users(&mut self) -> Result<Vec<UserRow>, Reject> {
-        let n = self.seq_len()?;
-        let mut v = Vec::with_capacity(n);
-        for _ in 0..n {
-            v.push(UserRow {
-                user: UserId(self.u64()?),
-                channel: ChannelId(self.u64()?),
-            });
-        }
-        Ok(v)
+        self.vec_of(|c| {
+            Ok(UserRow {
+                user: UserId(c.u64()?),
+                channel: ChannelId(c.u64()?),
+            })
+        })
     }
 }
 
@@ -128,24 +130,18 @@ pub(super) fn decode(body: &[u8]) -> Option<(Frame, &[u8])> {
 fn frame(c: &mut Cursor<'_>) -> Result<Frame, Reject> {
     let variant = c.u32()?;
     Ok(if variant == u32::from(FORWARD_VARIANT) {
-        let id = c.id()?;
-        let source = c.address()?;
-        let target = c.address()?;
-        let n = c.seq_len()?;
-        let mut rows = Vec::with_capacity(n);
-        for _ in 0..n {
-            rows.push(ServerRow {
-                server: c.server()?,
-                via: c.server()?,
-                seq: c.u64()?,
-                users: c.users()?,
-            });
-        }
         Frame::Forward(Forward905 {
-            id,
-            source,
-            target,
-            rows,
+            id: c.id()?,
+            source: c.address()?,
+            target: c.address()?,
+            rows: c.vec_of(|c| {
+                Ok(ServerRow {
+                    server: c.server()?,
+                    via: c.server()?,
+                    seq: c.u64()?,
+                    users: c.users()?,
+                })
+            })?,
             message: c.bytes()?,
         })
     } else if variant == u32::from(DELIVER_VARIANT) {
@@ -156,21 +152,20 @@ fn frame(c: &mut Cursor<'_>) -> Result<Frame, Reject> {
             users: c.users()?,
             message: c.bytes()?,
         })
-    } else if variant == ACK_VARIANT {
+    } else if variant == u32::from(ACK_VARIANT) {
         Frame::Ack(Ack906 { upto: c.u64()? })
-    } else if variant == REPORT_VARIANT {
-        let n = c.seq_len()?;
-        let mut entries = Vec::with_capacity(n);
-        for _ in 0..n {
-            entries.push(ReportEntry {
-                id: c.id()?,
-                server: c.server()?,
-                status: *DeliveryStatus::ALL
-                    .get(usize::try_from(c.u32()?).map_err(|_| Reject)?)
-                    .ok_or(Reject)?,
-            });
-        }
-        Frame::Report(Report { entries })
+    } else if variant == u32::from(REPORT_VARIANT) {
+        Frame::Report(Report {
+            entries: c.vec_of(|c| {
+                Ok(ReportEntry {
+                    id: c.id()?,
+                    server: c.server()?,
+                    status: *DeliveryStatus::ALL
+                        .get(usize::try_from(c.u32()?).map_err(|_| Reject)?)
+                        .ok_or(Reject)?,
+                })
+            })?,
+        })
     } else {
         return Err(Reject);
     })

@@ -275,15 +275,7 @@ fn loopback(port: u16) -> SocketAddr {
 }
 
 async fn wait_port(addr: SocketAddr, what: &str, daemons: &mut Daemons) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(addr).await.is_err() {
-        daemons.check()?;
-        if Instant::now() > deadline {
-            bail!("{what} did not listen on {addr} within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
+    iim_tests::proc::wait_listening(addr, what, Duration::from_secs(30), || daemons.check()).await
 }
 
 // ---------------------------------------------------------------------------

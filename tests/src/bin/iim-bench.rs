@@ -122,14 +122,7 @@ fn release_bin(name: &str) -> Result<PathBuf> {
 }
 
 async fn wait_port(addr: SocketAddr, what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        if Instant::now() > deadline {
-            bail!("{what} did not listen on {addr}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
+    iim_tests::proc::wait_listening(addr, what, Duration::from_secs(20), || Ok(())).await
 }
 
 struct ExchangeProc {
