@@ -7,6 +7,8 @@
 pub mod client;
 pub mod db;
 pub mod deploy;
+pub mod load;
+pub mod nats;
 pub mod proc;
 pub mod procfs;
 pub mod proxy;

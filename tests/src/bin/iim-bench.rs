@@ -31,13 +31,14 @@ use iim::tls::dev::DevCa;
 use iim::types::{ServerId, Session, UserId};
 use iim::{DeliveryStatus, Iim, Outgoing};
 use iim_appserver::{AppServerHandle, ExchangeTarget};
+use iim_tests::load::{Arrivals, body_number, due_at, numbered_body, pace};
+use iim_tests::nats;
 use iim_tests::proc::free_port;
 use iim_tests::procfs::{CpuMeter, clk_tck, vm_kib};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -307,91 +308,6 @@ struct Latency {
     late: Histogram<u64>,
 }
 
-/// When message `i` of a fixed-rate run is due.
-fn due_at(start: Instant, rate: f64, i: u64) -> Instant {
-    start + Duration::from_secs_f64(i as f64 / rate)
-}
-
-/// A body of `size` bytes (at least 8) carrying `i` in its first 8 bytes.
-fn numbered_body(i: u64, size: usize) -> Bytes {
-    let mut body = vec![b'x'; size.max(8)];
-    body[..8].copy_from_slice(&i.to_le_bytes());
-    Bytes::from(body)
-}
-
-/// Drive a fixed-rate run on the calling (plain) thread: message i is due
-/// at `start + i / rate`; `send` gets every message already due in one
-/// call, so a late sender catches up at once instead of shifting the
-/// schedule. `std::thread::sleep` is finer than tokio's 1 ms timer. Returns
-/// how late each message was handed to `send`, in µs.
-fn pace(
-    start: Instant,
-    rate: f64,
-    n: u64,
-    mut send: impl FnMut(std::ops::Range<u64>) -> Result<()>,
-) -> Result<Histogram<u64>> {
-    let mut late = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
-    let mut i = 0u64;
-    while i < n {
-        let now = Instant::now();
-        if due_at(start, rate, i) > now {
-            std::thread::sleep(due_at(start, rate, i) - now);
-        }
-        let now = Instant::now();
-        let upto = (((now - start).as_secs_f64() * rate) as u64 + 1).clamp(i + 1, n);
-        for j in i..upto {
-            let by = now.saturating_duration_since(due_at(start, rate, j));
-            late.saturating_record(by.as_micros() as u64);
-        }
-        send(i..upto)?;
-        i = upto;
-    }
-    Ok(late)
-}
-
-/// Arrival times at the target connections during a latency run. Message
-/// i of a run carries i in its first 8 body bytes and was due at
-/// `start + i / rate`.
-#[derive(Default)]
-struct Arrivals {
-    run: std::sync::Mutex<Option<ArrivalRun>>,
-}
-
-struct ArrivalRun {
-    start: Instant,
-    rate: f64,
-    hist: Histogram<u64>,
-}
-
-impl Arrivals {
-    fn begin(&self, start: Instant, rate: f64) -> Result<()> {
-        let hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
-        *self.run.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(ArrivalRun { start, rate, hist });
-        Ok(())
-    }
-
-    fn end(&self) -> Option<Histogram<u64>> {
-        self.run
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .map(|r| r.hist)
-    }
-
-    fn record(&self, m: &iim::Message) {
-        let now = Instant::now();
-        let mut run = self.run.lock().unwrap_or_else(|e| e.into_inner());
-        let (Some(r), Some(head)) = (run.as_mut(), m.body.get(..8)) else {
-            return;
-        };
-        let i = u64::from_le_bytes(head.try_into().unwrap_or_default());
-        let due = due_at(r.start, r.rate, i);
-        r.hist
-            .saturating_record(now.saturating_duration_since(due).as_micros() as u64);
-    }
-}
-
 /// Fixed-rate run (see [`pace`]): latency from each message's intended
 /// send time to its arrival at each target connection and to its report
 /// (all k targets delivered).
@@ -480,206 +396,6 @@ async fn iim_latency(
 // ---------------------------------------------------------------------------
 // NATS side
 // ---------------------------------------------------------------------------
-
-struct Nats {
-    child: Child,
-    pid: u32,
-    url: String,
-    dir: PathBuf,
-}
-
-async fn start_nats(bin: &Path, ca: &DevCa, dir: &Path, log: &Path) -> Result<Nats> {
-    let dir = dir.join("nats");
-    std::fs::create_dir_all(&dir)?;
-    let srv = ca.issue("127.0.0.1")?;
-    let cli = ca.issue("nats-client.iim")?;
-    std::fs::write(dir.join("ca.pem"), &srv.ca_pem)?;
-    std::fs::write(dir.join("server.pem"), &srv.cert_pem)?;
-    std::fs::write(dir.join("server.key"), &srv.key_pem)?;
-    std::fs::write(dir.join("client.pem"), &cli.cert_pem)?;
-    std::fs::write(dir.join("client.key"), &cli.key_pem)?;
-    let port = free_port(false);
-    let d = dir.display();
-    std::fs::write(
-        dir.join("nats.conf"),
-        format!(
-            "listen: 127.0.0.1:{port}\n\
-             tls {{\n  cert_file: \"{d}/server.pem\"\n  key_file: \"{d}/server.key\"\n  ca_file: \"{d}/ca.pem\"\n  verify: true\n  timeout: 5\n}}\n"
-        ),
-    )?;
-    if !bin.exists() {
-        bail!("{} not found (apt-get install nats-server)", bin.display());
-    }
-    let out = std::fs::File::create(log)?;
-    let child = Command::new(bin)
-        .args(["-c", &dir.join("nats.conf").display().to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out.try_clone()?))
-        .stderr(Stdio::from(out))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let pid = child.id().context("nats pid")?;
-    wait_port(format!("127.0.0.1:{port}").parse()?, "nats-server").await?;
-    Ok(Nats {
-        child,
-        pid,
-        url: format!("tls://127.0.0.1:{port}"),
-        dir,
-    })
-}
-
-async fn nats_client(n: &Nats) -> Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .require_tls(true)
-        .add_root_certificates(n.dir.join("ca.pem"))
-        .add_client_certificate(n.dir.join("client.pem"), n.dir.join("client.key"))
-        .subscription_capacity(1 << 16)
-        .client_capacity(1 << 16)
-        .connect(&n.url)
-        .await
-        .context("connect to nats-server over TLS")
-}
-
-/// k subscriber connections (one subject each), one publisher publishing
-/// each message once per subject, at most `window` deliveries in flight.
-/// Returns (deliveries received, seconds, nats-server CPU µs).
-async fn nats_saturate(
-    n: &Nats,
-    k: usize,
-    messages: usize,
-    size: usize,
-    window: usize,
-    tck: f64,
-) -> Result<(u64, f64, f64)> {
-    let received = Arc::new(AtomicU64::new(0));
-    let mut subs = Vec::new();
-    let mut clients = Vec::new();
-    for i in 0..k {
-        let c = nats_client(n).await?;
-        let mut s = c.subscribe(format!("bench.s{i}")).await?;
-        c.flush().await?;
-        let r = received.clone();
-        subs.push(tokio::spawn(async move {
-            while s.next().await.is_some() {
-                r.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-        clients.push(c);
-    }
-    let publisher = nats_client(n).await?;
-    let subjects: Vec<async_nats::Subject> = (0..k)
-        .map(|i| async_nats::Subject::from(format!("bench.s{i}")))
-        .collect();
-    let body = Bytes::from(vec![b'x'; size]);
-    let total = (messages * k) as u64;
-    let cpu = CpuMeter::start(n.pid, tck);
-    let start = Instant::now();
-    let mut published = 0u64;
-    for _ in 0..messages {
-        while published - received.load(Ordering::Relaxed) > window as u64 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        for s in &subjects {
-            publisher.publish(s.clone(), body.clone()).await?;
-            published += 1;
-        }
-    }
-    publisher.flush().await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while received.load(Ordering::Relaxed) < total && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let cpu_us = cpu.micros();
-    let got = received.load(Ordering::Relaxed);
-    for s in subs {
-        s.abort();
-    }
-    drop(clients);
-    Ok((got, secs, cpu_us))
-}
-
-/// The same fixed-rate run on NATS: message i is published once per
-/// subject at its intended time; latency from then to its arrival at each
-/// subscriber, per delivery. Returns (latency, sender lateness, deliveries
-/// missing after 10 s).
-async fn nats_latency(
-    n: &Nats,
-    k: usize,
-    rate: f64,
-    secs: f64,
-    size: usize,
-) -> Result<(Histogram<u64>, Histogram<u64>, u64)> {
-    let count = (rate * secs).max(1.0) as u64;
-    let start = Instant::now();
-    let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
-        1,
-        120_000_000,
-        3,
-    )?));
-    let received = Arc::new(AtomicU64::new(0));
-    let mut subs = Vec::new();
-    let mut clients = Vec::new();
-    for i in 0..k {
-        let c = nats_client(n).await?;
-        let mut s = c.subscribe(format!("bench.l{i}")).await?;
-        c.flush().await?;
-        let (hist, received) = (hist.clone(), received.clone());
-        subs.push(tokio::spawn(async move {
-            while let Some(m) = s.next().await {
-                let now = Instant::now();
-                let Some(head) = m.payload.get(..8) else {
-                    continue;
-                };
-                let i = u64::from_le_bytes(head.try_into().unwrap_or_default());
-                let by = now.saturating_duration_since(due_at(start, rate, i));
-                hist.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .saturating_record(by.as_micros() as u64);
-                received.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-        clients.push(c);
-    }
-    let publisher = nats_client(n).await?;
-    let subjects: Vec<async_nats::Subject> = (0..k)
-        .map(|i| async_nats::Subject::from(format!("bench.l{i}")))
-        .collect();
-    let handle = tokio::runtime::Handle::current();
-    let sender = {
-        let publisher = publisher.clone();
-        std::thread::spawn(move || -> Result<Histogram<u64>> {
-            pace(start, rate, count, |range| {
-                handle.block_on(async {
-                    for j in range {
-                        let body = numbered_body(j, size);
-                        for s in &subjects {
-                            publisher.publish(s.clone(), body.clone()).await?;
-                        }
-                    }
-                    anyhow::Ok(())
-                })
-            })
-        })
-    };
-    let late = tokio::task::spawn_blocking(move || sender.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("NATS sender panicked"))??;
-    publisher.flush().await?;
-    let total = count * k as u64;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while received.load(Ordering::Relaxed) < total && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let missing = total.saturating_sub(received.load(Ordering::Relaxed));
-    for s in subs {
-        s.abort();
-    }
-    drop(clients);
-    let hist = hist.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    Ok((hist, late, missing))
-}
 
 // ---------------------------------------------------------------------------
 // main
@@ -779,7 +495,9 @@ async fn run(mut args: Args) -> Result<()> {
         let arrivals = arrivals.clone();
         tokio::spawn(async move {
             while let Some(m) = conn.rx.recv().await {
-                arrivals.record(&m);
+                if let Some(i) = body_number(&m.body) {
+                    arrivals.record(i);
+                }
             }
         });
         targets.push(user);
@@ -788,7 +506,7 @@ async fn run(mut args: Args) -> Result<()> {
     let mut nats = if args.no_nats {
         None
     } else {
-        Some(start_nats(&args.nats_server, &ca, &dir, &dir.join("nats.log")).await?)
+        Some(nats::start(&args.nats_server, &ca, &dir, &dir.join("nats.log")).await?)
     };
 
     let me = std::process::id();
@@ -839,10 +557,10 @@ async fn run(mut args: Args) -> Result<()> {
                 nats_lat: Vec::new(),
             };
             if let Some(n) = &nats {
-                nats_saturate(n, k, (messages / 10).max(100), size, args.window * k, tck).await?;
+                nats::saturate(n, k, (messages / 10).max(100), size, args.window * k, tck).await?;
                 let own = CpuMeter::start(me, tck);
                 let (got, secs, cpu_us) =
-                    nats_saturate(n, k, messages, size, args.window * k, tck).await?;
+                    nats::saturate(n, k, messages, size, args.window * k, tck).await?;
                 let bench_cpu = own.micros();
                 if got != (messages * k) as u64 {
                     eprintln!(
@@ -888,7 +606,7 @@ async fn run(mut args: Args) -> Result<()> {
                     row.lat.push((pct, l));
                     if let Some(n) = &nats {
                         let (h, late, missing) =
-                            nats_latency(n, k, rate, args.latency_secs, size).await?;
+                            nats::latency(n, k, rate, args.latency_secs, size).await?;
                         eprintln!(
                             "nats k={k:<2} size={size:<5} {pct}% = {rate:.0} msg/s offered: received p50 {} µs p99 {} µs p999 {} µs ({missing} missing; sender late p99 {} µs)",
                             h.value_at_quantile(0.5),
@@ -912,9 +630,8 @@ async fn run(mut args: Args) -> Result<()> {
     drop(origin);
     let _ = ex.child.start_kill();
     let _ = ex.child.wait().await;
-    if let Some(n) = nats.as_mut() {
-        let _ = n.child.start_kill();
-        let _ = n.child.wait().await;
+    if let Some(n) = nats.take() {
+        n.stop().await;
     }
 
     let mut rss = None;

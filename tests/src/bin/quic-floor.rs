@@ -26,6 +26,14 @@
 //! /proc) per frame, this process's CPU per frame, and the cores every other
 //! process used meanwhile (machine-wide busy time from /proc/stat minus ours:
 //! this box is shared, and a busy neighbour halves the figures).
+//!
+//! `--nats` runs NATS-with-TLS in the same topology after each run (one
+//! publisher, one subscriber, the same frames and window; `iim_tests::nats`,
+//! as `iim-bench` runs it), so the floor and NATS are compared within one
+//! run. `--latency-loads 25,50` adds open-loop runs at those percentages of
+//! the floor's saturation rate (`iim_tests::load`: frame i is due at
+//! start + i / rate and carries i), latency from the intended send time to
+//! the receiver, NATS at the same offered rates with `--nats`.
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -33,6 +41,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use iim::quic::QuicTuning;
 use iim::tls::{self, TlsMaterial, dev::DevCa};
 use iim::types::ServerId;
+use iim_tests::load::{self, Arrivals};
+use iim_tests::nats::{self, Nats};
 use iim_tests::procfs::{CpuMeter, clk_tck};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -155,6 +165,23 @@ struct BenchArgs {
     /// default, 1452; loopback carries up to 65527).
     #[arg(long)]
     max_udp_payload: Option<u16>,
+    /// Also run NATS-with-TLS in the same topology (one publisher, one
+    /// subscriber, the same frames and window) after each floor run, and
+    /// at the same offered loads: the floor and NATS measured side by side.
+    #[arg(long)]
+    nats: bool,
+    /// The nats-server binary (with `--nats`).
+    #[arg(long, default_value = "/usr/sbin/nats-server")]
+    nats_server: PathBuf,
+    /// Open-loop latency runs at these percentages of the floor's measured
+    /// saturation rate (mean of the runs of the first relay mode), e.g.
+    /// `25,50`: frame i is due at start + i / rate and carries i; latency
+    /// from its intended send time to its arrival at the receiver.
+    #[arg(long, value_delimiter = ',')]
+    latency_loads: Vec<u32>,
+    /// Seconds per latency run.
+    #[arg(long, default_value_t = 4.0)]
+    latency_secs: f64,
 }
 
 /// iim's QUIC settings, with the largest UDP payload overridden if asked.
@@ -409,12 +436,17 @@ struct Counters {
     done: Notify,
 }
 
-/// Frame counter over a byte stream of `[u32 len][len bytes]` frames.
+/// Frame counter over a byte stream of `[u32 len][len bytes]` frames;
+/// for latency runs it also reads the number each frame carries in its
+/// first 8 body bytes.
 struct FrameCounter {
     size: usize,
     hdr: [u8; HEADER],
     hdr_len: usize,
     body_left: usize,
+    /// The first bytes of the current frame's body (its number).
+    num: [u8; 8],
+    num_len: usize,
 }
 
 impl FrameCounter {
@@ -424,19 +456,33 @@ impl FrameCounter {
             hdr: [0; HEADER],
             hdr_len: 0,
             body_left: 0,
+            num: [0; 8],
+            num_len: 0,
         }
     }
 
-    /// Frames completed by `b`.
-    fn feed(&mut self, mut b: &[u8]) -> Result<u64> {
+    /// Frames completed by `b`; each completed frame's number goes to
+    /// `arrivals`, when given (frames of at least 8 bytes).
+    fn feed(&mut self, mut b: &[u8], arrivals: Option<&Arrivals>) -> Result<u64> {
         let mut frames = 0;
         while !b.is_empty() {
             if self.body_left > 0 {
                 let t = self.body_left.min(b.len());
+                if arrivals.is_some() && self.num_len < 8 {
+                    let n = (8 - self.num_len).min(t);
+                    self.num[self.num_len..self.num_len + n].copy_from_slice(&b[..n]);
+                    self.num_len += n;
+                }
                 self.body_left -= t;
                 b = &b[t..];
                 if self.body_left == 0 {
                     frames += 1;
+                    if let Some(a) = arrivals
+                        && self.num_len == 8
+                    {
+                        a.record(u64::from_le_bytes(self.num));
+                    }
+                    self.num_len = 0;
                 }
             } else {
                 let t = (HEADER - self.hdr_len).min(b.len());
@@ -507,6 +553,7 @@ async fn receive_frames(
     size: usize,
     ack_every: Option<u64>,
     c: Arc<Counters>,
+    arrivals: Option<Arc<Arrivals>>,
 ) -> Result<u64> {
     let mut bufs = vec![Bytes::new(); 32];
     let mut counter = FrameCounter::new(size);
@@ -514,7 +561,7 @@ async fn receive_frames(
     let mut reported = 0u64;
     while let Some(n) = recv.read_chunks(&mut bufs).await? {
         for b in &mut bufs[..n] {
-            frames += counter.feed(b)?;
+            frames += counter.feed(b, arrivals.as_deref())?;
             *b = Bytes::new();
         }
         c.received.store(frames, Ordering::Release);
@@ -606,6 +653,8 @@ struct Row {
     bench_us: f64,
     /// Cores busy with anything else on the machine during the run.
     others_cores: f64,
+    /// NATS in the same topology right after this run (`--nats`).
+    nats: Option<NatsRow>,
 }
 
 impl Row {
@@ -636,6 +685,7 @@ async fn one_run(s: &Setup, a: &BenchArgs, mode: Mode, size: usize, run: usize) 
         size,
         a.ack.then_some(a.ack_every),
         c.clone(),
+        None,
     ));
 
     let warmup = a.warmup.unwrap_or(a.frames / 10);
@@ -702,7 +752,132 @@ async fn one_run(s: &Setup, a: &BenchArgs, mode: Mode, size: usize, run: usize) 
         relay_us: relay_us / a.frames as f64,
         bench_us: bench_us / a.frames as f64,
         others_cores,
+        nats: None,
     })
+}
+
+/// A fixed-rate (open-loop) run: latency from each frame's intended send
+/// time to its arrival at the receiver.
+struct Latency {
+    system: &'static str,
+    size: usize,
+    load: u32,
+    rate: f64,
+    hist: hdrhistogram::Histogram<u64>,
+    /// How late the sending thread itself was, per frame.
+    late: hdrhistogram::Histogram<u64>,
+    missing: u64,
+}
+
+/// The floor at `rate` frames/s for `secs`: a plain thread paces the
+/// frames (`load::pace`) and writes every frame already due in one
+/// `write_chunk`, as iim's writer writes what is queued; frame i carries i.
+async fn floor_latency(
+    s: &Setup,
+    mode: Mode,
+    size: usize,
+    rate: f64,
+    secs: f64,
+) -> Result<(
+    hdrhistogram::Histogram<u64>,
+    hdrhistogram::Histogram<u64>,
+    u64,
+)> {
+    ensure!(size >= 8, "latency runs need frames of at least 8 bytes");
+    let count = (rate * secs).max(1.0) as u64;
+    let mut relay = start_relay(&s.certs, mode, &s.tuning).await?;
+    let sender = connect(&s.tuning, &s.sender, relay.addr, HELLO_SENDER).await?;
+    let receiver = connect(&s.tuning, &s.receiver, relay.addr, HELLO_RECEIVER).await?;
+    let c = Arc::new(Counters::default());
+    let arrivals = Arc::new(Arrivals::default());
+    let recv_task = tokio::spawn(receive_frames(
+        receiver.recv,
+        receiver.send,
+        size,
+        None,
+        c.clone(),
+        Some(arrivals.clone()),
+    ));
+    let ack_task = tokio::spawn(read_acks(sender.recv, false, c.clone()));
+    let handle = tokio::runtime::Handle::current();
+    let start = Instant::now();
+    arrivals.begin(start, rate)?;
+    let mut send = sender.send;
+    let pacer = std::thread::spawn(move || -> Result<hdrhistogram::Histogram<u64>> {
+        let late = load::pace(start, rate, count, |range| {
+            let mut buf = BytesMut::with_capacity(range.clone().count() * (HEADER + size));
+            for j in range {
+                buf.put_u32(size as u32);
+                buf.put_u64_le(j);
+                buf.put_bytes(b'x', size - 8);
+            }
+            handle.block_on(send.write_chunk(buf.freeze()))?;
+            Ok(())
+        })?;
+        send.finish()?;
+        Ok(late)
+    });
+    let late = tokio::task::spawn_blocking(move || pacer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("floor sender panicked"))??;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.received.load(Ordering::Acquire) < count && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let missing = count.saturating_sub(c.received.load(Ordering::Acquire));
+    let hist = arrivals.end().context("arrival histogram")?;
+    // The sender finished its stream: the relay passes the end on.
+    let got = tokio::time::timeout(Duration::from_secs(10), recv_task)
+        .await
+        .context("receiver did not finish")???;
+    ensure!(
+        got == count,
+        "receiver counted {got} frames, expected {count}"
+    );
+    ack_task.await.context("ack task")??;
+    for end in [&sender.conn, &receiver.conn] {
+        end.close(0u32.into(), b"done");
+    }
+    for ep in [&sender.ep, &receiver.ep] {
+        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    }
+    let _ = relay.child.start_kill();
+    let _ = relay.child.wait().await;
+    Ok((hist, late, missing))
+}
+
+/// NATS-with-TLS, k = 1, the same frames and window: (frames/s,
+/// nats-server CPU µs per message, this process's CPU µs per message).
+async fn nats_run(n: &Nats, a: &BenchArgs, size: usize, tck: f64) -> Result<NatsRow> {
+    let warmup = a.warmup.unwrap_or(a.frames / 10);
+    let window = usize::try_from(a.window)?;
+    if warmup > 0 {
+        nats::saturate(n, 1, usize::try_from(warmup)?, size, window, tck).await?;
+    }
+    let own = CpuMeter::start(std::process::id(), tck);
+    let (got, secs, server_us) =
+        nats::saturate(n, 1, usize::try_from(a.frames)?, size, window, tck).await?;
+    let bench_us = own.micros();
+    ensure!(
+        got == a.frames,
+        "NATS: {got} of {} messages received",
+        a.frames
+    );
+    Ok(NatsRow {
+        fps: got as f64 / secs,
+        server_us: server_us / got as f64,
+        bench_us: bench_us / got as f64,
+    })
+}
+
+struct NatsRow {
+    fps: f64,
+    server_us: f64,
+    bench_us: f64,
+}
+
+fn pct(h: &hdrhistogram::Histogram<u64>, q: f64) -> u64 {
+    h.value_at_quantile(q)
 }
 
 async fn bench(a: BenchArgs) -> Result<()> {
@@ -716,6 +891,18 @@ async fn bench(a: BenchArgs) -> Result<()> {
     ensure!(a.window >= 2, "--window must be at least 2");
     ensure!(a.batch_bytes > 0, "--batch-bytes must be positive");
     ensure!(!a.relay_modes.is_empty(), "--relay-modes: at least one");
+    ensure!(
+        a.latency_loads.is_empty() || a.sizes.iter().all(|&s| s >= 8),
+        "--latency-loads: frames carry their number, so every size must be at least 8"
+    );
+    ensure!(
+        a.latency_loads.iter().all(|&l| (1..=100).contains(&l)),
+        "--latency-loads: percentages between 1 and 100"
+    );
+    ensure!(
+        a.latency_secs > 0.0 && a.latency_secs <= 600.0,
+        "--latency-secs: between 0 and 600"
+    );
     // A blocked sender has more than window / 2 frames unacknowledged, so
     // the receiver always has an ack due.
     ensure!(
@@ -743,11 +930,25 @@ async fn bench(a: BenchArgs) -> Result<()> {
         tck: clk_tck(),
     };
 
+    let nats = if a.nats {
+        let n = nats::start(
+            &a.nats_server,
+            &ca,
+            tmp.path(),
+            &tmp.path().join("nats.log"),
+        )
+        .await?;
+        Some(n)
+    } else {
+        None
+    };
+    let first_mode = a.relay_modes[0];
+
     let mut rows = Vec::new();
     for &mode in &a.relay_modes {
         for &size in &a.sizes {
             for run in 1..=a.runs {
-                let r = one_run(&setup, &a, mode, size, run)
+                let mut r = one_run(&setup, &a, mode, size, run)
                     .await
                     .with_context(|| format!("relay {} size {size} run {run}", mode.name()))?;
                 eprintln!(
@@ -762,9 +963,77 @@ async fn bench(a: BenchArgs) -> Result<()> {
                     r.bench_us * r.fps() / 1e6,
                     r.others_cores
                 );
+                if let Some(n) = nats.as_ref().filter(|_| mode == first_mode) {
+                    let x = nats_run(n, &a, size, setup.tck)
+                        .await
+                        .with_context(|| format!("NATS size {size} run {run}"))?;
+                    eprintln!(
+                        "nats size={size} run={run}: {:.0}/s, nats-server {:.2} µs/message, bench {:.2} µs/message",
+                        x.fps, x.server_us, x.bench_us
+                    );
+                    r.nats = Some(x);
+                }
                 rows.push(r);
             }
         }
+    }
+
+    let mut lats = Vec::new();
+    for &size in &a.sizes {
+        let sat: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.mode == first_mode && r.size == size)
+            .map(Row::fps)
+            .collect();
+        let sat = sat.iter().sum::<f64>() / sat.len().max(1) as f64;
+        for &load in &a.latency_loads {
+            let rate = sat * f64::from(load) / 100.0;
+            let (hist, late, missing) =
+                floor_latency(&setup, first_mode, size, rate, a.latency_secs)
+                    .await
+                    .with_context(|| format!("floor latency size {size} load {load} %"))?;
+            let l = Latency {
+                system: "floor",
+                size,
+                load,
+                rate,
+                hist,
+                late,
+                missing,
+            };
+            eprintln!(
+                "floor latency size={size} load={load}% ({rate:.0}/s): p50 {} p99 {} µs, sender late p99 {} µs, missing {missing}",
+                pct(&l.hist, 0.5),
+                pct(&l.hist, 0.99),
+                pct(&l.late, 0.99)
+            );
+            lats.push(l);
+            if let Some(n) = &nats {
+                let (hist, late, missing) =
+                    nats::latency(n, 1, rate, a.latency_secs, size)
+                        .await
+                        .with_context(|| format!("NATS latency size {size} load {load} %"))?;
+                let l = Latency {
+                    system: "NATS-TLS",
+                    size,
+                    load,
+                    rate,
+                    hist,
+                    late,
+                    missing,
+                };
+                eprintln!(
+                    "nats latency size={size} load={load}% ({rate:.0}/s): p50 {} p99 {} µs, sender late p99 {} µs, missing {missing}",
+                    pct(&l.hist, 0.5),
+                    pct(&l.hist, 0.99),
+                    pct(&l.late, 0.99)
+                );
+                lats.push(l);
+            }
+        }
+    }
+    if let Some(n) = nats {
+        n.stop().await;
     }
 
     println!();
@@ -782,12 +1051,21 @@ async fn bench(a: BenchArgs) -> Result<()> {
     );
     println!();
     println!(
-        "| relay copy | size | run | frames/s | MB/s (payload) | relay CPU µs/frame | relay cores | bench-process CPU µs/frame | bench cores | other processes, cores |"
+        "| relay copy | size | run | frames/s | MB/s (payload) | relay CPU µs/frame | relay cores | bench-process CPU µs/frame | bench cores | other processes, cores | NATS-TLS msgs/s | floor / NATS | nats-server CPU µs/msg | NATS bench-process CPU µs/msg |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
+        let (nfps, ratio, nserver, nbench) = match &r.nats {
+            Some(x) => (
+                format!("{:.0}", x.fps),
+                format!("{:.2}", r.fps() / x.fps),
+                format!("{:.2}", x.server_us),
+                format!("{:.2}", x.bench_us),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
         println!(
-            "| {} | {} B | {} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} B | {} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {nfps} | {ratio} | {nserver} | {nbench} |",
             r.mode.name(),
             r.size,
             r.run,
@@ -800,5 +1078,76 @@ async fn bench(a: BenchArgs) -> Result<()> {
             r.others_cores
         );
     }
+    if !lats.is_empty() {
+        println!();
+        println!(
+            "### Latency, µs from the intended send time to arrival at the receiver ({} s per run; relay copy {})",
+            a.latency_secs,
+            first_mode.name()
+        );
+        println!();
+        println!(
+            "| system | size | load | offered msgs/s | p50 | p99 | p999 | max | sender late p99 | missing |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for l in &lats {
+            println!(
+                "| {} | {} B | {} % | {:.0} | {} | {} | {} | {} | {} | {} |",
+                l.system,
+                l.size,
+                l.load,
+                l.rate,
+                pct(&l.hist, 0.5),
+                pct(&l.hist, 0.99),
+                pct(&l.hist, 0.999),
+                l.hist.max(),
+                pct(&l.late, 0.99),
+                l.missing
+            );
+        }
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(i: u64, size: usize) -> Vec<u8> {
+        let mut f = (size as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&i.to_le_bytes());
+        f.resize(HEADER + size, b'x');
+        f
+    }
+
+    /// Frames split at every possible point still count once each, and
+    /// each one's number reaches the arrivals (a latency run's histogram).
+    #[test]
+    fn counter_reads_numbers_across_chunk_boundaries() {
+        let size = 20;
+        let stream: Vec<u8> = (0..5).flat_map(|i| frame(i, size)).collect();
+        for cut in 1..stream.len() {
+            let arrivals = Arrivals::default();
+            // One frame a second from 10 s ago: frame i is 10 - i s late.
+            arrivals
+                .begin(Instant::now() - Duration::from_secs(10), 1.0)
+                .expect("histogram");
+            let mut c = FrameCounter::new(size);
+            let mut frames = 0;
+            for part in stream.chunks(cut) {
+                frames += c.feed(part, Some(&arrivals)).expect("valid frames");
+            }
+            assert_eq!(frames, 5, "cut every {cut} bytes");
+            let h = arrivals.end().expect("run begun");
+            assert_eq!(h.len(), 5, "cut every {cut} bytes");
+            let secs = |v: u64| (v as f64 / 1e6).round() as u64;
+            assert_eq!((secs(h.min()), secs(h.max())), (6, 10), "cut every {cut}");
+        }
+    }
+
+    #[test]
+    fn counter_refuses_a_frame_of_the_wrong_size() {
+        let mut c = FrameCounter::new(20);
+        assert!(c.feed(&frame(0, 21), None).is_err());
+    }
 }
