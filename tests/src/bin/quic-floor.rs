@@ -179,6 +179,10 @@ struct BenchArgs {
     /// from its intended send time to its arrival at the receiver.
     #[arg(long, value_delimiter = ',')]
     latency_loads: Vec<u32>,
+    /// Open-loop latency runs at these offered rates (frames/s), e.g. the
+    /// rates `iim-bench` offered iim, to compare at the same load.
+    #[arg(long, value_delimiter = ',')]
+    latency_rates: Vec<f64>,
     /// Seconds per latency run.
     #[arg(long, default_value_t = 4.0)]
     latency_secs: f64,
@@ -761,7 +765,8 @@ async fn one_run(s: &Setup, a: &BenchArgs, mode: Mode, size: usize, run: usize) 
 struct Latency {
     system: &'static str,
     size: usize,
-    load: u32,
+    /// "25 %" of the floor's saturation, or "fixed" (`--latency-rates`).
+    load: String,
     rate: f64,
     hist: hdrhistogram::Histogram<u64>,
     /// How late the sending thread itself was, per frame.
@@ -892,7 +897,12 @@ async fn bench(a: BenchArgs) -> Result<()> {
     ensure!(a.batch_bytes > 0, "--batch-bytes must be positive");
     ensure!(!a.relay_modes.is_empty(), "--relay-modes: at least one");
     ensure!(
-        a.latency_loads.is_empty() || a.sizes.iter().all(|&s| s >= 8),
+        a.latency_rates.iter().all(|&r| r.is_finite() && r >= 1.0),
+        "--latency-rates: frames per second, at least 1"
+    );
+    ensure!(
+        (a.latency_loads.is_empty() && a.latency_rates.is_empty())
+            || a.sizes.iter().all(|&s| s >= 8),
         "--latency-loads: frames carry their number, so every size must be at least 8"
     );
     ensure!(
@@ -986,23 +996,27 @@ async fn bench(a: BenchArgs) -> Result<()> {
             .map(Row::fps)
             .collect();
         let sat = sat.iter().sum::<f64>() / sat.len().max(1) as f64;
-        for &load in &a.latency_loads {
-            let rate = sat * f64::from(load) / 100.0;
+        let runs = a
+            .latency_loads
+            .iter()
+            .map(|&l| (format!("{l} %"), sat * f64::from(l) / 100.0))
+            .chain(a.latency_rates.iter().map(|&r| ("fixed".to_owned(), r)));
+        for (load, rate) in runs {
             let (hist, late, missing) =
                 floor_latency(&setup, first_mode, size, rate, a.latency_secs)
                     .await
-                    .with_context(|| format!("floor latency size {size} load {load} %"))?;
+                    .with_context(|| format!("floor latency size {size} load {load}"))?;
             let l = Latency {
                 system: "floor",
                 size,
-                load,
+                load: load.clone(),
                 rate,
                 hist,
                 late,
                 missing,
             };
             eprintln!(
-                "floor latency size={size} load={load}% ({rate:.0}/s): p50 {} p99 {} µs, sender late p99 {} µs, missing {missing}",
+                "floor latency size={size} load={load} ({rate:.0}/s): p50 {} p99 {} µs, sender late p99 {} µs, missing {missing}",
                 pct(&l.hist, 0.5),
                 pct(&l.hist, 0.99),
                 pct(&l.late, 0.99)
@@ -1012,18 +1026,18 @@ async fn bench(a: BenchArgs) -> Result<()> {
                 let (hist, late, missing) =
                     nats::latency(n, 1, rate, a.latency_secs, size)
                         .await
-                        .with_context(|| format!("NATS latency size {size} load {load} %"))?;
+                        .with_context(|| format!("NATS latency size {size} load {load}"))?;
                 let l = Latency {
                     system: "NATS-TLS",
                     size,
-                    load,
+                    load: load.clone(),
                     rate,
                     hist,
                     late,
                     missing,
                 };
                 eprintln!(
-                    "nats latency size={size} load={load}% ({rate:.0}/s): p50 {} p99 {} µs, sender late p99 {} µs, missing {missing}",
+                    "nats latency size={size} load={load} ({rate:.0}/s): p50 {} p99 {} µs, sender late p99 {} µs, missing {missing}",
                     pct(&l.hist, 0.5),
                     pct(&l.hist, 0.99),
                     pct(&l.late, 0.99)
@@ -1092,7 +1106,7 @@ async fn bench(a: BenchArgs) -> Result<()> {
         println!("|---|---|---|---|---|---|---|---|---|---|");
         for l in &lats {
             println!(
-                "| {} | {} B | {} % | {:.0} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} B | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
                 l.system,
                 l.size,
                 l.load,
