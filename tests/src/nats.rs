@@ -5,7 +5,7 @@
 //! 905: the origin publishes each message once per target subject.
 
 use crate::load::{self, Arrivals};
-use crate::proc::{free_port, wait_listening};
+use crate::proc::{free_port, spawn_logged, wait_listening};
 use crate::procfs::CpuMeter;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -13,7 +13,6 @@ use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use iim::tls::dev::DevCa;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -52,16 +51,10 @@ pub async fn start(bin: &Path, ca: &DevCa, dir: &Path, log: &Path) -> Result<Nat
     if !bin.exists() {
         bail!("{} not found (apt-get install nats-server)", bin.display());
     }
-    let out = std::fs::File::create(log)?;
-    let child = Command::new(bin)
-        .args(["-c", &dir.join("nats.conf").display().to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out.try_clone()?))
-        .stderr(Stdio::from(out))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let pid = child.id().context("nats pid")?;
+    let (child, pid) = spawn_logged(
+        Command::new(bin).args(["-c", &dir.join("nats.conf").display().to_string()]),
+        log,
+    )?;
     wait_listening(
         format!("127.0.0.1:{port}").parse()?,
         "nats-server",

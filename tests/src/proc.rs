@@ -58,6 +58,24 @@ pub fn free_port(udp: bool) -> u16 {
     panic!("no free loopback port in {LOW}..{}", LOW + SPAN)
 }
 
+/// Start `cmd` for a benchmark: stdin closed, stdout and stderr into a new
+/// file at `log`, killed when the handle is dropped. Returns the child and
+/// its pid (for CPU and memory readings).
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<(Child, u32)> {
+    use anyhow::Context;
+    let out =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out.try_clone()?))
+        .stderr(Stdio::from(out))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", cmd.as_std().get_program()))?;
+    let pid = child.id().context("child exited at once")?;
+    Ok((child, pid))
+}
+
 /// A child process whose output goes to a log file; killed on drop.
 pub struct Proc {
     pub name: String,

@@ -49,12 +49,11 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use iim::store::{Store, User};
 use iim::types::{ServerId, UserId};
-use iim_tests::proc::free_port;
+use iim_tests::proc::{free_port, spawn_logged};
 use iim_tests::procfs::{clk_tck, cpu_ticks};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -210,21 +209,13 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(bin: &Path, args: &[String], log: PathBuf, name: &str) -> Result<Daemon> {
-        let out = std::fs::File::create(&log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
-        let child = Command::new(bin)
-            .args(args)
-            .env(
+        let (child, pid) = spawn_logged(
+            Command::new(bin).args(args).env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out.try_clone()?))
-            .stderr(Stdio::from(out))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let pid = child.id().context("child pid")?;
+            ),
+            &log,
+        )?;
         Ok(Daemon {
             name: name.to_string(),
             child,

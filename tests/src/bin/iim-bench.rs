@@ -33,11 +33,10 @@ use iim::{DeliveryStatus, Iim, Outgoing};
 use iim_appserver::{AppServerHandle, ExchangeTarget};
 use iim_tests::load::{Arrivals, body_number, due_at, numbered_body, pace};
 use iim_tests::nats;
-use iim_tests::proc::free_port;
+use iim_tests::proc::{free_port, spawn_logged};
 use iim_tests::procfs::{CpuMeter, clk_tck, vm_kib};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
@@ -153,33 +152,26 @@ async fn start_exchange(
     let port = free_port(true);
     let http = free_port(false);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let out = std::fs::File::create(log)?;
-    let child = Command::new(&bin)
-        .args([
-            "--config",
-            &config_path.display().to_string(),
-            "--id",
-            &EXCHANGE_ID.to_string(),
-            "--listen",
-            &addr.to_string(),
-            "--http-listen",
-            &format!("127.0.0.1:{http}"),
-            "--database",
-            db_url,
-            "--certs",
-            &certs.display().to_string(),
-        ])
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out.try_clone()?))
-        .stderr(Stdio::from(out))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let pid = child.id().context("exchange pid")?;
+    let mut cmd = Command::new(&bin);
+    cmd.args([
+        "--config",
+        &config_path.display().to_string(),
+        "--id",
+        &EXCHANGE_ID.to_string(),
+        "--listen",
+        &addr.to_string(),
+        "--http-listen",
+        &format!("127.0.0.1:{http}"),
+        "--database",
+        db_url,
+        "--certs",
+        &certs.display().to_string(),
+    ])
+    .env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+    );
+    let (child, pid) = spawn_logged(&mut cmd, log)?;
     // The HTTP listener binds after the QUIC endpoint.
     wait_port(format!("127.0.0.1:{http}").parse()?, "iim-exchange").await?;
     Ok(ExchangeProc { child, pid, addr })

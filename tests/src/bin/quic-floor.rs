@@ -774,6 +774,41 @@ struct Latency {
     missing: u64,
 }
 
+/// (latency, sender lateness, frames or deliveries missing) of one run.
+type LatencyRun = (
+    hdrhistogram::Histogram<u64>,
+    hdrhistogram::Histogram<u64>,
+    u64,
+);
+
+impl Latency {
+    /// The run's row, its headline figures printed as it finishes.
+    fn logged(
+        system: &'static str,
+        size: usize,
+        load: &str,
+        rate: f64,
+        run: LatencyRun,
+    ) -> Latency {
+        let (hist, late, missing) = run;
+        eprintln!(
+            "{system} latency size={size} load={load} ({rate:.0}/s): p50 {} p99 {} µs, sender late p99 {} µs, missing {missing}",
+            pct(&hist, 0.5),
+            pct(&hist, 0.99),
+            pct(&late, 0.99)
+        );
+        Latency {
+            system,
+            size,
+            load: load.to_owned(),
+            rate,
+            hist,
+            late,
+            missing,
+        }
+    }
+}
+
 /// The floor at `rate` frames/s for `secs`: a plain thread paces the
 /// frames (`load::pace`) and writes every frame already due in one
 /// `write_chunk`, as iim's writer writes what is queued; frame i carries i.
@@ -1002,47 +1037,15 @@ async fn bench(a: BenchArgs) -> Result<()> {
             .map(|&l| (format!("{l} %"), sat * f64::from(l) / 100.0))
             .chain(a.latency_rates.iter().map(|&r| ("fixed".to_owned(), r)));
         for (load, rate) in runs {
-            let (hist, late, missing) =
-                floor_latency(&setup, first_mode, size, rate, a.latency_secs)
-                    .await
-                    .with_context(|| format!("floor latency size {size} load {load}"))?;
-            let l = Latency {
-                system: "floor",
-                size,
-                load: load.clone(),
-                rate,
-                hist,
-                late,
-                missing,
-            };
-            eprintln!(
-                "floor latency size={size} load={load} ({rate:.0}/s): p50 {} p99 {} µs, sender late p99 {} µs, missing {missing}",
-                pct(&l.hist, 0.5),
-                pct(&l.hist, 0.99),
-                pct(&l.late, 0.99)
-            );
-            lats.push(l);
+            let floor = floor_latency(&setup, first_mode, size, rate, a.latency_secs)
+                .await
+                .with_context(|| format!("floor latency size {size} load {load}"))?;
+            lats.push(Latency::logged("floor", size, &load, rate, floor));
             if let Some(n) = &nats {
-                let (hist, late, missing) =
-                    nats::latency(n, 1, rate, a.latency_secs, size)
-                        .await
-                        .with_context(|| format!("NATS latency size {size} load {load}"))?;
-                let l = Latency {
-                    system: "NATS-TLS",
-                    size,
-                    load: load.clone(),
-                    rate,
-                    hist,
-                    late,
-                    missing,
-                };
-                eprintln!(
-                    "nats latency size={size} load={load} ({rate:.0}/s): p50 {} p99 {} µs, sender late p99 {} µs, missing {missing}",
-                    pct(&l.hist, 0.5),
-                    pct(&l.hist, 0.99),
-                    pct(&l.late, 0.99)
-                );
-                lats.push(l);
+                let x = nats::latency(n, 1, rate, a.latency_secs, size)
+                    .await
+                    .with_context(|| format!("NATS latency size {size} load {load}"))?;
+                lats.push(Latency::logged("NATS-TLS", size, &load, rate, x));
             }
         }
     }
