@@ -8,7 +8,6 @@
 
 pub mod api;
 mod db;
-pub mod metrics;
 pub mod presence;
 pub mod quic;
 pub mod registry;
@@ -17,7 +16,8 @@ pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod types;
-pub mod wire;
+
+pub use iim_proto::{metrics, wire};
 
 pub use api::{Iim, Outgoing, PendingReport, Plugin, SendError, SendReport};
 pub use types::{Address, ChannelId, MessageId, ServerId, Session, UserId};
