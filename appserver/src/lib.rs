@@ -12,15 +12,15 @@ pub mod admin;
 pub mod chat;
 pub mod config;
 pub mod connections;
-pub mod dedup;
 pub mod gateway;
 mod link;
 pub mod metrics;
-pub mod outbox;
 pub mod presence;
 
 pub use config::{Config, ExchangeTarget};
 pub use connections::{Attached, Connections};
+/// The sans-IO pieces of the link, where they live now.
+pub use iim_core::link::{dedup, outbox};
 pub use link::LinkState;
 pub use metrics::AppMetrics;
 
@@ -231,7 +231,7 @@ pub async fn start_with(
         endpoint.clone(),
         submit_rx,
         host.clone(),
-        metrics.clone(),
+        metrics.link.clone(),
         stop.clone(),
         &tracker,
     );

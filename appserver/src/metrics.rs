@@ -1,10 +1,8 @@
 //! The app server's counters, rendered at `/metrics`.
 
 use iim::metrics::{Counter, Family, Gauge, Page, Render};
-use iim::wire::DeliveryStatus;
 
-/// Why an incoming 906 or frame was not delivered.
-pub const REJECT_REASONS: &[&str] = &["malformed_message", "forged_id", "protocol"];
+pub use iim_core::link::metrics::REJECT_REASONS;
 
 /// Why a WebSocket client failed to authenticate.
 pub const AUTH_FAILURE_REASONS: &[&str] = &[
@@ -63,19 +61,11 @@ pub struct AppMetrics {
     pub chat: std::sync::Arc<crate::chat::ChatMetrics>,
     /// The presence service's own counters.
     pub presence: std::sync::Arc<crate::presence::PresenceMetrics>,
-    pub forwards_out: Counter,
-    pub forwards_resent: Counter,
-    pub delivers_in: Counter,
-    pub duplicates: Counter,
-    pub rejected: Family,
-    pub acks_out: Counter,
-    pub reports_in: Family,
+    /// The link to the exchange's own counters.
+    pub link: std::sync::Arc<iim_core::link::LinkMetrics>,
     pub local_deliveries: Counter,
     pub missing_channels: Counter,
     pub connection_overflow: Counter,
-    pub link_connects: Counter,
-    pub link_up: Gauge,
-    pub outstanding: Gauge,
     pub connections: Gauge,
     pub ws_connections: Gauge,
     pub auth_failures: Family,
@@ -89,19 +79,10 @@ impl Default for AppMetrics {
         AppMetrics {
             chat: Default::default(),
             presence: Default::default(),
-            forwards_out: Counter::default(),
-            forwards_resent: Counter::default(),
-            delivers_in: Counter::default(),
-            duplicates: Counter::default(),
-            rejected: Family::new("reason", REJECT_REASONS),
-            acks_out: Counter::default(),
-            reports_in: Family::new("status", &DeliveryStatus::LABELS),
+            link: Default::default(),
             local_deliveries: Counter::default(),
             missing_channels: Counter::default(),
             connection_overflow: Counter::default(),
-            link_connects: Counter::default(),
-            link_up: Gauge::default(),
-            outstanding: Gauge::default(),
             connections: Gauge::default(),
             ws_connections: Gauge::default(),
             auth_failures: Family::new("reason", AUTH_FAILURE_REASONS),
@@ -116,41 +97,6 @@ impl Render for AppMetrics {
     fn render(&self) -> String {
         let mut p = Page::default();
         p.counter(
-            "iim_appserver_905_out_total",
-            "905 forward requests sent (first sends).",
-            &self.forwards_out,
-        )
-        .counter(
-            "iim_appserver_905_resent_total",
-            "905s sent again after a reconnect.",
-            &self.forwards_resent,
-        )
-        .counter(
-            "iim_appserver_906_in_total",
-            "906 deliveries received.",
-            &self.delivers_in,
-        )
-        .counter(
-            "iim_appserver_906_duplicates_total",
-            "906s dropped as already delivered.",
-            &self.duplicates,
-        )
-        .family(
-            "iim_appserver_906_rejected_total",
-            "906s refused, by reason.",
-            &self.rejected,
-        )
-        .counter(
-            "iim_appserver_acks_out_total",
-            "Ack frames sent to the exchange.",
-            &self.acks_out,
-        )
-        .family(
-            "iim_appserver_reports_total",
-            "Delivery report entries received, by status.",
-            &self.reports_in,
-        )
-        .counter(
             "iim_appserver_local_deliveries_total",
             "Messages handed to local connections.",
             &self.local_deliveries,
@@ -164,21 +110,6 @@ impl Render for AppMetrics {
             "iim_appserver_connection_overflow_total",
             "Local connections cut for not keeping up.",
             &self.connection_overflow,
-        )
-        .counter(
-            "iim_appserver_link_connects_total",
-            "Successful registrations with an exchange.",
-            &self.link_connects,
-        )
-        .gauge(
-            "iim_appserver_link_up",
-            "1 while registered with an exchange.",
-            &self.link_up,
-        )
-        .gauge(
-            "iim_appserver_outstanding_905",
-            "905s awaiting their reports.",
-            &self.outstanding,
         )
         .gauge(
             "iim_appserver_connections",
@@ -211,6 +142,7 @@ impl Render for AppMetrics {
             &self.ws_closes,
         );
         let mut page = p.finish();
+        page.push_str(&self.link.render());
         page.push_str(&self.chat.render());
         page.push_str(&self.presence.render());
         page

@@ -9,18 +9,19 @@
 pub mod config;
 mod hub;
 mod link;
-pub mod metrics;
-pub mod queue;
-pub mod split;
 
 pub use config::Config;
-pub use metrics::ExchangeMetrics;
+pub use iim_core::exchange::ExchangeMetrics;
+/// The sans-IO pieces of the exchange, where they live now.
+pub use iim_core::exchange::{metrics, queue, split};
 
 use anyhow::Context as _;
-use hub::{Ctx, Hub};
+use hub::Hub;
 use iim::registry::{Registry, Role, ServerState};
 use iim::tls::{self, TlsMaterial};
 use iim::types::{ServerId, now_ms};
+use iim_core::exchange::{self as core, Exchange};
+use link::LinkCtx;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,36 +103,38 @@ pub async fn start(
         .await?;
     let metrics = Arc::new(ExchangeMetrics::default());
     let tracker = TaskTracker::new();
-    let ctx = Arc::new(Ctx {
-        id,
-        epoch,
-        registry: registry.clone(),
+    let lease = Duration::from_secs(config.lease_secs);
+    let core = Exchange::new(
+        core::Config {
+            id,
+            epoch,
+            lease,
+            grace: Duration::from_secs(config.shutdown_grace_secs),
+            max_frame: config.max_frame_bytes,
+            handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+            max_links: config.max_links,
+            queue_max_frames: config.queue_max_frames,
+            queue_max_bytes: config.queue_max_bytes,
+            sweep_period: core::Config::sweep_period_for(lease),
+            ask_timeout: core::Config::ASK_TIMEOUT,
+            split: Default::default(),
+        },
+        hub::app_rows(registry.servers().await?),
+        metrics.clone(),
+        tokio::time::Instant::now().into_std(),
+    );
+    let (events, events_rx) = tokio::sync::mpsc::channel(hub::EVENTS);
+    let hub = Hub::new(core, registry.clone(), events.clone(), tracker.clone());
+    tracker.spawn(
+        hub.run(events_rx, shutdown.clone())
+            .instrument(info_span!("exchange", id = id.0)),
+    );
+    let link_ctx = Arc::new(LinkCtx {
+        events,
         metrics: metrics.clone(),
-        hub: Hub::default(),
-        lease: Duration::from_secs(config.lease_secs),
-        grace: Duration::from_secs(config.shutdown_grace_secs),
-        max_frame: config.max_frame_bytes,
         handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
-        max_links: config.max_links,
-        queue_max_frames: config.queue_max_frames,
-        queue_max_bytes: config.queue_max_bytes,
-        shutdown: shutdown.clone(),
-        tracker: tracker.clone(),
+        max_frame: config.max_frame_bytes,
     });
-    // Servers this exchange served before a restart get a lease to come
-    // back; every other known server is routable as "down".
-    for s in registry.servers().await? {
-        if s.role != Role::App {
-            continue;
-        }
-        let ours = s.exchange == Some(id) && s.state != ServerState::Down;
-        let state = if ours {
-            hub::STATE_DISCONNECTED
-        } else {
-            hub::STATE_DOWN
-        };
-        hub::ensure_route(&ctx, s.id, s.epoch, state);
-    }
     let http_addr = match http_listener {
         Some(listener) => {
             let bound = listener.local_addr()?;
@@ -147,9 +150,14 @@ pub async fn start(
         None => None,
     };
     tracker.spawn(
-        accept_loop(ctx.clone(), endpoint.clone()).instrument(info_span!("exchange", id = id.0)),
+        accept_loop(
+            link_ctx,
+            endpoint.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        )
+        .instrument(info_span!("exchange", id = id.0)),
     );
-    tracker.spawn(sweeper(ctx.clone()));
     info!(id = id.0, epoch, %addr, "exchange listening");
     Ok(ExchangeHandle {
         id,
@@ -164,52 +172,20 @@ pub async fn start(
     })
 }
 
-async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
+async fn accept_loop(
+    ctx: Arc<LinkCtx>,
+    endpoint: quinn::Endpoint,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let incoming = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break,
             i = endpoint.accept() => match i {
                 Some(i) => i,
                 None => break,
             },
         };
-        ctx.tracker.spawn(link::serve(ctx.clone(), incoming));
-    }
-}
-
-/// Refresh `last_seen` of connected servers and learn servers that
-/// registered their epoch since, so a 905 naming them reads "down" rather
-/// than "unknown". Bounded: one registry round trip per period.
-async fn sweeper(ctx: Arc<Ctx>) {
-    let period = (ctx.lease / 3).max(Duration::from_millis(200));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let up = ctx.hub.up_servers();
-        let known = match ctx.registry.servers().await {
-            Ok(k) => k,
-            Err(e) => {
-                warn!(error = %e, "registry unavailable for the sweep");
-                continue;
-            }
-        };
-        let mut touch = vec![(ctx.id, ctx.epoch)];
-        for s in &known {
-            if s.role != Role::App {
-                continue;
-            }
-            if up.contains(&s.id) {
-                touch.push((s.id, s.epoch));
-            } else if !ctx.hub.contains(s.id) {
-                hub::ensure_route(&ctx, s.id, s.epoch, hub::STATE_DOWN);
-            }
-        }
-        if let Err(e) = ctx.registry.touch(&touch, now_ms()).await {
-            warn!(error = %e, "could not refresh last_seen");
-        }
+        tracker.spawn(link::serve(ctx.clone(), incoming));
     }
 }

@@ -10,9 +10,9 @@
 
 use crate::registry::{Registry, RegistryError};
 use crate::types::{Address, MessageId, ServerId, Session, UserId, now_ms};
-use crate::wire::{self, DeliveryStatus, Message, ReportEntry, ServerRow, Timing, UserRow};
+use crate::wire::{self, DeliveryStatus, Message, ReportEntry, Timing, UserRow};
 use bytes::Bytes;
-use std::collections::BTreeMap;
+use iim_core::origin::Origin;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -103,20 +103,15 @@ pub trait Plugin: Send + Sync + 'static {
     fn on_message(&self, msg: &Arc<Message>, recipients: &[UserRow]);
 }
 
-struct Sequences {
-    next_seq: u64,
-    /// Last pair sequence per target server (an ordered map: no hashing
-    /// on the send path).
-    next_pair: BTreeMap<ServerId, u64>,
-}
-
 struct Inner {
     server: ServerId,
     epoch: u64,
     exchange: ServerId,
     max_frame: Arc<AtomicUsize>,
     link: mpsc::Sender<Submit>,
-    seq: Mutex<Sequences>,
+    /// Message ids and per-target sequences; held while a 905 is numbered
+    /// and handed to the link, so the link sees them in sequence order.
+    origin: Mutex<Origin>,
     local: Arc<dyn LocalDelivery>,
     closing: CancellationToken,
     registry: Registry,
@@ -161,10 +156,7 @@ impl Iim {
                 exchange: parts.exchange,
                 max_frame: parts.max_frame,
                 link: parts.link,
-                seq: Mutex::new(Sequences {
-                    next_seq: 1,
-                    next_pair: BTreeMap::new(),
-                }),
+                origin: Mutex::new(Origin::new(parts.server, parts.epoch)),
                 local: parts.local,
                 closing: parts.closing,
                 registry: parts.registry,
@@ -237,7 +229,11 @@ impl Iim {
             nested: msg.nested,
         };
         let pending_rx = if remote.is_empty() {
-            message.id.seq = inner.seq.lock().unwrap_or_else(|e| e.into_inner()).next();
+            message.id = inner
+                .origin
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .next_id();
             None
         } else {
             // Room in the link's queue is the usual case: no wait, and no
@@ -251,46 +247,27 @@ impl Iim {
                 },
             };
             let (tx, rx) = oneshot::channel();
-            // Sequence allocation and the hand-off to the link happen under
-            // one lock so the link sees messages in sequence order.
-            let mut seqs = inner.seq.lock().unwrap_or_else(|e| e.into_inner());
-            message.id.seq = seqs.next();
-            let mut rows: Vec<ServerRow> = Vec::new();
-            for (server, user) in remote {
-                match rows.last_mut() {
-                    Some(r) if r.server == server => r.users.push(user),
-                    _ => rows.push(ServerRow {
-                        server,
-                        via: inner.exchange,
-                        seq: seqs.next_pair_for(server),
-                        users: vec![user],
-                    }),
-                }
-            }
-            let targets: Vec<ServerId> = rows.iter().map(|r| r.server).collect();
             let max_frame = inner.max_frame.load(Ordering::Relaxed);
-            let frame = wire::encode_forward(
-                message.id,
-                message.source,
-                Address::new(inner.exchange, UserId::NONE),
-                &rows,
-                &message,
-                max_frame,
-            )
-            .map_err(|e| match e {
-                wire::WireError::Oversized { len, max } => SendError::TooLarge { len, max },
-                _ => SendError::TooLarge {
-                    len: usize::MAX,
-                    max: max_frame,
-                },
-            })?;
+            // Numbering and the hand-off to the link happen under one lock
+            // so the link sees messages in sequence order.
+            let mut origin = inner.origin.lock().unwrap_or_else(|e| e.into_inner());
+            let fwd = origin
+                .forward(&mut message, remote, inner.exchange, max_frame)
+                .map_err(|e| match e {
+                    wire::WireError::Oversized { len, max } => SendError::TooLarge { len, max },
+                    _ => SendError::TooLarge {
+                        len: usize::MAX,
+                        max: max_frame,
+                    },
+                })?;
+            let targets = fwd.targets.clone();
             permit.send(Submit {
-                id: message.id,
-                frame,
-                targets: targets.clone(),
+                id: fwd.id,
+                frame: fwd.frame,
+                targets: fwd.targets,
                 reply: tx,
             });
-            drop(seqs);
+            drop(origin);
             Some((rx, targets))
         };
         let id = message.id;
@@ -304,20 +281,6 @@ impl Iim {
             local,
             rx: pending_rx,
         })
-    }
-}
-
-impl Sequences {
-    fn next(&mut self) -> u64 {
-        let s = self.next_seq;
-        self.next_seq += 1;
-        s
-    }
-
-    fn next_pair_for(&mut self, server: ServerId) -> u64 {
-        let e = self.next_pair.entry(server).or_insert(0);
-        *e += 1;
-        *e
     }
 }
 

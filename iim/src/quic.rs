@@ -16,10 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Close code of a clean, intended disconnect (an app server draining, an
-/// exchange shutting down). Not 0: QUIC closes a connection whose handles
-/// were all dropped with code 0, and that must not read as a goodbye.
-pub const CLOSE_GOING_AWAY: u32 = 100;
+pub use iim_proto::wire::CLOSE_GOING_AWAY;
 
 /// QUIC settings both daemons share.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -37,7 +37,7 @@ pub const MAX_NESTING: usize = 8;
 
 /// Errors of the codec. Every one of them ends the link that produced it:
 /// after a bad frame the byte stream can no longer be trusted.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
     #[error("unsupported frame version {0} (this build speaks {VERSION})")]
     UnsupportedVersion(u8),
@@ -404,6 +404,11 @@ pub struct ReportEntry {
 pub struct Report {
     pub entries: Vec<ReportEntry>,
 }
+
+/// Close code of a clean, intended disconnect (an app server draining, an
+/// exchange shutting down). Not 0: QUIC closes a connection whose handles
+/// were all dropped with code 0, and that must not read as a goodbye.
+pub const CLOSE_GOING_AWAY: u32 = 100;
 
 /// Why a peer is being told off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -96,8 +96,8 @@ async fn one_send_is_one_905_and_one_906_per_target_server() {
     assert_eq!(ex.metrics.frames_in.get("905"), 1);
     assert_eq!(ex.metrics.delivers_out.get(), 2, "exactly two 906s");
     assert_eq!(ex.metrics.acks_in.get(), 2);
-    assert_eq!(s[1].metrics.delivers_in.get(), 1);
-    assert_eq!(s[2].metrics.delivers_in.get(), 1);
+    assert_eq!(s[1].metrics.link.delivers_in.get(), 1);
+    assert_eq!(s[2].metrics.link.delivers_in.get(), 1);
 
     // "Delivered" is reported after the target handed the message over, so
     // every connection holds it now.
@@ -113,7 +113,7 @@ async fn one_send_is_one_905_and_one_906_per_target_server() {
         assert!(rx.rx.try_recv().is_err(), "exactly once");
     }
     assert_eq!(
-        s[1].metrics.duplicates.get() + s[2].metrics.duplicates.get(),
+        s[1].metrics.link.duplicates.get() + s[2].metrics.link.duplicates.get(),
         0
     );
 
@@ -232,11 +232,14 @@ async fn burst_across_a_cut(cut_origin: bool) {
     }
     assert_burst_delivered(pending, &mut r).await;
     assert!(
-        cut_side.metrics.link_connects.get() >= 2,
+        cut_side.metrics.link.link_connects.get() >= 2,
         "the link really reconnected"
     );
     if cut_origin {
-        assert!(s1.metrics.forwards_resent.get() > 0, "905s were sent again");
+        assert!(
+            s1.metrics.link.forwards_resent.get() > 0,
+            "905s were sent again"
+        );
     }
     db.cleanup().await;
 }
@@ -367,7 +370,7 @@ async fn thousand_messages_in_order_across_an_exchange_crash() {
         );
     }
     assert_burst_delivered(pending, &mut r).await;
-    assert!(s1.metrics.forwards_resent.get() > 0);
+    assert!(s1.metrics.link.forwards_resent.get() > 0);
     assert!(ex.unwrap().metrics.forwards_in.get() > 0);
     db.cleanup().await;
 }
@@ -405,6 +408,6 @@ async fn frame_limits_announced_by_peers_are_honoured() {
     assert!(rep.all_delivered());
     assert_eq!(&recv(&mut r.rx).await.body[..], b"fits");
     assert!(r.rx.try_recv().is_err());
-    assert_eq!(s2.metrics.link_connects.get(), 1, "no reconnect loop");
+    assert_eq!(s2.metrics.link.link_connects.get(), 1, "no reconnect loop");
     db.cleanup().await;
 }

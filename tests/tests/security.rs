@@ -153,8 +153,8 @@ impl World {
         assert_eq!(r.servers, vec![(ServerId(2), DeliveryStatus::Delivered)]);
         let m = self.rx2.rx.try_recv().expect("delivered");
         assert_eq!(&m.body[..], body.as_bytes());
-        assert_eq!(self.s1.metrics.link_connects.get(), 1);
-        assert_eq!(self.s2.metrics.link_connects.get(), 1);
+        assert_eq!(self.s1.metrics.link.link_connects.get(), 1);
+        assert_eq!(self.s2.metrics.link.link_connects.get(), 1);
     }
 }
 
@@ -298,7 +298,7 @@ async fn a_905_with_a_forged_source_is_refused_and_counted() {
 
     assert_eq!(w.ex.metrics.forwards_in.get(), 0, "nothing forwarded");
     assert_eq!(
-        w.s2.metrics.delivers_in.get(),
+        w.s2.metrics.link.delivers_in.get(),
         0,
         "the victim received nothing"
     );

@@ -14,15 +14,17 @@
 //! reference), so no queued frame is reference-counted per transmission.
 
 use bytes::{Bytes, BytesMut};
-use iim::quic;
-use iim::types::MessageId;
-use iim::wire::{self, Deliver906};
+use iim_proto::coalesce as quic;
+use iim_proto::types::MessageId;
+use iim_proto::wire::{self, Deliver906};
 use std::collections::VecDeque;
 
 #[derive(Debug)]
 struct Entry {
     no: u64,
     id: MessageId,
+    /// The (origin, target) sequence the 906 carries.
+    seq: u64,
     /// `head ++ message` is the encoded 906; the head is inline when short.
     head: wire::Head906,
     message: Bytes,
@@ -33,6 +35,14 @@ impl Entry {
     fn len(&self) -> usize {
         self.head.len() + self.message.len()
     }
+}
+
+/// A queued 906 taken out undelivered: its message and its (origin,
+/// target) sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dropped {
+    pub id: MessageId,
+    pub seq: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -115,7 +125,7 @@ impl DeliveryQueue {
     /// The target's own frame limit (announced when it registers). Queued
     /// 906s above it could never be delivered: they are removed and their
     /// ids returned.
-    pub fn set_max_frame(&mut self, max_frame: usize) -> Vec<MessageId> {
+    pub fn set_max_frame(&mut self, max_frame: usize) -> Vec<Dropped> {
         self.max_frame = max_frame;
         let limit = max_frame + wire::HEADER_LEN;
         let mut dropped = Vec::new();
@@ -123,7 +133,10 @@ impl DeliveryQueue {
         for e in self.entries.drain(..) {
             if e.len() > limit {
                 self.bytes -= e.len();
-                dropped.push(e.id);
+                dropped.push(Dropped {
+                    id: e.id,
+                    seq: e.seq,
+                });
             } else {
                 kept.push_back(e);
             }
@@ -150,6 +163,7 @@ impl DeliveryQueue {
         self.entries.push_back(Entry {
             no,
             id: d.id,
+            seq: d.seq,
             head,
             message: d.message,
             sent: false,
@@ -210,11 +224,17 @@ impl DeliveryQueue {
     }
 
     /// The target is gone for good (down, or replaced by a new incarnation):
-    /// drop everything and return the ids to report.
-    pub fn drain(&mut self) -> Vec<MessageId> {
+    /// drop everything and return what was dropped, to report.
+    pub fn drain(&mut self) -> Vec<Dropped> {
         self.unsent = 0;
         self.bytes = 0;
-        self.entries.drain(..).map(|e| e.id).collect()
+        self.entries
+            .drain(..)
+            .map(|e| Dropped {
+                id: e.id,
+                seq: e.seq,
+            })
+            .collect()
     }
 
     /// Concatenate a transmit into one buffer (for writers that take one).
@@ -230,9 +250,9 @@ impl DeliveryQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use iim::types::ServerId;
-    use iim::wire::DEFAULT_MAX_FRAME;
-    use iim::wire::Frame;
+    use iim_proto::types::ServerId;
+    use iim_proto::wire::DEFAULT_MAX_FRAME;
+    use iim_proto::wire::Frame;
 
     fn d(seq: u64) -> Deliver906 {
         Deliver906 {
@@ -351,7 +371,10 @@ mod tests {
         q.push(big).unwrap();
         q.push(d(3)).unwrap();
         let dropped = q.set_max_frame(4_096);
-        assert_eq!(dropped.iter().map(|i| i.seq).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(
+            dropped.iter().map(|i| i.id.seq).collect::<Vec<_>>(),
+            vec![2]
+        );
         assert_eq!(q.len(), 2);
         let mut big = d(4);
         big.message = Bytes::from(vec![0u8; 5_000]);

@@ -4,8 +4,8 @@
 //! The message bytes are shared (`Bytes` clones) by every 906 of one 905;
 //! each 906 carries only its own server row's users.
 
-use iim::types::{Address, ServerId, UserId};
-use iim::wire::{Deliver906, Forward905};
+use iim_proto::types::{Address, ServerId, UserId};
+use iim_proto::wire::{Deliver906, Forward905};
 use std::collections::HashSet;
 
 /// Bounds on one 905 beyond the frame size limit.
@@ -149,8 +149,8 @@ pub fn split(fwd: Forward905) -> impl Iterator<Item = (ServerId, Deliver906)> {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use iim::types::{ChannelId, MessageId};
-    use iim::wire::{ServerRow, UserRow};
+    use iim_proto::types::{ChannelId, MessageId};
+    use iim_proto::wire::{ServerRow, UserRow};
 
     const EX: ServerId = ServerId(100);
 

@@ -5,8 +5,8 @@
 //! they already delivered. Time is passed in; no clocks, no IO.
 
 use bytes::Bytes;
-use iim::types::{MessageId, ServerId};
-use iim::wire::{DeliveryStatus, ReportEntry};
+use iim_proto::types::{MessageId, ServerId};
+use iim_proto::wire::{DeliveryStatus, ReportEntry};
 use std::collections::VecDeque;
 use std::time::Instant;
 

@@ -1,8 +1,8 @@
 //! The exchange's counters, rendered at `/metrics`.
 
-use iim::metrics::{Counter, Family, Gauge, Page, Render};
-use iim::wire::DeliveryStatus;
-use iim::wire::Frame;
+use iim_proto::metrics::{Counter, Family, Gauge, Page, Render};
+use iim_proto::wire::DeliveryStatus;
+use iim_proto::wire::Frame;
 
 /// Every reason a connection, a registration or a frame is refused.
 pub const REJECT_REASONS: &[&str] = &[
@@ -39,6 +39,7 @@ pub struct ExchangeMetrics {
     pub links: Gauge,
     pub queued: Gauge,
     pub marked_down: Counter,
+    pub repeated_refusals: Counter,
 }
 
 impl Default for ExchangeMetrics {
@@ -55,6 +56,7 @@ impl Default for ExchangeMetrics {
             links: Gauge::default(),
             queued: Gauge::default(),
             marked_down: Counter::default(),
+            repeated_refusals: Counter::default(),
         }
     }
 }
@@ -116,6 +118,11 @@ impl Render for ExchangeMetrics {
             "iim_exchange_servers_marked_down_total",
             "App servers marked down (lease expired or clean shutdown).",
             &self.marked_down,
+        )
+        .counter(
+            "iim_exchange_repeated_refusals_total",
+            "906s refused again with their first attempt's outcome (the origin sent the 905 again without having heard it).",
+            &self.repeated_refusals,
         );
         p.finish()
     }

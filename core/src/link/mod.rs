@@ -1,0 +1,636 @@
+//! An app server's link to its exchange as a state machine: every decision
+//! the link makes, with no socket, task, channel or clock inside.
+//!
+//! [`Link`] owns what must survive reconnects — the [`Outbox`] of 905s
+//! awaiting their reports, the [`Dedup`] filter of 906s, the frames
+//! waiting to be written — and the connection's lifecycle: find the
+//! exchange (ask the registry, unless its address is configured), connect,
+//! `Register`, wait for `Registered`, resend the whole outbox in send order,
+//! heartbeat, and after a loss back off (doubling up to a bound) and start
+//! again. A refusal that can never succeed (a newer incarnation of this
+//! server registered, a certificate naming another server, another exchange
+//! answering) is fatal: the link stops trying.
+//!
+//! Driven like quinn-proto's `Connection`: inputs are the `handle_*`
+//! methods and [`Link::submit`] with `now` passed in; outputs are
+//! [`Link::poll_output`] (connect, ask the registry, close, deliver a
+//! message to local users, complete a send), [`Link::poll_transmit`] (the
+//! bytes to write, taken when the writer has room) and
+//! [`Link::poll_timeout`]. `R` is whatever the caller completes a send
+//! with (a channel's sender in the app server, a number in the simulator).
+
+pub mod dedup;
+pub mod metrics;
+pub mod outbox;
+
+pub use dedup::{Dedup, Verdict};
+pub use metrics::LinkMetrics;
+pub use outbox::Outbox;
+
+use crate::{AskId, ConnId, RegistryFailure};
+use bytes::Bytes;
+use iim_proto::coalesce::{Coalescer, frame_bytes};
+use iim_proto::types::{Address, MessageId, ServerId};
+use iim_proto::wire::{
+    self, Ack906, CLOSE_GOING_AWAY, Deliver906, DeliveryStatus, ErrorCode, Frame, Heartbeat,
+    Message, Register, ReportEntry, UserRow,
+};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, error, info, warn};
+
+/// The link's settings (validated by the app server's config).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerId,
+    pub epoch: u64,
+    /// The exchange this server's 905s are addressed to.
+    pub exchange: ServerId,
+    /// Its address, when configured; else the registry is asked at every
+    /// attempt.
+    pub address: Option<SocketAddr>,
+    /// The largest frame body this server accepts and sends.
+    pub max_frame: usize,
+    /// How long a send waits for its reports before `timed_out`.
+    pub send_timeout: Duration,
+    /// 905s awaiting reports, at most.
+    pub max_outstanding: usize,
+    pub heartbeat: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// From the connection to the exchange's `Registered`, and from a
+    /// question to the registry to its answer.
+    pub register_timeout: Duration,
+    /// The wall clock (unix ms) at the `now` the link was created: a
+    /// heartbeat carries the sender's wall clock.
+    pub wall_ms_at_start: i64,
+}
+
+/// The registry's row of one exchange.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeRow {
+    pub id: ServerId,
+    pub address: String,
+    /// Its state is `up`.
+    pub up: bool,
+}
+
+/// How a connection to the exchange ended or failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkDown {
+    /// The exchange closed it with this application code and reason.
+    Refused { code: u64, reason: String },
+    /// Anything else: no route, timeout, reset, stream finished or broken.
+    Lost(String),
+}
+
+/// What the shell must do.
+#[derive(Debug)]
+pub enum Output<R> {
+    /// Ask the registry for the exchanges; answer with
+    /// [`Link::handle_exchanges`].
+    Locate(AskId),
+    /// Connect to `exchange` at `addr` and open the link's stream; then
+    /// [`Link::handle_connected`], or [`Link::handle_down`] if that fails.
+    Connect {
+        conn: ConnId,
+        exchange: ServerId,
+        addr: SocketAddr,
+    },
+    /// Close the connection with this application code and reason.
+    Close {
+        conn: ConnId,
+        code: u32,
+        reason: String,
+    },
+    /// A new message for these local users (duplicates already dropped).
+    Deliver {
+        message: Message,
+        users: Vec<UserRow>,
+    },
+    /// A send is finished: one outcome per target server.
+    Completed { reply: R, results: Vec<ReportEntry> },
+    /// 905s may now be at most this long (the exchange accepts less than
+    /// configured).
+    SendLimit(usize),
+    /// The exchange refused this incarnation for good: stop the server.
+    Fatal(String),
+}
+
+#[derive(Debug)]
+enum State {
+    /// Waiting until `at` to (re)connect.
+    Idle {
+        at: Instant,
+    },
+    /// Waiting for the registry's answer until `deadline`.
+    Locating {
+        ask: AskId,
+        deadline: Instant,
+    },
+    Connecting {
+        conn: ConnId,
+        exchange: ServerId,
+    },
+    /// `Register` written; waiting for `Registered` until `deadline`.
+    Registering {
+        conn: ConnId,
+        exchange: ServerId,
+        deadline: Instant,
+    },
+    Up {
+        conn: ConnId,
+        exchange: ServerId,
+        next_heartbeat: Instant,
+    },
+    Fatal,
+    Stopped,
+}
+
+/// The link core. See the module documentation.
+pub struct Link<R> {
+    cfg: Config,
+    state: State,
+    outbox: Outbox<R>,
+    dedup: Dedup,
+    /// Frames waiting for the writer, coalesced as they come.
+    out: Coalescer,
+    backoff: Duration,
+    next_conn: u64,
+    next_ask: u64,
+    connected_before: bool,
+    /// The 905 size limit in force.
+    send_limit: usize,
+    started: Instant,
+    fatal: Option<String>,
+    outputs: VecDeque<Output<R>>,
+    metrics: Arc<LinkMetrics>,
+}
+
+impl<R> Link<R> {
+    pub fn new(cfg: Config, metrics: Arc<LinkMetrics>, now: Instant) -> Link<R> {
+        Link {
+            outbox: Outbox::new(cfg.epoch),
+            dedup: Dedup::default(),
+            out: Coalescer::default(),
+            backoff: cfg.reconnect_min,
+            send_limit: cfg.max_frame,
+            state: State::Idle { at: now },
+            next_conn: 1,
+            next_ask: 1,
+            connected_before: false,
+            started: now,
+            fatal: None,
+            outputs: VecDeque::new(),
+            metrics,
+            cfg,
+        }
+    }
+
+    // ----- getters -------------------------------------------------------
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn metrics(&self) -> &Arc<LinkMetrics> {
+        &self.metrics
+    }
+
+    /// The exchange registered with now, if any.
+    pub fn exchange(&self) -> Option<ServerId> {
+        match self.state {
+            State::Up { exchange, .. } => Some(exchange),
+            _ => None,
+        }
+    }
+
+    /// The connection the link holds now (connecting, registering or up).
+    pub fn conn(&self) -> Option<ConnId> {
+        match self.state {
+            State::Connecting { conn, .. }
+            | State::Registering { conn, .. }
+            | State::Up { conn, .. } => Some(conn),
+            _ => None,
+        }
+    }
+
+    /// 905s awaiting their reports.
+    pub fn outstanding(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// No 905 is waiting for its report.
+    pub fn is_idle(&self) -> bool {
+        self.outbox.is_empty()
+    }
+
+    /// 905s the outbox can still take.
+    pub fn room(&self) -> usize {
+        match self.state {
+            State::Stopped => 0,
+            _ => self.cfg.max_outstanding.saturating_sub(self.outbox.len()),
+        }
+    }
+
+    /// Why the exchange refused this incarnation for good.
+    pub fn fatal(&self) -> Option<&str> {
+        self.fatal.as_deref()
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.state, State::Stopped)
+    }
+
+    /// The 905 size limit in force.
+    pub fn send_limit(&self) -> usize {
+        self.send_limit
+    }
+
+    // ----- outputs -------------------------------------------------------
+
+    pub fn poll_output(&mut self) -> Option<Output<R>> {
+        self.outputs.pop_front()
+    }
+
+    /// Bytes are waiting for the current connection's writer.
+    pub fn has_transmit(&self) -> bool {
+        !self.out.is_empty() && self.conn().is_some()
+    }
+
+    /// Everything waiting to be written on the current connection.
+    pub fn poll_transmit(&mut self) -> Vec<Bytes> {
+        self.out.take()
+    }
+
+    /// When [`Link::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let state = match self.state {
+            State::Idle { at } => Some(at),
+            State::Locating { deadline, .. } | State::Registering { deadline, .. } => {
+                Some(deadline)
+            }
+            State::Up { next_heartbeat, .. } => Some(next_heartbeat),
+            _ => None,
+        };
+        match (state, self.outbox.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    // ----- inputs --------------------------------------------------------
+
+    /// A 905 from `iim::Iim::submit` (in sequence order), to be reported
+    /// back with `reply`. The caller keeps within [`Link::room`].
+    pub fn submit(
+        &mut self,
+        id: MessageId,
+        frame: Bytes,
+        targets: Vec<ServerId>,
+        reply: R,
+        now: Instant,
+    ) {
+        self.metrics.forwards_out.inc();
+        if matches!(self.state, State::Up { .. }) {
+            self.out.add(&frame);
+        }
+        self.outbox
+            .push(id, frame, targets, now + self.cfg.send_timeout, reply);
+    }
+
+    /// The registry's exchanges (answer to [`Output::Locate`]).
+    pub fn handle_exchanges(
+        &mut self,
+        ask: AskId,
+        rows: Result<Vec<ExchangeRow>, RegistryFailure>,
+        now: Instant,
+    ) {
+        if !matches!(self.state, State::Locating { ask: a, .. } if a == ask) {
+            return;
+        }
+        let expected = self.cfg.exchange;
+        let found = rows
+            .map_err(|e| format!("registry: {}", e.0))
+            .and_then(|rows| {
+                let ex = rows
+                    .iter()
+                    .find(|r| r.id == expected && r.up)
+                    .ok_or_else(|| format!("exchange {expected} is not up in the registry"))?;
+                ex.address
+                    .parse::<SocketAddr>()
+                    .map_err(|_| format!("exchange {} has address {:?}", ex.id, ex.address))
+            });
+        match found {
+            Ok(addr) => self.connect(expected, addr),
+            Err(why) => self.retry_later(&why, now),
+        }
+    }
+
+    /// The connection `conn` is established and its stream open: register.
+    pub fn handle_connected(&mut self, conn: ConnId, now: Instant) {
+        let State::Connecting { conn: c, exchange } = self.state else {
+            return;
+        };
+        if c != conn {
+            return;
+        }
+        // Acks and heartbeats of an old connection mean nothing to this one.
+        self.out.clear();
+        let reg = Frame::Register(Register {
+            server: self.cfg.server,
+            epoch: self.cfg.epoch,
+            max_frame: self.cfg.max_frame as u32,
+        });
+        match frame_bytes(&reg, self.cfg.max_frame) {
+            Some(b) => self.out.add(&b),
+            None => return self.become_fatal("cannot encode register".into()),
+        }
+        self.state = State::Registering {
+            conn,
+            exchange,
+            deadline: now + self.cfg.register_timeout,
+        };
+    }
+
+    /// The connection `conn` failed to come up, or ended.
+    pub fn handle_down(&mut self, conn: ConnId, down: LinkDown, now: Instant) {
+        if self.conn() != Some(conn) {
+            return;
+        }
+        match (&self.state, down) {
+            (State::Up { .. }, down) => {
+                self.metrics.link_up.set(0);
+                warn!(
+                    outstanding = self.outbox.len(),
+                    why = ?down,
+                    "link to the exchange lost"
+                );
+                self.close_current(ErrorCode::Protocol.close_code(), "reader ended");
+                self.retry_later("link lost", now);
+            }
+            (State::Registering { .. }, LinkDown::Refused { code, reason }) => {
+                match ErrorCode::from_close_code(code) {
+                    Some(c @ (ErrorCode::StaleEpoch | ErrorCode::IdentityMismatch)) => {
+                        self.become_fatal(format!("{c:?}: {reason}"))
+                    }
+                    c => self.retry_later(&format!("refused ({c:?}): {reason}"), now),
+                }
+            }
+            (_, down) => self.retry_later(&format!("{down:?}"), now),
+        }
+    }
+
+    /// Frames read from connection `conn`, in order.
+    pub fn handle_frames(&mut self, conn: ConnId, frames: Vec<Frame>, now: Instant) {
+        if self.conn() != Some(conn) {
+            return;
+        }
+        let mut frames = frames.into_iter();
+        if let State::Registering { exchange, .. } = self.state {
+            match frames.next() {
+                None => return,
+                Some(Frame::Registered(r)) if r.exchange == exchange => {
+                    self.registered(conn, exchange, r.max_frame as usize, now)
+                }
+                Some(Frame::Registered(r)) => {
+                    return self.become_fatal(format!(
+                        "expected exchange {exchange}, reached exchange {}",
+                        r.exchange
+                    ));
+                }
+                Some(other) => {
+                    self.close_current(ErrorCode::Protocol.close_code(), "unexpected frame");
+                    return self.retry_later(&format!("unexpected {} frame", other.kind()), now);
+                }
+            }
+        }
+        if !matches!(self.state, State::Up { .. }) {
+            return;
+        }
+        let mut ack = None;
+        for f in frames {
+            match f {
+                Frame::Deliver(d) => {
+                    ack = Some(d.no);
+                    self.deliver(d);
+                }
+                Frame::Report(r) => {
+                    self.metrics
+                        .reports_in
+                        .add_each(&DeliveryStatus::tally(r.entries.iter().map(|e| e.status)));
+                    for e in r.entries {
+                        if let Some((reply, results)) = self.outbox.handle_report(e) {
+                            self.outputs.push_back(Output::Completed { reply, results });
+                        }
+                    }
+                }
+                Frame::Heartbeat(_) => {}
+                Frame::Error(e) => {
+                    warn!(code = ?e.code, detail = %e.detail, "error frame from the exchange")
+                }
+                other => {
+                    self.metrics.rejected.inc("protocol");
+                    warn!(kind = other.kind(), "unexpected frame from the exchange");
+                    self.metrics.link_up.set(0);
+                    self.close_current(ErrorCode::Protocol.close_code(), "unexpected frame");
+                    return self.retry_later("protocol error", now);
+                }
+            }
+        }
+        if let Some(upto) = ack {
+            self.metrics.acks_out.inc();
+            if let Some(b) = frame_bytes(&Frame::Ack(Ack906 { upto }), self.cfg.max_frame) {
+                self.out.copy(&b);
+            }
+        }
+    }
+
+    /// Time passed: reconnect, registration deadline, heartbeat, send
+    /// deadlines.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for (reply, results) in self.outbox.poll_expired(now) {
+            for r in &results {
+                self.metrics.reports_in.inc(r.status.as_str());
+            }
+            self.outputs.push_back(Output::Completed { reply, results });
+        }
+        match self.state {
+            State::Idle { at } if at <= now => match self.cfg.address {
+                Some(addr) => self.connect(self.cfg.exchange, addr),
+                None => {
+                    let ask = AskId(self.next_ask);
+                    self.next_ask += 1;
+                    self.state = State::Locating {
+                        ask,
+                        deadline: now + self.cfg.register_timeout,
+                    };
+                    self.outputs.push_back(Output::Locate(ask));
+                }
+            },
+            State::Locating { deadline, .. } if deadline <= now => {
+                self.retry_later("no answer from the registry in time", now);
+            }
+            State::Registering { deadline, .. } if deadline <= now => {
+                self.close_current(ErrorCode::Protocol.close_code(), "no registered frame");
+                self.retry_later("no registered frame in time", now);
+            }
+            State::Up {
+                ref mut next_heartbeat,
+                ..
+            } if *next_heartbeat <= now => {
+                while *next_heartbeat <= now {
+                    *next_heartbeat += self.cfg.heartbeat;
+                }
+                let wall = self.cfg.wall_ms_at_start
+                    + now.saturating_duration_since(self.started).as_millis() as i64;
+                let f = Frame::Heartbeat(Heartbeat { sent_at_ms: wall });
+                if let Some(b) = frame_bytes(&f, self.cfg.max_frame) {
+                    self.out.copy(&b);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Stop for good (the server is draining and done waiting): whatever
+    /// is still unreported completes `timed_out`; the connection is closed
+    /// as a clean, intended departure.
+    pub fn stop(&mut self, _now: Instant) {
+        for (reply, results) in self.outbox.abandon() {
+            self.outputs.push_back(Output::Completed { reply, results });
+        }
+        self.close_current(CLOSE_GOING_AWAY, "app server draining");
+        self.metrics.link_up.set(0);
+        self.out.clear();
+        self.state = State::Stopped;
+    }
+
+    // ----- internals -----------------------------------------------------
+
+    fn connect(&mut self, exchange: ServerId, addr: SocketAddr) {
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.state = State::Connecting { conn, exchange };
+        self.outputs.push_back(Output::Connect {
+            conn,
+            exchange,
+            addr,
+        });
+    }
+
+    fn registered(&mut self, conn: ConnId, exchange: ServerId, exchange_max: usize, now: Instant) {
+        self.metrics.link_connects.inc();
+        let limit = exchange_max.max(1_024).min(self.cfg.max_frame);
+        if limit < self.send_limit {
+            warn!(limit, "the exchange accepts smaller frames than configured");
+            self.send_limit = limit;
+            self.outputs.push_back(Output::SendLimit(limit));
+        }
+        for (reply, results) in self
+            .outbox
+            .remove_larger_than(limit + wire::HEADER_LEN, DeliveryStatus::Overloaded)
+        {
+            self.outputs.push_back(Output::Completed { reply, results });
+        }
+        self.metrics.link_up.set(1);
+        // Every unreported 905 goes out again, in order, before anything
+        // new.
+        for f in self.outbox.frames() {
+            self.out.add(f);
+        }
+        if self.connected_before {
+            self.metrics.forwards_resent.add(self.outbox.len() as u64);
+        }
+        self.connected_before = true;
+        self.backoff = self.cfg.reconnect_min;
+        info!(
+            exchange = exchange.0,
+            resent = self.outbox.len(),
+            "registered with the exchange"
+        );
+        self.state = State::Up {
+            conn,
+            exchange,
+            next_heartbeat: now + self.cfg.heartbeat,
+        };
+    }
+
+    /// Restore the original message of a 906, drop duplicates, hand it to
+    /// the listed local users. Every 906 is acknowledged, delivered or not:
+    /// a bad one must not block the queue behind it.
+    fn deliver(&mut self, d: Deliver906) {
+        self.metrics.delivers_in.inc();
+        let Deliver906 {
+            id,
+            seq,
+            users,
+            message,
+            ..
+        } = d;
+        let msg = match Message::decode_owned(message) {
+            Ok(m) => m,
+            Err(e) => {
+                self.metrics.rejected.inc("malformed_message");
+                warn!(%id, error = %e, "undecodable message in a 906");
+                return;
+            }
+        };
+        if msg.id != id || msg.source.server != id.origin || msg.target != Address::RECEIVER {
+            self.metrics.rejected.inc("forged_id");
+            warn!(%id, inner = %msg.id, "906 whose message does not match its header");
+            return;
+        }
+        match self.dedup.check(id.origin, id.epoch, seq) {
+            verdict @ (Verdict::New | Verdict::Late) => {
+                if verdict == Verdict::Late {
+                    self.metrics.late.inc();
+                    warn!(%id, "906 filling an earlier gap: delivered after later messages");
+                }
+                debug!(%id, users = users.len(), "906 delivered");
+                self.outputs.push_back(Output::Deliver {
+                    message: msg,
+                    users,
+                });
+            }
+            Verdict::Duplicate | Verdict::Stale => self.metrics.duplicates.inc(),
+        }
+    }
+
+    fn close_current(&mut self, code: u32, reason: &str) {
+        if let Some(conn) = self.conn() {
+            self.outputs.push_back(Output::Close {
+                conn,
+                code,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// Forget the current connection and try again after the backoff,
+    /// which doubles up to its bound.
+    fn retry_later(&mut self, why: &str, now: Instant) {
+        debug!(
+            why,
+            backoff_ms = self.backoff.as_millis() as u64,
+            "cannot reach the exchange"
+        );
+        self.out.clear();
+        self.state = State::Idle {
+            at: now + self.backoff,
+        };
+        self.backoff = (self.backoff * 2).min(self.cfg.reconnect_max);
+    }
+
+    fn become_fatal(&mut self, reason: String) {
+        error!(%reason, "the exchange refused this server for good");
+        self.close_current(ErrorCode::Protocol.close_code(), "refused");
+        self.metrics.link_up.set(0);
+        self.out.clear();
+        self.state = State::Fatal;
+        self.fatal = Some(reason.clone());
+        self.outputs.push_back(Output::Fatal(reason));
+    }
+}

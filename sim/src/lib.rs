@@ -1,0 +1,28 @@
+//! Deterministic simulation of iim's relay: the real protocol cores
+//! (`iim-core`) — one exchange and two to five app servers' links — run on
+//! a virtual clock through a seeded schedule of sends and faults: links cut
+//! and restored, frames delayed and split, the exchange crashing or
+//! draining (its queues lost), app servers crashing or draining and coming
+//! back with a new epoch, the registry answering slowly, with errors, or
+//! not at all, leases running out.
+//!
+//! After every step the simulator checks the bounds (every queue within its
+//! limit, gauges equal to what they count); the [`oracle`] checks every
+//! delivery and every finished send as it happens; at the end, with the
+//! faults healed, every live server must be registered, every earlier send
+//! finished, the exchange must hold nothing for a server that is gone, and
+//! a last round of sends must be delivered everywhere.
+//!
+//! A run is a function of its seed: [`run`] it again and it does the same
+//! thing, step for step (`SEED=n SIM_TRACE=1` prints every step).
+
+pub mod oracle;
+pub mod rng;
+pub mod world;
+
+pub use world::{Params, Stats, Violation, World};
+
+/// Run the simulation for `seed`; `trace` prints every step.
+pub fn run(seed: u64, trace: bool) -> Result<Stats, Violation> {
+    World::new(seed, trace).run()
+}

@@ -1,0 +1,300 @@
+//! The schedule of sends and faults: links cut and slowed, app servers
+//! and the exchange crashing or draining, the registry in trouble.
+
+use super::*;
+
+impl World {
+    pub(super) fn live_apps(&self) -> Vec<usize> {
+        (0..self.apps.len())
+            .filter(|&a| self.apps[a].inc.is_some())
+            .collect()
+    }
+
+    pub(super) fn count(&mut self, what: &'static str) {
+        *self.stats.faults.entry(what).or_insert(0) += 1;
+    }
+
+    pub(super) fn chaos(&mut self) {
+        let roll = self.rng.below(100);
+        match roll {
+            0..=19 => self.cut(),
+            20..=39 => self.slow_down(),
+            40..=54 => self.crash_app(),
+            55..=64 => self.drain_app(),
+            65..=74 => self.crash_exchange(),
+            75..=81 => self.drain_exchange(),
+            _ => {
+                self.reg_mode = if self.rng.chance(0.5) {
+                    RegMode::Slow
+                } else {
+                    RegMode::Failing
+                };
+                self.count("registry_trouble");
+                let d = self.rng.millis(300, 4_000);
+                self.schedule(d, Ev::RegistryNormal);
+            }
+        }
+    }
+
+    pub(super) fn cut(&mut self) {
+        let candidates: Vec<usize> = self
+            .live_apps()
+            .into_iter()
+            .filter(|&a| !self.apps[a].partitioned)
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let a = candidates[self.rng.below(candidates.len())];
+        self.count("cut");
+        self.apps[a].partitioned = true;
+        self.log(|| format!("server {} cut off", self.apps[a].id));
+        let idle = self.p.idle;
+        let conns: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.app == a && (c.app_open || c.ex_open) && !c.cut)
+            .map(|(k, _)| *k)
+            .collect();
+        for sc in sorted(conns) {
+            self.conns.get_mut(&sc).expect("listed").cut = true;
+            let j1 = self.rng.millis(0, 300);
+            let j2 = self.rng.millis(0, 300);
+            self.schedule(idle + j1, Ev::IdleEx { conn: sc });
+            self.schedule(idle + j2, Ev::IdleApp { conn: sc });
+        }
+        // Sometimes shorter than the lease, sometimes longer.
+        let heal = self
+            .rng
+            .millis(200, 2 * self.p.lease.as_millis() as u64 + 1_000);
+        self.schedule(heal, Ev::Heal { app: a });
+    }
+
+    pub(super) fn slow_down(&mut self) {
+        let open: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.app_open && c.ex_open && !c.cut)
+            .map(|(k, _)| *k)
+            .collect();
+        let open = sorted(open);
+        if open.is_empty() {
+            return;
+        }
+        let sc = open[self.rng.below(open.len())];
+        self.count("slow");
+        let until = self.now + self.rng.millis(100, 800);
+        // Delays stay below the idle timeout: the connection survives.
+        let by = self.rng.millis(50, self.p.idle.as_millis() as u64 / 2);
+        let c = self.conns.get_mut(&sc).expect("listed");
+        c.slow_until = until;
+        c.slow_by = by;
+    }
+
+    pub(super) fn crash_app(&mut self) {
+        let live = self.live_apps();
+        if live.is_empty() {
+            return;
+        }
+        let a = live[self.rng.below(live.len())];
+        self.count("crash_server");
+        self.kill_app(a);
+        let d = self
+            .rng
+            .millis(100, 2 * self.p.lease.as_millis() as u64 + 500);
+        self.schedule(d, Ev::RestartApp { app: a });
+    }
+
+    /// The process of app server `a` dies: its connections go silent.
+    pub(super) fn kill_app(&mut self, a: usize) {
+        let Some(inc) = self.apps[a].inc.take() else {
+            return;
+        };
+        self.log(|| format!("server {} crashes", self.apps[a].id));
+        let idle = self.p.idle;
+        for sc in sorted(inc.conns.values().copied().collect()) {
+            if let Some(c) = self.conns.get_mut(&sc) {
+                c.app_open = false;
+                if c.ex_open && !c.cut {
+                    let j = self.rng.millis(0, 300);
+                    self.schedule(idle + j, Ev::IdleEx { conn: sc });
+                }
+            }
+        }
+    }
+
+    pub(super) fn drain_app(&mut self) {
+        let live = self.live_apps();
+        if live.is_empty() {
+            return;
+        }
+        let a = live[self.rng.below(live.len())];
+        self.count("drain_server");
+        self.log(|| format!("server {} drains and stops", self.apps[a].id));
+        let now = self.now;
+        if let Some(inc) = self.apps[a].inc.as_mut() {
+            inc.link.stop(now);
+        }
+        self.pump_app(a);
+        // The server marks itself down; then the process is gone.
+        let id = self.apps[a].id;
+        let epoch = self.reg.get(&id).map(|r| r.epoch);
+        if let (Some(row), Some(_)) = (self.reg.get_mut(&id), epoch) {
+            row.state = RegState::Down;
+        }
+        self.kill_app(a);
+        let d = self.rng.millis(200, 3_000);
+        self.schedule(d, Ev::RestartApp { app: a });
+    }
+
+    /// The exchange incarnation ends: tell the oracle what it refused.
+    pub(super) fn exchange_ends(&mut self) {
+        if let Some(ex) = self.ex.as_ref() {
+            let origins: Vec<ServerId> = self.apps.iter().map(|a| a.id).collect();
+            let refused: Vec<(MessageId, ServerId)> = origins
+                .into_iter()
+                .flat_map(|o| {
+                    ex.core
+                        .refusals_of(o)
+                        .map(|(id, t, _)| (id, t))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            self.oracle.exchange_refused(refused);
+        }
+    }
+
+    pub(super) fn crash_exchange(&mut self) {
+        self.exchange_ends();
+        let Some(ex) = self.ex.take() else { return };
+        self.count("crash_exchange");
+        self.log(|| "exchange crashes".to_string());
+        let idle = self.p.idle;
+        for sc in sorted(ex.conns.values().copied().collect()) {
+            if let Some(c) = self.conns.get_mut(&sc) {
+                c.ex_open = false;
+                if c.app_open && !c.cut {
+                    let j = self.rng.millis(0, 300);
+                    self.schedule(idle + j, Ev::IdleApp { conn: sc });
+                }
+            }
+        }
+        let d = self.rng.millis(100, 3_000);
+        self.schedule(d, Ev::RestartEx);
+    }
+
+    pub(super) fn drain_exchange(&mut self) {
+        let now = self.now;
+        if self.ex.as_ref().is_none_or(|e| e.core.is_draining()) {
+            return;
+        }
+        self.count("drain_exchange");
+        self.log(|| "exchange drains".to_string());
+        if let Some(ex) = self.ex.as_mut() {
+            ex.core.shutdown(now);
+        }
+        self.pump_ex();
+    }
+
+    pub(super) fn random_send(&mut self) {
+        let live: Vec<usize> = self
+            .live_apps()
+            .into_iter()
+            .filter(|&a| {
+                let l = &self.apps[a].inc.as_ref().expect("live").link;
+                l.room() > 0 && !l.is_stopped()
+            })
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let a = live[self.rng.below(live.len())];
+        let mut targets: Vec<ServerId> = self
+            .apps
+            .iter()
+            .map(|x| x.id)
+            .filter(|id| *id != self.apps[a].id)
+            .filter(|_| self.rng.chance(0.6))
+            .collect();
+        if self.rng.chance(0.03) {
+            targets.push(STRANGER);
+        }
+        if targets.is_empty() {
+            let others: Vec<ServerId> = self
+                .apps
+                .iter()
+                .map(|x| x.id)
+                .filter(|id| *id != self.apps[a].id)
+                .collect();
+            targets.push(others[self.rng.below(others.len())]);
+        }
+        targets.sort();
+        let size = if self.rng.chance(0.05) {
+            self.rng.range(1_200, 3_000) as usize
+        } else {
+            self.rng.range(0, 200) as usize
+        };
+        self.send(a, &targets, size);
+    }
+
+    /// App server `a` sends a message of `size` bytes to users on
+    /// `targets`.
+    pub(super) fn send(&mut self, a: usize, targets: &[ServerId], size: usize) -> Option<u64> {
+        let now = self.now;
+        let body: Bytes = (0..size).map(|_| self.rng.next_u64() as u8).collect();
+        let mut rows: BTreeMap<ServerId, Vec<UserRow>> = BTreeMap::new();
+        for t in targets {
+            let n = self.rng.range(1, 4);
+            rows.insert(
+                *t,
+                (0..n)
+                    .map(|j| UserRow {
+                        user: UserId(u64::from(t.0) * 1_000 + j),
+                        channel: ChannelId(j + 1),
+                    })
+                    .collect(),
+            );
+        }
+        let id = self.apps[a].id;
+        let inc = self.apps[a].inc.as_mut()?;
+        let mut msg = Message {
+            id: MessageId {
+                origin: id,
+                epoch: 0,
+                seq: 0,
+            },
+            source: Address::new(id, UserId(7)),
+            target: Address::RECEIVER,
+            kind: 9,
+            timing: Timing::default(),
+            body: body.clone(),
+            nested: vec![],
+        };
+        let remote = rows
+            .iter()
+            .flat_map(|(s, us)| us.iter().map(move |u| (*s, *u)));
+        let fwd = match inc
+            .origin
+            .forward(&mut msg, remote, EXCHANGE, inc.send_limit)
+        {
+            Ok(f) => f,
+            // Refused to the caller as too large: nothing to follow.
+            Err(_) => return None,
+        };
+        let life = inc.life;
+        let n = self.oracle.sent(SendRec {
+            origin: id,
+            incarnation: life,
+            id: fwd.id,
+            targets: rows,
+            body,
+            outcome: None,
+        });
+        self.stats.sends += 1;
+        self.log(|| format!("server {id} sends {} (send {n}) to {targets:?}", fwd.id));
+        let inc = self.apps[a].inc.as_mut().expect("live");
+        inc.link.submit(fwd.id, fwd.frame, fwd.targets, n, now);
+        self.pump_app(a);
+        Some(n)
+    }
+}

@@ -1,0 +1,187 @@
+//! The end of a run — faults stop, everything heals — and the checks made
+//! after every step and at the end.
+
+use super::*;
+
+impl World {
+    /// Faults stop; everything heals and restarts, but one app server
+    /// (when there are three or more) stops for good: the exchange must
+    /// forget it.
+    pub(super) fn quiet(&mut self) {
+        self.chaos_on = false;
+        self.reg_mode = RegMode::Normal;
+        self.log(|| "chaos over: healing".to_string());
+        for a in 0..self.apps.len() {
+            self.apps[a].partitioned = false;
+        }
+        if self.apps.len() >= 3 {
+            let a = self.apps.len() - 1;
+            self.apps[a].gone = true;
+            self.kill_app(a);
+        }
+        if self.ex.is_none() {
+            self.start_exchange();
+        }
+        for a in 0..self.apps.len() {
+            if self.apps[a].inc.is_none() && !self.apps[a].gone {
+                self.start_app(a);
+            }
+        }
+        // Long enough for leases to end, links to come back and every
+        // earlier send to reach its deadline.
+        let settle = self.p.lease * 2
+            + self.p.idle * 2
+            + Duration::from_secs(6)
+            + self.p.send_timeout.max(Duration::from_secs(5));
+        self.schedule(settle, Ev::FinalRound);
+    }
+
+    pub(super) fn final_round(&mut self) {
+        let now = self.now;
+        // Every send of a live incarnation has an outcome by now.
+        for a in 0..self.apps.len() {
+            if let Some(inc) = self.apps[a].inc.as_ref() {
+                let open = self.oracle.open_sends_of(inc.life).next().map(|s| s.id);
+                if let Some(id) = open {
+                    let what = format!(
+                        "send {id} of server {} has no outcome long after its deadline",
+                        self.apps[a].id
+                    );
+                    return self.fail(what);
+                }
+                if inc.link.exchange().is_none() {
+                    return self.fail(format!(
+                        "server {} is not registered after the faults ended",
+                        self.apps[a].id
+                    ));
+                }
+            }
+        }
+        // The server that stopped for good is forgotten by the exchange.
+        let ex = self.ex.as_ref().expect("restarted in quiet()");
+        for a in self.apps.iter().filter(|a| a.gone) {
+            let state = ex.core.route_state(a.id);
+            let queued = ex.core.queued(a.id);
+            if state.is_some_and(|s| s != RouteState::Down)
+                || queued != (0, 0)
+                || ex.core.reports_held(a.id) != 0
+                || ex.core.attached_link(a.id).is_some()
+            {
+                return self.fail(format!(
+                    "the exchange still holds state for server {} which is gone: {state:?}, queued {queued:?}, {} reports, link {:?}",
+                    a.id,
+                    ex.core.reports_held(a.id),
+                    ex.core.attached_link(a.id)
+                ));
+            }
+        }
+        let live = self.live_apps();
+        if ex.core.link_count() != live.len() {
+            return self.fail(format!(
+                "the exchange holds {} links for {} live servers",
+                ex.core.link_count(),
+                live.len()
+            ));
+        }
+        let _ = now;
+        // Now every live server in turn sends to every other (one at a
+        // time, so even the smallest queues have room); each must arrive.
+        let n = live.len() as u32;
+        for (i, a) in live.into_iter().enumerate() {
+            self.schedule(
+                Duration::from_millis(300) * i as u32,
+                Ev::FinalSend { app: a },
+            );
+        }
+        let wait = self.p.send_timeout + Duration::from_millis(300) * n + Duration::from_secs(1);
+        self.schedule(wait, Ev::End);
+    }
+
+    pub(super) fn check_end(&mut self) {
+        let gone: Vec<ServerId> = self.apps.iter().filter(|a| a.gone).map(|a| a.id).collect();
+        for &n in &self.final_round.clone() {
+            let rec = &self.oracle.sends[n as usize];
+            let Some(outcome) = &rec.outcome else {
+                return self.fail(format!("final send {} has no outcome", rec.id));
+            };
+            for (server, status) in outcome {
+                let want = if gone.contains(server) {
+                    DeliveryStatus::ServerDown
+                } else {
+                    DeliveryStatus::Delivered
+                };
+                if *status != want {
+                    let id = rec.id;
+                    let detail = self.ex.as_ref().map(|e| {
+                        (
+                            e.core.route_state(*server),
+                            e.core.queued(*server),
+                            e.core.attached_link(*server),
+                        )
+                    });
+                    return self.fail(format!(
+                        "final send {id} to {server}: {}, expected {} in a healed deployment (route, queue, link: {detail:?})",
+                        status.as_str(),
+                        want.as_str()
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Bounds and bookkeeping that must hold after every step.
+    pub(super) fn check_step(&mut self) {
+        if let Some(ex) = self.ex.as_ref() {
+            let core = &ex.core;
+            let mut queued = 0usize;
+            let byte_bound = self.p.queue_max_bytes + self.p.ex_max_frame + HEADER_LEN;
+            for s in core.servers().collect::<Vec<_>>() {
+                let (frames, bytes) = core.queued(s);
+                queued += frames;
+                if frames > self.p.queue_max_frames || bytes > byte_bound {
+                    return self.fail(format!(
+                        "queue for {s} holds {frames} frames, {bytes} bytes: over its bound"
+                    ));
+                }
+                if core.reports_held(s) > exchange::MAX_PENDING_REPORTS {
+                    return self.fail(format!("reports held for {s} over their bound"));
+                }
+                if core.attached_link(s).is_some() != (core.route_state(s) == Some(RouteState::Up))
+                {
+                    return self.fail(format!("route of {s}: link and state disagree"));
+                }
+            }
+            let m = core.metrics();
+            if m.queued.get() != queued as i64 {
+                return self.fail(format!(
+                    "queued gauge {} but {queued} 906s are queued",
+                    m.queued.get()
+                ));
+            }
+            if m.links.get() != core.attached_count() as i64 {
+                return self.fail(format!(
+                    "links gauge {} but {} links attached",
+                    m.links.get(),
+                    core.attached_count()
+                ));
+            }
+            if core.asks_in_flight() > 1_000 || core.timers_pending() > 100_000 {
+                return self.fail(format!(
+                    "exchange state grows: {} asks, {} timers",
+                    core.asks_in_flight(),
+                    core.timers_pending()
+                ));
+            }
+        }
+        for a in &self.apps {
+            if let Some(inc) = &a.inc
+                && inc.link.outstanding() > self.p.max_outstanding
+            {
+                let (id, n) = (a.id, inc.link.outstanding());
+                return self.fail(format!(
+                    "server {id} has {n} 905s outstanding: over its bound"
+                ));
+            }
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The nodes: starting an exchange or an app server incarnation, and
+//! carrying out what their cores output.
+
+use super::*;
+
+impl World {
+    pub(super) fn start_exchange(&mut self) {
+        self.ex_gens += 1;
+        let life = self.ex_gens;
+        // A configured address stays the same across restarts; one found
+        // in the registry may change.
+        let port = if self.p.fixed_address {
+            4_001
+        } else {
+            4_000 + life as u16
+        };
+        let row = self.reg.get_mut(&EXCHANGE).expect("exchange row");
+        row.epoch += 1;
+        row.state = RegState::Up;
+        row.address = format!("10.0.0.1:{port}");
+        let epoch = row.epoch;
+        let known = self.app_rows();
+        let metrics = Arc::new(ExchangeMetrics::default());
+        self.ex_metrics = Some(metrics.clone());
+        let core = Exchange::new(
+            exchange::Config {
+                id: EXCHANGE,
+                epoch,
+                lease: self.p.lease,
+                grace: Duration::from_millis(800),
+                max_frame: self.p.ex_max_frame,
+                handshake_timeout: Duration::from_millis(1_500),
+                max_links: 64,
+                queue_max_frames: self.p.queue_max_frames,
+                queue_max_bytes: self.p.queue_max_bytes,
+                sweep_period: exchange::Config::sweep_period_for(self.p.lease),
+                ask_timeout: Duration::from_secs(5),
+                split: Default::default(),
+            },
+            known,
+            metrics,
+            self.now,
+        );
+        self.log(|| format!("exchange starts, epoch {epoch}, port {port}"));
+        self.ex = Some(ExNode {
+            core,
+            life,
+            port,
+            conns: HashMap::new(),
+        });
+        self.pump_ex();
+    }
+
+    pub(super) fn start_app(&mut self, a: usize) {
+        self.gens += 1;
+        let life = self.gens;
+        let id = self.apps[a].id;
+        let row = self.reg.entry(id).or_insert(RegRow {
+            app: true,
+            epoch: 0,
+            state: RegState::Down,
+            exchange: None,
+            address: String::new(),
+        });
+        row.epoch += 1;
+        row.state = RegState::Down;
+        let epoch = row.epoch;
+        let address = self
+            .p
+            .fixed_address
+            .then(|| SocketAddr::from(([10, 0, 0, 1], 4_001)));
+        let max_frame = self.p.app_max_frame[a];
+        let cfg = link::Config {
+            server: id,
+            epoch,
+            exchange: EXCHANGE,
+            address,
+            max_frame,
+            send_timeout: self.p.send_timeout,
+            max_outstanding: self.p.max_outstanding,
+            heartbeat: Duration::from_millis(200),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_millis(1_000),
+            register_timeout: Duration::from_secs(3),
+            wall_ms_at_start: 1_700_000_000_000,
+        };
+        let link = Link::new(cfg, Arc::new(LinkMetrics::default()), self.now);
+        self.log(|| format!("server {id} starts, epoch {epoch} (incarnation {life})"));
+        self.apps[a].inc = Some(AppInc {
+            life,
+            link,
+            origin: Origin::new(id, epoch),
+            send_limit: max_frame,
+            conns: HashMap::new(),
+        });
+        self.pump_app(a);
+    }
+
+    pub(super) fn app_rows(&self) -> Vec<AppServerRow> {
+        self.reg
+            .iter()
+            .filter(|(_, r)| r.app)
+            .map(|(id, r)| AppServerRow {
+                id: *id,
+                epoch: r.epoch,
+                exchange: r.exchange,
+                down: r.state == RegState::Down,
+            })
+            .collect()
+    }
+
+    pub(super) fn pump_ex(&mut self) {
+        loop {
+            let Some(ex) = self.ex.as_mut() else { return };
+            let Some(out) = ex.core.poll_output() else {
+                return;
+            };
+            let life = ex.life;
+            match out {
+                exchange::Output::Transmit(conn) => {
+                    if self.rng.chance(0.05) {
+                        // A writer that is momentarily full.
+                        let d = self.rng.millis(1, 40);
+                        self.schedule(d, Ev::Writable { life, conn });
+                    } else {
+                        self.ex_transmit(conn);
+                    }
+                }
+                exchange::Output::Close { conn, code, reason } => {
+                    let Some(sc) = self.ex.as_mut().and_then(|e| e.conns.remove(&conn)) else {
+                        continue;
+                    };
+                    self.log(|| format!("exchange closes conn {sc}: {code} {reason}"));
+                    let lat = self.latency();
+                    if let Some(c) = self.conns.get_mut(&sc) {
+                        c.ex_open = false;
+                        if !c.cut && c.app_open {
+                            let at = c.to_app_last.max(self.now + lat);
+                            c.to_app_last = at;
+                            self.schedule_at(
+                                at,
+                                Ev::CloseToApp {
+                                    conn: sc,
+                                    code: code.into(),
+                                    reason,
+                                },
+                            );
+                        }
+                    }
+                }
+                exchange::Output::Ask { id, query } => self.ask_registry(life, id, query),
+                exchange::Output::Stopped => {
+                    self.log(|| "exchange stopped (drained)".to_string());
+                    self.exchange_ends();
+                    self.ex = None;
+                    if let Some(r) = self.reg.get_mut(&EXCHANGE) {
+                        r.state = RegState::Down;
+                    }
+                    let d = self.rng.millis(100, 1_500);
+                    self.schedule(d, Ev::RestartEx);
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn ex_transmit(&mut self, conn: ConnId) {
+        let Some(ex) = self.ex.as_mut() else { return };
+        let chunks = ex.core.poll_transmit(conn, 256 * 1024);
+        let Some(&sc) = ex.conns.get(&conn) else {
+            return;
+        };
+        let bytes = concat(chunks);
+        if !bytes.is_empty() {
+            self.pipe(sc, bytes, false);
+        }
+    }
+
+    pub(super) fn pump_app(&mut self, a: usize) {
+        let id = self.apps[a].id;
+        loop {
+            let Some(inc) = self.apps[a].inc.as_mut() else {
+                return;
+            };
+            let life = inc.life;
+            let Some(out) = inc.link.poll_output() else {
+                break;
+            };
+            match out {
+                link::Output::Locate(ask) => {
+                    let d = self.registry_delay();
+                    if !self.rng.chance(self.p.registry_drop) {
+                        self.schedule(d, Ev::AppAnswer { app: a, life, ask });
+                    }
+                }
+                link::Output::Connect {
+                    conn,
+                    exchange,
+                    addr,
+                } => {
+                    let reachable = !self.apps[a].partitioned
+                        && exchange == EXCHANGE
+                        && self.ex.as_ref().is_some_and(|e| e.port == addr.port());
+                    if reachable {
+                        let d = self.latency() * 2;
+                        self.schedule(
+                            d,
+                            Ev::Connected {
+                                app: a,
+                                life,
+                                link: conn,
+                            },
+                        );
+                    } else {
+                        // The QUIC handshake waits out its timeout.
+                        let d = self.p.idle;
+                        self.schedule(
+                            d,
+                            Ev::ConnectFailed {
+                                app: a,
+                                life,
+                                link: conn,
+                            },
+                        );
+                    }
+                }
+                link::Output::Close { conn, code, .. } => {
+                    let Some(sc) = self.apps[a]
+                        .inc
+                        .as_mut()
+                        .and_then(|i| i.conns.remove(&conn))
+                    else {
+                        continue;
+                    };
+                    self.log(|| format!("server {id} closes conn {sc}: {code}"));
+                    let lat = self.latency();
+                    if let Some(c) = self.conns.get_mut(&sc) {
+                        c.app_open = false;
+                        if !c.cut && c.ex_open {
+                            let at = c.to_ex_last.max(self.now + lat);
+                            c.to_ex_last = at;
+                            self.schedule_at(
+                                at,
+                                Ev::CloseToEx {
+                                    conn: sc,
+                                    clean: code == CLOSE_GOING_AWAY,
+                                },
+                            );
+                        }
+                    }
+                }
+                link::Output::Deliver { message, users } => {
+                    self.log(|| format!("server {id} receives {}", message.id));
+                    if let Err(e) = self.oracle.received(id, life, &message, &users) {
+                        self.fail(e);
+                    }
+                }
+                link::Output::Completed { reply, results } => {
+                    self.log(|| {
+                        format!(
+                            "server {id} send {reply} completed: {:?}",
+                            results
+                                .iter()
+                                .map(|r| (r.server.0, r.status.as_str()))
+                                .collect::<Vec<_>>()
+                        )
+                    });
+                    if let Err(e) = self.oracle.completed(reply, life, &results) {
+                        self.fail(e);
+                    }
+                }
+                link::Output::SendLimit(n) => {
+                    if let Some(inc) = self.apps[a].inc.as_mut() {
+                        inc.send_limit = n;
+                    }
+                }
+                link::Output::Fatal(reason) => {
+                    self.fail(format!("server {id} was refused for good: {reason}"))
+                }
+            }
+        }
+        // What the link wrote goes on the wire of its connection.
+        let Some(inc) = self.apps[a].inc.as_mut() else {
+            return;
+        };
+        if !inc.link.has_transmit() {
+            return;
+        }
+        let bytes = concat(inc.link.poll_transmit());
+        let sc = inc.link.conn().and_then(|c| inc.conns.get(&c).copied());
+        if let Some(sc) = sc {
+            self.pipe(sc, bytes, true);
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! A model of the registry's `servers` table, answering the cores'
+//! questions late, with errors, or not at all.
+
+use super::*;
+
+impl World {
+    pub(super) fn registry_delay(&mut self) -> Duration {
+        match self.reg_mode {
+            RegMode::Slow => self.rng.millis(300, 4_000),
+            _ => self.rng.millis(1, 15),
+        }
+    }
+
+    pub(super) fn ask_registry(&mut self, life: u64, id: AskId, query: Query) {
+        let d = self.registry_delay();
+        if self.rng.chance(self.p.registry_drop) {
+            // The answer is lost; the change may still have been made.
+            if self.rng.chance(0.5) {
+                let _ = self.registry_answer(query);
+            }
+            return;
+        }
+        self.schedule(d, Ev::ExAnswer { life, id, query });
+    }
+
+    /// Carry out `query` on the model of the `servers` table.
+    pub(super) fn registry_answer(&mut self, query: Query) -> Answer {
+        let failing = self.reg_mode == RegMode::Failing && self.rng.chance(0.7);
+        let fail = || RegistryFailure("registry unavailable (simulated)".into());
+        match query {
+            Query::RecordRegistration { server, epoch } => {
+                if failing {
+                    return Answer::Registration(Err(fail()));
+                }
+                let r = match self.reg.get_mut(&server) {
+                    None => Registration::Unknown,
+                    Some(row) if !row.app => Registration::WrongRole,
+                    Some(row) if row.epoch != epoch => {
+                        Registration::StaleEpoch { current: row.epoch }
+                    }
+                    Some(row) => {
+                        row.state = RegState::Up;
+                        row.exchange = Some(EXCHANGE);
+                        Registration::Accepted
+                    }
+                };
+                Answer::Registration(Ok(r))
+            }
+            Query::MarkDown { server, epoch } => {
+                if failing {
+                    return Answer::Done(Err(fail()));
+                }
+                if let Some(row) = self.reg.get_mut(&server)
+                    && row.epoch == epoch
+                {
+                    row.state = RegState::Down;
+                }
+                Answer::Done(Ok(()))
+            }
+            Query::AppServers => {
+                if failing {
+                    return Answer::AppServers(Err(fail()));
+                }
+                Answer::AppServers(Ok(self.app_rows()))
+            }
+            Query::Touch(_) => Answer::Done(if failing { Err(fail()) } else { Ok(()) }),
+        }
+    }
+
+    pub(super) fn exchange_rows(&mut self) -> Result<Vec<ExchangeRow>, RegistryFailure> {
+        if self.reg_mode == RegMode::Failing && self.rng.chance(0.7) {
+            return Err(RegistryFailure("registry unavailable (simulated)".into()));
+        }
+        Ok(self
+            .reg
+            .iter()
+            .filter(|(_, r)| !r.app)
+            .map(|(id, r)| ExchangeRow {
+                id: *id,
+                address: r.address.clone(),
+                up: r.state == RegState::Up,
+            })
+            .collect())
+    }
+}
