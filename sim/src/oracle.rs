@@ -23,6 +23,8 @@ pub struct SendRec {
     /// Users listed per target server.
     pub targets: BTreeMap<ServerId, Vec<UserRow>>,
     pub body: Bytes,
+    /// When the origin gives up on it (`timed_out`).
+    pub deadline: std::time::Instant,
     pub outcome: Option<Vec<(ServerId, DeliveryStatus)>>,
 }
 

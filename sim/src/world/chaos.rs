@@ -288,6 +288,7 @@ impl World {
             id: fwd.id,
             targets: rows,
             body,
+            deadline: now + self.p.send_timeout,
             outcome: None,
         });
         self.stats.sends += 1;

@@ -9,6 +9,7 @@ impl World {
     /// forget it.
     pub(super) fn quiet(&mut self) {
         self.chaos_on = false;
+        self.healed_at = Some(self.now);
         self.reg_mode = RegMode::Normal;
         self.log(|| "chaos over: healing".to_string());
         for a in 0..self.apps.len() {
@@ -56,6 +57,35 @@ impl World {
                     ));
                 }
             }
+        }
+        // Once healed, the relay finishes what it was given: a send whose
+        // deadline left time to reconnect (the QUIC idle timeout, a lease,
+        // a drain and restart of the exchange, backoff, a slow registry)
+        // gets its outcome, not `timed_out`.
+        let recovered_by = self.healed_at.expect("quiet() ran")
+            + self.p.idle
+            + self.p.lease
+            + Duration::from_secs(10);
+        let live: Vec<u64> = self
+            .apps
+            .iter()
+            .filter_map(|a| a.inc.as_ref().map(|i| i.life))
+            .collect();
+        let stuck = self.oracle.sends.iter().find(|s| {
+            live.contains(&s.incarnation)
+                && s.deadline >= recovered_by
+                && s.outcome
+                    .as_ref()
+                    .is_some_and(|o| o.iter().any(|(_, st)| *st == DeliveryStatus::TimedOut))
+        });
+        if let Some(s) = stuck {
+            let what = format!(
+                "send {} timed out although the deployment healed {} ms before its deadline: {:?}",
+                s.id,
+                (s.deadline - self.healed_at.expect("set")).as_millis(),
+                s.outcome
+            );
+            return self.fail(what);
         }
         // The server that stopped for good is forgotten by the exchange.
         let ex = self.ex.as_ref().expect("restarted in quiet()");

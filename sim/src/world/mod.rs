@@ -80,7 +80,7 @@ impl Params {
             lease: rng.millis(800, 3_000),
             idle: rng.millis(300, 1_200),
             latency_ms: (1, rng.range(2, 30)),
-            send_timeout: rng.millis(4_000, 15_000),
+            send_timeout: rng.millis(8_000, 25_000),
             max_outstanding: if rng.chance(0.25) {
                 rng.range(2, 16) as usize
             } else {
@@ -311,6 +311,8 @@ pub struct World {
     next_conn: u64,
     oracle: Oracle,
     chaos_on: bool,
+    /// When the faults stopped.
+    healed_at: Option<Instant>,
     /// Sends of the final round: (send number, target) pairs expected
     /// delivered, and those expected `server_down`.
     final_round: Vec<u64>,
@@ -342,6 +344,7 @@ impl World {
             next_conn: 1,
             oracle: Oracle::default(),
             chaos_on: true,
+            healed_at: None,
             final_round: Vec::new(),
             stats: Stats::default(),
             trace,
