@@ -14,6 +14,11 @@
 
 mod frames;
 
+/// The client frame a pushed message becomes for `user`, rendered the way
+/// each connection task renders its pushes (`None`: nothing for this
+/// client). Public for the push benchmark.
+pub use frames::render_push;
+
 use crate::chat::{Chat, ChatError, SendAck, SendRequest, SyncPage, SyncRequest, Welcome};
 use crate::config::ClientLimits;
 use crate::connections::Connections;
@@ -29,7 +34,7 @@ use axum::routing::get;
 use axum::serve::ListenerExt;
 use frames::{
     Fields, Hello, Refusal, bad, chat_refusal, error_frame, parse_hello, parse_send, parse_status,
-    parse_subscribe, parse_sync, peek_req, presence_frame, render_push, tagged,
+    parse_subscribe, parse_sync, peek_req, presence_frame, tagged,
 };
 use futures_util::SinkExt as _;
 use iim::token::{TokenError, TokenVerifier};

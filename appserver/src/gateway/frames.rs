@@ -279,7 +279,7 @@ pub(super) const MAX_STATUS_TEXT_CHARS: usize = 140;
 /// Most users in one `presence_subscribe`.
 pub(super) const MAX_SUBSCRIBE: usize = 500;
 
-pub(super) fn render_push(user: UserId, msg: &IimMessage) -> Option<String> {
+pub fn render_push(user: UserId, msg: &IimMessage) -> Option<String> {
     match msg.kind {
         KIND_PRESENCE => {
             let u: Update = serde_json::from_slice(&msg.body).ok()?;
