@@ -235,8 +235,10 @@ pub async fn start_with(
         stop.clone(),
         &tracker,
     );
+    // Plugins get a plugin's handle: the kinds reserved by iim are the
+    // built-in services' alone.
     for p in &plugins {
-        p.start(iim.clone());
+        p.start(iim.for_plugin());
     }
     let chat = Some(Arc::new(chat::Chat::new(
         iim::store::Store::new(&registry),

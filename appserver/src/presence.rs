@@ -29,8 +29,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 /// Message kind of presence hints on the relay, and of the updates handed
-/// to local connections.
-pub const KIND_PRESENCE: u16 = 3;
+/// to local connections; reserved by iim.
+pub const KIND_PRESENCE: u16 = iim::kinds::PRESENCE;
 /// Digest buckets for anti-entropy.
 const BUCKETS: u32 = 64;
 /// Bound of the change and hint queues.

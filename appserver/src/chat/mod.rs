@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-/// Message kind of chat pushes on the relay.
-pub const KIND_CHAT: u16 = 2;
+/// Message kind of chat pushes on the relay, reserved by iim.
+pub const KIND_CHAT: u16 = iim::kinds::CHAT;
 
 /// What a chat push carries on the relay: the message once, plus each
 /// recipient's sequence (write fan-out) or the timeline sequence.
@@ -420,8 +420,8 @@ async fn push(
     match iim.submit(out, &sessions).await {
         Ok(_) => metrics.pushes.inc(),
         Err(iim::SendError::ShuttingDown) => return false,
-        Err(e @ iim::SendError::TooLarge { .. }) => {
-            warn!(error = %e, id = d.message.id, "push too large for the relay; recipients will sync");
+        Err(e @ (iim::SendError::TooLarge { .. } | iim::SendError::ReservedKind(_))) => {
+            warn!(error = %e, id = d.message.id, "push not accepted by the relay; recipients will sync");
             metrics.pushes_dropped.inc();
         }
     }
