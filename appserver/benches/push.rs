@@ -15,8 +15,8 @@ use iim::api::LocalDelivery;
 use iim::registry::{Registry, Role, ServerState};
 use iim::types::{Address, MessageId, ServerId, UserId, now_ms};
 use iim::wire::{Message, Timing, UserRow};
-use iim_appserver::chat::{ChatMessage, KIND_CHAT, PushEnvelope};
-use iim_appserver::connections::Host;
+use iim_appserver::chat::{ChatMessage, PushEnvelope};
+use iim_appserver::host::Host;
 use iim_appserver::{AppMetrics, Attached, Connections};
 use std::hint::black_box;
 use std::sync::Arc;
@@ -45,7 +45,13 @@ async fn receiver(n: usize) -> Receiver {
         .await
         .expect("epoch");
     let metrics = Arc::new(AppMetrics::default());
-    let connections = Arc::new(Connections::new(SERVER, epoch, registry, metrics, 16));
+    let connections = Arc::new(Connections::new(
+        SERVER,
+        epoch,
+        registry,
+        metrics.clone(),
+        16,
+    ));
     let mut members = Vec::with_capacity(n);
     for i in 0..n as u64 {
         let a = connections
@@ -61,11 +67,7 @@ async fn receiver(n: usize) -> Receiver {
             channel: a.session.channel,
         })
         .collect();
-    let host = Host {
-        connections,
-        plugins: Vec::new(),
-        presence: std::sync::OnceLock::new(),
-    };
+    let host = Host::new(connections, Vec::new(), metrics);
     Receiver {
         host,
         members,
@@ -96,7 +98,7 @@ fn group_push(n: usize) -> Arc<Message> {
         },
         source: Address::new(ServerId(2), UserId(FIRST_USER)),
         target: Address::RECEIVER,
-        kind: KIND_CHAT,
+        kind: iim::kinds::CHAT,
         timing: Timing {
             sent_at_ms: 1_767_225_601_456,
             ordering_key: 5_000_001,
@@ -114,7 +116,7 @@ fn deliver_and_render(r: &mut Receiver, msg: &Arc<Message>) -> usize {
     let mut bytes = 0;
     for a in &mut r.members {
         let push = a.rx.try_recv().expect("queued");
-        let frame = iim_appserver::gateway::render_push(a.session.user, &push).expect("a frame");
+        let frame = push.frame_for(a.session.user).expect("a frame");
         bytes += frame.len();
     }
     bytes
@@ -125,7 +127,7 @@ fn check(r: &mut Receiver, msg: &Arc<Message>) {
     r.host.deliver(msg, &r.rows);
     for a in &mut r.members {
         let push = a.rx.try_recv().expect("queued");
-        let frame = iim_appserver::gateway::render_push(a.session.user, &push).expect("a frame");
+        let frame = push.frame_for(a.session.user).expect("a frame");
         let v: serde_json::Value = serde_json::from_str(&frame).expect("JSON");
         assert_eq!(v["op"], "msg");
         assert_eq!(v["seq"], 1_000 + (a.session.user.0 - FIRST_USER));

@@ -14,16 +14,12 @@
 
 mod frames;
 
-/// The client frame a pushed message becomes for `user`, rendered the way
-/// each connection task renders its pushes (`None`: nothing for this
-/// client). Public for the push benchmark.
-pub use frames::render_push;
-
 use crate::chat::{Chat, ChatError, SendAck, SendRequest, SyncPage, SyncRequest, Welcome};
 use crate::config::ClientLimits;
 use crate::connections::Connections;
 use crate::metrics::AppMetrics;
 use crate::presence::Presence;
+use crate::push::{Push, presence_frame, tagged};
 use axum::Router;
 use axum::extract::State;
 use axum::extract::connect_info::ConnectInfo;
@@ -34,12 +30,11 @@ use axum::routing::get;
 use axum::serve::ListenerExt;
 use frames::{
     Fields, Hello, Refusal, bad, chat_refusal, error_frame, parse_hello, parse_send, parse_status,
-    parse_subscribe, parse_sync, peek_req, presence_frame, tagged,
+    parse_subscribe, parse_sync, peek_req,
 };
 use futures_util::SinkExt as _;
 use iim::token::{TokenError, TokenVerifier};
 use iim::types::{ChannelId, UserId};
-use iim::wire::Message as IimMessage;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -427,7 +422,7 @@ impl<C: ChatApi> Conn<C> {
         user: UserId,
         channel: ChannelId,
         device: &str,
-        mut rx: mpsc::Receiver<Arc<IimMessage>>,
+        mut rx: mpsc::Receiver<Push>,
     ) -> End {
         // Attached before the welcome: anything stored after the welcome's
         // `inbox_max` is pushed, anything before it is synced.
@@ -513,18 +508,26 @@ impl<C: ChatApi> Conn<C> {
     }
 
     /// Write `first` and whatever else is queued (up to a batch), then
-    /// flush once.
+    /// flush once. Each push was decoded once for all its connections;
+    /// here it only becomes this client's frame.
     async fn push_batch(
         &mut self,
         user: UserId,
-        first: Arc<IimMessage>,
-        rx: &mut mpsc::Receiver<Arc<IimMessage>>,
+        first: Push,
+        rx: &mut mpsc::Receiver<Push>,
     ) -> Result<(), End> {
         let mut frames = Vec::new();
-        frames.extend(render_push(user, &first));
-        while frames.len() < PUSH_BATCH {
+        let mut take = |push: Push| match push.frame_for(user) {
+            Some(f) => frames.push(f),
+            None => debug!(
+                push = push.label(),
+                "push not shown to this client; skipped"
+            ),
+        };
+        take(first);
+        for _ in 1..PUSH_BATCH {
             match rx.try_recv() {
-                Ok(m) => frames.extend(render_push(user, &m)),
+                Ok(p) => take(p),
                 Err(_) => break,
             }
         }

@@ -1,7 +1,11 @@
-//! The app server's counters, rendered at `/metrics`.
+//! The app server's counters, rendered at `/metrics`: the relay's and the
+//! gateway's ([`AppMetrics`]), the chat service's ([`ChatMetrics`]) and the
+//! presence service's ([`PresenceMetrics`]). Counters only: it uses no
+//! other module of the app server, so every other module may count here.
 
 use iim::metrics::{Counter, Family, Gauge, Page, Render};
 use iim::wire::DeliveryStatus;
+use std::sync::Arc;
 
 /// Why an incoming 906 or frame was not delivered.
 pub const REJECT_REASONS: &[&str] = &["malformed_message", "forged_id", "protocol"];
@@ -35,7 +39,6 @@ pub const CLIENT_ERROR_CODES: &[&str] = &[
     "unavailable",
 ];
 
-/// Client operations counted by `op` (anything else counts as `other`).
 /// Why client connections ended.
 pub const WS_CLOSE_REASONS: &[&str] = &[
     "client_gone",
@@ -48,6 +51,7 @@ pub const WS_CLOSE_REASONS: &[&str] = &[
     "try_again_later",
 ];
 
+/// Client operations counted by `op` (anything else counts as `other`).
 pub const CLIENT_OPS: &[&str] = &[
     "auth",
     "send",
@@ -60,9 +64,9 @@ pub const CLIENT_OPS: &[&str] = &[
 #[derive(Debug)]
 pub struct AppMetrics {
     /// The chat service's own counters.
-    pub chat: std::sync::Arc<crate::chat::ChatMetrics>,
+    pub chat: Arc<ChatMetrics>,
     /// The presence service's own counters.
-    pub presence: std::sync::Arc<crate::presence::PresenceMetrics>,
+    pub presence: Arc<PresenceMetrics>,
     pub forwards_out: Counter,
     pub forwards_resent: Counter,
     pub delivers_in: Counter,
@@ -73,6 +77,8 @@ pub struct AppMetrics {
     pub local_deliveries: Counter,
     pub missing_channels: Counter,
     pub connection_overflow: Counter,
+    /// Messages of a reserved kind whose body could not be decoded.
+    pub malformed_pushes: Counter,
     pub link_connects: Counter,
     pub link_up: Gauge,
     pub outstanding: Gauge,
@@ -99,6 +105,7 @@ impl Default for AppMetrics {
             local_deliveries: Counter::default(),
             missing_channels: Counter::default(),
             connection_overflow: Counter::default(),
+            malformed_pushes: Counter::default(),
             link_connects: Counter::default(),
             link_up: Gauge::default(),
             outstanding: Gauge::default(),
@@ -166,6 +173,11 @@ impl Render for AppMetrics {
             &self.connection_overflow,
         )
         .counter(
+            "iim_appserver_malformed_pushes_total",
+            "Messages of a kind reserved by iim (chat) whose body could not be decoded; not delivered.",
+            &self.malformed_pushes,
+        )
+        .counter(
             "iim_appserver_link_connects_total",
             "Successful registrations with an exchange.",
             &self.link_connects,
@@ -214,5 +226,98 @@ impl Render for AppMetrics {
         page.push_str(&self.chat.render());
         page.push_str(&self.presence.render());
         page
+    }
+}
+
+/// The chat service's counters.
+#[derive(Debug, Default)]
+pub struct ChatMetrics {
+    pub stored: Counter,
+    pub duplicates: Counter,
+    pub pushes: Counter,
+    pub pushes_dropped: Counter,
+}
+
+impl Render for ChatMetrics {
+    fn render(&self) -> String {
+        let mut p = Page::default();
+        p.counter(
+            "iim_chat_messages_stored_total",
+            "Chat messages stored (first sends).",
+            &self.stored,
+        )
+        .counter(
+            "iim_chat_resends_total",
+            "Sends recognised as resends of a stored req.",
+            &self.duplicates,
+        )
+        .counter(
+            "iim_chat_pushes_total",
+            "Chat pushes handed to the relay.",
+            &self.pushes,
+        )
+        .counter(
+            "iim_chat_pushes_dropped_total",
+            "Pushes dropped (queue full or sessions unavailable); clients sync.",
+            &self.pushes_dropped,
+        );
+        p.finish()
+    }
+}
+
+/// The presence service's counters.
+#[derive(Debug)]
+pub struct PresenceMetrics {
+    pub changes: Counter,
+    pub announcements: Counter,
+    pub hints: Family,
+    pub repaired: Counter,
+    pub delivered: Counter,
+}
+
+impl Default for PresenceMetrics {
+    fn default() -> Self {
+        PresenceMetrics {
+            changes: Counter::default(),
+            announcements: Counter::default(),
+            hints: Family::new(
+                "verdict",
+                &["valid", "stale", "forged", "malformed", "dropped"],
+            ),
+            repaired: Counter::default(),
+            delivered: Counter::default(),
+        }
+    }
+}
+
+impl Render for PresenceMetrics {
+    fn render(&self) -> String {
+        let mut p = Page::default();
+        p.counter(
+            "iim_presence_changes_total",
+            "Presence changes written by this server.",
+            &self.changes,
+        )
+        .counter(
+            "iim_presence_announcements_total",
+            "Presence hints sent (one iim::send each).",
+            &self.announcements,
+        )
+        .family(
+            "iim_presence_hints_total",
+            "Presence hints received, by verdict against the database.",
+            &self.hints,
+        )
+        .counter(
+            "iim_presence_repaired_total",
+            "Updates delivered by anti-entropy rather than by a hint.",
+            &self.repaired,
+        )
+        .counter(
+            "iim_presence_updates_delivered_total",
+            "Presence updates handed to local connections.",
+            &self.delivered,
+        );
+        p.finish()
     }
 }

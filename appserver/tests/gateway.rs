@@ -9,11 +9,11 @@ use iim::token::{self, Hs256Verifier};
 use iim::types::{Address, ChannelId, MessageId, ServerId, UserId, now_ms};
 use iim::wire::{Message as IimMessage, Timing, UserRow};
 use iim_appserver::chat::{
-    ChatError, ChatMessage, KIND_CHAT, Ope, PushEnvelope, SendAck, SendRequest, SyncPage,
-    SyncRequest, Welcome,
+    ChatError, ChatMessage, Ope, PushEnvelope, SendAck, SendRequest, SyncPage, SyncRequest, Welcome,
 };
 use iim_appserver::config::ClientLimits;
 use iim_appserver::gateway::{self, ChatApi, GatewayState};
+use iim_appserver::push::Push;
 use iim_appserver::{AppMetrics, Connections};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -651,8 +651,9 @@ async fn a_silent_client_is_closed_after_the_idle_timeout() {
     );
 }
 
-fn message(kind: u16, from: u64, body: Vec<u8>) -> Arc<IimMessage> {
-    Arc::new(IimMessage {
+/// A message as the host hands it to connections: decoded once.
+fn message(kind: u16, from: u64, body: Vec<u8>) -> Push {
+    Push::decode(&Arc::new(IimMessage {
         id: MessageId {
             origin: SERVER,
             epoch: 1,
@@ -664,7 +665,8 @@ fn message(kind: u16, from: u64, body: Vec<u8>) -> Arc<IimMessage> {
         timing: Timing::default(),
         body: body.into(),
         nested: Vec::new(),
-    })
+    }))
+    .expect("a message for connections")
 }
 
 async fn row_of(gw: &Gw, user: u64) -> UserRow {
@@ -711,7 +713,7 @@ async fn pushes_become_notice_and_msg_frames() {
             seqs,
             gseq: None,
         };
-        message(KIND_CHAT, 2001, serde_json::to_vec(&env).unwrap())
+        message(iim::kinds::CHAT, 2001, serde_json::to_vec(&env).unwrap())
     };
     gw.connections
         .deliver(&chat_push(vec![(3003, 4)]), std::slice::from_ref(&row));

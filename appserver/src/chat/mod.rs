@@ -8,12 +8,11 @@ pub mod types;
 
 pub use types::*;
 
-use iim::metrics::{Counter, Page, Render};
+use crate::metrics::ChatMetrics;
+
 use iim::store::{Delivery, NewMessage, Store, StoreError, StoredMessage, Target};
 use iim::types::{ChannelId, ServerId, Session, UserId, now_ms};
-use iim::wire::Message;
 use iim::{Iim, Outgoing};
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,73 +20,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
-
-/// Message kind of chat pushes on the relay, reserved by iim.
-pub const KIND_CHAT: u16 = iim::kinds::CHAT;
-
-/// What a chat push carries on the relay: the message once, plus each
-/// recipient's sequence (write fan-out) or the timeline sequence.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct PushEnvelope {
-    pub m: ChatMessage,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub seqs: Vec<(u64, u64)>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gseq: Option<u64>,
-}
-
-/// The chat message a push carries for `user`, with `user`'s own sequence;
-/// `None` if `msg` is not a chat push or does not concern `user`.
-pub fn push_for(user: UserId, msg: &Message) -> Option<ChatMessage> {
-    if msg.kind != KIND_CHAT {
-        return None;
-    }
-    let env: PushEnvelope = serde_json::from_slice(&msg.body).ok()?;
-    let mut m = env.m;
-    if let Some(g) = env.gseq {
-        m.gseq = Some(g);
-        return Some(m);
-    }
-    let seq = env.seqs.iter().find(|(u, _)| *u == user.0)?.1;
-    m.seq = Some(seq);
-    Some(m)
-}
-
-/// The chat service's counters.
-#[derive(Debug, Default)]
-pub struct ChatMetrics {
-    pub stored: Counter,
-    pub duplicates: Counter,
-    pub pushes: Counter,
-    pub pushes_dropped: Counter,
-}
-
-impl Render for ChatMetrics {
-    fn render(&self) -> String {
-        let mut p = Page::default();
-        p.counter(
-            "iim_chat_messages_stored_total",
-            "Chat messages stored (first sends).",
-            &self.stored,
-        )
-        .counter(
-            "iim_chat_resends_total",
-            "Sends recognised as resends of a stored req.",
-            &self.duplicates,
-        )
-        .counter(
-            "iim_chat_pushes_total",
-            "Chat pushes handed to the relay.",
-            &self.pushes,
-        )
-        .counter(
-            "iim_chat_pushes_dropped_total",
-            "Pushes dropped (queue full or sessions unavailable); clients sync.",
-            &self.pushes_dropped,
-        );
-        p.finish()
-    }
-}
 
 /// Settings of the chat service.
 #[derive(Clone, Copy, Debug)]
@@ -409,7 +341,7 @@ async fn push(
         return true;
     };
     let out = Outgoing {
-        kind: KIND_CHAT,
+        kind: iim::kinds::CHAT,
         from: d.message.sender,
         body: body.into(),
         ordering_key: d.message.id,

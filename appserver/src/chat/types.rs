@@ -1,6 +1,7 @@
 //! What the client gateway and the chat service exchange: requests from a
 //! client, what goes back to it, and the chat messages it receives. These
-//! types are the JSON of `docs/client-protocol.md`.
+//! types are the JSON of `docs/client-protocol.md`; [`PushEnvelope`] is the
+//! body of a chat push between app servers.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -114,6 +115,19 @@ impl PartialEq for ChatMessage {
             && self.ex.as_ref().map(|e| e.get()) == o.ex.as_ref().map(|e| e.get())
             && self.ts == o.ts
     }
+}
+
+/// What a chat push carries on the relay (kind `iim::kinds::CHAT`): the
+/// message once, plus each recipient's sequence (write fan-out) or the
+/// timeline sequence (large groups).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PushEnvelope {
+    pub m: ChatMessage,
+    /// `(user, that user's inbox sequence)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seqs: Vec<(u64, u64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gseq: Option<u64>,
 }
 
 /// The answer to a `sync`.

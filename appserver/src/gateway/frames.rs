@@ -1,18 +1,15 @@
 //! Client frames as JSON: parsing and validating requests field by field
-//! (every refusal names the field), and rendering answers, errors and
-//! pushes. Pure functions; the connection task in `gateway.rs` does the IO.
+//! (every refusal names the field), and rendering answers and errors
+//! (pushes are rendered by `crate::push`). Pure functions; the connection
+//! task in `gateway.rs` does the IO.
 
 use super::{DEFAULT_DEVICE, MAX_DEVICE_CHARS, MAX_REQ_CHARS, MAX_TYPE_CHARS, code};
-use crate::admin::KIND_ADMIN_TEXT;
-use crate::chat::{self, ChatError, KIND_CHAT, Ope, SendRequest, SyncRequest};
-use crate::presence::{KIND_PRESENCE, Update};
+use crate::chat::{ChatError, Ope, SendRequest, SyncRequest};
 use iim::presence::Status;
 use iim::types::UserId;
-use iim::wire::Message as IimMessage;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
-use tracing::debug;
 
 /// An `error` frame.
 #[derive(Debug, Serialize)]
@@ -32,16 +29,6 @@ pub(super) fn error_frame(code: &str, req: Option<&str>, message: &str) -> Strin
         message,
     })
     .unwrap_or_default()
-}
-
-/// `value`'s JSON object with `"op"` put first: `{"op":"ack",...}`.
-pub(super) fn tagged(op: &str, value: &impl Serialize) -> String {
-    let inner = serde_json::to_string(value).unwrap_or_default();
-    match inner.strip_prefix('{') {
-        Some("}") => format!("{{\"op\":\"{op}\"}}"),
-        Some(rest) => format!("{{\"op\":\"{op}\",{rest}"),
-        None => format!("{{\"op\":\"{op}\"}}"),
-    }
 }
 
 /// A failed request: the error frame to send back.
@@ -246,12 +233,6 @@ pub(super) fn chat_refusal(e: ChatError) -> Refusal {
     }
 }
 
-/// The frame a push becomes for `user`, if any.
-/// `{"op":"presence","contacts":[…]}`: a snapshot, or one update.
-pub(super) fn presence_frame(contacts: &[Update]) -> String {
-    tagged("presence", &serde_json::json!({ "contacts": contacts }))
-}
-
 /// `set_status`: a status a client may choose, and an optional text.
 pub(super) fn parse_status(f: &Fields<'_>) -> Result<(Status, String), Refusal> {
     let status: Status = f.req("status", "one of online, away, busy")?;
@@ -279,57 +260,10 @@ pub(super) const MAX_STATUS_TEXT_CHARS: usize = 140;
 /// Most users in one `presence_subscribe`.
 pub(super) const MAX_SUBSCRIBE: usize = 500;
 
-pub fn render_push(user: UserId, msg: &IimMessage) -> Option<String> {
-    match msg.kind {
-        KIND_PRESENCE => {
-            let u: Update = serde_json::from_slice(&msg.body).ok()?;
-            Some(presence_frame(&[u]))
-        }
-        KIND_CHAT => match chat::push_for(user, msg) {
-            Some(m) => Some(tagged("msg", &m)),
-            None => {
-                debug!(id = %msg.id, "chat push not for this user; skipped");
-                None
-            }
-        },
-        KIND_ADMIN_TEXT => {
-            #[derive(Serialize)]
-            struct Notice<'a> {
-                op: &'static str,
-                from: u64,
-                text: &'a str,
-            }
-            let text = String::from_utf8_lossy(&msg.body);
-            serde_json::to_string(&Notice {
-                op: "notice",
-                from: msg.source.user.0,
-                text: &text,
-            })
-            .ok()
-        }
-        kind => {
-            debug!(kind, id = %msg.id, "push of a kind clients do not see; ignored");
-            None
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::chat::Ope;
-
-    #[test]
-    fn tagged_puts_op_first() {
-        #[derive(Serialize)]
-        struct A {
-            x: u32,
-        }
-        #[derive(Serialize)]
-        struct E {}
-        assert_eq!(tagged("ack", &A { x: 1 }), r#"{"op":"ack","x":1}"#);
-        assert_eq!(tagged("e", &E {}), r#"{"op":"e"}"#);
-    }
 
     #[test]
     fn send_frames_are_validated_field_by_field() {
