@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod chat;
+pub mod codes;
 pub mod config;
 pub mod connections;
 pub mod dedup;

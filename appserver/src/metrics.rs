@@ -1,65 +1,16 @@
 //! The app server's counters, rendered at `/metrics`: the relay's and the
 //! gateway's ([`AppMetrics`]), the chat service's ([`ChatMetrics`]) and the
-//! presence service's ([`PresenceMetrics`]). Counters only: it uses no
-//! other module of the app server, so every other module may count here.
+//! presence service's ([`PresenceMetrics`]). Counters only: of the app
+//! server it uses nothing but the enums its label sets come from
+//! ([`crate::codes`]), so every other module may count here.
 
+use crate::codes::{AuthFailure, CloseReason, ErrorCode, Op};
 use iim::metrics::{Counter, Family, Gauge, Page, Render};
 use iim::wire::DeliveryStatus;
 use std::sync::Arc;
 
 /// Why an incoming 906 or frame was not delivered.
 pub const REJECT_REASONS: &[&str] = &["malformed_message", "forged_id", "protocol"];
-
-/// Why a WebSocket client failed to authenticate.
-pub const AUTH_FAILURE_REASONS: &[&str] = &[
-    "invalid",
-    "expired",
-    "missing",
-    "not_first",
-    "timeout",
-    "unknown_user",
-];
-
-/// The `code`s of error frames sent to clients (docs/client-protocol.md).
-pub const CLIENT_ERROR_CODES: &[&str] = &[
-    "auth_failed",
-    "auth_expired",
-    "auth_required",
-    "invalid_json",
-    "unknown_op",
-    "binary_not_supported",
-    "bad_request",
-    "forged_from",
-    "too_large",
-    "rate_limited",
-    "too_slow",
-    "unknown_user",
-    "unknown_group",
-    "not_member",
-    "unavailable",
-];
-
-/// Why client connections ended.
-pub const WS_CLOSE_REASONS: &[&str] = &[
-    "client_gone",
-    "idle_timeout",
-    "going_away",
-    "too_slow",
-    "authentication_failed",
-    "unknown_user",
-    "frame_too_large",
-    "try_again_later",
-];
-
-/// Client operations counted by `op` (anything else counts as `other`).
-pub const CLIENT_OPS: &[&str] = &[
-    "auth",
-    "send",
-    "sync",
-    "ping",
-    "set_status",
-    "presence_subscribe",
-];
 
 #[derive(Debug)]
 pub struct AppMetrics {
@@ -111,10 +62,10 @@ impl Default for AppMetrics {
             outstanding: Gauge::default(),
             connections: Gauge::default(),
             ws_connections: Gauge::default(),
-            auth_failures: Family::new("reason", AUTH_FAILURE_REASONS),
-            client_errors: Family::new("code", CLIENT_ERROR_CODES),
-            client_ops: Family::new("op", CLIENT_OPS),
-            ws_closes: Family::new("reason", WS_CLOSE_REASONS),
+            auth_failures: Family::new("reason", AuthFailure::LABELS),
+            client_errors: Family::new("code", ErrorCode::LABELS),
+            client_ops: Family::new("op", Op::LABELS),
+            ws_closes: Family::new("reason", CloseReason::LABELS),
         }
     }
 }

@@ -79,25 +79,15 @@ impl Chat {
         channel: ChannelId,
         req: SendRequest,
     ) -> Result<SendAck, ChatError> {
-        if req.req.is_empty() || req.req.len() > 64 {
-            return Err(ChatError::BadRequest(
-                "req must be 1 to 64 characters".into(),
-            ));
-        }
-        if req.kind.is_empty() || req.kind.len() > 32 {
-            return Err(ChatError::BadRequest(
-                "type must be 1 to 32 characters".into(),
-            ));
-        }
         let target = match req.ope {
             Ope::Single => Target::User(UserId(req.to)),
             Ope::Group => Target::Group(req.to),
         };
         let new = NewMessage {
             sender: user,
-            req: &req.req,
+            req: req.req.as_str(),
             target,
-            kind: &req.kind,
+            kind: req.kind.as_str(),
             body: req.body.get(),
             ex: req.ex.as_ref().map(|e| e.get()),
             ts_ms: now_ms(),

@@ -2,9 +2,71 @@
 //! client, what goes back to it, and the chat messages it receives. These
 //! types are the JSON of `docs/client-protocol.md`; [`PushEnvelope`] is the
 //! body of a chat push between app servers.
+//!
+//! A [`SendRequest`] is valid by construction: its `req` and `type` are
+//! checked once, when they become a [`ClientReq`] and a [`MessageType`].
 
+use crate::codes::ErrorCode;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+/// A client-chosen string of the wrong length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("must be 1..={max} characters")]
+pub struct LengthError {
+    pub max: usize,
+}
+
+/// `s` if it has 1 to `max` characters (Unicode scalar values, as the
+/// database's `VARCHAR` columns count them; any characters). Every
+/// client-chosen string is checked here.
+pub fn check_chars(s: String, max: usize) -> Result<String, LengthError> {
+    // Count no further than one past the limit: a huge string costs no more.
+    let n = s.chars().take(max.saturating_add(1)).count();
+    if n == 0 || n > max {
+        return Err(LengthError { max });
+    }
+    Ok(s)
+}
+
+/// `req`: the client's own id for a message, 1 to [`ClientReq::MAX_CHARS`]
+/// characters. A resend with the same `req` is acknowledged again, never
+/// stored twice. The only way to make one is [`ClientReq::parse`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ClientReq(String);
+
+impl ClientReq {
+    /// The longest `req`, in characters (the `messages.req` column).
+    pub const MAX_CHARS: usize = 64;
+
+    pub fn parse(s: String) -> Result<ClientReq, LengthError> {
+        check_chars(s, ClientReq::MAX_CHARS).map(ClientReq)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// `type`: what a chat message is (`"text"`, `"image"`, …), 1 to
+/// [`MessageType::MAX_CHARS`] characters, chosen by the client.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct MessageType(String);
+
+impl MessageType {
+    /// The longest `type`, in characters (the `messages.kind` column).
+    pub const MAX_CHARS: usize = 32;
+
+    pub fn parse(s: String) -> Result<MessageType, LengthError> {
+        check_chars(s, MessageType::MAX_CHARS).map(MessageType)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 /// `ope` of seed 004: 0 a single (1:1) message, 1 a group message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,14 +100,13 @@ impl From<Ope> for u8 {
 /// authenticated user (a client that names another `from` is refused).
 #[derive(Clone, Debug)]
 pub struct SendRequest {
-    /// The client's own id for the message; a resend with the same `req`
-    /// is acknowledged again, never stored twice.
-    pub req: String,
+    /// The client's own id for the message.
+    pub req: ClientReq,
     pub ope: Ope,
     /// A user id (`ope` 0) or a group id (`ope` 1).
     pub to: u64,
     /// `type` in the client JSON.
-    pub kind: String,
+    pub kind: MessageType,
     /// Any JSON value, kept verbatim.
     pub body: Box<RawValue>,
     /// Extensions, any JSON value, kept verbatim.
@@ -55,7 +116,7 @@ pub struct SendRequest {
 /// The answer to a `send`: the message is stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SendAck {
-    pub req: String,
+    pub req: ClientReq,
     /// Server-wide message id.
     pub id: u64,
     /// The message's sequence in the sender's own inbox (1:1 and small
@@ -176,13 +237,14 @@ pub enum ChatError {
 }
 
 impl ChatError {
-    pub fn code(&self) -> &'static str {
+    /// The error frame's `code`.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ChatError::BadRequest(_) => "bad_request",
-            ChatError::UnknownUser(_) => "unknown_user",
-            ChatError::UnknownGroup(_) => "unknown_group",
-            ChatError::NotMember(_) => "not_member",
-            ChatError::Unavailable => "unavailable",
+            ChatError::BadRequest(_) => ErrorCode::BadRequest,
+            ChatError::UnknownUser(_) => ErrorCode::UnknownUser,
+            ChatError::UnknownGroup(_) => ErrorCode::UnknownGroup,
+            ChatError::NotMember(_) => ErrorCode::NotMember,
+            ChatError::Unavailable => ErrorCode::Unavailable,
         }
     }
 }
