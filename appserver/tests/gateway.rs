@@ -46,6 +46,26 @@ macro_rules! eventually {
     }};
 }
 
+/// Run the paused clock forward by `total` in 10 ms steps, letting every
+/// task and the loopback sockets make progress between steps. (Left alone,
+/// a paused clock jumps to the next timer whenever the runtime idles, even
+/// while a socket has data for a task: a client would answer a ping only
+/// after the timer that follows it.) The caller paused the clock once its
+/// connections were set up: the registry's SQLite work runs on threads
+/// outside the runtime.
+async fn run_clock_for(total: Duration) {
+    let step = Duration::from_millis(10);
+    let mut left = total;
+    while !left.is_zero() {
+        let d = step.min(left);
+        tokio::time::advance(d).await;
+        left -= d;
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 /// A chat service that acknowledges everything and remembers what it saw.
 #[derive(Default)]
 struct FakeChat {
@@ -583,7 +603,10 @@ async fn requests_over_the_rate_are_dropped_and_the_connection_stays() {
     assert_eq!(limited, ["r-3", "r-4", "r-5"]);
     assert_eq!(gw.chat.sends.lock().unwrap().len(), 3);
     assert_eq!(gw.metrics.client_errors.get("rate_limited"), 3);
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // A second later (on the paused clock) the bucket has a token again.
+    tokio::time::pause();
+    run_clock_for(Duration::from_millis(1_100)).await;
+    tokio::time::resume();
     send(&mut ws, json!({"op": "ping"})).await;
     assert_eq!(next_json(&mut ws).await["op"], "pong");
 }
@@ -601,16 +624,30 @@ async fn the_server_pings_and_a_client_that_answers_stays_connected() {
     .await;
     let mut ws = authed(&gw, 1001, "phone").await;
     // Read (so tungstenite answers pings with pongs) for longer than the
-    // idle timeout, sending nothing of our own.
-    let mut pings = 0;
-    let until = tokio::time::Instant::now() + Duration::from_millis(3_500);
-    while let Ok(m) = tokio::time::timeout_at(until, ws.next()).await {
-        match m.expect("open").expect("good frame") {
-            Message::Ping(_) => pings += 1,
-            other => panic!("unexpected {other:?}"),
+    // idle timeout, on the paused clock, sending nothing of our own.
+    tokio::time::pause();
+    let stop = CancellationToken::new();
+    let reader = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut pings = 0;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return (ws, pings),
+                    m = ws.next() => match m.expect("open").expect("good frame") {
+                        Message::Ping(_) => pings += 1,
+                        other => panic!("unexpected {other:?}"),
+                    },
+                }
+            }
         }
-    }
-    assert!(pings >= 2, "{pings} pings");
+    });
+    run_clock_for(Duration::from_millis(3_500)).await;
+    stop.cancel();
+    let (mut ws, pings) = reader.await.unwrap();
+    tokio::time::resume();
+    assert!(pings >= 3, "{pings} pings");
+    assert_eq!(gw.metrics.ws_closes.get("idle_timeout"), 0);
     send(&mut ws, json!({"op": "ping"})).await;
     assert_eq!(next_json(&mut ws).await, json!({"op": "pong"}));
 }
@@ -628,7 +665,9 @@ async fn a_silent_client_is_closed_after_the_idle_timeout() {
     .await;
     let mut ws = authed(&gw, 1001, "phone").await;
     // Neither read nor write: our pongs never go out.
-    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    tokio::time::pause();
+    run_clock_for(Duration::from_millis(3_200)).await;
+    tokio::time::resume();
     eventually!(
         "the server closed it for idleness",
         gw.metrics.ws_closes.get("idle_timeout") == 1
