@@ -29,19 +29,18 @@ pub fn check_chars(s: String, max: usize) -> Result<String, LengthError> {
     Ok(s)
 }
 
-/// `req`: the client's own id for a message, 1 to [`ClientReq::MAX_CHARS`]
-/// characters. A resend with the same `req` is acknowledged again, never
-/// stored twice. The only way to make one is [`ClientReq::parse`].
+/// A client-chosen string of 1 to `MAX` characters, checked once: the
+/// only way to make one is [`Chars::parse`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
-pub struct ClientReq(String);
+pub struct Chars<const MAX: usize>(String);
 
-impl ClientReq {
-    /// The longest `req`, in characters (the `messages.req` column).
-    pub const MAX_CHARS: usize = 64;
+impl<const MAX: usize> Chars<MAX> {
+    /// The longest value, in characters.
+    pub const MAX_CHARS: usize = MAX;
 
-    pub fn parse(s: String) -> Result<ClientReq, LengthError> {
-        check_chars(s, ClientReq::MAX_CHARS).map(ClientReq)
+    pub fn parse(s: String) -> Result<Self, LengthError> {
+        check_chars(s, MAX).map(Chars)
     }
 
     pub fn as_str(&self) -> &str {
@@ -49,24 +48,14 @@ impl ClientReq {
     }
 }
 
-/// `type`: what a chat message is (`"text"`, `"image"`, …), 1 to
-/// [`MessageType::MAX_CHARS`] characters, chosen by the client.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(transparent)]
-pub struct MessageType(String);
+/// `req`: the client's own id for a message, 1 to 64 characters (the
+/// `messages.req` column). A resend with the same `req` is acknowledged
+/// again, never stored twice.
+pub type ClientReq = Chars<64>;
 
-impl MessageType {
-    /// The longest `type`, in characters (the `messages.kind` column).
-    pub const MAX_CHARS: usize = 32;
-
-    pub fn parse(s: String) -> Result<MessageType, LengthError> {
-        check_chars(s, MessageType::MAX_CHARS).map(MessageType)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
+/// `type`: what a chat message is (`"text"`, `"image"`, …), 1 to 32
+/// characters (the `messages.kind` column), chosen by the client.
+pub type MessageType = Chars<32>;
 
 /// `ope` of seed 004: 0 a single (1:1) message, 1 a group message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
