@@ -13,8 +13,9 @@ use iim::{Iim, Outgoing};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Message kind of text sent through the admin API.
-pub const KIND_ADMIN_TEXT: u16 = 1;
+/// Message kind of text sent through the admin API: a notice, reserved
+/// by iim (`iim::kinds`).
+pub const KIND_ADMIN_TEXT: u16 = iim::kinds::NOTICE;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,18 +1,21 @@
-//! Local client connections and the in-process delivery path.
+//! Local client connections: who is connected to this server, and the
+//! queue of [`Push`]es of each.
 //!
-//! Each connection is a bounded channel of messages plus a row in the
+//! Each connection is a bounded channel of pushes plus a row in the
 //! registry's `sessions` table while it lives. Delivery never waits: a
 //! connection whose queue is full is cut (its client resynchronises after
 //! reconnecting), so one slow client cannot hold up anyone else. Channel ids
 //! carry the server's epoch in their high bits, so a channel id from an
-//! earlier incarnation never reaches a connection of this one.
+//! earlier incarnation never reaches a connection of this one. Which
+//! messages become pushes is the host's business (`host`), not this
+//! module's.
 
 use crate::metrics::AppMetrics;
-use iim::Plugin;
-use iim::api::{LocalDelivery, LocalReport};
+use crate::push::Push;
+use iim::api::LocalReport;
 use iim::registry::{Registry, RegistryError};
 use iim::types::{ChannelId, ServerId, Session, UserId, now_ms};
-use iim::wire::{Message, UserRow};
+use iim::wire::UserRow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -24,13 +27,13 @@ const CHANNEL_COUNTER_BITS: u32 = 40;
 
 struct Conn {
     user: UserId,
-    tx: mpsc::Sender<Arc<Message>>,
+    tx: mpsc::Sender<Push>,
 }
 
 /// A connection as its owner (a gateway task, a test) holds it.
 pub struct Attached {
     pub session: Session,
-    pub rx: mpsc::Receiver<Arc<Message>>,
+    pub rx: mpsc::Receiver<Push>,
 }
 
 pub struct Connections {
@@ -113,15 +116,15 @@ impl Connections {
         self.len() == 0
     }
 
-    /// Hand `msg` to each listed connection that still exists here.
-    pub fn deliver(&self, msg: &Arc<Message>, rows: &[UserRow]) -> LocalReport {
+    /// Hand `push` to each listed connection that still exists here.
+    pub fn deliver(&self, push: &Push, rows: &[UserRow]) -> LocalReport {
         let mut report = LocalReport::default();
         let mut overflowed = Vec::new();
         {
             let map = self.map.read().unwrap_or_else(|e| e.into_inner());
             for row in rows {
                 match map.get(&row.channel) {
-                    Some(c) if c.user == row.user => match c.tx.try_send(msg.clone()) {
+                    Some(c) if c.user == row.user => match c.tx.try_send(push.clone()) {
                         Ok(()) => report.delivered += 1,
                         Err(mpsc::error::TrySendError::Full(_)) => {
                             overflowed.push(row.channel);
@@ -155,33 +158,5 @@ impl Connections {
             }
         }
         report
-    }
-}
-
-/// The in-process delivery path: presence hints to the presence service
-/// (never straight to clients: they are verified first), everything else to
-/// the plugins, then to the listed connections.
-pub struct Host {
-    pub connections: Arc<Connections>,
-    pub plugins: Vec<Arc<dyn Plugin>>,
-    /// Set once the presence service has started.
-    pub presence: std::sync::OnceLock<Arc<crate::presence::Presence>>,
-}
-
-impl LocalDelivery for Host {
-    fn deliver(&self, msg: &Arc<Message>, rows: &[UserRow]) -> LocalReport {
-        if msg.kind == crate::presence::KIND_PRESENCE {
-            if let Some(p) = self.presence.get() {
-                p.hint(msg.id.origin, msg);
-            }
-            return LocalReport {
-                delivered: rows.len(),
-                missing: 0,
-            };
-        }
-        for p in &self.plugins {
-            p.on_message(msg, rows);
-        }
-        self.connections.deliver(msg, rows)
     }
 }

@@ -10,12 +10,15 @@
 
 pub mod admin;
 pub mod chat;
+pub mod codes;
 pub mod config;
 pub mod connections;
 pub mod gateway;
+pub mod host;
 mod link;
 pub mod metrics;
 pub mod presence;
+pub mod push;
 
 pub use config::{Config, ExchangeTarget};
 pub use connections::{Attached, Connections};
@@ -25,7 +28,7 @@ pub use link::LinkState;
 pub use metrics::AppMetrics;
 
 use anyhow::Context as _;
-use connections::Host;
+use host::Host;
 use iim::api::{IimParts, Submit};
 use iim::registry::{Registry, Role, ServerState};
 use iim::tls::{self, TlsMaterial};
@@ -184,11 +187,11 @@ pub async fn start_with(
         metrics.clone(),
         config.connection_queue,
     ));
-    let host = Arc::new(Host {
-        connections: connections.clone(),
-        plugins: plugins.clone(),
-        presence: std::sync::OnceLock::new(),
-    });
+    let host = Arc::new(Host::new(
+        connections.clone(),
+        plugins.clone(),
+        metrics.clone(),
+    ));
     let (submit_tx, submit_rx) = mpsc::channel::<Submit>(1_024);
     let closing = CancellationToken::new();
     let stop = CancellationToken::new();
@@ -235,8 +238,10 @@ pub async fn start_with(
         stop.clone(),
         &tracker,
     );
+    // Plugins get a plugin's handle: the kinds reserved by iim are the
+    // built-in services' alone.
     for p in &plugins {
-        p.start(iim.clone());
+        p.start(iim.for_plugin());
     }
     let chat = Some(Arc::new(chat::Chat::new(
         iim::store::Store::new(&registry),
@@ -259,7 +264,7 @@ pub async fn start_with(
         stop.clone(),
         &tracker,
     );
-    let _ = host.presence.set(presence.clone());
+    host.set_presence(presence.clone());
     let client_addr = match (config.client_listen, chat) {
         (Some(addr), Some(chat)) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -358,24 +363,37 @@ async fn discover_exchange(registry: &Registry) -> anyhow::Result<ServerId> {
 /// A demo connection: logs every message it receives.
 async fn demo_sink(mut a: Attached, stop: CancellationToken) {
     loop {
-        let msg = tokio::select! {
+        let push = tokio::select! {
             _ = stop.cancelled() => return,
             m = a.rx.recv() => match m {
                 Some(m) => m,
                 None => return,
             },
         };
-        match chat::push_for(a.session.user, &msg) {
-            Some(m) => info!(
-                id = m.id,
-                seq = ?m.seq,
-                from = m.from,
-                to = m.to,
-                body = %m.body.get(),
-                "received chat message"
+        match &push {
+            push::Push::Chat(c) => {
+                let Some((field, seq)) = c.seq_for(a.session.user) else {
+                    continue;
+                };
+                let m = c.chat();
+                info!(
+                    id = m.id,
+                    seq_field = field,
+                    seq,
+                    from = m.from,
+                    to = m.to,
+                    body = %m.body.get(),
+                    "received chat message"
+                );
+            }
+            push::Push::Presence(p) => info!(
+                user = p.update.user,
+                status = p.update.status.as_str(),
+                version = p.update.version,
+                "received presence"
             ),
-            None if msg.kind == chat::KIND_CHAT => {}
-            None => info!(
+            push::Push::Notice(n) => info!(from = n.from().0, text = %n.text, "received notice"),
+            push::Push::Plugin(msg) => info!(
                 id = %msg.id,
                 from = %msg.source,
                 target = %msg.target,

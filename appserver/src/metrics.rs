@@ -1,71 +1,28 @@
-//! The app server's counters, rendered at `/metrics`.
+//! The app server's counters, rendered at `/metrics`: the relay's and the
+//! gateway's ([`AppMetrics`]), the chat service's ([`ChatMetrics`]) and the
+//! presence service's ([`PresenceMetrics`]). Counters only: of the app
+//! server it uses nothing but the enums its label sets come from
+//! ([`crate::codes`]), so every other module may count here.
 
+use crate::codes::{AuthFailure, CloseReason, ErrorCode, Op};
 use iim::metrics::{Counter, Family, Gauge, Page, Render};
+use std::sync::Arc;
 
 pub use iim_core::link::metrics::REJECT_REASONS;
-
-/// Why a WebSocket client failed to authenticate.
-pub const AUTH_FAILURE_REASONS: &[&str] = &[
-    "invalid",
-    "expired",
-    "missing",
-    "not_first",
-    "timeout",
-    "unknown_user",
-];
-
-/// The `code`s of error frames sent to clients (docs/client-protocol.md).
-pub const CLIENT_ERROR_CODES: &[&str] = &[
-    "auth_failed",
-    "auth_expired",
-    "auth_required",
-    "invalid_json",
-    "unknown_op",
-    "binary_not_supported",
-    "bad_request",
-    "forged_from",
-    "too_large",
-    "rate_limited",
-    "too_slow",
-    "unknown_user",
-    "unknown_group",
-    "not_member",
-    "unavailable",
-];
-
-/// Client operations counted by `op` (anything else counts as `other`).
-/// Why client connections ended.
-pub const WS_CLOSE_REASONS: &[&str] = &[
-    "client_gone",
-    "idle_timeout",
-    "going_away",
-    "too_slow",
-    "authentication_failed",
-    "unknown_user",
-    "frame_too_large",
-    "try_again_later",
-];
-
-pub const CLIENT_OPS: &[&str] = &[
-    "auth",
-    "send",
-    "sync",
-    "ping",
-    "set_status",
-    "presence_subscribe",
-];
 
 #[derive(Debug)]
 pub struct AppMetrics {
     /// The chat service's own counters.
-    pub chat: std::sync::Arc<crate::chat::ChatMetrics>,
+    pub chat: Arc<ChatMetrics>,
     /// The presence service's own counters.
-    pub presence: std::sync::Arc<crate::presence::PresenceMetrics>,
+    pub presence: Arc<PresenceMetrics>,
     /// The link to the exchange's own counters.
-    pub link: std::sync::Arc<iim_core::link::LinkMetrics>,
+    pub link: Arc<iim_core::link::LinkMetrics>,
     pub local_deliveries: Counter,
     pub missing_channels: Counter,
     pub connection_overflow: Counter,
+    /// Messages of a reserved kind whose body could not be decoded.
+    pub malformed_pushes: Counter,
     pub connections: Gauge,
     pub ws_connections: Gauge,
     pub auth_failures: Family,
@@ -83,12 +40,13 @@ impl Default for AppMetrics {
             local_deliveries: Counter::default(),
             missing_channels: Counter::default(),
             connection_overflow: Counter::default(),
+            malformed_pushes: Counter::default(),
             connections: Gauge::default(),
             ws_connections: Gauge::default(),
-            auth_failures: Family::new("reason", AUTH_FAILURE_REASONS),
-            client_errors: Family::new("code", CLIENT_ERROR_CODES),
-            client_ops: Family::new("op", CLIENT_OPS),
-            ws_closes: Family::new("reason", WS_CLOSE_REASONS),
+            auth_failures: Family::new("reason", AuthFailure::LABELS),
+            client_errors: Family::new("code", ErrorCode::LABELS),
+            client_ops: Family::new("op", Op::LABELS),
+            ws_closes: Family::new("reason", CloseReason::LABELS),
         }
     }
 }
@@ -110,6 +68,11 @@ impl Render for AppMetrics {
             "iim_appserver_connection_overflow_total",
             "Local connections cut for not keeping up.",
             &self.connection_overflow,
+        )
+        .counter(
+            "iim_appserver_malformed_pushes_total",
+            "Messages of a kind reserved by iim (chat) whose body could not be decoded; not delivered.",
+            &self.malformed_pushes,
         )
         .gauge(
             "iim_appserver_connections",
@@ -146,5 +109,98 @@ impl Render for AppMetrics {
         page.push_str(&self.chat.render());
         page.push_str(&self.presence.render());
         page
+    }
+}
+
+/// The chat service's counters.
+#[derive(Debug, Default)]
+pub struct ChatMetrics {
+    pub stored: Counter,
+    pub duplicates: Counter,
+    pub pushes: Counter,
+    pub pushes_dropped: Counter,
+}
+
+impl Render for ChatMetrics {
+    fn render(&self) -> String {
+        let mut p = Page::default();
+        p.counter(
+            "iim_chat_messages_stored_total",
+            "Chat messages stored (first sends).",
+            &self.stored,
+        )
+        .counter(
+            "iim_chat_resends_total",
+            "Sends recognised as resends of a stored req.",
+            &self.duplicates,
+        )
+        .counter(
+            "iim_chat_pushes_total",
+            "Chat pushes handed to the relay.",
+            &self.pushes,
+        )
+        .counter(
+            "iim_chat_pushes_dropped_total",
+            "Pushes dropped (queue full or sessions unavailable); clients sync.",
+            &self.pushes_dropped,
+        );
+        p.finish()
+    }
+}
+
+/// The presence service's counters.
+#[derive(Debug)]
+pub struct PresenceMetrics {
+    pub changes: Counter,
+    pub announcements: Counter,
+    pub hints: Family,
+    pub repaired: Counter,
+    pub delivered: Counter,
+}
+
+impl Default for PresenceMetrics {
+    fn default() -> Self {
+        PresenceMetrics {
+            changes: Counter::default(),
+            announcements: Counter::default(),
+            hints: Family::new(
+                "verdict",
+                &["valid", "stale", "forged", "malformed", "dropped"],
+            ),
+            repaired: Counter::default(),
+            delivered: Counter::default(),
+        }
+    }
+}
+
+impl Render for PresenceMetrics {
+    fn render(&self) -> String {
+        let mut p = Page::default();
+        p.counter(
+            "iim_presence_changes_total",
+            "Presence changes written by this server.",
+            &self.changes,
+        )
+        .counter(
+            "iim_presence_announcements_total",
+            "Presence hints sent (one iim::send each).",
+            &self.announcements,
+        )
+        .family(
+            "iim_presence_hints_total",
+            "Presence hints received, by verdict against the database.",
+            &self.hints,
+        )
+        .counter(
+            "iim_presence_repaired_total",
+            "Updates delivered by anti-entropy rather than by a hint.",
+            &self.repaired,
+        )
+        .counter(
+            "iim_presence_updates_delivered_total",
+            "Presence updates handed to local connections.",
+            &self.delivered,
+        );
+        p.finish()
     }
 }

@@ -12,12 +12,13 @@
 //! period.
 
 use crate::connections::Connections;
-use bytes::Bytes;
-use iim::metrics::{Counter, Family, Page, Render};
+use crate::metrics::PresenceMetrics;
+use crate::push::Push;
+pub use crate::push::Update;
 use iim::presence::{PresenceRow, PresenceStore, Status};
 use iim::registry::Registry;
-use iim::types::{Address, ChannelId, MessageId, ServerId, UserId, now_ms};
-use iim::wire::{Message, Timing, UserRow};
+use iim::types::{ChannelId, ServerId, UserId, now_ms};
+use iim::wire::{Message, UserRow};
 use iim::{Iim, Outgoing};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -28,9 +29,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-/// Message kind of presence hints on the relay, and of the updates handed
-/// to local connections.
-pub const KIND_PRESENCE: u16 = 3;
 /// Digest buckets for anti-entropy.
 const BUCKETS: u32 = 64;
 /// Bound of the change and hint queues.
@@ -75,94 +73,6 @@ impl PresenceConfig {
             return Err("presence.test_drop_fraction must be within 0..=1".into());
         }
         Ok(())
-    }
-}
-
-/// The hint on the relay, and the update a client sees.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Update {
-    pub user: u64,
-    pub status: Status,
-    pub text: String,
-    pub version: u64,
-}
-
-impl From<&PresenceRow> for Update {
-    fn from(r: &PresenceRow) -> Self {
-        Update {
-            user: r.user.0,
-            status: r.status,
-            text: r.text.clone(),
-            version: r.version,
-        }
-    }
-}
-
-impl Update {
-    /// A user without a row: offline, version 0.
-    pub fn offline(user: UserId) -> Update {
-        Update {
-            user: user.0,
-            status: Status::Offline,
-            text: String::new(),
-            version: 0,
-        }
-    }
-}
-
-#[derive(Debug)]
-pub struct PresenceMetrics {
-    pub changes: Counter,
-    pub announcements: Counter,
-    pub hints: Family,
-    pub repaired: Counter,
-    pub delivered: Counter,
-}
-
-impl Default for PresenceMetrics {
-    fn default() -> Self {
-        PresenceMetrics {
-            changes: Counter::default(),
-            announcements: Counter::default(),
-            hints: Family::new(
-                "verdict",
-                &["valid", "stale", "forged", "malformed", "dropped"],
-            ),
-            repaired: Counter::default(),
-            delivered: Counter::default(),
-        }
-    }
-}
-
-impl Render for PresenceMetrics {
-    fn render(&self) -> String {
-        let mut p = Page::default();
-        p.counter(
-            "iim_presence_changes_total",
-            "Presence changes written by this server.",
-            &self.changes,
-        )
-        .counter(
-            "iim_presence_announcements_total",
-            "Presence hints sent (one iim::send each).",
-            &self.announcements,
-        )
-        .family(
-            "iim_presence_hints_total",
-            "Presence hints received, by verdict against the database.",
-            &self.hints,
-        )
-        .counter(
-            "iim_presence_repaired_total",
-            "Updates delivered by anti-entropy rather than by a hint.",
-            &self.repaired,
-        )
-        .counter(
-            "iim_presence_updates_delivered_total",
-            "Presence updates handed to local connections.",
-            &self.delivered,
-        );
-        p.finish()
     }
 }
 
@@ -402,27 +312,7 @@ impl Presence {
         }
         let n = out.len();
         for (u, targets) in out {
-            let body = match serde_json::to_vec(&u) {
-                Ok(b) => Bytes::from(b),
-                Err(_) => continue,
-            };
-            let msg = Arc::new(Message {
-                id: MessageId {
-                    origin: self.server,
-                    epoch: 0,
-                    seq: u.version,
-                },
-                source: Address::new(self.server, UserId(u.user)),
-                target: Address::RECEIVER,
-                kind: KIND_PRESENCE,
-                timing: Timing {
-                    sent_at_ms: now_ms(),
-                    ordering_key: u.user,
-                },
-                body,
-                nested: Vec::new(),
-            });
-            self.connections.deliver(&msg, &targets);
+            self.connections.deliver(&Push::presence(u), &targets);
             self.metrics.delivered.inc();
         }
         n
@@ -516,7 +406,7 @@ async fn announce(p: &Presence, iim: &Iim, row: &PresenceRow) -> anyhow::Result<
     }
     let body = serde_json::to_vec(&Update::from(row))?;
     let out = Outgoing {
-        kind: KIND_PRESENCE,
+        kind: iim::kinds::PRESENCE,
         from: row.user,
         body: body.into(),
         ordering_key: row.user.0,

@@ -9,11 +9,11 @@ use iim::token::{self, Hs256Verifier};
 use iim::types::{Address, ChannelId, MessageId, ServerId, UserId, now_ms};
 use iim::wire::{Message as IimMessage, Timing, UserRow};
 use iim_appserver::chat::{
-    ChatError, ChatMessage, KIND_CHAT, Ope, PushEnvelope, SendAck, SendRequest, SyncPage,
-    SyncRequest, Welcome,
+    ChatError, ChatMessage, Ope, PushEnvelope, SendAck, SendRequest, SyncPage, SyncRequest, Welcome,
 };
 use iim_appserver::config::ClientLimits;
 use iim_appserver::gateway::{self, ChatApi, GatewayState};
+use iim_appserver::push::Push;
 use iim_appserver::{AppMetrics, Connections};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -44,6 +44,26 @@ macro_rules! eventually {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }};
+}
+
+/// Run the paused clock forward by `total` in 10 ms steps, letting every
+/// task and the loopback sockets make progress between steps. (Left alone,
+/// a paused clock jumps to the next timer whenever the runtime idles, even
+/// while a socket has data for a task: a client would answer a ping only
+/// after the timer that follows it.) The caller paused the clock once its
+/// connections were set up: the registry's SQLite work runs on threads
+/// outside the runtime.
+async fn run_clock_for(total: Duration) {
+    let step = Duration::from_millis(10);
+    let mut left = total;
+    while !left.is_zero() {
+        let d = step.min(left);
+        tokio::time::advance(d).await;
+        left -= d;
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 /// A chat service that acknowledges everything and remembers what it saw.
@@ -583,7 +603,10 @@ async fn requests_over_the_rate_are_dropped_and_the_connection_stays() {
     assert_eq!(limited, ["r-3", "r-4", "r-5"]);
     assert_eq!(gw.chat.sends.lock().unwrap().len(), 3);
     assert_eq!(gw.metrics.client_errors.get("rate_limited"), 3);
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // A second later (on the paused clock) the bucket has a token again.
+    tokio::time::pause();
+    run_clock_for(Duration::from_millis(1_100)).await;
+    tokio::time::resume();
     send(&mut ws, json!({"op": "ping"})).await;
     assert_eq!(next_json(&mut ws).await["op"], "pong");
 }
@@ -601,16 +624,30 @@ async fn the_server_pings_and_a_client_that_answers_stays_connected() {
     .await;
     let mut ws = authed(&gw, 1001, "phone").await;
     // Read (so tungstenite answers pings with pongs) for longer than the
-    // idle timeout, sending nothing of our own.
-    let mut pings = 0;
-    let until = tokio::time::Instant::now() + Duration::from_millis(3_500);
-    while let Ok(m) = tokio::time::timeout_at(until, ws.next()).await {
-        match m.expect("open").expect("good frame") {
-            Message::Ping(_) => pings += 1,
-            other => panic!("unexpected {other:?}"),
+    // idle timeout, on the paused clock, sending nothing of our own.
+    tokio::time::pause();
+    let stop = CancellationToken::new();
+    let reader = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut pings = 0;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return (ws, pings),
+                    m = ws.next() => match m.expect("open").expect("good frame") {
+                        Message::Ping(_) => pings += 1,
+                        other => panic!("unexpected {other:?}"),
+                    },
+                }
+            }
         }
-    }
-    assert!(pings >= 2, "{pings} pings");
+    });
+    run_clock_for(Duration::from_millis(3_500)).await;
+    stop.cancel();
+    let (mut ws, pings) = reader.await.unwrap();
+    tokio::time::resume();
+    assert!(pings >= 3, "{pings} pings");
+    assert_eq!(gw.metrics.ws_closes.get("idle_timeout"), 0);
     send(&mut ws, json!({"op": "ping"})).await;
     assert_eq!(next_json(&mut ws).await, json!({"op": "pong"}));
 }
@@ -628,7 +665,9 @@ async fn a_silent_client_is_closed_after_the_idle_timeout() {
     .await;
     let mut ws = authed(&gw, 1001, "phone").await;
     // Neither read nor write: our pongs never go out.
-    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    tokio::time::pause();
+    run_clock_for(Duration::from_millis(3_200)).await;
+    tokio::time::resume();
     eventually!(
         "the server closed it for idleness",
         gw.metrics.ws_closes.get("idle_timeout") == 1
@@ -651,8 +690,9 @@ async fn a_silent_client_is_closed_after_the_idle_timeout() {
     );
 }
 
-fn message(kind: u16, from: u64, body: Vec<u8>) -> Arc<IimMessage> {
-    Arc::new(IimMessage {
+/// A message as the host hands it to connections: decoded once.
+fn message(kind: u16, from: u64, body: Vec<u8>) -> Push {
+    Push::decode(&Arc::new(IimMessage {
         id: MessageId {
             origin: SERVER,
             epoch: 1,
@@ -664,7 +704,8 @@ fn message(kind: u16, from: u64, body: Vec<u8>) -> Arc<IimMessage> {
         timing: Timing::default(),
         body: body.into(),
         nested: Vec::new(),
-    })
+    }))
+    .expect("a message for connections")
 }
 
 async fn row_of(gw: &Gw, user: u64) -> UserRow {
@@ -711,7 +752,7 @@ async fn pushes_become_notice_and_msg_frames() {
             seqs,
             gseq: None,
         };
-        message(KIND_CHAT, 2001, serde_json::to_vec(&env).unwrap())
+        message(iim::kinds::CHAT, 2001, serde_json::to_vec(&env).unwrap())
     };
     gw.connections
         .deliver(&chat_push(vec![(3003, 4)]), std::slice::from_ref(&row));

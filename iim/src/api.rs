@@ -7,7 +7,13 @@
 //! what became of the message. This module owns message-id and per-target
 //! sequence allocation; the link to the exchange (in the app server) owns
 //! retransmission and the reports.
+//!
+//! A handle is either the app server's own (its built-in services, the
+//! admin API, the program embedding it) or a plugin's ([`Iim::for_plugin`],
+//! what [`Plugin::start`] receives): a plugin's handle refuses the kinds
+//! reserved by iim ([`crate::kinds`]).
 
+use crate::kinds::Reserved;
 use crate::registry::{Registry, RegistryError};
 use crate::types::{Address, MessageId, ServerId, Session, UserId, now_ms};
 use crate::wire::{self, DeliveryStatus, Message, ReportEntry, Timing, UserRow};
@@ -87,6 +93,9 @@ pub enum SendError {
     ShuttingDown,
     #[error("message of {len} bytes exceeds the frame limit of {max} bytes")]
     TooLarge { len: usize, max: usize },
+    /// A plugin tried to send a kind reserved by iim (see [`crate::kinds`]).
+    #[error("message kind {0} is reserved by iim; plugins send other kinds")]
+    ReservedKind(Reserved),
 }
 
 /// Server-side features (chat, presence, bots) implement this.
@@ -94,6 +103,8 @@ pub trait Plugin: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Called once the app server has its epoch; keep `iim` to send later.
+    /// It is a plugin's handle: sending a kind reserved by iim
+    /// ([`crate::kinds`]) fails with [`SendError::ReservedKind`].
     fn start(&self, iim: Iim) {
         let _ = iim;
     }
@@ -121,6 +132,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct Iim {
     inner: Arc<Inner>,
+    /// False for a plugin's handle: the kinds reserved by iim are refused.
+    may_send_reserved: bool,
 }
 
 impl std::fmt::Debug for Iim {
@@ -128,6 +141,7 @@ impl std::fmt::Debug for Iim {
         f.debug_struct("Iim")
             .field("server", &self.inner.server)
             .field("epoch", &self.inner.epoch)
+            .field("may_send_reserved", &self.may_send_reserved)
             .finish()
     }
 }
@@ -148,6 +162,8 @@ pub struct IimParts {
 }
 
 impl Iim {
+    /// The app server's own handle: it may send every kind, the reserved
+    /// ones included (its built-in services use it).
     pub fn new(parts: IimParts) -> Iim {
         Iim {
             inner: Arc::new(Inner {
@@ -161,7 +177,22 @@ impl Iim {
                 closing: parts.closing,
                 registry: parts.registry,
             }),
+            may_send_reserved: true,
         }
+    }
+
+    /// The same relay, as a plugin may use it: sending a kind reserved by
+    /// iim fails with [`SendError::ReservedKind`].
+    pub fn for_plugin(&self) -> Iim {
+        Iim {
+            inner: self.inner.clone(),
+            may_send_reserved: false,
+        }
+    }
+
+    /// True for a handle that may send the kinds reserved by iim.
+    pub fn may_send_reserved(&self) -> bool {
+        self.may_send_reserved
     }
 
     pub fn server(&self) -> ServerId {
@@ -193,6 +224,11 @@ impl Iim {
         users: &[Session],
     ) -> Result<PendingReport, SendError> {
         let inner = &self.inner;
+        if !self.may_send_reserved
+            && let Some(kind) = Reserved::of(msg.kind)
+        {
+            return Err(SendError::ReservedKind(kind));
+        }
         if inner.closing.is_cancelled() {
             return Err(SendError::ShuttingDown);
         }

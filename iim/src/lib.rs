@@ -2,12 +2,14 @@
 //!
 //! This library holds what the exchange and the app servers share: the
 //! identifier types, the 905/906 wire protocol, QUIC/mTLS configuration,
-//! registry access, metrics rendering, and the plugin-facing API
-//! ([`Iim::send`], [`Plugin`]). Daemon logic lives in the `iim-exchange`
+//! registry access, metrics rendering, the plugin-facing API
+//! ([`Iim::send`], [`Plugin`]) and the message kinds reserved by iim
+//! ([`kinds`]). Daemon logic lives in the `iim-exchange`
 //! and `iim-appserver` crates.
 
 pub mod api;
 mod db;
+pub mod kinds;
 pub mod presence;
 pub mod quic;
 pub mod registry;

@@ -6,6 +6,7 @@ use iim::api::LocalReport;
 use iim::types::{Address, ChannelId, MessageId, ServerId, Session, UserId};
 use iim::wire::{DeliveryStatus, Message, Timing, UserRow};
 use iim::{Iim, Outgoing, Plugin};
+use iim_appserver::push::Push;
 use iim_tests::{
     TestCa, TestDb, UdpProxy, appserver_config, eventually, exchange_config, spawn_appserver,
     spawn_exchange, wait_linked,
@@ -22,10 +23,11 @@ fn text(kind: u16, from: u64, body: &str) -> Outgoing {
     }
 }
 
-async fn recv(rx: &mut tokio::sync::mpsc::Receiver<Arc<Message>>) -> Arc<Message> {
+async fn recv(rx: &mut tokio::sync::mpsc::Receiver<Push>) -> Arc<Message> {
     tokio::time::timeout(Duration::from_secs(15), rx.recv())
         .await
         .expect("a message within 15 s")
+        .and_then(Push::into_message)
         .expect("connection open")
 }
 
@@ -102,7 +104,12 @@ async fn one_send_is_one_905_and_one_906_per_target_server() {
     // "Delivered" is reported after the target handed the message over, so
     // every connection holds it now.
     for rx in [&mut r12, &mut r21a, &mut r21b, &mut r22, &mut r31] {
-        let m = rx.rx.try_recv().expect("delivered before the report");
+        let m = rx
+            .rx
+            .try_recv()
+            .ok()
+            .and_then(Push::into_message)
+            .expect("delivered before the report");
         assert_eq!(m.id, report.id);
         assert_eq!(m.target, Address::RECEIVER, "target (0,0)");
         assert_eq!(m.source, Address::new(ServerId(1), UserId(11)));

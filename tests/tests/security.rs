@@ -12,6 +12,7 @@ use iim::wire::{
 };
 use iim::{DeliveryStatus, Outgoing};
 use iim_appserver::AppServerHandle;
+use iim_appserver::push::Push;
 use iim_exchange::ExchangeHandle;
 use iim_tests::{
     EXCHANGE, TestCa, TestDb, appserver_config, eventually, exchange_config, spawn_appserver,
@@ -151,11 +152,16 @@ impl World {
         };
         let r = self.s1.iim.send(out, &users).await.unwrap();
         assert_eq!(r.servers, vec![(ServerId(2), DeliveryStatus::Delivered)]);
-        let m = self.rx2.rx.try_recv().expect("delivered");
+        let m = queued(&mut self.rx2).expect("delivered");
         assert_eq!(&m.body[..], body.as_bytes());
         assert_eq!(self.s1.metrics.link.link_connects.get(), 1);
         assert_eq!(self.s2.metrics.link.link_connects.get(), 1);
     }
+}
+
+/// The relayed message queued for a connection, if any.
+fn queued(c: &mut iim_appserver::Attached) -> Option<std::sync::Arc<Message>> {
+    c.rx.try_recv().ok().and_then(Push::into_message)
 }
 
 fn forward(origin: u32, source: u32, target_server: u32, channel: u64) -> Frame {
@@ -405,7 +411,7 @@ async fn a_malformed_905_is_reported_refused_and_the_link_stays() {
         (r.entries[0].id, r.entries[0].status),
         (bad.id, DeliveryStatus::Delivered)
     );
-    let m = w.rx2.rx.try_recv().expect("delivered");
+    let m = queued(&mut w.rx2).expect("delivered");
     assert_eq!(m.id, bad.id);
     w.still_serving("after the refusal").await;
     w.db.cleanup().await;

@@ -8,12 +8,11 @@ pub mod types;
 
 pub use types::*;
 
-use iim::metrics::{Counter, Page, Render};
+use crate::metrics::ChatMetrics;
+
 use iim::store::{Delivery, NewMessage, Store, StoreError, StoredMessage, Target};
 use iim::types::{ChannelId, ServerId, Session, UserId, now_ms};
-use iim::wire::Message;
 use iim::{Iim, Outgoing};
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,73 +20,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
-
-/// Message kind of chat pushes on the relay.
-pub const KIND_CHAT: u16 = 2;
-
-/// What a chat push carries on the relay: the message once, plus each
-/// recipient's sequence (write fan-out) or the timeline sequence.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct PushEnvelope {
-    pub m: ChatMessage,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub seqs: Vec<(u64, u64)>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gseq: Option<u64>,
-}
-
-/// The chat message a push carries for `user`, with `user`'s own sequence;
-/// `None` if `msg` is not a chat push or does not concern `user`.
-pub fn push_for(user: UserId, msg: &Message) -> Option<ChatMessage> {
-    if msg.kind != KIND_CHAT {
-        return None;
-    }
-    let env: PushEnvelope = serde_json::from_slice(&msg.body).ok()?;
-    let mut m = env.m;
-    if let Some(g) = env.gseq {
-        m.gseq = Some(g);
-        return Some(m);
-    }
-    let seq = env.seqs.iter().find(|(u, _)| *u == user.0)?.1;
-    m.seq = Some(seq);
-    Some(m)
-}
-
-/// The chat service's counters.
-#[derive(Debug, Default)]
-pub struct ChatMetrics {
-    pub stored: Counter,
-    pub duplicates: Counter,
-    pub pushes: Counter,
-    pub pushes_dropped: Counter,
-}
-
-impl Render for ChatMetrics {
-    fn render(&self) -> String {
-        let mut p = Page::default();
-        p.counter(
-            "iim_chat_messages_stored_total",
-            "Chat messages stored (first sends).",
-            &self.stored,
-        )
-        .counter(
-            "iim_chat_resends_total",
-            "Sends recognised as resends of a stored req.",
-            &self.duplicates,
-        )
-        .counter(
-            "iim_chat_pushes_total",
-            "Chat pushes handed to the relay.",
-            &self.pushes,
-        )
-        .counter(
-            "iim_chat_pushes_dropped_total",
-            "Pushes dropped (queue full or sessions unavailable); clients sync.",
-            &self.pushes_dropped,
-        );
-        p.finish()
-    }
-}
 
 /// Settings of the chat service.
 #[derive(Clone, Copy, Debug)]
@@ -147,25 +79,15 @@ impl Chat {
         channel: ChannelId,
         req: SendRequest,
     ) -> Result<SendAck, ChatError> {
-        if req.req.is_empty() || req.req.len() > 64 {
-            return Err(ChatError::BadRequest(
-                "req must be 1 to 64 characters".into(),
-            ));
-        }
-        if req.kind.is_empty() || req.kind.len() > 32 {
-            return Err(ChatError::BadRequest(
-                "type must be 1 to 32 characters".into(),
-            ));
-        }
         let target = match req.ope {
             Ope::Single => Target::User(UserId(req.to)),
             Ope::Group => Target::Group(req.to),
         };
         let new = NewMessage {
             sender: user,
-            req: &req.req,
+            req: req.req.as_str(),
             target,
-            kind: &req.kind,
+            kind: req.kind.as_str(),
             body: req.body.get(),
             ex: req.ex.as_ref().map(|e| e.get()),
             ts_ms: now_ms(),
@@ -409,7 +331,7 @@ async fn push(
         return true;
     };
     let out = Outgoing {
-        kind: KIND_CHAT,
+        kind: iim::kinds::CHAT,
         from: d.message.sender,
         body: body.into(),
         ordering_key: d.message.id,
@@ -420,8 +342,8 @@ async fn push(
     match iim.submit(out, &sessions).await {
         Ok(_) => metrics.pushes.inc(),
         Err(iim::SendError::ShuttingDown) => return false,
-        Err(e @ iim::SendError::TooLarge { .. }) => {
-            warn!(error = %e, id = d.message.id, "push too large for the relay; recipients will sync");
+        Err(e @ (iim::SendError::TooLarge { .. } | iim::SendError::ReservedKind(_))) => {
+            warn!(error = %e, id = d.message.id, "push not accepted by the relay; recipients will sync");
             metrics.pushes_dropped.inc();
         }
     }

@@ -1,9 +1,61 @@
 //! What the client gateway and the chat service exchange: requests from a
 //! client, what goes back to it, and the chat messages it receives. These
-//! types are the JSON of `docs/client-protocol.md`.
+//! types are the JSON of `docs/client-protocol.md`; [`PushEnvelope`] is the
+//! body of a chat push between app servers.
+//!
+//! A [`SendRequest`] is valid by construction: its `req` and `type` are
+//! checked once, when they become a [`ClientReq`] and a [`MessageType`].
 
+use crate::codes::ErrorCode;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+/// A client-chosen string of the wrong length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("must be 1..={max} characters")]
+pub struct LengthError {
+    pub max: usize,
+}
+
+/// `s` if it has 1 to `max` characters (Unicode scalar values, as the
+/// database's `VARCHAR` columns count them; any characters). Every
+/// client-chosen string is checked here.
+pub fn check_chars(s: String, max: usize) -> Result<String, LengthError> {
+    // Count no further than one past the limit: a huge string costs no more.
+    let n = s.chars().take(max.saturating_add(1)).count();
+    if n == 0 || n > max {
+        return Err(LengthError { max });
+    }
+    Ok(s)
+}
+
+/// A client-chosen string of 1 to `MAX` characters, checked once: the
+/// only way to make one is [`Chars::parse`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Chars<const MAX: usize>(String);
+
+impl<const MAX: usize> Chars<MAX> {
+    /// The longest value, in characters.
+    pub const MAX_CHARS: usize = MAX;
+
+    pub fn parse(s: String) -> Result<Self, LengthError> {
+        check_chars(s, MAX).map(Chars)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// `req`: the client's own id for a message, 1 to 64 characters (the
+/// `messages.req` column). A resend with the same `req` is acknowledged
+/// again, never stored twice.
+pub type ClientReq = Chars<64>;
+
+/// `type`: what a chat message is (`"text"`, `"image"`, …), 1 to 32
+/// characters (the `messages.kind` column), chosen by the client.
+pub type MessageType = Chars<32>;
 
 /// `ope` of seed 004: 0 a single (1:1) message, 1 a group message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,14 +89,13 @@ impl From<Ope> for u8 {
 /// authenticated user (a client that names another `from` is refused).
 #[derive(Clone, Debug)]
 pub struct SendRequest {
-    /// The client's own id for the message; a resend with the same `req`
-    /// is acknowledged again, never stored twice.
-    pub req: String,
+    /// The client's own id for the message.
+    pub req: ClientReq,
     pub ope: Ope,
     /// A user id (`ope` 0) or a group id (`ope` 1).
     pub to: u64,
     /// `type` in the client JSON.
-    pub kind: String,
+    pub kind: MessageType,
     /// Any JSON value, kept verbatim.
     pub body: Box<RawValue>,
     /// Extensions, any JSON value, kept verbatim.
@@ -54,7 +105,7 @@ pub struct SendRequest {
 /// The answer to a `send`: the message is stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SendAck {
-    pub req: String,
+    pub req: ClientReq,
     /// Server-wide message id.
     pub id: u64,
     /// The message's sequence in the sender's own inbox (1:1 and small
@@ -116,6 +167,19 @@ impl PartialEq for ChatMessage {
     }
 }
 
+/// What a chat push carries on the relay (kind `iim::kinds::CHAT`): the
+/// message once, plus each recipient's sequence (write fan-out) or the
+/// timeline sequence (large groups).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PushEnvelope {
+    pub m: ChatMessage,
+    /// `(user, that user's inbox sequence)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seqs: Vec<(u64, u64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gseq: Option<u64>,
+}
+
 /// The answer to a `sync`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SyncPage {
@@ -162,13 +226,14 @@ pub enum ChatError {
 }
 
 impl ChatError {
-    pub fn code(&self) -> &'static str {
+    /// The error frame's `code`.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ChatError::BadRequest(_) => "bad_request",
-            ChatError::UnknownUser(_) => "unknown_user",
-            ChatError::UnknownGroup(_) => "unknown_group",
-            ChatError::NotMember(_) => "not_member",
-            ChatError::Unavailable => "unavailable",
+            ChatError::BadRequest(_) => ErrorCode::BadRequest,
+            ChatError::UnknownUser(_) => ErrorCode::UnknownUser,
+            ChatError::UnknownGroup(_) => ErrorCode::UnknownGroup,
+            ChatError::NotMember(_) => ErrorCode::NotMember,
+            ChatError::Unavailable => ErrorCode::Unavailable,
         }
     }
 }

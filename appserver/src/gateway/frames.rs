@@ -1,78 +1,158 @@
-//! Client frames as JSON: parsing and validating requests field by field
-//! (every refusal names the field), and rendering answers, errors and
-//! pushes. Pure functions; the connection task in `gateway.rs` does the IO.
+//! Client frames as JSON. One step, [`parse_request`], turns a text frame
+//! from an authenticated client into a validated [`Request`] (every refusal
+//! names the field); [`parse_hello`] does the same for the first frame.
+//! Answers and errors are rendered here too (pushes are rendered by
+//! `crate::push`). Pure functions; the connection task does the IO.
 
-use super::{DEFAULT_DEVICE, MAX_DEVICE_CHARS, MAX_REQ_CHARS, MAX_TYPE_CHARS, code};
-use crate::admin::KIND_ADMIN_TEXT;
-use crate::chat::{self, ChatError, KIND_CHAT, Ope, SendRequest, SyncRequest};
-use crate::presence::{KIND_PRESENCE, Update};
+use super::{DEFAULT_DEVICE, MAX_DEVICE_CHARS};
+use crate::chat::{
+    ChatError, ClientReq, LengthError, MessageType, Ope, SendRequest, SyncRequest, check_chars,
+};
+use crate::codes::{ErrorCode, Op};
 use iim::presence::Status;
 use iim::types::UserId;
-use iim::wire::Message as IimMessage;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
-use tracing::debug;
+
+/// Longest status text, in characters (the sessions table's column).
+pub(super) const MAX_STATUS_TEXT_CHARS: usize = 140;
+/// Most users in one `presence_subscribe`.
+pub(super) const MAX_SUBSCRIBE: usize = 500;
+/// How much of an unknown op an error message repeats, in characters.
+const SHOWN_OP_CHARS: usize = 32;
 
 /// An `error` frame.
 #[derive(Debug, Serialize)]
 struct ErrorFrame<'a> {
     op: &'static str,
-    code: &'a str,
+    code: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     req: Option<&'a str>,
     message: &'a str,
 }
 
-pub(super) fn error_frame(code: &str, req: Option<&str>, message: &str) -> String {
+pub(super) fn error_frame(code: ErrorCode, req: Option<&str>, message: &str) -> String {
     serde_json::to_string(&ErrorFrame {
         op: "error",
-        code,
+        code: code.as_str(),
         req,
         message,
     })
     .unwrap_or_default()
 }
 
-/// `value`'s JSON object with `"op"` put first: `{"op":"ack",...}`.
-pub(super) fn tagged(op: &str, value: &impl Serialize) -> String {
-    let inner = serde_json::to_string(value).unwrap_or_default();
-    match inner.strip_prefix('{') {
-        Some("}") => format!("{{\"op\":\"{op}\"}}"),
-        Some(rest) => format!("{{\"op\":\"{op}\",{rest}"),
-        None => format!("{{\"op\":\"{op}\"}}"),
-    }
-}
-
 /// A failed request: the error frame to send back.
 #[derive(Debug)]
 pub(super) struct Refusal {
-    pub(super) code: &'static str,
+    pub(super) code: ErrorCode,
     pub(super) message: String,
 }
 
+impl Refusal {
+    pub(super) fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ChatError> for Refusal {
+    fn from(e: ChatError) -> Refusal {
+        Refusal::new(e.code(), e.to_string())
+    }
+}
+
 pub(super) fn bad(field: &str, what: impl std::fmt::Display) -> Refusal {
-    Refusal {
-        code: code::BAD_REQUEST,
-        message: format!("{field}: {what}"),
+    Refusal::new(ErrorCode::BadRequest, format!("{field}: {what}"))
+}
+
+/// A request from an authenticated client, validated.
+#[derive(Debug)]
+pub(super) enum Request {
+    Send(SendRequest),
+    Sync(SyncRequest),
+    Ping,
+    SetStatus { status: Status, text: String },
+    PresenceSubscribe(Vec<UserId>),
+}
+
+/// A text frame from an authenticated client, parsed once.
+#[derive(Debug)]
+pub(super) struct Parsed {
+    /// The `client_ops` label: the op, `other` for an op this server does
+    /// not know, `None` when the frame has no string `op`.
+    pub(super) op_label: Option<&'static str>,
+    /// The frame's `req`, when it is a valid one (echoed on errors).
+    pub(super) req: Option<ClientReq>,
+    pub(super) request: Result<Request, Refusal>,
+}
+
+/// Parse and validate a text frame from `user`'s authenticated client.
+pub(super) fn parse_request(text: &str, user: UserId, sync_page_max: u32) -> Parsed {
+    let f = match Fields::parse(text) {
+        Ok(f) => f,
+        Err(r) => {
+            return Parsed {
+                op_label: None,
+                req: None,
+                request: Err(r),
+            };
+        }
+    };
+    let req = f.client_req().ok().flatten();
+    let op: String = match f.req("op", "a string") {
+        Ok(op) => op,
+        Err(r) => {
+            return Parsed {
+                op_label: None,
+                req,
+                request: Err(r),
+            };
+        }
+    };
+    let Some(op) = Op::parse(&op) else {
+        let shown: String = op.chars().take(SHOWN_OP_CHARS).collect();
+        return Parsed {
+            op_label: Some("other"),
+            req,
+            request: Err(Refusal::new(
+                ErrorCode::UnknownOp,
+                format!("unknown op {shown:?}"),
+            )),
+        };
+    };
+    let request = match op {
+        Op::Send => parse_send(&f, user).map(Request::Send),
+        Op::Sync => parse_sync(&f, sync_page_max).map(Request::Sync),
+        Op::Ping => Ok(Request::Ping),
+        Op::SetStatus => parse_status(&f).map(|(status, text)| Request::SetStatus { status, text }),
+        Op::PresenceSubscribe => parse_subscribe(&f).map(Request::PresenceSubscribe),
+        Op::Auth => Err(bad("op", "already authenticated")),
+    };
+    Parsed {
+        op_label: Some(op.as_str()),
+        req,
+        request,
     }
 }
 
 /// The fields of a client frame, values left unparsed until an op asks.
-pub(super) struct Fields<'a>(HashMap<String, &'a RawValue>);
+struct Fields<'a>(HashMap<String, &'a RawValue>);
 
 impl<'a> Fields<'a> {
-    pub(super) fn parse(text: &'a str) -> Result<Self, Refusal> {
+    fn parse(text: &'a str) -> Result<Self, Refusal> {
         match serde_json::from_str::<HashMap<String, &'a RawValue>>(text) {
             Ok(m) => Ok(Fields(m)),
-            Err(e) if e.is_data() => Err(Refusal {
-                code: code::BAD_REQUEST,
-                message: "a frame must be a JSON object with an \"op\"".into(),
-            }),
-            Err(e) => Err(Refusal {
-                code: code::INVALID_JSON,
-                message: format!("not valid JSON: {e}"),
-            }),
+            Err(e) if e.is_data() => Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "a frame must be a JSON object with an \"op\"",
+            )),
+            Err(e) => Err(Refusal::new(
+                ErrorCode::InvalidJson,
+                format!("not valid JSON: {e}"),
+            )),
         }
     }
 
@@ -90,20 +170,30 @@ impl<'a> Fields<'a> {
         }
     }
 
-    pub(super) fn req<T: Deserialize<'a>>(&self, name: &str, what: &str) -> Result<T, Refusal> {
+    fn req<T: Deserialize<'a>>(&self, name: &str, what: &str) -> Result<T, Refusal> {
         self.opt(name, what)?
             .ok_or_else(|| bad(name, format!("required ({what})")))
     }
 
-    pub(super) fn string(&self, name: &str, max_chars: usize) -> Result<Option<String>, Refusal> {
-        let Some(s) = self.opt::<String>(name, "a string")? else {
-            return Ok(None);
-        };
-        let n = s.chars().count();
-        if n == 0 || n > max_chars {
-            return Err(bad(name, format!("must be 1..={max_chars} characters")));
-        }
-        Ok(Some(s))
+    /// A string field, made into `T` by `check`.
+    fn checked<T>(
+        &self,
+        name: &str,
+        check: impl FnOnce(String) -> Result<T, LengthError>,
+    ) -> Result<Option<T>, Refusal> {
+        self.opt::<String>(name, "a string")?
+            .map(check)
+            .transpose()
+            .map_err(|e| bad(name, e))
+    }
+
+    fn string(&self, name: &str, max_chars: usize) -> Result<Option<String>, Refusal> {
+        self.checked(name, |s| check_chars(s, max_chars))
+    }
+
+    /// `req`, the one place a client's message id is read.
+    fn client_req(&self) -> Result<Option<ClientReq>, Refusal> {
+        self.checked("req", ClientReq::parse)
     }
 
     /// A non-negative integer.
@@ -119,32 +209,27 @@ impl<'a> Fields<'a> {
 }
 
 /// The `req` of a frame we refuse without handling (too large, rate
-/// limited), when it is cheap to find, so the client knows what to retry.
-pub(super) fn peek_req(text: &str) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Peek {
-        #[serde(default)]
-        req: Option<serde_json::Value>,
-    }
-    match serde_json::from_str::<Peek>(text).ok()?.req? {
-        serde_json::Value::String(s) if (1..=MAX_REQ_CHARS).contains(&s.chars().count()) => Some(s),
-        _ => None,
-    }
+/// limited), when it has a valid one, so the client knows what to retry.
+pub(super) fn peek_req(text: &str) -> Option<ClientReq> {
+    Fields::parse(text).ok()?.client_req().ok().flatten()
 }
 
 /// Translate a `send` frame into a [`SendRequest`].
-pub(super) fn parse_send(f: &Fields<'_>, user: UserId) -> Result<SendRequest, Refusal> {
-    let req = f
-        .string("req", MAX_REQ_CHARS)?
-        .ok_or_else(|| bad("req", format!("required (1..={MAX_REQ_CHARS} characters)")))?;
+fn parse_send(f: &Fields<'_>, user: UserId) -> Result<SendRequest, Refusal> {
+    let req = f.client_req()?.ok_or_else(|| {
+        bad(
+            "req",
+            format!("required (1..={} characters)", ClientReq::MAX_CHARS),
+        )
+    })?;
     if let Some(from) = f.raw("from") {
         match serde_json::from_str::<u64>(from.get()) {
             Ok(u) if u == user.0 => {}
             Ok(_) => {
-                return Err(Refusal {
-                    code: code::FORGED_FROM,
-                    message: "from: must be the authenticated user (or absent)".into(),
-                });
+                return Err(Refusal::new(
+                    ErrorCode::ForgedFrom,
+                    "from: must be the authenticated user (or absent)",
+                ));
             }
             Err(_) => return Err(bad("from", "must be a user id")),
         }
@@ -160,10 +245,10 @@ pub(super) fn parse_send(f: &Fields<'_>, user: UserId) -> Result<SendRequest, Re
         Some(t) => t,
         None => return Err(bad("to", "required (a user id, or a group id)")),
     };
-    let kind = f.string("type", MAX_TYPE_CHARS)?.ok_or_else(|| {
+    let kind = f.checked("type", MessageType::parse)?.ok_or_else(|| {
         bad(
             "type",
-            format!("required (1..={MAX_TYPE_CHARS} characters)"),
+            format!("required (1..={} characters)", MessageType::MAX_CHARS),
         )
     })?;
     // `body` is required but may be any JSON, null included.
@@ -183,7 +268,7 @@ pub(super) fn parse_send(f: &Fields<'_>, user: UserId) -> Result<SendRequest, Re
 }
 
 /// Translate a `sync` frame into a [`SyncRequest`].
-pub(super) fn parse_sync(f: &Fields<'_>, page_max: u32) -> Result<SyncRequest, Refusal> {
+fn parse_sync(f: &Fields<'_>, page_max: u32) -> Result<SyncRequest, Refusal> {
     let since = f.u64("since")?.ok_or_else(|| {
         bad(
             "since",
@@ -209,51 +294,8 @@ pub(super) fn parse_sync(f: &Fields<'_>, page_max: u32) -> Result<SyncRequest, R
     })
 }
 
-/// What the client sent first.
-pub(super) enum Hello {
-    Auth {
-        token: Option<String>,
-        device: String,
-    },
-    Other,
-}
-
-pub(super) fn parse_hello(text: &str) -> Result<Hello, String> {
-    let Ok(f) = Fields::parse(text) else {
-        return Ok(Hello::Other);
-    };
-    if f.opt::<String>("op", "a string").ok().flatten().as_deref() != Some("auth") {
-        return Ok(Hello::Other);
-    }
-    let token = f
-        .opt::<String>("token", "a string")
-        .map_err(|r| r.message)?
-        .filter(|t| !t.is_empty());
-    let device = f
-        .string("device", MAX_DEVICE_CHARS)
-        .map_err(|r| r.message)?
-        .unwrap_or_else(|| DEFAULT_DEVICE.to_string());
-    if device.chars().any(char::is_control) {
-        return Err("device: must not contain control characters".into());
-    }
-    Ok(Hello::Auth { token, device })
-}
-
-pub(super) fn chat_refusal(e: ChatError) -> Refusal {
-    Refusal {
-        code: e.code(),
-        message: e.to_string(),
-    }
-}
-
-/// The frame a push becomes for `user`, if any.
-/// `{"op":"presence","contacts":[…]}`: a snapshot, or one update.
-pub(super) fn presence_frame(contacts: &[Update]) -> String {
-    tagged("presence", &serde_json::json!({ "contacts": contacts }))
-}
-
 /// `set_status`: a status a client may choose, and an optional text.
-pub(super) fn parse_status(f: &Fields<'_>) -> Result<(Status, String), Refusal> {
+fn parse_status(f: &Fields<'_>) -> Result<(Status, String), Refusal> {
     let status: Status = f.req("status", "one of online, away, busy")?;
     if status == Status::Offline {
         return Err(bad(
@@ -266,7 +308,7 @@ pub(super) fn parse_status(f: &Fields<'_>) -> Result<(Status, String), Refusal> 
 }
 
 /// `presence_subscribe`: the users to watch.
-pub(super) fn parse_subscribe(f: &Fields<'_>) -> Result<Vec<UserId>, Refusal> {
+fn parse_subscribe(f: &Fields<'_>) -> Result<Vec<UserId>, Refusal> {
     let users: Vec<u64> = f.req("users", "an array of user ids")?;
     if users.len() > MAX_SUBSCRIBE {
         return Err(bad("users", format!("at most {MAX_SUBSCRIBE} per request")));
@@ -274,44 +316,41 @@ pub(super) fn parse_subscribe(f: &Fields<'_>) -> Result<Vec<UserId>, Refusal> {
     Ok(users.into_iter().map(UserId).collect())
 }
 
-/// Longest status text, in characters (the sessions table's column).
-pub(super) const MAX_STATUS_TEXT_CHARS: usize = 140;
-/// Most users in one `presence_subscribe`.
-pub(super) const MAX_SUBSCRIBE: usize = 500;
+/// What the client sent first.
+#[derive(Debug)]
+pub(super) enum Hello {
+    Auth {
+        token: Option<String>,
+        device: String,
+    },
+    Other,
+}
 
-pub(super) fn render_push(user: UserId, msg: &IimMessage) -> Option<String> {
-    match msg.kind {
-        KIND_PRESENCE => {
-            let u: Update = serde_json::from_slice(&msg.body).ok()?;
-            Some(presence_frame(&[u]))
-        }
-        KIND_CHAT => match chat::push_for(user, msg) {
-            Some(m) => Some(tagged("msg", &m)),
-            None => {
-                debug!(id = %msg.id, "chat push not for this user; skipped");
-                None
-            }
-        },
-        KIND_ADMIN_TEXT => {
-            #[derive(Serialize)]
-            struct Notice<'a> {
-                op: &'static str,
-                from: u64,
-                text: &'a str,
-            }
-            let text = String::from_utf8_lossy(&msg.body);
-            serde_json::to_string(&Notice {
-                op: "notice",
-                from: msg.source.user.0,
-                text: &text,
-            })
-            .ok()
-        }
-        kind => {
-            debug!(kind, id = %msg.id, "push of a kind clients do not see; ignored");
-            None
-        }
+/// The first frame: an `auth` (its token and device checked for form), or
+/// something else. An `auth` with a bad field is refused with the reason.
+pub(super) fn parse_hello(text: &str) -> Result<Hello, Refusal> {
+    let Ok(f) = Fields::parse(text) else {
+        return Ok(Hello::Other);
+    };
+    if f.opt::<String>("op", "a string").ok().flatten().as_deref() != Some(Op::Auth.as_str()) {
+        return Ok(Hello::Other);
     }
+    let failed = |r: Refusal| Refusal::new(ErrorCode::AuthFailed, r.message);
+    let token = f
+        .opt::<String>("token", "a string")
+        .map_err(failed)?
+        .filter(|t| !t.is_empty());
+    let device = f
+        .string("device", MAX_DEVICE_CHARS)
+        .map_err(failed)?
+        .unwrap_or_else(|| DEFAULT_DEVICE.to_string());
+    if device.chars().any(char::is_control) {
+        return Err(Refusal::new(
+            ErrorCode::AuthFailed,
+            "device: must not contain control characters",
+        ));
+    }
+    Ok(Hello::Auth { token, device })
 }
 
 #[cfg(test)]
@@ -319,26 +358,31 @@ mod tests {
     use super::*;
     use crate::chat::Ope;
 
-    #[test]
-    fn tagged_puts_op_first() {
-        #[derive(Serialize)]
-        struct A {
-            x: u32,
+    const ME: UserId = UserId(5);
+
+    fn parse(text: &str) -> Parsed {
+        parse_request(text, ME, 200)
+    }
+
+    fn send(text: &str) -> Result<SendRequest, Refusal> {
+        match parse(text).request {
+            Ok(Request::Send(s)) => Ok(s),
+            Ok(other) => panic!("not a send: {other:?}"),
+            Err(r) => Err(r),
         }
-        #[derive(Serialize)]
-        struct E {}
-        assert_eq!(tagged("ack", &A { x: 1 }), r#"{"op":"ack","x":1}"#);
-        assert_eq!(tagged("e", &E {}), r#"{"op":"e"}"#);
+    }
+
+    fn sync(text: &str) -> Result<SyncRequest, Refusal> {
+        match parse(text).request {
+            Ok(Request::Sync(s)) => Ok(s),
+            Ok(other) => panic!("not a sync: {other:?}"),
+            Err(r) => Err(r),
+        }
     }
 
     #[test]
     fn send_frames_are_validated_field_by_field() {
-        let me = UserId(5);
-        let parse = |t: &str| {
-            let f = Fields::parse(t).unwrap();
-            parse_send(&f, me)
-        };
-        let ok = parse(
+        let ok = send(
             r#"{"op":"send","req":"c-1","ope":0,"to":7,"type":"text","body":{"b":1, "a":[2]},"ex":{"k":"v"}}"#,
         )
         .unwrap();
@@ -346,10 +390,10 @@ mod tests {
         assert_eq!(ok.body.get(), r#"{"b":1, "a":[2]}"#, "body kept verbatim");
         assert_eq!(ok.ex.unwrap().get(), r#"{"k":"v"}"#);
         let base = r#""op":"send","req":"c-1","ope":0,"to":7,"type":"text","body":1"#;
-        assert!(parse(&format!("{{{base},\"from\":5}}")).is_ok());
+        assert!(send(&format!("{{{base},\"from\":5}}")).is_ok());
         assert_eq!(
-            parse(&format!("{{{base},\"from\":6}}")).unwrap_err().code,
-            code::FORGED_FROM
+            send(&format!("{{{base},\"from\":6}}")).unwrap_err().code,
+            ErrorCode::ForgedFrom
         );
         for (frame, field) in [
             (r#"{"op":"send","ope":0,"to":7,"type":"t","body":1}"#, "req"),
@@ -375,43 +419,105 @@ mod tests {
                 "from",
             ),
         ] {
-            let r = parse(frame).unwrap_err();
-            assert_eq!(r.code, code::BAD_REQUEST, "{frame}");
+            let r = send(frame).unwrap_err();
+            assert_eq!(r.code, ErrorCode::BadRequest, "{frame}");
             assert!(r.message.starts_with(field), "{frame}: {}", r.message);
         }
         let long = format!(
             r#"{{"op":"send","req":"{}","ope":0,"to":7,"type":"t","body":1}}"#,
             "x".repeat(65)
         );
-        assert!(parse(&long).unwrap_err().message.starts_with("req"));
+        assert!(send(&long).unwrap_err().message.starts_with("req"));
+    }
+
+    #[test]
+    fn req_and_type_are_counted_in_characters_everywhere() {
+        // 64 characters of 4 bytes each: a valid req (256 bytes); 32 such
+        // characters: a valid type.
+        let req = "\u{1f600}".repeat(64);
+        let kind = "\u{e9}".repeat(32);
+        let frame =
+            format!(r#"{{"op":"send","req":"{req}","ope":0,"to":7,"type":"{kind}","body":1}}"#);
+        let s = send(&frame).unwrap();
+        assert_eq!(
+            (s.req.as_str(), s.kind.as_str()),
+            (req.as_str(), kind.as_str())
+        );
+        assert_eq!(peek_req(&frame).unwrap().as_str(), req);
+        let over = format!(r#"{{"op":"ping","req":"{req}x"}}"#);
+        let p = parse(&over);
+        assert!(
+            p.req.is_none() && peek_req(&over).is_none(),
+            "65 characters"
+        );
+        assert!(
+            matches!(p.request, Ok(Request::Ping)),
+            "a bad req only goes unechoed"
+        );
+    }
+
+    #[test]
+    fn ops_are_labelled_and_a_bad_frame_keeps_its_req() {
+        let p = parse(r#"{"op":"teleport","req":"r-1"}"#);
+        assert_eq!(p.op_label, Some("other"));
+        assert_eq!(p.req.unwrap().as_str(), "r-1");
+        let r = p.request.unwrap_err();
+        assert_eq!(r.code, ErrorCode::UnknownOp);
+        assert!(r.message.contains("teleport"));
+        let p = parse(r#"{"op":"auth","token":"t"}"#);
+        assert_eq!(p.op_label, Some("auth"));
+        assert_eq!(p.request.unwrap_err().code, ErrorCode::BadRequest);
+        let p = parse(r#"{"nop":1,"req":"r-2"}"#);
+        assert_eq!((p.op_label, p.req.unwrap().as_str()), (None, "r-2"));
+        assert!(matches!(
+            parse(r#"{"op":"ping"}"#).request,
+            Ok(Request::Ping)
+        ));
+        match parse(r#"{"op":"set_status","status":"away","text":"lunch"}"#).request {
+            Ok(Request::SetStatus { status, text }) => {
+                assert_eq!((status, text.as_str()), (Status::Away, "lunch"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse(r#"{"op":"set_status","status":"offline"}"#)
+                .request
+                .unwrap_err()
+                .code,
+            ErrorCode::BadRequest
+        );
+        match parse(r#"{"op":"presence_subscribe","users":[2,3]}"#).request {
+            Ok(Request::PresenceSubscribe(u)) => assert_eq!(u, [UserId(2), UserId(3)]),
+            other => panic!("{other:?}"),
+        }
+        let many = format!(
+            r#"{{"op":"presence_subscribe","users":{:?}}}"#,
+            vec![1; 501]
+        );
+        assert!(parse(&many).request.is_err());
     }
 
     #[test]
     fn sync_frames_clamp_the_limit_and_refuse_negative_cursors() {
-        let parse = |t: &str| parse_sync(&Fields::parse(t).unwrap(), 200);
-        let s = parse(r#"{"op":"sync","since":17,"limit":100}"#).unwrap();
+        let s = sync(r#"{"op":"sync","since":17,"limit":100}"#).unwrap();
         assert_eq!((s.group, s.since, s.limit), (None, 17, 100));
-        assert_eq!(parse(r#"{"op":"sync","since":0}"#).unwrap().limit, 200);
+        assert_eq!(sync(r#"{"op":"sync","since":0}"#).unwrap().limit, 200);
         assert_eq!(
-            parse(r#"{"op":"sync","since":0,"limit":9999}"#)
+            sync(r#"{"op":"sync","since":0,"limit":9999}"#)
                 .unwrap()
                 .limit,
             200
         );
         assert_eq!(
-            parse(r#"{"op":"sync","since":0,"limit":0}"#).unwrap().limit,
+            sync(r#"{"op":"sync","since":0,"limit":0}"#).unwrap().limit,
             1
         );
         assert_eq!(
-            parse(r#"{"op":"sync","since":0,"limit":-3}"#)
-                .unwrap()
-                .limit,
+            sync(r#"{"op":"sync","since":0,"limit":-3}"#).unwrap().limit,
             1
         );
         assert_eq!(
-            parse(r#"{"op":"sync","group":77,"since":0}"#)
-                .unwrap()
-                .group,
+            sync(r#"{"op":"sync","group":77,"since":0}"#).unwrap().group,
             Some(77)
         );
         for (frame, field) in [
@@ -422,23 +528,18 @@ mod tests {
             (r#"{"op":"sync","since":0,"limit":2.5}"#, "limit"),
             (r#"{"op":"sync","since":0,"group":0}"#, "group"),
         ] {
-            let r = parse(frame).unwrap_err();
+            let r = sync(frame).unwrap_err();
             assert!(r.message.starts_with(field), "{frame}: {}", r.message);
         }
     }
 
     #[test]
     fn garbage_is_invalid_json_and_non_objects_are_bad_requests() {
-        assert_eq!(
-            Fields::parse("{nope").err().unwrap().code,
-            code::INVALID_JSON
-        );
-        assert_eq!(Fields::parse("").err().unwrap().code, code::INVALID_JSON);
-        assert_eq!(
-            Fields::parse("[1,2]").err().unwrap().code,
-            code::BAD_REQUEST
-        );
-        assert_eq!(Fields::parse("42").err().unwrap().code, code::BAD_REQUEST);
+        let code = |t: &str| parse(t).request.unwrap_err().code;
+        assert_eq!(code("{nope"), ErrorCode::InvalidJson);
+        assert_eq!(code(""), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::BadRequest);
+        assert_eq!(code("42"), ErrorCode::BadRequest);
     }
 
     #[test]
@@ -457,7 +558,8 @@ mod tests {
         }
         assert!(matches!(parse_hello(r#"{"op":"ping"}"#), Ok(Hello::Other)));
         assert!(matches!(parse_hello("nonsense"), Ok(Hello::Other)));
-        assert!(parse_hello(r#"{"op":"auth","token":"t","device":"a\nb"}"#).is_err());
+        let e = parse_hello(r#"{"op":"auth","token":"t","device":"a\nb"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::AuthFailed);
         assert!(
             parse_hello(&format!(
                 r#"{{"op":"auth","token":"t","device":"{}"}}"#,

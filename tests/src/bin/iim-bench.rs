@@ -487,7 +487,7 @@ async fn run(mut args: Args) -> Result<()> {
         let arrivals = arrivals.clone();
         tokio::spawn(async move {
             while let Some(m) = conn.rx.recv().await {
-                if let Some(i) = body_number(&m.body) {
+                if let Some(i) = m.message().and_then(|m| body_number(&m.body)) {
                     arrivals.record(i);
                 }
             }

@@ -1,0 +1,558 @@
+//! One client connection's task, from upgrade to close: the auth
+//! handshake, the connection's [`Connections`] entry, its rate limit, its
+//! pings and idle timer, the pushes queued for it and its writes. Requests
+//! are handled one at a time, in order; pushes interleave with answers.
+//!
+//! [`Connections`]: crate::connections::Connections
+
+use super::frames::{
+    Hello, Parsed, Refusal, Request, error_frame, parse_hello, parse_request, peek_req,
+};
+use super::{Bucket, ChatApi, GatewayState};
+use crate::chat::{ChatError, ClientReq};
+use crate::codes::{AuthFailure, CloseReason, ErrorCode};
+use crate::metrics::AppMetrics;
+use crate::push::{Push, presence_frame, tagged};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::SinkExt as _;
+use iim::token::TokenError;
+use iim::types::{ChannelId, UserId};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tracing::{Span, debug, info, warn};
+
+/// Pushes written to the socket in one batch before flushing.
+const PUSH_BATCH: usize = 64;
+/// How long a closing handshake may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why a connection task ended.
+#[derive(Debug)]
+enum End {
+    /// The client closed, or the socket failed (logged with this reason).
+    Gone(&'static str),
+    /// We close with this reason (and its close code).
+    Close(CloseReason),
+}
+
+/// One client connection, from upgrade to close.
+#[tracing::instrument(
+    name = "client",
+    skip_all,
+    fields(peer = ?peer, user = tracing::field::Empty, device = tracing::field::Empty)
+)]
+pub(super) async fn connection<C: ChatApi>(
+    st: GatewayState<C>,
+    ws: WebSocket,
+    peer: Option<SocketAddr>,
+) {
+    st.metrics.ws_connections.add(1);
+    let _open = OpenGauge(st.metrics.clone());
+    let mut conn = Conn {
+        ws,
+        st,
+        bucket: None,
+        last_rx: Instant::now(),
+    };
+    match conn.run().await {
+        End::Gone(why) => {
+            conn.st
+                .metrics
+                .ws_closes
+                .inc(CloseReason::ClientGone.as_str());
+            debug!(why, "client connection ended");
+        }
+        End::Close(reason) => {
+            conn.st.metrics.ws_closes.inc(reason.as_str());
+            debug!(%reason, "client connection closed");
+            conn.close(reason).await;
+        }
+    }
+}
+
+/// Takes a connection off `ws_connections` however its task ends.
+struct OpenGauge(Arc<AppMetrics>);
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.ws_connections.add(-1);
+    }
+}
+
+struct Conn<C: ChatApi> {
+    ws: WebSocket,
+    st: GatewayState<C>,
+    bucket: Option<Bucket>,
+    /// When the client last sent anything at all.
+    last_rx: Instant,
+}
+
+/// A frame from the client, as far as the connection loop cares.
+enum Incoming {
+    Text(axum::extract::ws::Utf8Bytes),
+    Binary,
+    /// Ping, pong: liveness only.
+    Control,
+}
+
+impl<C: ChatApi> Conn<C> {
+    async fn run(&mut self) -> End {
+        let (user, device) = match self.authenticate().await {
+            Ok(v) => v,
+            Err(end) => return end,
+        };
+        let span = Span::current();
+        span.record("user", user.0);
+        span.record("device", device.as_str());
+        let attached = match self.st.connections.attach(user, &device).await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "cannot record the session; refusing the client");
+                let _ = self
+                    .write_error(
+                        ErrorCode::Unavailable,
+                        None,
+                        "cannot register the connection, retry",
+                    )
+                    .await;
+                return End::Close(CloseReason::TryAgainLater);
+            }
+        };
+        let channel = attached.session.channel;
+        info!(channel = %channel, "client authenticated");
+        let end = self.serve(user, channel, &device, attached.rx).await;
+        if let Err(e) = self.st.connections.detach(channel).await {
+            warn!(error = %e, "could not remove the session");
+        }
+        // After the session is gone, so the user's presence is recomputed
+        // without it.
+        if let Some(p) = &self.st.presence {
+            p.disconnected(user, channel).await;
+        }
+        end
+    }
+
+    /// Wait for the `auth` frame: the user and device, or how to end.
+    async fn authenticate(&mut self) -> Result<(UserId, String), End> {
+        let deadline = Instant::now() + Duration::from_millis(self.st.limits.auth_timeout_ms);
+        let stop = self.st.stop.clone();
+        let not_first = || Refusal::new(ErrorCode::AuthRequired, "the first frame must be auth");
+        loop {
+            let frame = tokio::select! {
+                _ = stop.cancelled() => return Err(End::Close(CloseReason::GoingAway)),
+                _ = tokio::time::sleep_until(deadline) => {
+                    let r = Refusal::new(ErrorCode::AuthRequired, "no auth frame within the auth timeout");
+                    return Err(self.refuse_auth(AuthFailure::Timeout, r).await);
+                }
+                f = self.recv() => f?,
+            };
+            let text = match frame {
+                Incoming::Control => continue,
+                Incoming::Binary => {
+                    return Err(self.refuse_auth(AuthFailure::NotFirst, not_first()).await);
+                }
+                Incoming::Text(t) => t,
+            };
+            let hello = if text.len() > self.st.limits.max_message_bytes {
+                Ok(Hello::Other)
+            } else {
+                parse_hello(text.as_str())
+            };
+            let (token, device) = match hello {
+                Ok(Hello::Auth { token, device }) => {
+                    self.st
+                        .metrics
+                        .client_ops
+                        .inc(crate::codes::Op::Auth.as_str());
+                    (token, device)
+                }
+                Ok(Hello::Other) => {
+                    return Err(self.refuse_auth(AuthFailure::NotFirst, not_first()).await);
+                }
+                Err(r) => return Err(self.refuse_auth(AuthFailure::Invalid, r).await),
+            };
+            let Some(token) = token else {
+                let r = Refusal::new(ErrorCode::AuthRequired, "token: required");
+                return Err(self.refuse_auth(AuthFailure::Missing, r).await);
+            };
+            return match self.st.verifier.verify(&token) {
+                Ok(user) => Ok((user, device)),
+                Err(TokenError::Expired) => {
+                    let r = Refusal::new(ErrorCode::AuthExpired, "token expired; get a new one");
+                    Err(self.refuse_auth(AuthFailure::Expired, r).await)
+                }
+                Err(e @ TokenError::Invalid(_)) => {
+                    let r = Refusal::new(ErrorCode::AuthFailed, e.to_string());
+                    Err(self.refuse_auth(AuthFailure::Invalid, r).await)
+                }
+            };
+        }
+    }
+
+    async fn refuse_auth(&mut self, reason: AuthFailure, r: Refusal) -> End {
+        self.st.metrics.auth_failures.inc(reason.as_str());
+        info!(%reason, "client authentication refused");
+        match self.write_error(r.code, None, &r.message).await {
+            Ok(()) => End::Close(CloseReason::AuthenticationFailed),
+            Err(end) => end,
+        }
+    }
+
+    /// The authenticated connection's loop.
+    async fn serve(
+        &mut self,
+        user: UserId,
+        channel: ChannelId,
+        device: &str,
+        mut rx: mpsc::Receiver<Push>,
+    ) -> End {
+        // Attached before the welcome: anything stored after the welcome's
+        // `inbox_max` is pushed, anything before it is synced.
+        // This user is online (in the database) before it is welcomed; its
+        // contacts' presence follows the welcome.
+        let contacts = match self.st.presence.clone() {
+            Some(p) => match p.connected(user, channel).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    warn!(error = %e, "presence snapshot unavailable; repair will deliver it");
+                    None
+                }
+            },
+            None => None,
+        };
+        match self.st.chat.welcome(user, device).await {
+            Ok(w) => {
+                if let Err(end) = self.write_text(tagged("welcome", &w)).await {
+                    return end;
+                }
+                if let Some(c) = contacts
+                    && let Err(end) = self.write_text(presence_frame(&c)).await
+                {
+                    return end;
+                }
+            }
+            Err(e @ ChatError::UnknownUser(_)) => {
+                self.st
+                    .metrics
+                    .auth_failures
+                    .inc(AuthFailure::UnknownUser.as_str());
+                info!(error = %e, "token for a user the directory does not know");
+                let _ = self.write_error(e.code(), None, &e.to_string()).await;
+                return End::Close(CloseReason::UnknownUser);
+            }
+            Err(e) => {
+                warn!(error = %e, "welcome failed; closing the client");
+                let _ = self.write_error(e.code(), None, &e.to_string()).await;
+                return End::Close(CloseReason::TryAgainLater);
+            }
+        }
+        let limits = self.st.limits.clone();
+        let idle = Duration::from_secs(limits.idle_timeout_secs);
+        let every = Duration::from_secs(limits.ping_interval_secs);
+        let mut ping = tokio::time::interval_at(Instant::now() + every, every);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        self.bucket = Some(Bucket::new(
+            limits.rate_per_sec,
+            limits.rate_burst,
+            Instant::now(),
+        ));
+        let stop = self.st.stop.clone();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return End::Close(CloseReason::GoingAway),
+                _ = tokio::time::sleep_until(self.last_rx + idle) => {
+                    return End::Close(CloseReason::IdleTimeout);
+                }
+                _ = ping.tick() => {
+                    if let Err(end) = self.write(Message::Ping(Default::default())).await {
+                        return end;
+                    }
+                }
+                push = rx.recv() => {
+                    let Some(first) = push else {
+                        // Connections cut us: the queue overflowed.
+                        let _ = self.write_error(ErrorCode::TooSlow, None,
+                            "not reading fast enough; reconnect and sync").await;
+                        return End::Close(CloseReason::TooSlow);
+                    };
+                    if let Err(end) = self.push_batch(user, first, &mut rx).await {
+                        return end;
+                    }
+                }
+                frame = self.recv() => {
+                    let frame = match frame {
+                        Ok(f) => f,
+                        Err(end) => return end,
+                    };
+                    if let Err(end) = self.handle(user, channel, frame).await {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write `first` and whatever else is queued (up to a batch), then
+    /// flush once. Each push was decoded once for all its connections;
+    /// here it only becomes this client's frame.
+    async fn push_batch(
+        &mut self,
+        user: UserId,
+        first: Push,
+        rx: &mut mpsc::Receiver<Push>,
+    ) -> Result<(), End> {
+        let mut frames = Vec::new();
+        let mut take = |push: Push| match push.frame_for(user) {
+            Some(f) => frames.push(f),
+            None => debug!(
+                push = push.label(),
+                "push not shown to this client; skipped"
+            ),
+        };
+        take(first);
+        for _ in 1..PUSH_BATCH {
+            match rx.try_recv() {
+                Ok(p) => take(p),
+                Err(_) => break,
+            }
+        }
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let timeout = self.write_timeout();
+        let stop = self.st.stop.clone();
+        let ws = &mut self.ws;
+        let write = async {
+            for f in frames {
+                ws.feed(Message::Text(f.into())).await?;
+            }
+            ws.flush().await
+        };
+        tokio::select! {
+            _ = stop.cancelled() => Err(End::Close(CloseReason::GoingAway)),
+            r = tokio::time::timeout(timeout, write) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(End::Gone("write failed")),
+                Err(_) => Err(End::Gone("write timed out")),
+            },
+        }
+    }
+
+    /// Handle one frame from the authenticated client.
+    async fn handle(
+        &mut self,
+        user: UserId,
+        channel: ChannelId,
+        frame: Incoming,
+    ) -> Result<(), End> {
+        let text = match frame {
+            Incoming::Control => return Ok(()),
+            Incoming::Binary => {
+                if !self.take_token() {
+                    return self
+                        .write_error(ErrorCode::RateLimited, None, "slow down")
+                        .await;
+                }
+                return self
+                    .write_error(
+                        ErrorCode::BinaryNotSupported,
+                        None,
+                        "frames are JSON text; binary frames are not supported",
+                    )
+                    .await;
+            }
+            Incoming::Text(t) => t,
+        };
+        let max = self.st.limits.max_message_bytes;
+        if !self.take_token() {
+            let req = (text.len() <= max)
+                .then(|| peek_req(text.as_str()))
+                .flatten();
+            return self
+                .write_error(
+                    ErrorCode::RateLimited,
+                    req.as_ref().map(ClientReq::as_str),
+                    "rate limit exceeded; the request was dropped",
+                )
+                .await;
+        }
+        if text.len() > max {
+            let req = peek_req(text.as_str());
+            let msg = format!("frame of {} bytes; the limit is {max}", text.len());
+            return self
+                .write_error(
+                    ErrorCode::TooLarge,
+                    req.as_ref().map(ClientReq::as_str),
+                    &msg,
+                )
+                .await;
+        }
+        let Parsed {
+            op_label,
+            req,
+            request,
+        } = parse_request(text.as_str(), user, self.st.limits.sync_page_max);
+        if let Some(op) = op_label {
+            self.st.metrics.client_ops.inc(op);
+        }
+        let answer = match request {
+            Ok(r) => self.carry_out(user, channel, r).await,
+            Err(r) => Err(r),
+        };
+        match answer {
+            Ok(frame) => self.write_text(frame).await,
+            Err(r) => {
+                self.write_error(r.code, req.as_ref().map(ClientReq::as_str), &r.message)
+                    .await
+            }
+        }
+    }
+
+    /// Carry out one valid request: the answer frame, or the refusal.
+    async fn carry_out(
+        &mut self,
+        user: UserId,
+        channel: ChannelId,
+        request: Request,
+    ) -> Result<String, Refusal> {
+        match request {
+            Request::Send(sr) => {
+                debug!(req = sr.req.as_str(), to = sr.to, "send");
+                let ack = self.st.chat.send(user, channel, sr).await?;
+                Ok(tagged("ack", &ack))
+            }
+            Request::Sync(sr) => {
+                let page = self.st.chat.sync(user, sr).await?;
+                Ok(tagged("sync", &page))
+            }
+            Request::Ping => Ok(r#"{"op":"pong"}"#.to_string()),
+            Request::SetStatus { status, text } => {
+                let p = self.presence()?;
+                p.set_status(channel, status, &text).await.map_err(|e| {
+                    warn!(error = %e, "set_status failed");
+                    presence_unavailable()
+                })?;
+                Ok(tagged(
+                    "status_set",
+                    &serde_json::json!({"status": status, "text": text}),
+                ))
+            }
+            Request::PresenceSubscribe(users) => {
+                let p = self.presence()?;
+                let contacts = p.subscribe(user, channel, &users).await.map_err(|e| {
+                    warn!(error = %e, "presence_subscribe failed");
+                    presence_unavailable()
+                })?;
+                Ok(presence_frame(&contacts))
+            }
+        }
+    }
+
+    fn presence(&self) -> Result<Arc<crate::presence::Presence>, Refusal> {
+        self.st.presence.clone().ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::Unavailable,
+                "presence is not enabled on this server",
+            )
+        })
+    }
+
+    fn take_token(&mut self) -> bool {
+        match &mut self.bucket {
+            Some(b) => b.take(Instant::now()),
+            None => true,
+        }
+    }
+
+    /// The next frame from the client (any frame resets the idle timer).
+    /// Cancel-safe.
+    async fn recv(&mut self) -> Result<Incoming, End> {
+        let frame = match self.ws.recv().await {
+            None => return Err(End::Gone("client disconnected")),
+            Some(Err(e)) if frame_too_large(&e) => {
+                // The WebSocket layer refuses frames over 4x the limit.
+                return Err(End::Close(CloseReason::FrameTooLarge));
+            }
+            Some(Err(_)) => return Err(End::Gone("read failed")),
+            Some(Ok(m)) => m,
+        };
+        self.last_rx = Instant::now();
+        Ok(match frame {
+            Message::Text(t) => Incoming::Text(t),
+            Message::Binary(_) => Incoming::Binary,
+            Message::Ping(_) | Message::Pong(_) => Incoming::Control,
+            Message::Close(_) => return Err(End::Gone("client closed")),
+        })
+    }
+
+    fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.st.limits.idle_timeout_secs)
+    }
+
+    async fn write_error(
+        &mut self,
+        code: ErrorCode,
+        req: Option<&str>,
+        msg: &str,
+    ) -> Result<(), End> {
+        self.st.metrics.client_errors.inc(code.as_str());
+        debug!(%code, req, msg, "error frame");
+        self.write_text(error_frame(code, req, msg)).await
+    }
+
+    async fn write_text(&mut self, text: String) -> Result<(), End> {
+        self.write(Message::Text(text.into())).await
+    }
+
+    /// Write one frame, giving up when the server stops or the client does
+    /// not take it within the write timeout.
+    async fn write(&mut self, m: Message) -> Result<(), End> {
+        let timeout = self.write_timeout();
+        tokio::select! {
+            _ = self.st.stop.cancelled() => Err(End::Close(CloseReason::GoingAway)),
+            r = tokio::time::timeout(timeout, self.ws.send(m)) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(End::Gone("write failed")),
+                Err(_) => Err(End::Gone("write timed out")),
+            },
+        }
+    }
+
+    /// Send a close frame and give the client a moment to answer it.
+    async fn close(&mut self, reason: CloseReason) {
+        let Some(code) = reason.code() else {
+            return;
+        };
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.text().into(),
+        }));
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            if self.ws.send(frame).await.is_err() {
+                return;
+            }
+            while let Some(Ok(_)) = self.ws.recv().await {}
+        })
+        .await;
+    }
+}
+
+fn presence_unavailable() -> Refusal {
+    Refusal::new(
+        ErrorCode::Unavailable,
+        "presence store unavailable, try again",
+    )
+}
+
+/// True when the WebSocket layer refused a frame over its size limit.
+fn frame_too_large(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    matches!(
+        e.source().and_then(|s| s.downcast_ref::<WsError>()),
+        Some(WsError::Capacity(CapacityError::MessageTooLong { .. }))
+    )
+}
