@@ -489,7 +489,7 @@ fn shutdown_delivers_what_is_queued_then_closes_every_link() {
     assert_eq!(t.closed(2).unwrap().0, CLOSE_GOING_AWAY);
     assert_eq!(t.ex.metrics().reports_dropped.get(), 1);
     assert!(t.ex.is_stopped());
-    assert!(t.outputs.iter().any(|o| *o == Output::Stopped));
+    assert!(t.outputs.contains(&Output::Stopped));
 }
 
 #[test]
