@@ -6,6 +6,7 @@
 //! ([`Iim::send`], [`Plugin`]). Daemon logic lives in the `iim-exchange`
 //! and `iim-appserver` crates.
 
+mod aggregate;
 pub mod api;
 mod db;
 pub mod presence;
