@@ -34,8 +34,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::{AnyConnection, AssertSqlSafe};
 
 use crate::db::{
-    Backend, DbError, ParseNameError, bad_row, col, nonnegative_col, parse_col, placeholders,
-    server_param, sorted_user_params, user_param,
+    Backend, DbError, ParseNameError, bad_row, bind_all, col, nonnegative_col, parse_col,
+    placeholders, server_param, sorted_user_params, user_param,
 };
 use crate::types::{ServerId, UserId};
 
@@ -127,10 +127,7 @@ pub(crate) async fn recompute_in(
             vec!["(?, 'offline', '', 0, 0, 0)"; chunk.len()].join(", "),
             backend.do_nothing("user_id")
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for &id in chunk {
-            query = query.bind(id);
-        }
+        let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
         query.execute(&mut *conn).await?;
 
         let sql = format!(
@@ -139,10 +136,7 @@ pub(crate) async fn recompute_in(
             placeholders(chunk.len()),
             backend.for_update()
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for &id in chunk {
-            query = query.bind(id);
-        }
+        let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
         let mut old = HashMap::with_capacity(chunk.len());
         for row in query.fetch_all(&mut *conn).await? {
             let status: Status = parse_col(&row, "status")?;
@@ -155,10 +149,7 @@ pub(crate) async fn recompute_in(
             "SELECT user_id, status, text, status_at FROM sessions WHERE user_id IN ({})",
             placeholders(chunk.len())
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for &id in chunk {
-            query = query.bind(id);
-        }
+        let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
         let mut sessions: HashMap<i64, Vec<(Status, String, i64)>> = HashMap::new();
         for row in query.fetch_all(&mut *conn).await? {
             sessions.entry(col(&row, "user_id")?).or_default().push((
@@ -228,10 +219,7 @@ pub(crate) async fn recompute_in(
                 "DELETE FROM presence WHERE version = 0 AND user_id IN ({})",
                 placeholders(unused.len())
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for &id in &unused {
-                query = query.bind(id);
-            }
+            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), &unused);
             query.execute(&mut *conn).await?;
         }
         changed.extend(writes);

@@ -28,9 +28,9 @@ use sqlx::any::AnyRow;
 use crate::aggregate::recompute_in;
 pub use crate::aggregate::{PresenceRow, Status};
 use crate::db::{
-    Db, DbError, TRANSACTION, bad_row, col, database_error, finish, nonnegative_col, parse_col,
-    placeholders, required_server_col, retry, server_param, sorted_user_params, u64_param,
-    user_col, user_param,
+    Db, DbError, TRANSACTION, bad_row, bind_all, col, database_error, finish, nonnegative_col,
+    parse_col, placeholders, required_server_col, retry, server_param, sorted_user_params,
+    u64_param, user_col, user_param,
 };
 use crate::types::{ChannelId, ServerId, UserId};
 
@@ -159,10 +159,7 @@ impl PresenceStore {
                  WHERE user_id IN ({})",
                 placeholders(chunk.len())
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for &id in chunk {
-                query = query.bind(id);
-            }
+            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
             for row in query.fetch_all(self.db.pool()).await? {
                 let row = presence_from_row(&row)?;
                 // Version-0 rows live only inside `recompute_in`'s
@@ -245,10 +242,7 @@ impl PresenceStore {
                 self.db.backend().int_expr("SUM(version)"),
                 placeholders(chunk.len())
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for &id in chunk {
-                query = query.bind(id);
-            }
+            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
             for row in query.fetch_all(self.db.pool()).await? {
                 let bucket: i64 = col(&row, "bucket")?;
                 let slot = usize::try_from(bucket)

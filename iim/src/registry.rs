@@ -23,9 +23,9 @@ use sqlx::{AnyConnection, AssertSqlSafe};
 use crate::aggregate::recompute_in;
 pub use crate::db::{Backend, Db, ParseNameError};
 use crate::db::{
-    ConnectError, DbError, TRANSACTION, col, database_error, finish, nonnegative_col, parse_col,
-    placeholders, required_server_col, retry, server_col, server_param, u64_param, user_col,
-    user_param,
+    ConnectError, DbError, TRANSACTION, bind_all, col, database_error, finish, nonnegative_col,
+    parse_col, placeholders, required_server_col, retry, server_col, server_param, u64_param,
+    user_col, user_param,
 };
 use crate::types::{ChannelId, ServerId, Session, UserId};
 
@@ -375,10 +375,10 @@ impl Registry {
                     "DELETE FROM sessions WHERE server_id = ? AND channel IN ({})",
                     placeholders(chunk.len())
                 );
-                let mut query = sqlx::query(AssertSqlSafe(sql)).bind(server_param(server));
-                for &channel in chunk {
-                    query = query.bind(channel);
-                }
+                let query = bind_all(
+                    sqlx::query(AssertSqlSafe(sql)).bind(server_param(server)),
+                    chunk,
+                );
                 query.execute(&mut *conn).await?;
             }
         }

@@ -3,11 +3,9 @@
 //! upserts, generated ids and integer casts. Everything else the registry,
 //! the store and presence write is plain SQL both backends understand.
 
-use sqlx::any::AnyArguments;
-use sqlx::query::Query;
-use sqlx::{Any, AnyConnection};
+use sqlx::AnyConnection;
 
-use super::row::{DbError, bad_row, col};
+use super::row::{AnyQuery, DbError, bad_row, col};
 
 /// Which SQL dialect a database speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -104,7 +102,7 @@ impl Backend {
     /// returns the id the database generated.
     pub(crate) async fn inserted_id(
         self,
-        query: Query<'_, Any, AnyArguments>,
+        query: AnyQuery<'_>,
         conn: &mut AnyConnection,
     ) -> Result<i64, DbError> {
         match self {

@@ -34,6 +34,6 @@ pub(crate) use pool::{ConnectError, Tx, finish, rollback};
 pub(crate) use retry::{Conflict, TRANSACTION, retry};
 pub(crate) use row::database_error;
 pub(crate) use row::{
-    DbError, bad_row, col, nonnegative_col, parse_col, placeholders, required_server_col, rows,
-    server_col, server_param, sorted_user_params, u64_param, user_col, user_param,
+    DbError, bad_row, bind_all, col, nonnegative_col, parse_col, placeholders, required_server_col,
+    rows, server_col, server_param, sorted_user_params, u64_param, user_col, user_param,
 };

@@ -6,8 +6,9 @@
 
 use std::str::FromStr;
 
-use sqlx::Row;
-use sqlx::any::AnyRow;
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::query::Query;
+use sqlx::{Any, Row};
 
 use crate::types::{ServerId, UserId};
 
@@ -125,6 +126,15 @@ pub(crate) fn sorted_user_params(users: &[UserId]) -> Vec<i64> {
     ids.sort_unstable();
     ids.dedup();
     ids
+}
+
+/// A query on the `Any` driver, values not bound yet.
+pub(crate) type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
+
+/// `query` with each of `values` bound in turn (the ids of an `IN (...)`
+/// list).
+pub(crate) fn bind_all<'q>(query: AnyQuery<'q>, values: &[i64]) -> AnyQuery<'q> {
+    values.iter().fold(query, |query, &v| query.bind(v))
 }
 
 /// `?, ?, ?`

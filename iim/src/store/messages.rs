@@ -13,8 +13,8 @@ use super::{
     seq_col,
 };
 use crate::db::{
-    DbError, TRANSACTION, Tx, bad_row, col, placeholders, retry, rollback, rows, u64_param,
-    user_col, user_param,
+    DbError, TRANSACTION, Tx, bad_row, bind_all, col, placeholders, retry, rollback, rows,
+    u64_param, user_col, user_param,
 };
 use crate::types::UserId;
 
@@ -188,10 +188,7 @@ impl Store {
                 placeholders(chunk.len()),
                 self.backend().for_update()
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for &u in chunk {
-                query = query.bind(u);
-            }
+            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
             for row in query.fetch_all(&mut **tx).await? {
                 let seq: i64 = col(&row, "last_seq")?;
                 if seq < 0 {

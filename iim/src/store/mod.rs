@@ -44,8 +44,8 @@ use sqlx::AssertSqlSafe;
 use sqlx::any::AnyRow;
 
 use crate::db::{
-    Backend, Db, DbError, bad_row, col, database_error, placeholders, sorted_user_params, user_col,
-    user_param,
+    Backend, Db, DbError, bad_row, bind_all, col, database_error, placeholders, sorted_user_params,
+    user_col, user_param,
 };
 use crate::types::UserId;
 
@@ -195,10 +195,7 @@ async fn missing_users(
             "SELECT id FROM users WHERE id IN ({})",
             placeholders(chunk.len())
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for &u in chunk {
-            query = query.bind(u);
-        }
+        let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
         for row in query.fetch_all(&mut *conn).await? {
             found.insert(col::<i64>(&row, "id")?);
         }
