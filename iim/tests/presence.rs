@@ -160,8 +160,10 @@ async fn agrees(ctx_url: &str, p: &PresenceStore, user: u64) -> anyhow::Result<(
 /// Returns once a transaction on the test's database waits for a row lock
 /// (MySQL: `information_schema.INNODB_TRX`, joined to the process list for
 /// the database, as other tests share the server); fails after 10 s.
-/// SQLite has no such list: there the caller's later checks of the outcome
-/// must tell on their own.
+/// InnoDB refreshes that table only when it was last read more than 100 ms
+/// before, so it is read every 200 ms: faster reads see the same old rows
+/// for ever. SQLite has no such list: there the caller's later checks of
+/// the outcome must tell on their own.
 async fn lock_waited_for(url: &str, backend: Backend) -> anyhow::Result<()> {
     if backend == Backend::Sqlite {
         return Ok(());
@@ -184,7 +186,7 @@ async fn lock_waited_for(url: &str, backend: Backend) -> anyhow::Result<()> {
             std::time::Instant::now() < deadline,
             "no transaction waited for a lock within 10 s"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 
