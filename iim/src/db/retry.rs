@@ -3,6 +3,7 @@
 //! and how many attempts a call gets.
 
 use std::collections::hash_map::RandomState;
+use std::fmt;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::time::Duration;
@@ -38,39 +39,43 @@ pub(crate) const TRANSACTION: Policy = Policy {
     step: Duration::from_millis(5),
 };
 
-/// Migrations at start: several processes starting on a fresh SQLite file
-/// race to apply them (MySQL's migrations take a lock); the loser finds
-/// them applied on its next attempt. Slower steps: a migration takes longer
-/// than a transaction, and nobody waits on a start but the operator.
+/// Migrations at start: several processes starting on a fresh database race
+/// to apply them — SQLite's migrations take no lock, and the lock sqlx takes
+/// on MySQL (`GET_LOCK` with a timeout of -1) is no lock on MariaDB, which
+/// answers NULL. The loser finds them applied on a later attempt. Slower
+/// steps: a migration takes longer than a transaction, and nobody waits on
+/// a start but the operator.
 pub(crate) const MIGRATION: Policy = Policy {
     attempts: 6,
     step: Duration::from_millis(100),
 };
 
 /// An error that may be a conflict worth another attempt.
-pub(crate) trait Conflict {
-    /// The database error that makes this failure worth another attempt,
-    /// if it is one.
-    fn conflict(&self) -> Option<&sqlx::Error>;
+pub(crate) trait Conflict: fmt::Debug {
+    /// Whether this failure is worth running the whole attempt again.
+    fn is_conflict(&self) -> bool;
 }
 
 impl Conflict for sqlx::Error {
-    fn conflict(&self) -> Option<&sqlx::Error> {
-        is_retryable(self).then_some(self)
+    fn is_conflict(&self) -> bool {
+        is_retryable(self)
     }
 }
 
-/// A migration statement the database refused: on a fresh SQLite file that
-/// is a racing process having applied it first ("table already exists", a
-/// duplicate version, a busy database). Anything else — a missing or
-/// modified migration, a broken connection — is final.
+/// What a racing process applying the same migrations causes: a statement
+/// the database refused ("table already exists", a duplicate version, a
+/// busy database), or on MySQL a migration marked as partly applied because
+/// the other process is applying it now. Anything else — a missing or
+/// modified migration, a broken connection — is final; so is a migration
+/// left partly applied by a crash, once the attempts run out.
 impl Conflict for MigrateError {
-    fn conflict(&self) -> Option<&sqlx::Error> {
-        match self {
-            MigrateError::Execute(e @ sqlx::Error::Database(_))
-            | MigrateError::ExecuteMigration(e @ sqlx::Error::Database(_), _) => Some(e),
-            _ => None,
-        }
+    fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            MigrateError::Execute(sqlx::Error::Database(_))
+                | MigrateError::ExecuteMigration(sqlx::Error::Database(_), _)
+                | MigrateError::Dirty(_)
+        )
     }
 }
 
@@ -122,11 +127,8 @@ where
     let mut attempt = 1;
     loop {
         match attempt_fn().await {
-            Err(e) if attempt < policy.attempts => {
-                let Some(cause) = e.conflict() else {
-                    return Err(e);
-                };
-                tracing::debug!(what, attempt, error = %cause, "database conflict, retrying");
+            Err(e) if attempt < policy.attempts && e.is_conflict() => {
+                tracing::debug!(what, attempt, error = ?e, "database conflict, retrying");
                 tokio::time::sleep(backoff(policy, attempt)).await;
                 attempt += 1;
             }
@@ -151,12 +153,9 @@ mod tests {
     fn only_database_conflicts_are_retryable() {
         assert!(!is_retryable(&sqlx::Error::RowNotFound));
         assert!(!is_retryable(&sqlx::Error::PoolTimedOut));
-        assert!(MigrateError::VersionMismatch(3).conflict().is_none());
-        assert!(
-            MigrateError::Execute(sqlx::Error::PoolTimedOut)
-                .conflict()
-                .is_none()
-        );
+        assert!(!MigrateError::VersionMismatch(3).is_conflict());
+        assert!(!MigrateError::Execute(sqlx::Error::PoolTimedOut).is_conflict());
+        assert!(MigrateError::Dirty(2).is_conflict());
     }
 
     /// A conflict for the first `fail` attempts, then success.
@@ -167,16 +166,13 @@ mod tests {
 
     #[derive(Debug)]
     enum TestError {
-        Conflict(sqlx::Error),
+        Conflict,
         Final,
     }
 
     impl Conflict for TestError {
-        fn conflict(&self) -> Option<&sqlx::Error> {
-            match self {
-                TestError::Conflict(e) => Some(e),
-                TestError::Final => None,
-            }
+        fn is_conflict(&self) -> bool {
+            matches!(self, TestError::Conflict)
         }
     }
 
@@ -185,7 +181,7 @@ mod tests {
             let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
             match n <= self.fail {
                 true if final_error => Err(TestError::Final),
-                true => Err(TestError::Conflict(sqlx::Error::PoolTimedOut)),
+                true => Err(TestError::Conflict),
                 false => Ok(n),
             }
         }
@@ -212,7 +208,7 @@ mod tests {
 
         let f = flaky(QUICK.attempts);
         let got = retry("test", QUICK, || f.run(false)).await;
-        assert!(matches!(got, Err(TestError::Conflict(_))), "{got:?}");
+        assert!(matches!(got, Err(TestError::Conflict)), "{got:?}");
         assert_eq!(f.calls.load(Ordering::Relaxed), QUICK.attempts);
     }
 

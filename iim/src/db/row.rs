@@ -46,10 +46,10 @@ macro_rules! database_error {
         }
 
         impl $crate::db::Conflict for $error {
-            fn conflict(&self) -> Option<&sqlx::Error> {
+            fn is_conflict(&self) -> bool {
                 match self {
-                    $error::Database(e) => $crate::db::Conflict::conflict(e),
-                    _ => None,
+                    $error::Database(e) => $crate::db::Conflict::is_conflict(e),
+                    _ => false,
                 }
             }
         }
