@@ -15,10 +15,6 @@
 //! `Registry::add_session` / `remove_session` (which do not touch presence)
 //! the caller runs [`PresenceStore::recompute`].
 //!
-//! MySQL needs `binlog_format` ROW or MIXED (the defaults) if binary
-//! logging is on: InnoDB refuses statement-based logging at `READ
-//! COMMITTED`, at which these transactions run.
-//!
 //! Column mapping as in the registry: user ids are `u64` stored bit for bit
 //! in `BIGINT`s, ordered here in Rust, never in SQL.
 

@@ -387,7 +387,7 @@ impl Registry {
     }
 
     /// Refreshes last_seen of every listed server whose epoch still matches,
-    /// in one statement per [`CHUNK`] placeholders.
+    /// in one statement per 1,000 placeholders.
     pub async fn touch(
         &self,
         servers: &[(ServerId, u64)],
@@ -478,7 +478,7 @@ impl Registry {
     }
 
     /// All sessions of these users, ordered by (server, user, channel). One
-    /// query per [`CHUNK`] distinct users; none for an empty list.
+    /// query per 1,000 distinct users; none for an empty list.
     pub async fn sessions_of(&self, users: &[UserId]) -> Result<Vec<Session>, RegistryError> {
         let mut users = users.to_vec();
         users.sort_unstable();

@@ -7,19 +7,22 @@
 //!
 //! It owns no table and no statement on one: the registry (`servers`,
 //! `sessions`), the store (the chat tables), presence (`presence`, the
-//! status columns of `sessions`) and the presence aggregate that the
-//! registry and presence both run each write their own SQL through it.
+//! status columns of `sessions`) and the presence aggregate, which the
+//! registry and presence both run, each write their own SQL through it.
 //! Nothing here decides policy or knows the time.
 //!
 //! Write transactions: on SQLite `BEGIN IMMEDIATE` takes the writer lock at
 //! once, so the busy timeout applies instead of a failed lock upgrade
 //! later; on MySQL they run at `READ COMMITTED`, so a plain read after a
 //! row lock sees every change committed before the lock was granted (the
-//! presence rules need that; see `aggregate`). Their conflicts — InnoDB
-//! deadlocks and lock wait timeouts, Galera certification failures (which
-//! arrive as deadlocks), a busy SQLite, a duplicate key from a racing twin
-//! — are retried by running the whole transaction again after a short,
-//! jittered pause, a bounded number of times.
+//! presence rules need that; see `aggregate`), and no gap locks are taken.
+//! With binary logging on, MySQL then needs `binlog_format` ROW or MIXED
+//! (the defaults): InnoDB refuses statement-based logging at that level.
+//! Their conflicts — InnoDB deadlocks and lock wait timeouts, Galera
+//! certification failures (which arrive as deadlocks), a busy SQLite, a
+//! duplicate key from a racing twin — are retried by running the whole
+//! transaction again after a short, jittered pause, a bounded number of
+//! times.
 
 mod dialect;
 mod pool;
