@@ -7,6 +7,7 @@
 //! ([`kinds`]). Daemon logic lives in the `iim-exchange`
 //! and `iim-appserver` crates.
 
+mod aggregate;
 pub mod api;
 mod db;
 pub mod kinds;

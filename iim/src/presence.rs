@@ -4,122 +4,34 @@
 //!
 //! Owns the `presence` table and the `status`, `text` and `status_at`
 //! columns of `sessions` (`sql/*/0003_presence.sql`), for SQLite and
-//! MySQL/MariaDB through sqlx's `Any` driver, on the [`Registry`]'s pool. It
-//! stores and reads back; it sends no notifications and keeps no views (the
-//! app server does).
+//! MySQL/MariaDB, on the shared [`Db`] (the registry's). It stores and reads
+//! back; it sends no notifications and keeps no views (the app server
+//! does). The rule that makes a user's row from its sessions, and the one
+//! writer of that row, live in `aggregate`, which the registry runs too.
 //!
-//! The aggregate: the most available status over the user's sessions
-//! (`online` > `away` > `busy` > `offline`; no session: `offline`), and the
-//! text of the session whose status changed last (largest `status_at`; ties
-//! go to the greater text, so the result never depends on row order). An
-//! `offline` aggregate always has the empty text.
-//!
-//! `set_status` and the registry's `mark_down` and `begin_epoch` run
-//! `recompute_in` in the transaction of their session change, so the
+//! `set_status` and the registry's `mark_down` and `begin_epoch` recompute
+//! the aggregate in the transaction of their session change, so the
 //! committed `presence` row agrees with the committed sessions. After
 //! `Registry::add_session` / `remove_session` (which do not touch presence)
-//! the caller runs [`PresenceStore::recompute`]. `recompute_in` locks the
-//! presence rows first (created if missing, then `SELECT ... FOR UPDATE` on
-//! MySQL; on SQLite the writer lock of `BEGIN IMMEDIATE` covers
-//! everything), then reads the sessions and writes only rows whose
-//! `(status, text)` changed, with `version + 1`. Writers of one user
-//! therefore serialise on its row, and each reads the sessions as committed
-//! by all writers before it: no update is lost, no version given twice.
-//!
-//! MySQL needs `binlog_format` ROW or MIXED (the defaults) if binary
-//! logging is on: InnoDB refuses statement-based logging at `READ
-//! COMMITTED`.
-//!
-//! On MySQL these transactions run at `READ COMMITTED`: a plain read of
-//! `sessions` after taking the row lock then sees every change committed
-//! before the lock was granted (under `REPEATABLE READ` it could see an
-//! older snapshot), without locking session rows — so a session row lock is
-//! only ever taken before a presence row lock, never after, and presence
-//! rows are locked in ascending (signed) id order.
+//! the caller runs [`PresenceStore::recompute`].
 //!
 //! Column mapping as in the registry: user ids are `u64` stored bit for bit
 //! in `BIGINT`s, ordered here in Rust, never in SQL.
 
-use crate::db::{backoff, is_retryable};
-use std::collections::HashMap;
-use std::fmt;
-use std::future::Future;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
+use sqlx::AssertSqlSafe;
 use sqlx::any::AnyRow;
-use sqlx::{Any, AnyConnection, AnyPool, AssertSqlSafe, Row, Transaction};
 
-use crate::registry::{Backend, ParseNameError, Registry, RegistryError};
+use crate::aggregate::recompute_in;
+pub use crate::aggregate::{PresenceRow, Status};
+use crate::db::{
+    Db, DbError, TRANSACTION, bad_row, bind_all, col, database_error, finish, nonnegative_col,
+    parse_col, placeholders, required_server_col, retry, server_param, sorted_user_params,
+    u64_param, user_col, user_param,
+};
 use crate::types::{ChannelId, ServerId, UserId};
 
 /// Ids per `IN (...)` list of a plain read.
 const READ_CHUNK: usize = 1000;
-/// Ids per locking statement: MariaDB turns `IN` lists of 1000 values or
-/// more into a join with a temporary table.
-const LOCK_CHUNK: usize = 500;
-/// Attempts of one write when the database reports a conflict.
-const ATTEMPTS: u32 = 10;
-
-type Tx = Transaction<'static, Any>;
-
-/// A user's (or one connection's) availability. `Ord` is availability:
-/// `Offline < Busy < Away < Online`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Offline,
-    Busy,
-    Away,
-    Online,
-}
-
-impl Status {
-    pub const ALL: [Status; 4] = [Status::Offline, Status::Busy, Status::Away, Status::Online];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Offline => "offline",
-            Status::Busy => "busy",
-            Status::Away => "away",
-            Status::Online => "online",
-        }
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Status {
-    type Err = ParseNameError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Status::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| ParseNameError {
-                kind: "status",
-                value: s.to_owned(),
-            })
-    }
-}
-
-/// One row of `presence`. A user without a row is offline, with empty text,
-/// at version 0.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PresenceRow {
-    pub user: UserId,
-    pub status: Status,
-    pub text: String,
-    /// Grows by one per change of `(status, text)`.
-    pub version: u64,
-    /// The server that made the change; 0 for the registry or the exchange.
-    pub server: ServerId,
-    pub updated_at_ms: i64,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PresenceError {
@@ -131,34 +43,22 @@ pub enum PresenceError {
     NoSuchSession,
 }
 
-/// For the registry, whose `mark_down` and `begin_epoch` recompute presence.
-impl From<PresenceError> for RegistryError {
-    fn from(e: PresenceError) -> Self {
-        match e {
-            PresenceError::Database(e) => RegistryError::Database(e),
-            PresenceError::BadRow { what } => RegistryError::BadRow { what },
-            PresenceError::NoSuchSession => RegistryError::BadRow {
-                what: "no such session".to_owned(),
-            },
-        }
-    }
-}
+database_error!(PresenceError);
 
-/// Handle on the presence tables; cheap to clone (it wraps the registry's
-/// pool).
+/// Handle on the presence tables; cheap to clone (it wraps the shared
+/// database's pool).
 #[derive(Clone, Debug)]
 pub struct PresenceStore {
-    pool: AnyPool,
-    backend: Backend,
+    db: Db,
 }
 
 impl PresenceStore {
-    /// A store on the registry's database and pool (the registry has run
-    /// the migrations).
-    pub fn new(registry: &Registry) -> Self {
+    /// A store on the shared database, e.g. the
+    /// [`Registry`](crate::registry::Registry)'s (which has run the
+    /// migrations).
+    pub fn new(db: &impl AsRef<Db>) -> Self {
         PresenceStore {
-            pool: registry.pool().clone(),
-            backend: registry.backend(),
+            db: db.as_ref().clone(),
         }
     }
 
@@ -176,7 +76,7 @@ impl PresenceStore {
         text: &str,
         now_ms: i64,
     ) -> Result<Option<PresenceRow>, PresenceError> {
-        self.retry("set_status", || {
+        retry("set_status", TRANSACTION, || {
             self.try_set_status(server, channel, status, text, now_ms)
         })
         .await
@@ -190,13 +90,13 @@ impl PresenceStore {
         text: &str,
         now_ms: i64,
     ) -> Result<Option<PresenceRow>, PresenceError> {
-        let mut tx = begin_write(&self.pool, self.backend).await?;
+        let mut tx = self.db.begin_write().await?;
         let result = async {
             // The session row first (the lock order: sessions, then
             // presence); the user it belongs to cannot change under the lock.
             let sql = format!(
                 "SELECT user_id FROM sessions WHERE server_id = ? AND channel = ?{}",
-                for_update(self.backend)
+                self.db.backend().for_update()
             );
             let row = sqlx::query(AssertSqlSafe(sql))
                 .bind(server_param(server))
@@ -218,7 +118,7 @@ impl PresenceStore {
             .bind(u64_param(channel.0))
             .execute(&mut *tx)
             .await?;
-            let changed = recompute_in(&mut tx, self.backend, &[user], server, now_ms).await?;
+            let changed = recompute_in(&mut tx, self.db.backend(), &[user], server, now_ms).await?;
             Ok(changed.into_iter().next())
         }
         .await;
@@ -233,12 +133,12 @@ impl PresenceStore {
         changed_by: ServerId,
         now_ms: i64,
     ) -> Result<Option<PresenceRow>, PresenceError> {
-        self.retry("recompute", || async {
-            let mut tx = begin_write(&self.pool, self.backend).await?;
-            let result = recompute_in(&mut tx, self.backend, &[user], changed_by, now_ms)
+        retry("recompute", TRANSACTION, || async {
+            let mut tx = self.db.begin_write().await?;
+            let result = recompute_in(&mut tx, self.db.backend(), &[user], changed_by, now_ms)
                 .await
                 .map(|rows| rows.into_iter().next());
-            finish(tx, result).await
+            finish(tx, result).await.map_err(PresenceError::from)
         })
         .await
     }
@@ -247,7 +147,7 @@ impl PresenceStore {
     /// row are absent (offline, empty text, version 0). One query per 1,000
     /// distinct users; none for an empty list.
     pub async fn rows(&self, users: &[UserId]) -> Result<Vec<PresenceRow>, PresenceError> {
-        let ids = sorted_ids(users);
+        let ids = sorted_user_params(users);
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(READ_CHUNK) {
             let sql = format!(
@@ -255,11 +155,8 @@ impl PresenceStore {
                  WHERE user_id IN ({})",
                 placeholders(chunk.len())
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for &id in chunk {
-                query = query.bind(id);
-            }
-            for row in query.fetch_all(&self.pool).await? {
+            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
+            for row in query.fetch_all(self.db.pool()).await? {
                 let row = presence_from_row(&row)?;
                 // Version-0 rows live only inside `recompute_in`'s
                 // transactions; never report one as a row.
@@ -283,8 +180,8 @@ impl PresenceStore {
         broadcast_org_max: usize,
     ) -> Result<Vec<UserId>, PresenceError> {
         let rows = sqlx::query("SELECT friend_id FROM friendships WHERE user_id = ?")
-            .bind(id_param(user))
-            .fetch_all(&self.pool)
+            .bind(user_param(user))
+            .fetch_all(self.db.pool())
             .await?;
         let mut out = rows
             .iter()
@@ -296,9 +193,9 @@ impl PresenceStore {
         let rows = sqlx::query(
             "SELECT c.id FROM users u JOIN users c ON c.org = u.org WHERE u.id = ? LIMIT ?",
         )
-        .bind(id_param(user))
+        .bind(user_param(user))
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?;
         if rows.len() <= broadcast_org_max {
             for row in &rows {
@@ -332,20 +229,17 @@ impl PresenceStore {
         let bucket = format!(
             "CASE WHEN user_id >= 0 THEN user_id % {b} ELSE (user_id % {b} + {wrap} + {b}) % {b} END"
         );
-        let ids = sorted_ids(users);
+        let ids = sorted_user_params(users);
         for chunk in ids.chunks(READ_CHUNK) {
             let sql = format!(
                 "SELECT {} AS bucket, {} AS total FROM presence WHERE user_id IN ({}) \
                  GROUP BY bucket",
-                int_expr(self.backend, &bucket),
-                int_expr(self.backend, "SUM(version)"),
+                self.db.backend().int_expr(&bucket),
+                self.db.backend().int_expr("SUM(version)"),
                 placeholders(chunk.len())
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for &id in chunk {
-                query = query.bind(id);
-            }
-            for row in query.fetch_all(&self.pool).await? {
+            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
+            for row in query.fetch_all(self.db.pool()).await? {
                 let bucket: i64 = col(&row, "bucket")?;
                 let slot = usize::try_from(bucket)
                     .ok()
@@ -359,387 +253,21 @@ impl PresenceStore {
         }
         Ok(out)
     }
-
-    /// Runs `attempt_fn` again, after a short pause, while it fails with a
-    /// conflict worth retrying (see [`is_retryable`]).
-    async fn retry<T, F, Fut>(
-        &self,
-        what: &'static str,
-        mut attempt_fn: F,
-    ) -> Result<T, PresenceError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, PresenceError>>,
-    {
-        let mut attempt = 1;
-        loop {
-            match attempt_fn().await {
-                Err(PresenceError::Database(e)) if attempt < ATTEMPTS && is_retryable(&e) => {
-                    tracing::debug!(what, attempt, error = %e, "presence conflict, retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
-    }
 }
 
-/// A transaction for writes that recompute presence: on SQLite it holds the
-/// write lock from its start (`BEGIN IMMEDIATE`), so the busy timeout
-/// applies instead of a failed lock upgrade later; on MySQL it runs at
-/// `READ COMMITTED` (see the module documentation). The registry's
-/// transactions use it too.
-pub(crate) async fn begin_write(pool: &AnyPool, backend: Backend) -> Result<Tx, sqlx::Error> {
-    match backend {
-        Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
-        // `SET TRANSACTION` without `SESSION` applies to the next
-        // transaction only: the pooled connection keeps its default.
-        Backend::MySql => {
-            pool.begin_with("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION")
-                .await
-        }
-    }
-}
-
-/// Recomputes the aggregates of `users` inside a transaction begun with
-/// [`begin_write`], after the caller changed their sessions in it. Writes
-/// every row whose `(status, text)` changed with `version + 1`, `changed_by`
-/// and `now_ms`, and returns those rows ordered by user. The one
-/// implementation of the rule: `set_status`, `recompute`, and the
-/// registry's `mark_down` and `begin_epoch` all run it.
-///
-/// Rows are locked in ascending (signed) id order, 500 per statement: a
-/// missing row is first inserted (offline, version 0), so there is always a
-/// row to lock, and deleted again if it stays at version 0.
-pub(crate) async fn recompute_in(
-    conn: &mut AnyConnection,
-    backend: Backend,
-    users: &[UserId],
-    changed_by: ServerId,
-    now_ms: i64,
-) -> Result<Vec<PresenceRow>, PresenceError> {
-    let ids = sorted_ids(users);
-    let mut changed = Vec::new();
-    for chunk in ids.chunks(LOCK_CHUNK) {
-        let sql = format!(
-            "INSERT INTO presence (user_id, status, text, version, server_id, updated_at) \
-             VALUES {} {}",
-            vec!["(?, 'offline', '', 0, 0, 0)"; chunk.len()].join(", "),
-            do_nothing(backend, "user_id")
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for &id in chunk {
-            query = query.bind(id);
-        }
-        query.execute(&mut *conn).await?;
-
-        let sql = format!(
-            "SELECT user_id, status, text, version FROM presence{} WHERE user_id IN ({}){}",
-            force_primary(backend),
-            placeholders(chunk.len()),
-            for_update(backend)
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for &id in chunk {
-            query = query.bind(id);
-        }
-        let mut old = HashMap::with_capacity(chunk.len());
-        for row in query.fetch_all(&mut *conn).await? {
-            let status: Status = parse_status(&row, "status")?;
-            let text: String = col(&row, "text")?;
-            let version = nonnegative_col(&row, "version")?;
-            old.insert(col::<i64>(&row, "user_id")?, (status, text, version));
-        }
-
-        let sql = format!(
-            "SELECT user_id, status, text, status_at FROM sessions WHERE user_id IN ({})",
-            placeholders(chunk.len())
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for &id in chunk {
-            query = query.bind(id);
-        }
-        let mut sessions: HashMap<i64, Vec<(Status, String, i64)>> = HashMap::new();
-        for row in query.fetch_all(&mut *conn).await? {
-            sessions.entry(col(&row, "user_id")?).or_default().push((
-                parse_status(&row, "status")?,
-                col(&row, "text")?,
-                col(&row, "status_at")?,
-            ));
-        }
-
-        let mut writes = Vec::new();
-        let mut unused = Vec::new();
-        for &id in chunk {
-            let (old_status, old_text, old_version) = old
-                .get(&id)
-                .ok_or_else(|| bad_row(format!("presence row of user {} missing", id as u64)))?;
-            let (status, text) = aggregate(
-                sessions
-                    .get(&id)
-                    .into_iter()
-                    .flatten()
-                    .map(|(s, t, at)| (*s, t.as_str(), *at)),
-            );
-            if status == *old_status && text == old_text.as_str() {
-                if *old_version == 0 {
-                    unused.push(id);
-                }
-                continue;
-            }
-            let version = old_version
-                .checked_add(1)
-                .filter(|&v| i64::try_from(v).is_ok())
-                .ok_or_else(|| bad_row(format!("user {}: version overflow", id as u64)))?;
-            writes.push(PresenceRow {
-                user: UserId(id as u64),
-                status,
-                text: text.to_owned(),
-                version,
-                server: changed_by,
-                updated_at_ms: now_ms,
-            });
-        }
-
-        if !writes.is_empty() {
-            let sql = format!(
-                "INSERT INTO presence (user_id, status, text, version, server_id, updated_at) \
-                 VALUES {} {}",
-                vec!["(?, ?, ?, ?, ?, ?)"; writes.len()].join(", "),
-                upsert_columns(
-                    backend,
-                    "user_id",
-                    &["status", "text", "version", "server_id", "updated_at"]
-                )
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for w in &writes {
-                query = query
-                    .bind(id_param(w.user))
-                    .bind(w.status.as_str())
-                    .bind(w.text.as_str())
-                    .bind(w.version as i64)
-                    .bind(server_param(w.server))
-                    .bind(w.updated_at_ms);
-            }
-            query.execute(&mut *conn).await?;
-        }
-        if !unused.is_empty() {
-            let sql = format!(
-                "DELETE FROM presence WHERE version = 0 AND user_id IN ({})",
-                placeholders(unused.len())
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for &id in &unused {
-                query = query.bind(id);
-            }
-            query.execute(&mut *conn).await?;
-        }
-        changed.extend(writes);
-    }
-    changed.sort_unstable_by_key(|r| r.user);
-    Ok(changed)
-}
-
-/// The aggregate of one user's sessions `(status, text, status_at)`: the
-/// most available status, and the text of the session whose status changed
-/// last (ties: the greater text). Offline, and then always with empty text,
-/// when there is no session or none is more than offline.
-fn aggregate<'a>(sessions: impl IntoIterator<Item = (Status, &'a str, i64)>) -> (Status, &'a str) {
-    let mut status = Status::Offline;
-    let mut latest: Option<(i64, &'a str)> = None;
-    for (s, text, at) in sessions {
-        status = status.max(s);
-        if latest.is_none_or(|l| (at, text) > l) {
-            latest = Some((at, text));
-        }
-    }
-    match (status, latest) {
-        (Status::Offline, _) | (_, None) => (Status::Offline, ""),
-        (status, Some((_, text))) => (status, text),
-    }
-}
-
-/// Commits on success, rolls back on failure.
-async fn finish<T>(tx: Tx, result: Result<T, PresenceError>) -> Result<T, PresenceError> {
-    match result {
-        Ok(v) => {
-            tx.commit().await?;
-            Ok(v)
-        }
-        Err(e) => {
-            if let Err(re) = tx.rollback().await {
-                tracing::debug!(error = %re, "presence rollback failed");
-            }
-            Err(e)
-        }
-    }
-}
-
-fn for_update(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Sqlite => "",
-        Backend::MySql => " FOR UPDATE",
-    }
-}
-
-/// Keeps InnoDB on primary-key lookups for a locking `IN (...)` read.
-fn force_primary(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Sqlite => "",
-        Backend::MySql => " FORCE INDEX (PRIMARY)",
-    }
-}
-
-/// An integer expression the `Any` driver can decode: MySQL's `SUM` is a
-/// `DECIMAL`.
-fn int_expr(backend: Backend, expr: &str) -> String {
-    match backend {
-        Backend::Sqlite => expr.to_owned(),
-        Backend::MySql => format!("CAST({expr} AS SIGNED)"),
-    }
-}
-
-/// "Insert these rows, keep the existing ones" (on MySQL the no-op update
-/// still takes the row's exclusive lock).
-fn do_nothing(backend: Backend, key: &str) -> String {
-    match backend {
-        Backend::Sqlite => format!("ON CONFLICT ({key}) DO NOTHING"),
-        Backend::MySql => format!("ON DUPLICATE KEY UPDATE {key} = {key}"),
-    }
-}
-
-/// "Insert these rows, or on this key set `cols` from them".
-fn upsert_columns(backend: Backend, key: &str, cols: &[&str]) -> String {
-    let set = |f: &dyn Fn(&str) -> String| {
-        cols.iter()
-            .map(|c| format!("{c} = {}", f(c)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match backend {
-        Backend::Sqlite => format!(
-            "ON CONFLICT ({key}) DO UPDATE SET {}",
-            set(&|c| format!("excluded.{c}"))
-        ),
-        Backend::MySql => format!(
-            "ON DUPLICATE KEY UPDATE {}",
-            set(&|c| format!("VALUES({c})"))
-        ),
-    }
-}
-
-/// `?, ?, ?`
-fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(", ")
-}
-
-/// Distinct ids as stored, ascending: the lock order of every writer here.
-fn sorted_ids(users: &[UserId]) -> Vec<i64> {
-    let mut ids: Vec<i64> = users.iter().map(|&u| id_param(u)).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
-/// User and channel ids use the full `u64` range: stored bit for bit.
-fn id_param(u: UserId) -> i64 {
-    u.0 as i64
-}
-
-fn u64_param(v: u64) -> i64 {
-    v as i64
-}
-
-fn server_param(s: ServerId) -> i64 {
-    i64::from(s.0)
-}
-
-fn bad_row(what: impl Into<String>) -> PresenceError {
-    PresenceError::BadRow { what: what.into() }
-}
-
-/// A column decoded as `T`; a type mismatch is a bad row, not a panic.
-fn col<T>(row: &AnyRow, col: &str) -> Result<T, PresenceError>
-where
-    T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
-{
-    row.try_get::<T, _>(col)
-        .map_err(|e| bad_row(format!("column {col}: {e}")))
-}
-
-fn nonnegative_col(row: &AnyRow, name: &str) -> Result<u64, PresenceError> {
-    let v: i64 = col(row, name)?;
-    u64::try_from(v).map_err(|_| bad_row(format!("column {name}: negative {v}")))
-}
-
-fn user_col(row: &AnyRow, name: &str) -> Result<UserId, PresenceError> {
-    Ok(UserId(col::<i64>(row, name)? as u64))
-}
-
-fn parse_status(row: &AnyRow, name: &str) -> Result<Status, PresenceError> {
-    col::<String>(row, name)?
-        .parse()
-        .map_err(|e: ParseNameError| bad_row(e.to_string()))
-}
-
-fn presence_from_row(row: &AnyRow) -> Result<PresenceRow, PresenceError> {
-    let server: i64 = col(row, "server_id")?;
+fn presence_from_row(row: &AnyRow) -> Result<PresenceRow, DbError> {
     Ok(PresenceRow {
         user: user_col(row, "user_id")?,
-        status: parse_status(row, "status")?,
+        status: parse_col(row, "status")?,
         text: col(row, "text")?,
         version: nonnegative_col(row, "version")?,
-        server: u32::try_from(server)
-            .map(ServerId)
-            .map_err(|_| bad_row(format!("column server_id: {server} out of range")))?,
+        server: required_server_col(row, "server_id")?,
         updated_at_ms: col(row, "updated_at")?,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn status_order_names_and_serde() {
-        assert!(Status::Online > Status::Away);
-        assert!(Status::Away > Status::Busy);
-        assert!(Status::Busy > Status::Offline);
-        for s in Status::ALL {
-            assert_eq!(s.as_str().parse::<Status>(), Ok(s));
-            assert_eq!(
-                serde_json::to_string(&s).unwrap(),
-                format!("\"{}\"", s.as_str())
-            );
-        }
-        assert!("Online".parse::<Status>().is_err());
-    }
-
-    #[test]
-    fn aggregate_rules() {
-        assert_eq!(aggregate([]), (Status::Offline, ""));
-        assert_eq!(
-            aggregate([(Status::Busy, "b", 5), (Status::Away, "a", 3)]),
-            (Status::Away, "b")
-        );
-        assert_eq!(
-            aggregate([(Status::Online, "", 0), (Status::Busy, "meeting", 7)]),
-            (Status::Online, "meeting")
-        );
-        // Ties on status_at: the greater text, whatever the order.
-        assert_eq!(
-            aggregate([(Status::Away, "x", 5), (Status::Away, "y", 5)]),
-            aggregate([(Status::Away, "y", 5), (Status::Away, "x", 5)])
-        );
-        // Invisible connections only: offline, no text.
-        assert_eq!(
-            aggregate([(Status::Offline, "gone", 9)]),
-            (Status::Offline, "")
-        );
-    }
-
     #[test]
     fn bucket_of_high_ids_matches_u64_modulo() {
         // The SQL expression of `digest`, evaluated with Rust's truncating

@@ -1,54 +1,40 @@
 //! The shared registry database: which servers exist, their epochs and
 //! liveness, and which client sessions live on which app server.
 //!
-//! Owns the `servers` and `sessions` tables, their migrations (`sql/mysql`,
-//! `sql/sqlite`) and every SQL statement that touches them, for SQLite and
-//! MySQL/MariaDB through sqlx's `Any` driver with identical semantics. It does
-//! not decide policy: leases, timeouts and who may call what belong to the
-//! exchange and app server; time is passed in as `now_ms`.
+//! Owns the `servers` and `sessions` tables and every SQL statement that
+//! touches them, for SQLite and MySQL/MariaDB with identical semantics, on
+//! the shared [`Db`] it connects (which runs the migrations of `sql/`). It
+//! does not decide policy: leases, timeouts and who may call what belong to
+//! the exchange and app server; time is passed in as `now_ms`. Deleting
+//! sessions recomputes their users' presence rows in the same transaction
+//! through `aggregate`; everything else about presence belongs to
+//! `presence`.
 //!
 //! Column mapping: ids, epochs and times are `BIGINT`. User and channel ids
 //! are `u64` stored bit for bit as `i64` (channel ids carry the epoch in their
 //! high bits), so ordering by them is done here in Rust, never in SQL.
 
-use crate::db::is_retryable;
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
 
-use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::migrate::Migrator;
-use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Connection, Executor, Row};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AssertSqlSafe};
 
-use crate::presence;
+use crate::aggregate::recompute_in;
+pub use crate::db::{Backend, Db, ParseNameError};
+use crate::db::{
+    ConnectError, DbError, TRANSACTION, bind_all, col, database_error, finish, nonnegative_col,
+    parse_col, placeholders, required_server_col, retry, server_col, server_param, u64_param,
+    user_col, user_param,
+};
 use crate::types::{ChannelId, ServerId, Session, UserId};
-
-static MYSQL_MIGRATIONS: Migrator = sqlx::migrate!("../sql/mysql");
-static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../sql/sqlite");
 
 /// Values bound per statement stay well under SQLite's and MySQL's
 /// placeholder limits.
 const CHUNK: usize = 1000;
-/// Attempts of `begin_epoch` when the database reports a conflict.
-const EPOCH_ATTEMPTS: u32 = 8;
 
 const SERVER_COLUMNS: &str =
     "id, role, address, epoch, state, exchange_id, registered_at, last_seen";
-
-/// Which SQL dialect a [`Registry`] speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Backend {
-    Sqlite,
-    MySql,
-}
-
-/// A string that names no [`Role`] or [`ServerState`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown {kind} {value:?}")]
-pub struct ParseNameError {
-    pub kind: &'static str,
-    pub value: String,
-}
 
 /// A fieldless enum stored as a short lowercase name: `as_str`, `Display`
 /// and `FromStr` from one table.
@@ -135,11 +121,30 @@ pub enum RegistryError {
     BadUrl(String),
 }
 
-/// Handle on the registry database; cheap to clone (it wraps a pool).
+impl From<ConnectError> for RegistryError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::BadUrl(why) => RegistryError::BadUrl(why.to_owned()),
+            ConnectError::Database(e) => RegistryError::Database(e),
+            ConnectError::Migrate(e) => RegistryError::Migrate(e),
+        }
+    }
+}
+
+database_error!(RegistryError);
+
+/// Handle on the registry database; cheap to clone (it wraps the pool).
+/// The chat store and presence open on the same database through it
+/// (`AsRef<Db>`).
 #[derive(Clone, Debug)]
 pub struct Registry {
-    pool: AnyPool,
-    backend: Backend,
+    db: Db,
+}
+
+impl AsRef<Db> for Registry {
+    fn as_ref(&self) -> &Db {
+        &self.db
+    }
 }
 
 impl Registry {
@@ -150,46 +155,13 @@ impl Registry {
     /// pool, so every user sees the same database) or
     /// `mysql://user:pass@host:port/db`.
     pub async fn connect(url: &str) -> Result<Registry, RegistryError> {
-        sqlx::any::install_default_drivers();
-        let (backend, pool) = if let Some(rest) = url.strip_prefix("sqlite:") {
-            (Backend::Sqlite, connect_sqlite(url, rest).await?)
-        } else if url.starts_with("mysql://") {
-            (Backend::MySql, connect_mysql(url).await?)
-        } else {
-            return Err(RegistryError::BadUrl(
-                "expected a sqlite: or mysql:// url".to_owned(),
-            ));
-        };
-        let migrations = match backend {
-            Backend::Sqlite => &SQLITE_MIGRATIONS,
-            Backend::MySql => &MYSQL_MIGRATIONS,
-        };
-        // Several processes may start on a fresh database at once (the demo
-        // starts four). MySQL migrations take a lock; SQLite's do not, so a
-        // loser of that race sees "table already exists" — and on a second
-        // run finds the migration applied.
-        let mut attempt = 0;
-        loop {
-            match migrations.run(&pool).await {
-                Ok(()) => break,
-                Err(e) if attempt < 5 => {
-                    attempt += 1;
-                    tracing::debug!(error = %e, attempt, "migration raced; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(Registry { pool, backend })
+        Ok(Registry {
+            db: Db::connect(url).await?,
+        })
     }
 
     pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
-    /// The pool, for the other stores on this database (`store.rs`).
-    pub(crate) fn pool(&self) -> &AnyPool {
-        &self.pool
+        self.db.backend()
     }
 
     /// A server process starting: inserts its row with epoch 1 or bumps the
@@ -205,17 +177,10 @@ impl Registry {
         state: ServerState,
         now_ms: i64,
     ) -> Result<u64, RegistryError> {
-        let mut attempt = 1;
-        loop {
-            match self.try_begin_epoch(id, role, address, state, now_ms).await {
-                Err(RegistryError::Database(e)) if attempt < EPOCH_ATTEMPTS && is_retryable(&e) => {
-                    tracing::debug!(server = id.0, attempt, error = %e, "begin_epoch conflict, retrying");
-                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+        retry("begin_epoch", TRANSACTION, || {
+            self.try_begin_epoch(id, role, address, state, now_ms)
+        })
+        .await
     }
 
     async fn try_begin_epoch(
@@ -233,31 +198,34 @@ impl Registry {
             "INSERT INTO servers (id, role, address, epoch, state, exchange_id, registered_at, \
              last_seen) VALUES (?, ?, ?, 1, ?, NULL, ?, ?) {} epoch = epoch + 1, role = ?, \
              address = ?, state = ?, registered_at = ?, last_seen = ?",
-            self.upsert("id")
+            self.db.backend().upsert("id")
         );
-        let mut tx = self.begin().await?;
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(server_param(id))
-            .bind(role.as_str())
-            .bind(address)
-            .bind(state.as_str())
-            .bind(now_ms)
-            .bind(now_ms)
-            .bind(role.as_str())
-            .bind(address)
-            .bind(state.as_str())
-            .bind(now_ms)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-        let row = sqlx::query("SELECT epoch FROM servers WHERE id = ?")
-            .bind(server_param(id))
-            .fetch_one(&mut *tx)
-            .await?;
-        let epoch = epoch_col(&row, "epoch")?;
-        self.delete_sessions_in(&mut tx, id, now_ms).await?;
-        tx.commit().await?;
-        Ok(epoch)
+        let mut tx = self.db.begin_write().await?;
+        let result = async {
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(server_param(id))
+                .bind(role.as_str())
+                .bind(address)
+                .bind(state.as_str())
+                .bind(now_ms)
+                .bind(now_ms)
+                .bind(role.as_str())
+                .bind(address)
+                .bind(state.as_str())
+                .bind(now_ms)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query("SELECT epoch FROM servers WHERE id = ?")
+                .bind(server_param(id))
+                .fetch_one(&mut *tx)
+                .await?;
+            let epoch = nonnegative_col(&row, "epoch")?;
+            self.delete_sessions_in(&mut tx, id, now_ms).await?;
+            Ok(epoch)
+        }
+        .await;
+        finish(tx, result).await
     }
 
     /// The exchange accepting an app server's registration. Only the epoch
@@ -281,15 +249,15 @@ impl Registry {
             .bind(now_ms)
             .bind(now_ms)
             .bind(server_param(id))
-            .bind(epoch_param(epoch))
-            .execute(&self.pool)
+            .bind(u64_param(epoch))
+            .execute(self.db.pool())
             .await?;
             if done.rows_affected() > 0 {
                 return Ok(Registration::Accepted);
             }
             let Some(row) = sqlx::query("SELECT role, epoch FROM servers WHERE id = ?")
                 .bind(server_param(id))
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.db.pool())
                 .await?
             else {
                 return Ok(Registration::Unknown);
@@ -297,7 +265,7 @@ impl Registry {
             if parse_col::<Role>(&row, "role")? != Role::App {
                 return Ok(Registration::WrongRole);
             }
-            current = epoch_col(&row, "epoch")?;
+            current = nonnegative_col(&row, "epoch")?;
             if current != epoch {
                 return Ok(Registration::StaleEpoch { current });
             }
@@ -319,8 +287,8 @@ impl Registry {
                 .bind(state.as_str())
                 .bind(now_ms)
                 .bind(server_param(id))
-                .bind(epoch_param(epoch))
-                .execute(&self.pool)
+                .bind(u64_param(epoch))
+                .execute(self.db.pool())
                 .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -339,17 +307,10 @@ impl Registry {
         epoch: u64,
         now_ms: i64,
     ) -> Result<bool, RegistryError> {
-        let mut attempt = 1;
-        loop {
-            match self.try_mark_down(id, epoch, now_ms).await {
-                Err(RegistryError::Database(e)) if attempt < EPOCH_ATTEMPTS && is_retryable(&e) => {
-                    tracing::debug!(server = id.0, attempt, error = %e, "mark_down conflict, retrying");
-                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+        retry("mark_down", TRANSACTION, || {
+            self.try_mark_down(id, epoch, now_ms)
+        })
+        .await
     }
 
     async fn try_mark_down(
@@ -358,26 +319,28 @@ impl Registry {
         epoch: u64,
         now_ms: i64,
     ) -> Result<bool, RegistryError> {
-        let mut tx = self.begin().await?;
-        let done = sqlx::query(
-            "UPDATE servers SET state = 'down', last_seen = ? WHERE id = ? AND epoch = ?",
-        )
-        .bind(now_ms)
-        .bind(server_param(id))
-        .bind(epoch_param(epoch))
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(false);
+        let mut tx = self.db.begin_write().await?;
+        let result = async {
+            let done = sqlx::query(
+                "UPDATE servers SET state = 'down', last_seen = ? WHERE id = ? AND epoch = ?",
+            )
+            .bind(now_ms)
+            .bind(server_param(id))
+            .bind(u64_param(epoch))
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Ok(false);
+            }
+            self.delete_sessions_in(&mut tx, id, now_ms).await?;
+            Ok(true)
         }
-        self.delete_sessions_in(&mut tx, id, now_ms).await?;
-        tx.commit().await?;
-        Ok(true)
+        .await;
+        finish(tx, result).await
     }
 
     /// Deletes every session of `server` inside `conn`'s transaction (begun
-    /// with [`Registry::begin`]) and recomputes the presence of their users
+    /// with `Db::begin_write`) and recomputes the presence of their users
     /// there, with server 0 as the changer.
     ///
     /// Rows are locked (MySQL), then deleted by key, until none is left: at
@@ -391,10 +354,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let sql = format!(
             "SELECT channel, user_id FROM sessions WHERE server_id = ?{}",
-            match self.backend {
-                Backend::Sqlite => "",
-                Backend::MySql => " FOR UPDATE",
-            }
+            self.db.backend().for_update()
         );
         let mut users = Vec::new();
         loop {
@@ -408,26 +368,26 @@ impl Registry {
             let mut channels = Vec::with_capacity(rows.len());
             for row in &rows {
                 channels.push(col::<i64>(row, "channel")?);
-                users.push(UserId(col::<i64>(row, "user_id")? as u64));
+                users.push(user_col(row, "user_id")?);
             }
             for chunk in channels.chunks(CHUNK / 2) {
                 let sql = format!(
                     "DELETE FROM sessions WHERE server_id = ? AND channel IN ({})",
-                    vec!["?"; chunk.len()].join(", ")
+                    placeholders(chunk.len())
                 );
-                let mut query = sqlx::query(AssertSqlSafe(sql)).bind(server_param(server));
-                for &channel in chunk {
-                    query = query.bind(channel);
-                }
+                let query = bind_all(
+                    sqlx::query(AssertSqlSafe(sql)).bind(server_param(server)),
+                    chunk,
+                );
                 query.execute(&mut *conn).await?;
             }
         }
-        presence::recompute_in(conn, self.backend, &users, ServerId::NONE, now_ms).await?;
+        recompute_in(conn, self.db.backend(), &users, ServerId::NONE, now_ms).await?;
         Ok(())
     }
 
     /// Refreshes last_seen of every listed server whose epoch still matches,
-    /// in one statement per [`CHUNK`] placeholders.
+    /// in one statement per 1,000 placeholders.
     pub async fn touch(
         &self,
         servers: &[(ServerId, u64)],
@@ -440,9 +400,9 @@ impl Registry {
             );
             let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_ms);
             for &(id, epoch) in chunk {
-                query = query.bind(server_param(id)).bind(epoch_param(epoch));
+                query = query.bind(server_param(id)).bind(u64_param(epoch));
             }
-            query.execute(&self.pool).await?;
+            query.execute(self.db.pool()).await?;
         }
         Ok(())
     }
@@ -451,18 +411,18 @@ impl Registry {
         let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE id = ?");
         let row = sqlx::query(AssertSqlSafe(sql))
             .bind(server_param(id))
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.pool())
             .await?;
-        row.as_ref().map(server_from_row).transpose()
+        Ok(row.as_ref().map(server_from_row).transpose()?)
     }
 
     /// Every server, ordered by id.
     pub async fn servers(&self) -> Result<Vec<ServerRecord>, RegistryError> {
         let sql = format!("SELECT {SERVER_COLUMNS} FROM servers ORDER BY id");
         let rows = sqlx::query(AssertSqlSafe(sql))
-            .fetch_all(&self.pool)
+            .fetch_all(self.db.pool())
             .await?;
-        rows.iter().map(server_from_row).collect()
+        Ok(rows.iter().map(server_from_row).collect::<Result<_, _>>()?)
     }
 
     /// Records a live client connection, replacing any row with the same
@@ -476,20 +436,20 @@ impl Registry {
         let sql = format!(
             "INSERT INTO sessions (server_id, channel, user_id, device, epoch, created_at) \
              VALUES (?, ?, ?, ?, ?, ?) {} user_id = ?, device = ?, epoch = ?, created_at = ?",
-            self.upsert("server_id, channel")
+            self.db.backend().upsert("server_id, channel")
         );
         sqlx::query(AssertSqlSafe(sql))
             .bind(server_param(session.server))
             .bind(u64_param(session.channel.0))
-            .bind(u64_param(session.user.0))
+            .bind(user_param(session.user))
             .bind(session.device.as_str())
-            .bind(epoch_param(epoch))
+            .bind(u64_param(epoch))
             .bind(now_ms)
-            .bind(u64_param(session.user.0))
+            .bind(user_param(session.user))
             .bind(session.device.as_str())
-            .bind(epoch_param(epoch))
+            .bind(u64_param(epoch))
             .bind(now_ms)
-            .execute(&self.pool)
+            .execute(self.db.pool())
             .await?;
         Ok(())
     }
@@ -503,7 +463,7 @@ impl Registry {
         let done = sqlx::query("DELETE FROM sessions WHERE server_id = ? AND channel = ?")
             .bind(server_param(server))
             .bind(u64_param(channel.0))
-            .execute(&self.pool)
+            .execute(self.db.pool())
             .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -512,13 +472,13 @@ impl Registry {
     pub async fn clear_sessions(&self, server: ServerId) -> Result<u64, RegistryError> {
         let done = sqlx::query("DELETE FROM sessions WHERE server_id = ?")
             .bind(server_param(server))
-            .execute(&self.pool)
+            .execute(self.db.pool())
             .await?;
         Ok(done.rows_affected())
     }
 
     /// All sessions of these users, ordered by (server, user, channel). One
-    /// query per [`CHUNK`] distinct users; none for an empty list.
+    /// query per 1,000 distinct users; none for an empty list.
     pub async fn sessions_of(&self, users: &[UserId]) -> Result<Vec<Session>, RegistryError> {
         let mut users = users.to_vec();
         users.sort_unstable();
@@ -533,7 +493,7 @@ impl Registry {
             for user in chunk {
                 query = query.bind(u64_param(user.0));
             }
-            for row in query.fetch_all(&self.pool).await? {
+            for row in query.fetch_all(self.db.pool()).await? {
                 out.push(session_from_row(&row)?);
             }
         }
@@ -544,7 +504,7 @@ impl Registry {
     /// Every session (admin listing), ordered by (server, user, channel).
     pub async fn sessions(&self) -> Result<Vec<Session>, RegistryError> {
         let rows = sqlx::query("SELECT server_id, channel, user_id, device FROM sessions")
-            .fetch_all(&self.pool)
+            .fetch_all(self.db.pool())
             .await?;
         let mut out = rows
             .iter()
@@ -553,147 +513,18 @@ impl Registry {
         sort_sessions(&mut out);
         Ok(out)
     }
-
-    /// The dialect's "insert, or on this key update" clause, up to the
-    /// assignments. Values are bound again rather than read back with
-    /// `excluded.x` / `VALUES(x)`, which only one dialect each understands.
-    fn upsert(&self, key: &str) -> String {
-        match self.backend {
-            Backend::Sqlite => format!("ON CONFLICT ({key}) DO UPDATE SET"),
-            Backend::MySql => "ON DUPLICATE KEY UPDATE".to_owned(),
-        }
-    }
-
-    /// A transaction that holds the write lock from its start on SQLite, so
-    /// the busy timeout applies instead of a failed lock upgrade later, and
-    /// runs at `READ COMMITTED` on MySQL, as presence recomputation needs
-    /// ([`presence::begin_write`]).
-    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-        presence::begin_write(&self.pool, self.backend).await
-    }
-}
-
-async fn connect_sqlite(url: &str, rest: &str) -> Result<AnyPool, RegistryError> {
-    let rest = rest.trim_start_matches("//");
-    let (path, params) = rest.split_once('?').unwrap_or((rest, ""));
-    if path.is_empty() && !params.contains("mode=memory") {
-        return Err(RegistryError::BadUrl("sqlite url names no file".to_owned()));
-    }
-    if path == ":memory:" || params.contains("mode=memory") {
-        // Every connection to `:memory:` is a database of its own, and it
-        // vanishes when its connection closes: keep exactly one, forever.
-        let pool = AnyPoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect(url)
-            .await?;
-        return Ok(pool);
-    }
-    // Create the file if missing unless the url says otherwise.
-    let url = if params.contains("mode=") {
-        url.to_owned()
-    } else if params.is_empty() {
-        format!("{url}?mode=rwc")
-    } else {
-        format!("{url}&mode=rwc")
-    };
-    // WAL is a property of the file; switching needs the only connection, so
-    // do it once before the pool opens several. sqlx's default busy timeout
-    // is 5 s.
-    let mut conn = AnyConnection::connect(&url).await?;
-    conn.execute("PRAGMA journal_mode = WAL").await?;
-    conn.close().await?;
-    Ok(AnyPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await?)
-}
-
-async fn connect_mysql(url: &str) -> Result<AnyPool, RegistryError> {
-    let pool = AnyPoolOptions::new()
-        .max_connections(10)
-        .after_connect(|conn, _meta| {
-            Box::pin(async move {
-                // Reject over-long values as SQLite's CHECKs do, whatever the
-                // server's default sql_mode.
-                conn.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',STRICT_ALL_TABLES')")
-                    .await?;
-                Ok(())
-            })
-        })
-        .connect(url)
-        .await?;
-    Ok(pool)
 }
 
 fn sort_sessions(sessions: &mut [Session]) {
     sessions.sort_unstable_by_key(|s| (s.server, s.user, s.channel));
 }
 
-fn server_param(id: ServerId) -> i64 {
-    i64::from(id.0)
-}
-
-/// Epochs issued here are small and positive; a claim beyond `i64::MAX` maps
-/// to a negative value that matches no row.
-fn epoch_param(epoch: u64) -> i64 {
-    epoch as i64
-}
-
-/// User and channel ids use the full `u64` range: stored bit for bit.
-fn u64_param(v: u64) -> i64 {
-    v as i64
-}
-
-fn bad_row(what: impl Into<String>) -> RegistryError {
-    RegistryError::BadRow { what: what.into() }
-}
-
-/// A column decoded as `T`; a type mismatch is a bad row, not a panic.
-fn col<T>(row: &AnyRow, col: &str) -> Result<T, RegistryError>
-where
-    T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
-{
-    row.try_get::<T, _>(col)
-        .map_err(|e| bad_row(format!("column {col}: {e}")))
-}
-
-fn epoch_col(row: &AnyRow, name: &str) -> Result<u64, RegistryError> {
-    let v: i64 = col(row, name)?;
-    u64::try_from(v).map_err(|_| bad_row(format!("column {name}: negative epoch {v}")))
-}
-
-fn server_col(row: &AnyRow, name: &str) -> Result<Option<ServerId>, RegistryError> {
-    col::<Option<i64>>(row, name)?
-        .map(|v| {
-            u32::try_from(v)
-                .map(ServerId)
-                .map_err(|_| bad_row(format!("column {name}: server id {v} out of range")))
-        })
-        .transpose()
-}
-
-fn required_server_col(row: &AnyRow, name: &str) -> Result<ServerId, RegistryError> {
-    server_col(row, name)?.ok_or_else(|| bad_row(format!("column {name}: null")))
-}
-
-fn parse_col<T>(row: &AnyRow, name: &str) -> Result<T, RegistryError>
-where
-    T: FromStr<Err = ParseNameError>,
-{
-    col::<String>(row, name)?
-        .parse()
-        .map_err(|e: ParseNameError| bad_row(e.to_string()))
-}
-
-fn server_from_row(row: &AnyRow) -> Result<ServerRecord, RegistryError> {
+fn server_from_row(row: &AnyRow) -> Result<ServerRecord, DbError> {
     Ok(ServerRecord {
         id: required_server_col(row, "id")?,
         role: parse_col(row, "role")?,
         address: col(row, "address")?,
-        epoch: epoch_col(row, "epoch")?,
+        epoch: nonnegative_col(row, "epoch")?,
         state: parse_col(row, "state")?,
         exchange: server_col(row, "exchange_id")?,
         registered_at_ms: col(row, "registered_at")?,
@@ -701,9 +532,9 @@ fn server_from_row(row: &AnyRow) -> Result<ServerRecord, RegistryError> {
     })
 }
 
-fn session_from_row(row: &AnyRow) -> Result<Session, RegistryError> {
+fn session_from_row(row: &AnyRow) -> Result<Session, DbError> {
     Ok(Session {
-        user: UserId(col::<i64>(row, "user_id")? as u64),
+        user: user_col(row, "user_id")?,
         device: col(row, "device")?,
         server: required_server_col(row, "server_id")?,
         channel: ChannelId(col::<i64>(row, "channel")? as u64),

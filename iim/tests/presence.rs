@@ -157,6 +157,39 @@ async fn agrees(ctx_url: &str, p: &PresenceStore, user: u64) -> anyhow::Result<(
     Ok(())
 }
 
+/// Returns once a transaction on the test's database waits for a row lock
+/// (MySQL: `information_schema.INNODB_TRX`, joined to the process list for
+/// the database, as other tests share the server); fails after 10 s.
+/// InnoDB refreshes that table only when it was last read more than 100 ms
+/// before, so it is read every 200 ms: faster reads see the same old rows
+/// for ever. SQLite has no such list: there the caller's later checks of
+/// the outcome must tell on their own.
+async fn lock_waited_for(url: &str, backend: Backend) -> anyhow::Result<()> {
+    if backend == Backend::Sqlite {
+        return Ok(());
+    }
+    let mut conn = raw_conn(url).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.INNODB_TRX t \
+             JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id \
+             WHERE t.trx_state = 'LOCK WAIT' AND p.DB = DATABASE()",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        if waiting > 0 {
+            conn.close().await?;
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no transaction waited for a lock within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 async fn app(reg: &Registry, id: u32) -> anyhow::Result<u64> {
     Ok(reg
         .begin_epoch(ServerId(id), Role::App, "a", ServerState::Up, T0)
@@ -752,7 +785,10 @@ async fn concurrent_status_changes_of_one_user_from_separate_pools() {
 /// does) while server 1 restarts and must recompute the same user: the
 /// restart waits for the row and then sees the committed session, so the
 /// row keeps agreeing with the sessions. (On MySQL at `REPEATABLE READ`
-/// the restart would compute from a snapshot taken before the wait.)
+/// the restart would compute from a snapshot taken before the wait.) The
+/// commit comes once MySQL shows the restart waiting for a lock; on SQLite,
+/// whose `BEGIN IMMEDIATE` takes the writer lock before any read, the
+/// restart sees the committed session whenever it starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn begin_epoch_sees_a_change_committed_while_it_waited() {
     each_backend(
@@ -803,7 +839,7 @@ async fn begin_epoch_sees_a_change_committed_while_it_waited() {
                         .await
                 }
             });
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            lock_waited_for(&url, reg.backend()).await?;
             ensure!(
                 !restart.is_finished(),
                 "the restart did not wait for the row"
