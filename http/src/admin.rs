@@ -1,0 +1,107 @@
+//! The admin API's JSON, as the app server reads and writes it and its
+//! clients (iimctl, the test kit) send and read it.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST` here sends a text message ([`SendRequest`] → [`SendResponse`]).
+pub const SEND_PATH: &str = "/admin/send";
+/// `GET` here answers `ok` while the app server runs.
+pub const HEALTH_PATH: &str = "/admin/health";
+/// Most recipients one [`SendRequest`] may name.
+pub const MAX_RECIPIENTS: usize = 10_000;
+
+/// A text message from user `from` (on the app server asked) to users
+/// wherever they are connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    pub from: u64,
+    pub to: Vec<u64>,
+    pub text: String,
+}
+
+/// One target server's outcome, as the wire names it (`delivered`,
+/// `unknown_server`, `server_down`, `timed_out`, `overloaded`, `refused`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerOutcome {
+    pub server: u32,
+    pub status: String,
+}
+
+/// The delivery report of one send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendResponse {
+    /// The message id, `origin.epoch.seq`.
+    pub id: String,
+    /// Connections the recipients had when the message was sent.
+    pub sessions: usize,
+    /// Connections on the sending server: delivered in process, or gone.
+    pub local_delivered: usize,
+    pub local_missing: usize,
+    /// One entry per other server the message went to.
+    pub servers: Vec<ServerOutcome>,
+}
+
+impl SendResponse {
+    /// Every targeted server acknowledged, no local session went missing,
+    /// and at least one session was targeted at all.
+    pub fn all_delivered(&self) -> bool {
+        self.sessions > 0
+            && self.local_missing == 0
+            && self.servers.iter().all(|s| s.status == "delivered")
+    }
+
+    /// What server `server` reported, if it was a target.
+    pub fn status_of(&self, server: u32) -> Option<&str> {
+        self.servers
+            .iter()
+            .find(|s| s.server == server)
+            .map(|s| s.status.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let mut r = SendResponse {
+            id: "1.1.1".into(),
+            sessions: 3,
+            local_delivered: 1,
+            local_missing: 0,
+            servers: vec![
+                ServerOutcome {
+                    server: 2,
+                    status: "delivered".into(),
+                },
+                ServerOutcome {
+                    server: 3,
+                    status: "delivered".into(),
+                },
+            ],
+        };
+        assert!(r.all_delivered());
+        r.servers[1].status = "server_down".into();
+        assert!(!r.all_delivered());
+        assert_eq!(r.status_of(3), Some("server_down"));
+        assert_eq!(r.status_of(4), None);
+        r.servers.clear();
+        r.local_missing = 1;
+        assert!(!r.all_delivered());
+        r.local_missing = 0;
+        r.sessions = 0;
+        assert!(!r.all_delivered(), "nobody targeted is not a success");
+    }
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        let ok: SendRequest =
+            serde_json::from_str(r#"{"from":1001,"to":[2001],"text":"hi"}"#).unwrap();
+        assert_eq!(ok.to, vec![2001]);
+        assert!(
+            serde_json::from_str::<SendRequest>(r#"{"from":1,"to":[],"text":"","x":1}"#).is_err()
+        );
+    }
+}
