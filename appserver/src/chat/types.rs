@@ -52,7 +52,7 @@ pub struct SendRequest {
 }
 
 /// The answer to a `send`: the message is stored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendAck {
     pub req: String,
     /// Server-wide message id.
@@ -117,7 +117,7 @@ impl PartialEq for ChatMessage {
 }
 
 /// The answer to a `sync`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SyncPage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<u64>,
@@ -129,7 +129,7 @@ pub struct SyncPage {
 }
 
 /// A large group the user belongs to, with its timeline's highest sequence.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LargeGroup {
     pub group: u64,
     pub max: u64,
@@ -137,7 +137,7 @@ pub struct LargeGroup {
 
 /// Told to a client once authenticated: where its inbox and its large
 /// groups' timelines stand, so it knows what to sync.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
     pub user: u64,
     pub device: String,
