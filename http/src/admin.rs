@@ -66,33 +66,24 @@ mod tests {
 
     #[test]
     fn verdicts() {
-        let mut r = SendResponse {
-            id: "1.1.1".into(),
-            sessions: 3,
-            local_delivered: 1,
-            local_missing: 0,
-            servers: vec![
-                ServerOutcome {
-                    server: 2,
-                    status: "delivered".into(),
-                },
-                ServerOutcome {
-                    server: 3,
-                    status: "delivered".into(),
-                },
-            ],
-        };
-        assert!(r.all_delivered());
-        r.servers[1].status = "server_down".into();
-        assert!(!r.all_delivered());
-        assert_eq!(r.status_of(3), Some("server_down"));
-        assert_eq!(r.status_of(4), None);
-        r.servers.clear();
-        r.local_missing = 1;
-        assert!(!r.all_delivered());
-        r.local_missing = 0;
-        r.sessions = 0;
-        assert!(!r.all_delivered(), "nobody targeted is not a success");
+        let report = |json: &str| serde_json::from_str::<SendResponse>(json).unwrap();
+        let ok = report(
+            r#"{"id":"1.1.7","sessions":2,"local_delivered":1,"local_missing":0,
+                "servers":[{"server":2,"status":"delivered"}]}"#,
+        );
+        assert!(ok.all_delivered());
+        assert_eq!(
+            (ok.status_of(2), ok.status_of(4)),
+            (Some("delivered"), None)
+        );
+        let gone = report(
+            r#"{"id":"1.1.8","sessions":1,"local_delivered":0,"local_missing":1,"servers":[]}"#,
+        );
+        assert!(!gone.all_delivered(), "a local connection went missing");
+        let nobody = report(
+            r#"{"id":"1.1.9","sessions":0,"local_delivered":0,"local_missing":0,"servers":[]}"#,
+        );
+        assert!(!nobody.all_delivered(), "nobody targeted is not a success");
     }
 
     #[test]

@@ -54,7 +54,10 @@ pub enum ClientError {
     #[error("{}: {}", .0.code, .0.message)]
     Refused(ErrorFrame),
     #[error("expected {expected}, got {got:?}")]
-    Unexpected { expected: &'static str, got: Frame },
+    Unexpected {
+        expected: &'static str,
+        got: Box<Frame>,
+    },
     #[error("unreadable frame ({source}): {text}")]
     Malformed {
         text: String,
@@ -162,7 +165,7 @@ impl ChatClient {
             }
             got => Err(ClientError::Unexpected {
                 expected: "welcome",
-                got,
+                got: Box::new(got),
             }),
         }
     }
@@ -273,6 +276,18 @@ impl ChatClient {
         self.answer().await
     }
 
+    /// Write `r` and take its answer with `pick` (which hands back any
+    /// other frame: [`ClientError::Unexpected`]).
+    async fn ask<T>(
+        &mut self,
+        r: &Request<'_>,
+        expected: &'static str,
+        pick: impl FnOnce(Frame) -> Result<T, Box<Frame>>,
+    ) -> Result<T, ClientError> {
+        let answer = self.request(r).await?;
+        pick(answer).map_err(|got| ClientError::Unexpected { expected, got })
+    }
+
     /// Send a text chat message; its ack (a refusal is an error).
     pub async fn send(
         &mut self,
@@ -289,13 +304,11 @@ impl ChatClient {
             kind: "text",
             body: &body,
         };
-        match self.request(&r).await? {
+        self.ask(&r, "ack", |f| match f {
             Frame::Ack(a) => Ok(a),
-            got => Err(ClientError::Unexpected {
-                expected: "ack",
-                got,
-            }),
-        }
+            f => Err(Box::new(f)),
+        })
+        .await
     }
 
     /// One sync page.
@@ -310,13 +323,11 @@ impl ChatClient {
             limit,
             group,
         };
-        match self.request(&r).await? {
+        self.ask(&r, "sync", |f| match f {
             Frame::Sync(p) => Ok(p),
-            got => Err(ClientError::Unexpected {
-                expected: "sync",
-                got,
-            }),
-        }
+            f => Err(Box::new(f)),
+        })
+        .await
     }
 
     /// Every message above `since`, following pages.
@@ -344,13 +355,12 @@ impl ChatClient {
         status: Status,
         text: &str,
     ) -> Result<StatusSet, ClientError> {
-        match self.request(&Request::SetStatus { status, text }).await? {
+        let r = Request::SetStatus { status, text };
+        self.ask(&r, "status_set", |f| match f {
             Frame::StatusSet(s) => Ok(s),
-            got => Err(ClientError::Unexpected {
-                expected: "status_set",
-                got,
-            }),
-        }
+            f => Err(Box::new(f)),
+        })
+        .await
     }
 
     /// A push (`msg` or `notice`) already received or arriving within

@@ -179,6 +179,18 @@ pub async fn send_one(
     Ok(())
 }
 
+/// Wait until `flow` makes progress, the phase changes, or 250 ms pass
+/// (then what has been in flight too long is counted lost). False once
+/// the phase's sender is gone.
+async fn await_progress(phase: &mut watch::Receiver<Phase>, flow: &Flow, shared: &Shared) -> bool {
+    tokio::select! {
+        r = phase.changed() => return r.is_ok(),
+        _ = flow.progress.notified() => {}
+        _ = tokio::time::sleep(Duration::from_millis(250)) => shared.expire(flow, LOST_AFTER),
+    }
+    true
+}
+
 /// The writing side of one connection: sends for its flow as the phase
 /// says, or only keeps the connection alive.
 pub async fn drive(
@@ -219,12 +231,8 @@ pub async fn drive(
             } => {
                 let room = window.saturating_sub(lock(&flow.st).inflight.len());
                 if room == 0 {
-                    tokio::select! {
-                        r = phase.changed() => if r.is_err() { return Ok(()) },
-                        _ = flow.progress.notified() => {}
-                        _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                            shared.expire(flow, LOST_AFTER);
-                        }
+                    if !await_progress(&mut phase, flow, &shared).await {
+                        return Ok(());
                     }
                     continue;
                 }
@@ -250,12 +258,8 @@ pub async fn drive(
                 let next = due(paced.1);
                 if next >= end {
                     // This flow's part of the run is over.
-                    tokio::select! {
-                        r = phase.changed() => if r.is_err() { return Ok(()) },
-                        _ = flow.progress.notified() => {}
-                        _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                            shared.expire(flow, LOST_AFTER);
-                        }
+                    if !await_progress(&mut phase, flow, &shared).await {
+                        return Ok(());
                     }
                     continue;
                 }
@@ -267,12 +271,8 @@ pub async fn drive(
                     continue;
                 }
                 if lock(&flow.st).inflight.len() >= PACED_CAP {
-                    tokio::select! {
-                        r = phase.changed() => if r.is_err() { return Ok(()) },
-                        _ = flow.progress.notified() => {}
-                        _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                            shared.expire(flow, LOST_AFTER);
-                        }
+                    if !await_progress(&mut phase, flow, &shared).await {
+                        return Ok(());
                     }
                     continue;
                 }

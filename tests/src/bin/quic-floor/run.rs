@@ -2,8 +2,8 @@
 //! offered loads) and NATS-with-TLS beside it.
 
 use crate::ends::{
-    Counters, connect, machine_busy_ticks, read_acks, receive_frames, send_frames, start_relay,
-    wait_received,
+    Counters, Relay, connect, machine_busy_ticks, read_acks, receive_frames, send_frames,
+    start_relay, wait_received,
 };
 use crate::{BenchArgs, HEADER, HELLO_RECEIVER, HELLO_SENDER, Mode};
 use anyhow::{Context, Result, ensure};
@@ -118,14 +118,8 @@ pub async fn one_run(s: &Setup, a: &BenchArgs, mode: Mode, size: usize, run: usi
         "receiver counted {got} frames, expected {}",
         warmup + a.frames
     );
-    for end in [&sender.conn, &receiver.conn] {
-        end.close(0u32.into(), b"done");
-    }
-    for ep in [&sender.ep, &receiver.ep] {
-        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
-    }
-    let _ = relay.child.start_kill();
-    let _ = relay.child.wait().await;
+    let ends = [(&sender.conn, &sender.ep), (&receiver.conn, &receiver.ep)];
+    close(ends, &mut relay).await;
     Ok(Row {
         mode,
         size,
@@ -254,14 +248,8 @@ pub async fn floor_latency(
         "receiver counted {got} frames, expected {count}"
     );
     ack_task.await.context("ack task")??;
-    for end in [&sender.conn, &receiver.conn] {
-        end.close(0u32.into(), b"done");
-    }
-    for ep in [&sender.ep, &receiver.ep] {
-        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
-    }
-    let _ = relay.child.start_kill();
-    let _ = relay.child.wait().await;
+    let ends = [(&sender.conn, &sender.ep), (&receiver.conn, &receiver.ep)];
+    close(ends, &mut relay).await;
     Ok((hist, late, missing))
 }
 
@@ -297,4 +285,17 @@ pub struct NatsRow {
 
 pub fn pct(h: &hdrhistogram::Histogram<u64>, q: f64) -> u64 {
     h.value_at_quantile(q)
+}
+
+/// Close both ends, give their endpoints a moment to go idle, and kill the
+/// relay.
+async fn close(ends: [(&quinn::Connection, &quinn::Endpoint); 2], relay: &mut Relay) {
+    for (conn, _) in ends {
+        conn.close(0u32.into(), b"done");
+    }
+    for (_, ep) in ends {
+        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    }
+    let _ = relay.child.start_kill();
+    let _ = relay.child.wait().await;
 }
