@@ -12,19 +12,21 @@ use anyhow::bail;
 use clap::Args;
 use iim::types::{UserId, now_ms};
 use iim_kit::client::{
-    ChatClient, ChatMessage, ClientError, Frame, Ope, Request, SyncPage, body_text,
+    ChatClient, ChatMessage, ClientError, Frame, Ope, Request, SyncPage, body_text, ws_url,
 };
 use serde_json::json;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::{Receiver, channel};
 use tokio::time::{Instant, timeout};
 
-type Input = UnboundedReceiver<Option<String>>;
+type Input = Receiver<Option<String>>;
 
 const HISTORY: usize = 20;
+/// Lines of input read ahead of what is handled.
+const INPUT_QUEUE: usize = 64;
 const TRIES: u32 = 10;
 /// The server answers requests in order: no answer for this long means
 /// the connection is dead.
@@ -145,17 +147,18 @@ pub(crate) async fn run(a: ChatArgs) -> anyhow::Result<ExitCode> {
     }
     let url = match a.server.contains("://") {
         true => a.server.clone(),
-        false => format!("ws://{}/ws", a.server),
+        false => ws_url(&a.server),
     };
     // A plain thread: a pending read of stdin must not hold up the exit.
-    let (tx, mut rx) = unbounded_channel();
+    // It waits while the queue is full: input is read no faster than sent.
+    let (tx, mut rx) = channel(INPUT_QUEUE);
     std::thread::spawn(move || {
         for line in std::io::stdin().lines().map_while(Result::ok) {
-            if tx.send(Some(line)).is_err() {
+            if tx.blocking_send(Some(line)).is_err() {
                 return;
             }
         }
-        let _ = tx.send(None);
+        let _ = tx.blocking_send(None);
     });
     let mut c = Chat {
         a,

@@ -98,6 +98,8 @@ pub struct Deployment {
 
 /// How long a node may take to come up.
 pub const START_WAIT: Duration = Duration::from_secs(30);
+/// How long one look at a node that is coming up may take.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
 
 impl Deployment {
     /// Certificates (a development CA in `dir/certs`, reused if one is
@@ -378,13 +380,17 @@ impl Deployment {
     /// Until app servers `ids` answer on their admin API and WebSocket
     /// endpoint and the registry shows them up (linked to the exchange).
     pub async fn wait_servers(&mut self, ids: &[u32]) -> anyhow::Result<()> {
+        let mut ends = Vec::new();
+        for &id in ids {
+            let a = self.server(id);
+            let admin = iim_http::client::Client::new(&a.http.to_string(), PROBE_WAIT)?;
+            ends.push((admin, a.ws));
+        }
         let what = format!("app servers {ids:?} to answer and show up in the registry");
         self.wait_until(&what, async |d| {
-            for &id in ids {
-                let a = d.server(id);
-                let http = iim_http::client::Client::new(&a.http.to_string(), START_WAIT)?;
-                if http.health().await.is_err()
-                    || tokio::net::TcpStream::connect(a.ws).await.is_err()
+            for (admin, ws) in &ends {
+                if admin.health().await.is_err()
+                    || tokio::net::TcpStream::connect(ws).await.is_err()
                 {
                     return Ok(false);
                 }
