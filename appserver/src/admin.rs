@@ -1,6 +1,9 @@
 //! The loopback HTTP API: `/metrics`, and `POST /admin/send`, which sends a
 //! text message from a user to users wherever they are connected (the demo
 //! and operators' smoke tests use it). Bind it to loopback only.
+//!
+//! The request and response JSON are `iim_http::admin`'s, shared with the
+//! API's clients; this module owns the handlers.
 
 use crate::metrics::AppMetrics;
 use axum::extract::State;
@@ -10,35 +13,14 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use iim::types::UserId;
 use iim::{Iim, Outgoing};
-use serde::{Deserialize, Serialize};
+use iim_http::admin::{
+    HEALTH_PATH, MAX_RECIPIENTS, SEND_PATH, SendRequest, SendResponse, ServerOutcome,
+};
 use std::sync::Arc;
 
 /// Message kind of text sent through the admin API: a notice, reserved
 /// by iim (`iim::kinds`).
 pub const KIND_ADMIN_TEXT: u16 = iim::kinds::NOTICE;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SendRequest {
-    pub from: u64,
-    pub to: Vec<u64>,
-    pub text: String,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ServerOutcome {
-    pub server: u32,
-    pub status: String,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SendResponse {
-    pub id: String,
-    pub sessions: usize,
-    pub local_delivered: usize,
-    pub local_missing: usize,
-    pub servers: Vec<ServerOutcome>,
-}
 
 #[derive(Clone)]
 struct AdminState {
@@ -47,18 +29,21 @@ struct AdminState {
 
 pub fn router(iim: Iim, metrics: Arc<AppMetrics>) -> Router {
     let admin = Router::new()
-        .route("/admin/send", post(send))
-        .route("/admin/health", get(|| async { "ok" }))
+        .route(SEND_PATH, post(send))
+        .route(HEALTH_PATH, get(|| async { "ok" }))
         .with_state(AdminState { iim });
-    iim::telemetry::metrics_router(metrics).merge(admin)
+    iim_http::server::metrics_router(metrics).merge(admin)
 }
 
 async fn send(
     State(st): State<AdminState>,
     Json(req): Json<SendRequest>,
 ) -> Result<Json<SendResponse>, (StatusCode, String)> {
-    if req.to.len() > 10_000 {
-        return Err((StatusCode::BAD_REQUEST, "at most 10000 recipients".into()));
+    if req.to.len() > MAX_RECIPIENTS {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("at most {MAX_RECIPIENTS} recipients"),
+        ));
     }
     let users: Vec<UserId> = req.to.iter().map(|u| UserId(*u)).collect();
     let sessions = st

@@ -312,7 +312,7 @@ pub async fn start_with(
         let router = admin::router(iim.clone(), metrics.clone());
         let token = stop.clone();
         tracker.spawn(async move {
-            if let Err(e) = iim::telemetry::serve_http(listener, router, token).await {
+            if let Err(e) = iim_http::server::serve(listener, router, token).await {
                 warn!(error = %e, "http listener failed");
             }
         });

@@ -138,10 +138,10 @@ pub async fn start(
     let http_addr = match http_listener {
         Some(listener) => {
             let bound = listener.local_addr()?;
-            let router = iim::telemetry::metrics_router(metrics.clone());
+            let router = iim_http::server::metrics_router(metrics.clone());
             let token = shutdown.clone();
             tracker.spawn(async move {
-                if let Err(e) = iim::telemetry::serve_http(listener, router, token).await {
+                if let Err(e) = iim_http::server::serve(listener, router, token).await {
                     warn!(error = %e, "metrics listener failed");
                 }
             });

@@ -1,11 +1,7 @@
-//! Logging setup and the small HTTP listener both daemons expose for
-//! Prometheus (`/metrics`) and, on app servers, admin calls.
+//! Process setup the daemons and tools share: the tracing subscriber and
+//! waiting for a stop signal. Their HTTP listener (`/metrics`, the admin
+//! API) is the `iim-http` crate's.
 
-use crate::metrics::Render;
-use axum::{Router, routing::get};
-use std::sync::Arc;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt};
 
 /// Install the global tracing subscriber: human-readable by default, one
@@ -19,28 +15,6 @@ pub fn init_tracing(json: bool, default_filter: &str) {
     } else {
         builder.try_init()
     };
-}
-
-/// A router with `/metrics` serving `metrics`.
-pub fn metrics_router(metrics: Arc<dyn Render>) -> Router {
-    Router::new().route(
-        "/metrics",
-        get(move || {
-            let m = metrics.clone();
-            async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
-        }),
-    )
-}
-
-/// Serve `router` on `listener` until `shutdown` is cancelled.
-pub async fn serve_http(
-    listener: TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
 }
 
 /// Resolve on SIGTERM or SIGINT (Ctrl-C).

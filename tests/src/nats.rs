@@ -5,22 +5,22 @@
 //! 905: the origin publishes each message once per target subject.
 
 use crate::load::{self, Arrivals};
-use crate::proc::{free_port, spawn_logged, wait_listening};
 use crate::procfs::CpuMeter;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use iim::tls::dev::DevCa;
+use iim_kit::proc::{Proc, free_port, wait_listening};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 /// A running `nats-server`, killed when dropped.
 pub struct Nats {
-    child: Child,
+    proc: Proc,
     /// Its process id, for CPU readings.
     pub pid: u32,
     url: String,
@@ -51,20 +51,19 @@ pub async fn start(bin: &Path, ca: &DevCa, dir: &Path, log: &Path) -> Result<Nat
     if !bin.exists() {
         bail!("{} not found (apt-get install nats-server)", bin.display());
     }
-    let (child, pid) = spawn_logged(
-        Command::new(bin).args(["-c", &dir.join("nats.conf").display().to_string()]),
-        log,
-    )?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["-c", &dir.join("nats.conf").display().to_string()]);
+    let mut proc = Proc::start("nats-server", cmd, log, true)?;
     wait_listening(
         format!("127.0.0.1:{port}").parse()?,
         "nats-server",
         Duration::from_secs(20),
-        || Ok(()),
+        || proc.check(),
     )
     .await?;
     Ok(Nats {
-        child,
-        pid,
+        pid: proc.pid,
+        proc,
         url: format!("tls://127.0.0.1:{port}"),
         dir,
     })
@@ -73,8 +72,7 @@ pub async fn start(bin: &Path, ca: &DevCa, dir: &Path, log: &Path) -> Result<Nat
 impl Nats {
     /// Kill the server and reap it.
     pub async fn stop(mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
+        self.proc.kill9().await;
     }
 }
 

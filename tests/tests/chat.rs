@@ -4,8 +4,8 @@
 
 use iim::store::{Store, User};
 use iim::types::UserId;
-use iim_tests::client::{ChatClient, Device};
-use iim_tests::{
+use iim_kit::client::{ChatClient, ClientError, Device, Frame, Ope, body_text};
+use iim_kit::{
     TestCa, TestDb, appserver_config, exchange_config, spawn_appserver, spawn_exchange, token,
     wait_linked,
 };
@@ -85,27 +85,27 @@ async fn three_servers_one_to_one_small_and_large_groups() {
 
     // (device, [(ope, to)]) — each device sends its list in order while the
     // others send theirs.
-    let plan: Vec<(Device, Vec<(u8, u64)>)> = vec![
-        (d11, [(0, 21), (1, small), (1, large)].repeat(4)),
-        (d21a, [(0, 11)].repeat(5)),
-        (d21b, [(1, small), (1, large)].repeat(3)),
-        (d31, [(0, 11), (1, large)].repeat(3)),
+    let (one, group) = (Ope::Single, Ope::Group);
+    let plan: Vec<(Device, Vec<(Ope, u64)>)> = vec![
+        (d11, [(one, 21), (group, small), (group, large)].repeat(4)),
+        (d21a, [(one, 11)].repeat(5)),
+        (d21b, [(group, small), (group, large)].repeat(3)),
+        (d31, [(one, 11), (group, large)].repeat(3)),
     ];
     let mut tasks = Vec::new();
     for (mut dev, sends) in plan {
         tasks.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             // `req` is unique per user across its devices.
-            let tag = dev.client.welcome["device"].as_str().unwrap().to_string();
+            let tag = dev.client.welcome().device.clone();
             for (i, (ope, to)) in sends.into_iter().enumerate() {
                 let req = format!("{tag}-{i}");
                 let a = dev
                     .client
                     .send(&req, ope, to, &format!("{} #{i}", dev.client.user))
                     .await
-                    .unwrap();
-                assert_eq!(a["op"], "ack", "{a}");
-                acked.push(a["id"].as_u64().unwrap());
+                    .unwrap_or_else(|e| panic!("not acknowledged: {e}"));
+                acked.push(a.id);
             }
             (dev, acked)
         }));
@@ -154,8 +154,8 @@ async fn three_servers_one_to_one_small_and_large_groups() {
     let small_of = |d: &Device| -> Vec<u64> {
         d.inbox
             .values()
-            .filter(|m| m["ope"] == 1 && m["to"] == json!(small))
-            .map(|m| m["id"].as_u64().unwrap())
+            .filter(|m| m.ope == Ope::Group && m.to == small)
+            .map(|m| m.id)
             .collect()
     };
     assert_eq!(small_of(&devices[0].0).len(), 7);
@@ -164,13 +164,9 @@ async fn three_servers_one_to_one_small_and_large_groups() {
     let mut timelines = Vec::new();
     for (dev, _) in devices.iter_mut() {
         let t = dev.client.sync_all(Some(large), 0).await.unwrap();
-        let gseqs: Vec<u64> = t.iter().map(|m| m["gseq"].as_u64().unwrap()).collect();
+        let gseqs: Vec<u64> = t.iter().map(|m| m.gseq.unwrap()).collect();
         assert_eq!(gseqs, (1..=10).collect::<Vec<_>>());
-        timelines.push(
-            t.iter()
-                .map(|m| m["id"].as_u64().unwrap())
-                .collect::<Vec<_>>(),
-        );
+        timelines.push(t.iter().map(|m| m.id).collect::<Vec<_>>());
     }
     assert!(timelines.windows(2).all(|w| w[0] == w[1]));
     db.cleanup().await;
@@ -198,11 +194,10 @@ async fn a_device_offline_during_a_burst_catches_up_identically() {
     );
     for i in 0..120 {
         let a = sender
-            .send(&format!("m{i}"), 0, 21, &i.to_string())
+            .send(&format!("m{i}"), Ope::Single, 21, &i.to_string())
             .await
-            .unwrap();
-        assert_eq!(a["op"], "ack");
-        assert_eq!(a["seq"], json!(i + 1), "the sender's own inbox sequence");
+            .unwrap_or_else(|e| panic!("not acknowledged: {e}"));
+        assert_eq!(a.seq, Some(i + 1), "the sender's own inbox sequence");
     }
     online.await_inbox(120, Duration::from_secs(20)).await;
     assert_eq!(online.pushed.len(), 120, "live pushes");
@@ -211,7 +206,7 @@ async fn a_device_offline_during_a_burst_catches_up_identically() {
             .await
             .unwrap(),
     );
-    assert_eq!(later.client.welcome["inbox_max"], json!(120));
+    assert_eq!(later.client.welcome().inbox_max, 120);
     later.sync().await.unwrap();
     online.sync().await.unwrap();
     assert_eq!(later.inbox.len(), 120);
@@ -219,7 +214,7 @@ async fn a_device_offline_during_a_burst_catches_up_identically() {
     let texts: Vec<String> = later
         .inbox
         .values()
-        .map(|m| m["body"]["text"].as_str().unwrap().to_string())
+        .map(|m| body_text(m).unwrap())
         .collect();
     assert_eq!(
         texts,
@@ -260,10 +255,10 @@ async fn bad_client_input_gets_clear_errors_and_harms_no_one() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(
-        (e["op"].as_str(), e["code"].as_str()),
-        (Some("error"), Some("auth_required"))
-    );
+    let Frame::Error(e) = e else {
+        panic!("not an error: {e:?}")
+    };
+    assert_eq!(e.code, "auth_required");
     assert!(
         anon.next_frame(Duration::from_secs(5))
             .await
@@ -283,10 +278,10 @@ async fn bad_client_input_gets_clear_errors_and_harms_no_one() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(
-        (e["op"].as_str(), e["code"].as_str()),
-        (Some("error"), Some("unknown_user"))
-    );
+    let Frame::Error(e) = e else {
+        panic!("not an error: {e:?}")
+    };
+    assert_eq!(e.code, "unknown_user");
     assert!(
         ghost
             .next_frame(Duration::from_secs(5))
@@ -309,23 +304,25 @@ async fn bad_client_input_gets_clear_errors_and_harms_no_one() {
     ];
     for (frame, code) in cases {
         mallory.send_text_frame(&frame).await.unwrap();
-        let e = mallory.answer().await.unwrap();
-        assert_eq!(e["op"], "error", "{frame:.60}");
-        assert_eq!(e["code"], code, "{e}");
-        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+        let e = match mallory.answer().await {
+            Err(ClientError::Refused(e)) => e,
+            other => panic!("{frame:.60}: not an error frame: {other:?}"),
+        };
+        assert_eq!(e.code, code, "{e:?}");
+        assert!(!e.message.is_empty());
     }
     // Mallory's connection still works, and so does everyone else's.
-    let a = mallory.send("ok", 0, 21, "still here").await.unwrap();
-    assert_eq!(a["op"], "ack");
-    let a = alice.send("a1", 0, 21, "hello bob").await.unwrap();
-    assert_eq!(a["op"], "ack");
+    mallory
+        .send("ok", Ope::Single, 21, "still here")
+        .await
+        .unwrap_or_else(|e| panic!("not acknowledged: {e}"));
+    alice
+        .send("a1", Ope::Single, 21, "hello bob")
+        .await
+        .unwrap_or_else(|e| panic!("not acknowledged: {e}"));
     bob.await_inbox(2, Duration::from_secs(20)).await;
     assert_eq!(bob.inbox.len(), 2);
-    let texts: Vec<&str> = bob
-        .inbox
-        .values()
-        .map(|m| m["body"]["text"].as_str().unwrap())
-        .collect();
+    let texts: Vec<String> = bob.inbox.values().map(|m| body_text(m).unwrap()).collect();
     assert_eq!(texts, vec!["still here", "hello bob"]);
     db.cleanup().await;
 }

@@ -2,9 +2,12 @@
 //! binaries, SIGKILLed in the middle of a burst of 1,000 messages, with
 //! real WebSocket clients (issue 3 tests 2 and 3).
 
-use iim_tests::client::{ChatClient, Device};
-use iim_tests::deploy::Deployment;
-use serde_json::{Value, json};
+use iim::store::Store;
+use iim::types::UserId;
+use iim_kit::client::{ChatClient, Device, Frame, Ope, SendAck, body_text};
+use iim_kit::deploy::TestDeployment;
+use iim_kit::eventually;
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -19,11 +22,7 @@ fn assert_complete(dev: &Device) {
         (1..=BURST as u64).collect::<Vec<_>>(),
         "gap-free, nothing more"
     );
-    let texts: Vec<String> = dev
-        .inbox
-        .values()
-        .map(|m| m["body"]["text"].as_str().unwrap().to_string())
-        .collect();
+    let texts: Vec<String> = dev.inbox.values().map(|m| body_text(m).unwrap()).collect();
     assert_eq!(
         texts,
         (0..BURST).map(|i| i.to_string()).collect::<Vec<_>>(),
@@ -33,22 +32,21 @@ fn assert_complete(dev: &Device) {
 
 /// Send message `i` of the burst and check it is acknowledged.
 async fn send_one(sender: &mut ChatClient, i: usize) {
-    let a = sender
-        .send(&format!("m{i}"), 0, 21, &i.to_string())
+    sender
+        .send(&format!("m{i}"), Ope::Single, 21, &i.to_string())
         .await
-        .unwrap();
-    assert_eq!(a["op"], "ack", "message {i}: {a}");
+        .unwrap_or_else(|e| panic!("message {i}: {e}"));
 }
 
 /// Issue test 2: SIGKILL the recipient's app server in the middle of the
 /// burst, restart it, reconnect the client to another server and sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recipient_server_killed_mid_burst() {
-    let mut dep = Deployment::start(&[(11, "acme"), (21, "acme")], 3, "").await;
-    let mut sender = dep.client(1, 11, "phone").await;
+    let mut dep = TestDeployment::start(&[(11, "acme"), (21, "acme")], 3, "").await;
+    let mut sender = dep.client(1, 11, "phone").await.unwrap();
     // The recipient reads its pushes while the burst goes on, until its
     // server dies under it.
-    let recipient = Device::new(dep.client(2, 21, "phone").await);
+    let recipient = Device::new(dep.client(2, 21, "phone").await.unwrap());
     let reader = tokio::spawn(async move {
         let mut r = recipient;
         r.await_inbox(BURST, Duration::from_secs(120)).await;
@@ -57,7 +55,9 @@ async fn recipient_server_killed_mid_burst() {
     for i in 0..BURST {
         match i {
             300 => dep.kill_server(2).await,
-            600 => dep.start_server(2),
+            600 => {
+                dep.start_server(2).unwrap();
+            }
             _ => {}
         }
         send_one(&mut sender, i).await;
@@ -77,7 +77,7 @@ async fn recipient_server_killed_mid_burst() {
         recipient.pushed.len(),
         recipient.inbox.keys().next()
     );
-    recipient.client = dep.client(3, 21, "phone").await;
+    recipient.client = dep.client(3, 21, "phone").await.unwrap();
     recipient.sync().await.unwrap();
     assert_complete(&recipient);
     dep.db.cleanup().await;
@@ -87,13 +87,15 @@ async fn recipient_server_killed_mid_burst() {
 /// Sending never depends on it; pushes resume; a final sync is complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exchange_killed_mid_burst() {
-    let mut dep = Deployment::start(&[(11, "acme"), (21, "acme")], 3, "").await;
-    let mut sender = dep.client(1, 11, "phone").await;
-    let mut recipient = Device::new(dep.client(2, 21, "phone").await);
+    let mut dep = TestDeployment::start(&[(11, "acme"), (21, "acme")], 3, "").await;
+    let mut sender = dep.client(1, 11, "phone").await.unwrap();
+    let mut recipient = Device::new(dep.client(2, 21, "phone").await.unwrap());
     for i in 0..BURST {
         match i {
             300 => dep.kill_exchange().await,
-            600 => dep.start_exchange(),
+            600 => {
+                dep.start_exchange().unwrap();
+            }
             _ => {}
         }
         send_one(&mut sender, i).await;
@@ -112,27 +114,36 @@ async fn exchange_killed_mid_burst() {
 /// another server: nothing lost, nothing stored twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sender_server_killed_before_acking_and_the_client_resends() {
-    let mut dep = Deployment::start(&[(11, "acme"), (21, "acme")], 3, "").await;
-    let mut sender = dep.client(1, 11, "phone").await;
+    let mut dep = TestDeployment::start(&[(11, "acme"), (21, "acme")], 3, "").await;
+    let mut sender = dep.client(1, 11, "phone").await.unwrap();
     let frame = |i: usize| json!({"op": "send", "req": format!("m{i}"), "ope": 0, "to": 21, "type": "text", "body": {"text": i.to_string()}});
     // Pipeline the whole burst, then read acks until the server dies.
     for i in 0..BURST {
         sender.send_json(&frame(i)).await.unwrap();
     }
-    let mut acked: BTreeMap<String, Value> = BTreeMap::new();
+    let mut acked: BTreeMap<String, SendAck> = BTreeMap::new();
     while acked.len() < 300 {
         let a = sender.answer().await.unwrap();
-        assert_eq!(a["op"], "ack", "{a}");
-        acked.insert(a["req"].as_str().unwrap().to_string(), a);
+        let Frame::Ack(a) = a else {
+            panic!("not an ack: {a:?}")
+        };
+        acked.insert(a.req.as_str().to_owned(), a);
     }
     // Stop reading; the server goes on storing the pipelined requests and
-    // writing acks this client will never read. Then it dies: to the
-    // client those requests were never acknowledged.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // writing acks this client will never read. Once it has stored more
+    // than the client read acks for, it dies: to the client those requests
+    // were never acknowledged.
+    let store = Store::new(&dep.registry().await.unwrap());
+    let read = acked.len() as u64;
+    eventually!(
+        20,
+        "more of the burst stored than acknowledged",
+        store.inbox_max(UserId(21)).await.unwrap() > read
+    );
     dep.kill_server(1).await;
     drop(sender);
     // Reconnect elsewhere and resend what is unacknowledged, in order.
-    let mut sender = dep.client(3, 11, "phone").await;
+    let mut sender = dep.client(3, 11, "phone").await.unwrap();
     let mut duplicates = 0;
     let mut resent = 0;
     for i in 0..BURST {
@@ -140,19 +151,20 @@ async fn sender_server_killed_before_acking_and_the_client_resends() {
         if acked.contains_key(&req) {
             continue;
         }
-        let a = sender.send(&req, 0, 21, &i.to_string()).await.unwrap();
-        assert_eq!(a["op"], "ack", "{a}");
+        let a = sender
+            .send(&req, Ope::Single, 21, &i.to_string())
+            .await
+            .unwrap_or_else(|e| panic!("{req}: {e}"));
         resent += 1;
-        if a["duplicate"] == true {
+        if a.duplicate {
             duplicates += 1;
         }
         acked.insert(req, a);
     }
     // Every ack names a distinct stored message.
-    let ids: std::collections::BTreeSet<u64> =
-        acked.values().map(|a| a["id"].as_u64().unwrap()).collect();
+    let ids: std::collections::BTreeSet<u64> = acked.values().map(|a| a.id).collect();
     assert_eq!(ids.len(), BURST);
-    let mut recipient = Device::new(dep.client(2, 21, "phone").await);
+    let mut recipient = Device::new(dep.client(2, 21, "phone").await.unwrap());
     recipient.sync().await.unwrap();
     assert_complete(&recipient);
     eprintln!("resent {resent} requests, {duplicates} of them already stored");

@@ -2,15 +2,15 @@
 //! process over real QUIC + mTLS, real WebSocket clients, MariaDB in CI.
 
 use bytes::Bytes;
-use iim::presence::PresenceStore;
+use iim::presence::{PresenceStore, Status};
 use iim::store::{Store, User};
 use iim::types::UserId;
 use iim::{Iim, Outgoing};
 use iim_appserver::AppServerHandle;
-use iim_tests::client::ChatClient;
-use iim_tests::{
-    TestCa, TestDb, appserver_config, exchange_config, spawn_appserver, spawn_exchange, token,
-    wait_linked,
+use iim_kit::client::{ChatClient, Frame, Request};
+use iim_kit::{
+    TestCa, TestDb, appserver_config, eventually, exchange_config, spawn_appserver, spawn_exchange,
+    token, wait_linked,
 };
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -83,12 +83,10 @@ impl World {
     }
 }
 
-async fn set_status(c: &mut ChatClient, status: &str, text: &str) {
-    c.send_json(&json!({"op": "set_status", "status": status, "text": text}))
+async fn set_status(c: &mut ChatClient, status: Status, text: &str) {
+    c.set_status(status, text)
         .await
-        .unwrap();
-    let a = c.answer().await.unwrap();
-    assert_eq!(a["op"], "status_set", "{a}");
+        .unwrap_or_else(|e| panic!("status not set: {e}"));
 }
 
 /// Wait until every client shows `user` exactly as the database does.
@@ -128,21 +126,18 @@ async fn login_status_change_and_logout_reach_every_contact() {
         .await;
     assert!(ok, "snapshot: {:?}", c11.presence);
 
-    set_status(&mut c11, "away", "lunch").await;
+    set_status(&mut c11, Status::Away, "lunch").await;
     let t = converge(&w, &mut [&mut c21, &mut c31, &mut c41], 11).await;
     assert_eq!(t.0, "away");
-    assert_eq!(c21.presence[&11]["text"], "lunch");
+    assert_eq!(c21.presence[&11].text, "lunch");
 
     c11.close().await;
     // The server records the logout when it sees the close.
-    let deadline = Instant::now() + WAIT;
-    while w.truth(11).await.0 != "offline" {
-        assert!(
-            Instant::now() < deadline,
-            "the logout never reached the database"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually!(
+        WAIT.as_secs(),
+        "the logout to reach the database",
+        w.truth(11).await.0 == "offline"
+    );
     let t = converge(&w, &mut [&mut c21, &mut c31, &mut c41], 11).await;
     assert_eq!(t.0, "offline");
     assert!(
@@ -172,7 +167,7 @@ async fn views_converge_within_the_bound_when_30_percent_of_hints_are_lost() {
         w.client(2, 31).await,
     ];
     let users = [11u64, 21, 31];
-    let statuses = ["away", "busy", "online"];
+    let statuses = [Status::Away, Status::Busy, Status::Online];
     let mut worst = Duration::ZERO;
     let rounds = 45;
     for round in 0..rounds {
@@ -237,19 +232,27 @@ async fn a_flapping_user_costs_a_bounded_number_of_announcements() {
     let before = w.servers[0].metrics.presence.announcements.get();
     let started = Instant::now();
     for i in 0..1_000 {
-        let s = if i % 2 == 0 { "away" } else { "busy" };
-        c11.send_json(&json!({"op": "set_status", "status": s, "text": format!("t{i}")}))
-            .await
-            .unwrap();
+        let status = if i % 2 == 0 {
+            Status::Away
+        } else {
+            Status::Busy
+        };
+        let text = format!("t{i}");
+        c11.write(&Request::SetStatus {
+            status,
+            text: &text,
+        })
+        .await
+        .unwrap();
     }
     for _ in 0..1_000 {
         let a = c11.answer().await.unwrap();
-        assert_eq!(a["op"], "status_set", "{a}");
+        assert!(matches!(a, Frame::StatusSet(_)), "{a:?}");
     }
     let took = started.elapsed();
     let t = converge(&w, &mut [&mut c21, &mut c31], 11).await;
     assert_eq!(t.0, "busy", "the final state");
-    assert_eq!(c21.presence[&11]["text"], "t999");
+    assert_eq!(c21.presence[&11].text, "t999");
     let announced = w.servers[0].metrics.presence.announcements.get() - before;
     let bound = took.as_millis() as u64 / 50 + 2;
     eprintln!(
@@ -294,21 +297,24 @@ async fn forged_and_stale_presence_is_refused_and_counted() {
     send_hint(&w.servers[0].iim, 31, hint(21, "busy", 999)).await;
     // Server 2, which does host 21, replays a version from the past.
     send_hint(&w.servers[1].iim, 31, hint(21, "away", truth.1 - 1)).await;
-    let ok = tokio::time::timeout(WAIT, async {
-        while s3.get("forged") < 1 || s3.get("stale") < 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(
-        ok.is_ok(),
-        "forged {} stale {}",
-        s3.get("forged"),
-        s3.get("stale")
+    eventually!(
+        WAIT.as_secs(),
+        format!(
+            "the forged and the stale hint counted (forged {} stale {})",
+            s3.get("forged"),
+            s3.get("stale")
+        ),
+        s3.get("forged") >= 1 && s3.get("stale") >= 1
     );
-    // Nothing of it reached the client: it still shows the truth.
-    c31.await_presence(Duration::from_millis(300), |_| false)
+    // Server 3 handles hints in order, and 11's login is announced by
+    // server 1 after its forged hint: once 31 sees 11 online, anything the
+    // refused hints had pushed would be in front of it.
+    let _c11 = w.client(0, 11).await;
+    let ok = c31
+        .await_presence(WAIT, |c| c.status_of(11).0 == "online")
         .await;
+    assert!(ok, "31 sees 11 come online");
+    // Nothing of it reached the client: it still shows the truth.
     assert_eq!(c31.status_of(21), w.truth(21).await);
     assert_eq!(c31.status_of(21).0, "online");
     w.db.cleanup().await;

@@ -4,7 +4,7 @@
 
 use iim::presence::PresenceStore;
 use iim::types::UserId;
-use iim_tests::deploy::Deployment;
+use iim_kit::deploy::TestDeployment;
 use std::time::{Duration, Instant};
 
 const LEASE_SECS: u64 = 2;
@@ -15,7 +15,7 @@ const IDLE_MS: u64 = 1_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_servers_users_go_offline_within_lease_plus_bound_and_come_back() {
     let extra = format!("[presence]\nrepair_ms = {REPAIR_MS}\n");
-    let mut dep = Deployment::start(
+    let mut dep = TestDeployment::start(
         &[(11, "acme"), (21, "acme"), (31, "acme")],
         LEASE_SECS,
         &extra,
@@ -25,9 +25,9 @@ async fn a_killed_servers_users_go_offline_within_lease_plus_bound_and_come_back
         .await
         .unwrap();
     let presence = PresenceStore::new(&reg);
-    let mut c11 = dep.client(1, 11, "phone").await;
-    let mut c31 = dep.client(3, 31, "phone").await;
-    let c21 = dep.client(2, 21, "phone").await;
+    let mut c11 = dep.client(1, 11, "phone").await.unwrap();
+    let mut c31 = dep.client(3, 31, "phone").await.unwrap();
+    let c21 = dep.client(2, 21, "phone").await.unwrap();
     for c in [&mut c11, &mut c31] {
         let ok = c
             .await_presence(Duration::from_secs(15), |c| c.status_of(21).0 == "online")
@@ -65,9 +65,9 @@ async fn a_killed_servers_users_go_offline_within_lease_plus_bound_and_come_back
     );
 
     // Restart: 21 comes back as it reconnects.
-    dep.start_server(2);
-    dep.wait_ws(2).await;
-    let _c21 = dep.client(2, 21, "phone").await;
+    dep.start_server(2).unwrap();
+    dep.wait_servers(&[2]).await.unwrap();
+    let _c21 = dep.client(2, 21, "phone").await.unwrap();
     for c in [&mut c11, &mut c31] {
         let ok = c
             .await_presence(Duration::from_secs(15), |c| c.status_of(21).0 == "online")

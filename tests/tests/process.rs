@@ -3,8 +3,10 @@
 
 use iim::registry::{Registry, Role, ServerState};
 use iim::types::{ServerId, UserId};
-use iim_tests::proc::{Proc, free_port, http};
-use iim_tests::{TestDb, eventually};
+use iim_http::admin::{SendRequest, SendResponse};
+use iim_http::client::{Client, metric_value};
+use iim_kit::proc::{APPSERVER_BIN, Binaries, EXCHANGE_BIN, Proc, free_port};
+use iim_kit::{TestDb, eventually};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -70,26 +72,33 @@ async fn state_of(reg: &Registry, id: u32) -> Option<(ServerState, u64)> {
         .map(|r| (r.state, r.epoch))
 }
 
-async fn admin_send(addr: SocketAddr, to: &[u64], text: &str) -> serde_json::Value {
-    let body = serde_json::json!({ "from": 1001, "to": to, "text": text }).to_string();
-    let (status, body) = http(addr, "POST", "/admin/send", Some(&body))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "admin send: {body}");
-    serde_json::from_str(&body).unwrap()
+/// A daemon of this workspace, its log in `dir` (appended to on restart).
+fn spawn(bin: &str, args: &[String], dir: &Path, name: &str) -> Proc {
+    let bins = Binaries::next_to_me("cargo build --workspace --bins").unwrap();
+    let cmd = bins.daemon(bin, args, std::env::var("RUST_LOG").ok().as_deref());
+    Proc::start(name, cmd, &dir.join(format!("{name}.log")), false).unwrap()
 }
 
-fn statuses(v: &serde_json::Value) -> Vec<(u64, String)> {
-    v["servers"]
-        .as_array()
-        .unwrap()
+fn http(addr: SocketAddr) -> Client {
+    Client::new(&addr.to_string(), Duration::from_secs(60)).unwrap()
+}
+
+async fn admin_send(addr: SocketAddr, to: &[u64], text: &str) -> SendResponse {
+    let req = SendRequest {
+        from: 1001,
+        to: to.to_vec(),
+        text: text.into(),
+    };
+    http(addr)
+        .send(&req)
+        .await
+        .unwrap_or_else(|e| panic!("admin send: {e}"))
+}
+
+fn statuses(r: &SendResponse) -> Vec<(u32, String)> {
+    r.servers
         .iter()
-        .map(|s| {
-            (
-                s["server"].as_u64().unwrap(),
-                s["status"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|s| (s.server, s.status.clone()))
         .collect()
 }
 
@@ -117,7 +126,7 @@ async fn killed_server_is_marked_down_after_its_lease_and_returns_with_a_new_epo
     );
     let cfg = |name: &str| vec!["--config".to_string(), d.join(name).display().to_string()];
 
-    let mut ex = Proc::spawn("iim-exchange", &cfg("exchange.toml"), d, "exchange");
+    let mut ex = spawn(EXCHANGE_BIN, &cfg("exchange.toml"), d, "exchange");
     let reg = Registry::connect(db.url()).await.unwrap();
     eventually!(
         30,
@@ -127,8 +136,8 @@ async fn killed_server_is_marked_down_after_its_lease_and_returns_with_a_new_epo
             .is_some_and(|s| s.0 == ServerState::Up)
     );
     // App servers find the exchange through the registry.
-    let mut s1 = Proc::spawn("iim-appserver", &cfg("s1.toml"), d, "s1");
-    let mut s2 = Proc::spawn("iim-appserver", &cfg("s2.toml"), d, "s2");
+    let mut s1 = spawn(APPSERVER_BIN, &cfg("s1.toml"), d, "s1");
+    let mut s2 = spawn(APPSERVER_BIN, &cfg("s2.toml"), d, "s2");
     eventually!(30, "both app servers up", {
         let a = state_of(&reg, 1).await;
         let b = state_of(&reg, 2).await;
@@ -161,8 +170,7 @@ async fn killed_server_is_marked_down_after_its_lease_and_returns_with_a_new_epo
         reg.sessions_of(&[UserId(2001)]).await.unwrap().is_empty(),
         "its sessions are cleared"
     );
-    let (status, page) = http(ex_http, "GET", "/metrics", None).await.unwrap();
-    assert_eq!(status, 200);
+    let page = http(ex_http).metrics().await.unwrap();
     assert!(
         page.contains("iim_exchange_servers_marked_down_total 1"),
         "{page}"
@@ -173,7 +181,7 @@ async fn killed_server_is_marked_down_after_its_lease_and_returns_with_a_new_epo
     );
 
     // Restarted: a new epoch, and it receives again.
-    let mut s2 = Proc::spawn("iim-appserver", &cfg("s2.toml"), d, "s2");
+    let mut s2 = spawn(APPSERVER_BIN, &cfg("s2.toml"), d, "s2");
     eventually!(
         30,
         "server 2 back up",
@@ -199,13 +207,15 @@ async fn killed_server_is_marked_down_after_its_lease_and_returns_with_a_new_epo
     // it shows "draining", then "down", and exits cleanly.
     s2.kill9().await;
     let pending = tokio::spawn(admin_send(h1, &[2001], "pending during drain"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let pid = s1.child.id().unwrap().to_string();
-    tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
+    eventually!(
+        10,
+        "the send outstanding at server 1",
+        http(h1)
+            .metrics()
+            .await
+            .is_ok_and(|p| metric_value(&p, "iim_appserver_outstanding_905") >= Some(1.0))
+    );
+    s1.sigterm().await;
     eventually!(
         10,
         "server 1 draining",
@@ -213,10 +223,11 @@ async fn killed_server_is_marked_down_after_its_lease_and_returns_with_a_new_epo
             .await
             .is_some_and(|s| s.0 == ServerState::Draining)
     );
-    let exit = tokio::time::timeout(Duration::from_secs(20), s1.child.wait())
+    let exit = s1
+        .wait(Duration::from_secs(20))
         .await
-        .expect("server 1 exits")
-        .unwrap();
+        .unwrap()
+        .expect("server 1 exits");
     assert!(exit.success(), "clean exit: {exit:?}");
     assert_eq!(state_of(&reg, 1).await.unwrap().0, ServerState::Down);
     let r = pending.await.unwrap();
@@ -227,8 +238,8 @@ async fn killed_server_is_marked_down_after_its_lease_and_returns_with_a_new_epo
     );
 
     // The exchange drains on SIGTERM too.
-    let exit = ex.terminate().await;
-    assert!(exit.success(), "exchange clean exit: {exit:?}");
+    let exit = ex.terminate(Duration::from_secs(20)).await;
+    assert!(exit.clean(), "exchange clean exit: {exit}");
     let rec = reg.server(ServerId(100)).await.unwrap().unwrap();
     assert_eq!((rec.role, rec.state), (Role::Exchange, ServerState::Down));
     db.cleanup().await;

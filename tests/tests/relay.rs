@@ -7,7 +7,7 @@ use iim::types::{Address, ChannelId, MessageId, ServerId, Session, UserId};
 use iim::wire::{DeliveryStatus, Message, Timing, UserRow};
 use iim::{Iim, Outgoing, Plugin};
 use iim_appserver::push::Push;
-use iim_tests::{
+use iim_kit::{
     TestCa, TestDb, UdpProxy, appserver_config, eventually, exchange_config, spawn_appserver,
     spawn_exchange, wait_linked,
 };
@@ -345,10 +345,10 @@ async fn thousand_messages_in_order_across_an_exchange_crash() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
     let mut cfg = exchange_config(db.url());
-    cfg.listen = format!("127.0.0.1:{}", iim_tests::proc::free_port(true))
+    cfg.listen = format!("127.0.0.1:{}", iim_kit::proc::free_port(true))
         .parse()
         .unwrap();
-    let ex = iim_tests::CrashableExchange::start(&ca, cfg.clone());
+    let ex = iim_kit::CrashableExchange::start(&ca, cfg.clone());
     let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
     let s2 = spawn_appserver(&ca, appserver_config(db.url(), 2, ex.addr), vec![]).await;
     wait_linked(&s1).await;
@@ -367,7 +367,7 @@ async fn thousand_messages_in_order_across_an_exchange_crash() {
             );
         }
         if i == 600 {
-            ex = Some(iim_tests::CrashableExchange::start(&ca, cfg.clone()));
+            ex = Some(iim_kit::CrashableExchange::start(&ca, cfg.clone()));
         }
         pending.push(
             s1.iim

@@ -14,7 +14,7 @@ use iim::{DeliveryStatus, Outgoing};
 use iim_appserver::AppServerHandle;
 use iim_appserver::push::Push;
 use iim_exchange::ExchangeHandle;
-use iim_tests::{
+use iim_kit::{
     EXCHANGE, TestCa, TestDb, appserver_config, eventually, exchange_config, spawn_appserver,
     spawn_exchange, wait_linked,
 };
@@ -30,7 +30,7 @@ struct Raw {
 }
 
 async fn connect(tls: &TlsMaterial, addr: SocketAddr) -> Result<Raw, String> {
-    let cfg = iim::tls::quic_client_config(tls, iim_tests::test_quic().transport())
+    let cfg = iim::tls::quic_client_config(tls, iim_kit::test_quic().transport())
         .map_err(|e| e.to_string())?;
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let conn = endpoint

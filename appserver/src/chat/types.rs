@@ -30,10 +30,24 @@ pub fn check_chars(s: String, max: usize) -> Result<String, LengthError> {
 }
 
 /// A client-chosen string of 1 to `MAX` characters, checked once: the
-/// only way to make one is [`Chars::parse`].
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(transparent)]
+/// only way to make one is [`Chars::parse`] (which deserialising goes
+/// through too).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Chars<const MAX: usize>(String);
+
+impl<const MAX: usize> TryFrom<String> for Chars<MAX> {
+    type Error = LengthError;
+    fn try_from(s: String) -> Result<Self, LengthError> {
+        Chars::parse(s)
+    }
+}
+
+impl<const MAX: usize> From<Chars<MAX>> for String {
+    fn from(c: Chars<MAX>) -> String {
+        c.0
+    }
+}
 
 impl<const MAX: usize> Chars<MAX> {
     /// The longest value, in characters.
@@ -103,7 +117,7 @@ pub struct SendRequest {
 }
 
 /// The answer to a `send`: the message is stored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendAck {
     pub req: ClientReq,
     /// Server-wide message id.
@@ -181,7 +195,7 @@ pub struct PushEnvelope {
 }
 
 /// The answer to a `sync`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SyncPage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<u64>,
@@ -193,7 +207,7 @@ pub struct SyncPage {
 }
 
 /// A large group the user belongs to, with its timeline's highest sequence.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LargeGroup {
     pub group: u64,
     pub max: u64,
@@ -201,7 +215,7 @@ pub struct LargeGroup {
 
 /// Told to a client once authenticated: where its inbox and its large
 /// groups' timelines stand, so it knows what to sync.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
     pub user: u64,
     pub device: String,

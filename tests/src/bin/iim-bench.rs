@@ -31,15 +31,14 @@ use iim::tls::dev::DevCa;
 use iim::types::{ServerId, Session, UserId};
 use iim::{DeliveryStatus, Iim, Outgoing};
 use iim_appserver::{AppServerHandle, ExchangeTarget};
+use iim_kit::proc::{Binaries, EXCHANGE_BIN, Proc, free_port};
 use iim_tests::load::{Arrivals, body_number, due_at, numbered_body, pace};
 use iim_tests::nats;
-use iim_tests::proc::{free_port, spawn_logged};
 use iim_tests::procfs::{CpuMeter, clk_tck, vm_kib};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 /// The same allocator as the `iim-appserver` binary, for the app servers
@@ -106,27 +105,8 @@ struct Args {
 // Processes
 // ---------------------------------------------------------------------------
 
-fn release_bin(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("exe dir")?;
-    for d in [Some(dir), dir.parent()].into_iter().flatten() {
-        let p = d.join(name);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    bail!(
-        "{name} not found next to {}: run `cargo build --release --bins` first",
-        exe.display()
-    )
-}
-
-async fn wait_port(addr: SocketAddr, what: &str) -> Result<()> {
-    iim_tests::proc::wait_listening(addr, what, Duration::from_secs(20), || Ok(())).await
-}
-
 struct ExchangeProc {
-    child: Child,
+    proc: Proc,
     pid: u32,
     addr: SocketAddr,
 }
@@ -134,12 +114,12 @@ struct ExchangeProc {
 /// Start the exchange binary on a fresh registry (`db_url`) with the
 /// certificates in `certs`.
 async fn start_exchange(
+    bins: &Binaries,
     certs: &Path,
     db_url: &str,
     log: &Path,
     tuning: &Tuning,
 ) -> Result<ExchangeProc> {
-    let bin = release_bin("iim-exchange")?;
     // Settings without a flag go in through a config file.
     let defaults = iim_exchange::Config::default();
     let config = iim_exchange::Config {
@@ -152,29 +132,34 @@ async fn start_exchange(
     let port = free_port(true);
     let http = free_port(false);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let mut cmd = Command::new(&bin);
-    cmd.args([
-        "--config",
-        &config_path.display().to_string(),
-        "--id",
-        &EXCHANGE_ID.to_string(),
-        "--listen",
-        &addr.to_string(),
-        "--http-listen",
-        &format!("127.0.0.1:{http}"),
-        "--database",
-        db_url,
-        "--certs",
-        &certs.display().to_string(),
-    ])
-    .env(
-        "RUST_LOG",
-        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-    );
-    let (child, pid) = spawn_logged(&mut cmd, log)?;
+    let args = [
+        "--config".into(),
+        config_path.display().to_string(),
+        "--id".into(),
+        EXCHANGE_ID.to_string(),
+        "--listen".into(),
+        addr.to_string(),
+        "--http-listen".into(),
+        format!("127.0.0.1:{http}"),
+        "--database".into(),
+        db_url.to_owned(),
+        "--certs".into(),
+        certs.display().to_string(),
+    ];
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    let cmd = bins.daemon(EXCHANGE_BIN, &args, Some(&filter));
+    let mut proc = Proc::start("iim-exchange", cmd, log, true)?;
     // The HTTP listener binds after the QUIC endpoint.
-    wait_port(format!("127.0.0.1:{http}").parse()?, "iim-exchange").await?;
-    Ok(ExchangeProc { child, pid, addr })
+    let listening = format!("127.0.0.1:{http}").parse()?;
+    iim_kit::proc::wait_listening(listening, "iim-exchange", Duration::from_secs(20), || {
+        proc.check()
+    })
+    .await?;
+    Ok(ExchangeProc {
+        pid: proc.pid,
+        proc,
+        addr,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -205,7 +190,7 @@ fn server_config(
     exchange: SocketAddr,
     tuning: &Tuning,
 ) -> iim_appserver::Config {
-    let mut cfg = iim_tests::appserver_config(db, id, exchange);
+    let mut cfg = iim_kit::appserver_config(db, id, exchange);
     cfg.exchange = Some(ExchangeTarget {
         id: EXCHANGE_ID,
         address: exchange,
@@ -433,13 +418,13 @@ async fn run(mut args: Args) -> Result<()> {
         args.deliveries = args.deliveries.min(100_000);
         args.latency_secs = args.latency_secs.min(1.5);
     }
-    let exchange_bin = release_bin("iim-exchange")?;
+    let bins = Binaries::next_to_me("cargo build --release --bins")?;
     let tck = clk_tck();
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().to_path_buf();
     eprintln!(
         "iim-bench: exchange {} ; work dir {}",
-        exchange_bin.display(),
+        bins.path(EXCHANGE_BIN).display(),
         dir.display()
     );
 
@@ -465,7 +450,7 @@ async fn run(mut args: Args) -> Result<()> {
     // Registry + exchange process.
     let db_url = format!("sqlite://{}", dir.join("registry.db").display());
     iim::registry::Registry::connect(&db_url).await?;
-    let mut ex = start_exchange(&certs, &db_url, &dir.join("exchange.log"), &tuning).await?;
+    let mut ex = start_exchange(&bins, &certs, &db_url, &dir.join("exchange.log"), &tuning).await?;
     let stop = CancellationToken::new();
 
     let kmax = *args.k.iter().max().unwrap_or(&1);
@@ -620,15 +605,14 @@ async fn run(mut args: Args) -> Result<()> {
     stop.cancel();
     drop(keep);
     drop(origin);
-    let _ = ex.child.start_kill();
-    let _ = ex.child.wait().await;
+    ex.proc.kill9().await;
     if let Some(n) = nats.take() {
         n.stop().await;
     }
 
     let mut rss = None;
     if !args.no_rss {
-        rss = Some(idle_rss(&ca, &certs, &dir, args.idle_servers, &tuning).await?);
+        rss = Some(idle_rss(&bins, &ca, &certs, &dir, args.idle_servers, &tuning).await?);
     }
 
     // The table.
@@ -739,6 +723,7 @@ async fn run(mut args: Args) -> Result<()> {
 /// A fresh exchange process and `n` app servers that register and stay
 /// idle; returns (RSS before any server, RSS with them, HWM, n) in KiB.
 async fn idle_rss(
+    bins: &Binaries,
     ca: &DevCa,
     certs: &Path,
     dir: &Path,
@@ -747,7 +732,8 @@ async fn idle_rss(
 ) -> Result<(u64, u64, u64, u32)> {
     let db_url = format!("sqlite://{}", dir.join("registry-idle.db").display());
     iim::registry::Registry::connect(&db_url).await?;
-    let mut ex = start_exchange(certs, &db_url, &dir.join("exchange-idle.log"), tuning).await?;
+    let mut ex =
+        start_exchange(bins, certs, &db_url, &dir.join("exchange-idle.log"), tuning).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = vm_kib(ex.pid, "VmRSS");
     let stop = CancellationToken::new();
@@ -765,8 +751,7 @@ async fn idle_rss(
     let hwm = vm_kib(ex.pid, "VmHWM");
     eprintln!("exchange with {n} idle app servers: VmRSS {rss} KiB (before: {base} KiB)");
     stop.cancel();
-    let _ = ex.child.start_kill();
-    let _ = ex.child.wait().await;
+    ex.proc.kill9().await;
     std::mem::forget(servers);
     Ok((base, rss, hwm, n))
 }

@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use iim::types::UserId;
 use iim::{DeliveryStatus, Outgoing};
-use iim_tests::{
+use iim_kit::{
     TestCa, TestDb, appserver_config, exchange_config, spawn_appserver, spawn_exchange, wait_linked,
 };
 use std::time::Instant;

@@ -3,70 +3,38 @@
 
 use iim::registry::ServerRecord;
 use iim::types::Session;
-use serde::{Deserialize, Serialize};
+use iim_http::admin::SendResponse;
+use serde::Serialize;
 
-/// The body of the app server's `POST /admin/send` answer (its
-/// `admin::SendResponse`; the app server crate is not a dependency here).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SendReport {
-    pub id: String,
-    pub sessions: usize,
-    pub local_delivered: usize,
-    pub local_missing: usize,
-    pub servers: Vec<ServerOutcome>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ServerOutcome {
-    pub server: u32,
-    pub status: String,
-}
-
-impl SendReport {
-    /// Every targeted server acknowledged, no local session went missing,
-    /// and at least one session was targeted at all.
-    pub fn all_delivered(&self) -> bool {
-        self.sessions > 0
-            && self.local_missing == 0
-            && self.servers.iter().all(|s| s.status == "delivered")
+/// A delivery report (the admin API's answer), one line per target
+/// server.
+pub fn render_report(r: &SendResponse) -> String {
+    let mut out = format!(
+        "message {}: {} session{} targeted\n",
+        r.id,
+        r.sessions,
+        plural(r.sessions)
+    );
+    if r.sessions == 0 {
+        out.push_str("  none of these users is connected anywhere: nothing was sent\n");
+        return out;
     }
-
-    pub fn status_of(&self, server: u32) -> Option<&str> {
-        self.servers
-            .iter()
-            .find(|s| s.server == server)
-            .map(|s| s.status.as_str())
+    if r.local_delivered + r.local_missing > 0 {
+        out.push_str(&format!(
+            "  local       delivered to {} connection{}, {} missing\n",
+            r.local_delivered,
+            plural(r.local_delivered),
+            r.local_missing
+        ));
     }
-
-    /// Human-readable report, one line per target server.
-    pub fn render(&self) -> String {
-        let mut out = format!(
-            "message {}: {} session{} targeted\n",
-            self.id,
-            self.sessions,
-            plural(self.sessions)
-        );
-        if self.sessions == 0 {
-            out.push_str("  none of these users is connected anywhere: nothing was sent\n");
-            return out;
-        }
-        if self.local_delivered + self.local_missing > 0 {
-            out.push_str(&format!(
-                "  local       delivered to {} connection{}, {} missing\n",
-                self.local_delivered,
-                plural(self.local_delivered),
-                self.local_missing
-            ));
-        }
-        for s in &self.servers {
-            out.push_str(&format!(
-                "  server {:<4} {}\n",
-                s.server,
-                explain_status(&s.status)
-            ));
-        }
-        out
+    for s in &r.servers {
+        out.push_str(&format!(
+            "  server {:<4} {}\n",
+            s.server,
+            explain_status(&s.status)
+        ));
     }
+    out
 }
 
 /// A status as the wire names it, with a hint for the ones that need one.
@@ -316,7 +284,8 @@ mod tests {
 
     #[test]
     fn send_report_verdicts() {
-        let mut r = SendReport {
+        use iim_http::admin::ServerOutcome;
+        let mut r = SendResponse {
             id: "1.1.1".into(),
             sessions: 3,
             local_delivered: 1,
@@ -333,7 +302,7 @@ mod tests {
             ],
         };
         assert!(r.all_delivered());
-        assert!(r.render().contains("server 3    delivered"));
+        assert!(render_report(&r).contains("server 3    delivered"));
         r.servers[1].status = "server_down".into();
         assert!(!r.all_delivered());
         assert_eq!(r.status_of(3), Some("server_down"));

@@ -10,22 +10,23 @@
 
 use anyhow::bail;
 use clap::Args;
-use futures_util::{SinkExt, StreamExt};
 use iim::types::{UserId, now_ms};
-use serde_json::{Value, json};
+use iim_kit::client::{
+    ChatClient, ChatMessage, ClientError, Frame, Ope, Request, SyncPage, body_text, ws_url,
+};
+use serde_json::json;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::{Receiver, channel};
 use tokio::time::{Instant, timeout};
-use tokio_tungstenite::tungstenite::Message as Ws;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
-type Input = UnboundedReceiver<Option<String>>;
+type Input = Receiver<Option<String>>;
 
 const HISTORY: usize = 20;
+/// Lines of input read ahead of what is handled.
+const INPUT_QUEUE: usize = 64;
 const TRIES: u32 = 10;
 /// The server answers requests in order: no answer for this long means
 /// the connection is dead.
@@ -74,6 +75,20 @@ fn lost(why: impl std::fmt::Display) -> Down {
     Down { why, fatal }
 }
 
+/// A connection's failure, as the user should read it.
+fn down(e: ClientError) -> Down {
+    let fatal = e.is_fatal();
+    let why = match &e {
+        ClientError::Closed {
+            code: Some(code),
+            reason,
+        } => clean(&format!("closed by the server: {code} {reason}")),
+        ClientError::Closed { .. } => "closed by the server".to_owned(),
+        e => clean(&e.to_string()),
+    };
+    Down { why, fatal }
+}
+
 /// A request of this connection awaiting its answer.
 enum Pending {
     Send,
@@ -85,8 +100,9 @@ enum Pending {
 /// it is in flight.
 struct Unacked {
     req: String,
+    ope: Ope,
     to: u64,
-    frame: String,
+    text: String,
     due: Option<Instant>,
 }
 
@@ -95,7 +111,7 @@ struct Unacked {
 #[derive(Default)]
 struct Cursor {
     max: u64,
-    aside: BTreeMap<u64, Option<Value>>,
+    aside: BTreeMap<u64, Option<ChatMessage>>,
     syncing: bool,
     /// A gap appeared while syncing: sync again when done.
     again: bool,
@@ -104,8 +120,8 @@ struct Cursor {
 #[derive(Default)]
 struct Chat {
     a: ChatArgs,
-    /// (ope, id): 0 a user, 1 a group.
-    target: Option<(u64, u64)>,
+    /// Who we talk to: a user or a group, and its id.
+    target: Option<(Ope, u64)>,
     /// `None`: the inbox; `Some(g)`: large group g.
     cursors: BTreeMap<Option<u64>, Cursor>,
     unacked: Vec<Unacked>,
@@ -131,17 +147,18 @@ pub(crate) async fn run(a: ChatArgs) -> anyhow::Result<ExitCode> {
     }
     let url = match a.server.contains("://") {
         true => a.server.clone(),
-        false => format!("ws://{}/ws", a.server),
+        false => ws_url(&a.server),
     };
     // A plain thread: a pending read of stdin must not hold up the exit.
-    let (tx, mut rx) = unbounded_channel();
+    // It waits while the queue is full: input is read no faster than sent.
+    let (tx, mut rx) = channel(INPUT_QUEUE);
     std::thread::spawn(move || {
         for line in std::io::stdin().lines().map_while(Result::ok) {
-            if tx.send(Some(line)).is_err() {
+            if tx.blocking_send(Some(line)).is_err() {
                 return;
             }
         }
-        let _ = tx.send(None);
+        let _ = tx.blocking_send(None);
     });
     let mut c = Chat {
         a,
@@ -151,10 +168,11 @@ pub(crate) async fn run(a: ChatArgs) -> anyhow::Result<ExitCode> {
     let (mut tries, mut connected) = (0, false);
     loop {
         let (what, down) = match c.connect(&url).await {
-            Ok(mut ws) => {
+            Ok(mut client) => {
                 let since = Instant::now();
                 connected = true;
-                let Err(down) = c.session(&mut ws, &mut rx).await else {
+                let Err(down) = c.session(&mut client, &mut rx).await else {
+                    client.close().await;
                     return Ok(c.finish());
                 };
                 if since.elapsed() > Duration::from_secs(30) {
@@ -194,47 +212,43 @@ pub(crate) async fn run(a: ChatArgs) -> anyhow::Result<ExitCode> {
 impl Chat {
     /// Connects and authenticates, then syncs what is missing and resends
     /// what is unacknowledged.
-    async fn connect(&mut self, url: &str) -> Result<Socket, Down> {
-        let (mut ws, _) = timeout(ANSWER_TIMEOUT, tokio_tungstenite::connect_async(url))
-            .await
-            .map_err(|_| lost(format!("no answer from {url}")))?
-            .map_err(|e| lost(format!("cannot connect to {url}: {e}")))?;
+    async fn connect(&mut self, url: &str) -> Result<ChatClient, Down> {
         let ttl = Duration::from_secs(86_400);
         let mint = || iim::token::mint(self.a.secret.as_bytes(), UserId(self.a.user), ttl);
         let token = self.a.token.clone().unwrap_or_else(mint);
-        let auth = json!({"op": "auth", "token": token, "device": self.a.device});
-        send(&mut ws, auth.to_string()).await?;
-        let w = match timeout(ANSWER_TIMEOUT, next_text(&mut ws)).await {
-            Err(_) => return Err(lost("no welcome within 10 s")),
-            Ok(w) => w?,
-        };
-        if w["op"] != "welcome" {
-            let code = w["code"].as_str().unwrap_or("?");
-            let fatal = code.starts_with("auth_"); // failed, expired, required
-            let hint = if fatal {
-                " (check --secret or --token)"
-            } else {
-                ""
-            };
-            let why = format!("not welcomed: {code}: {}{hint}", text(&w["message"]));
-            return Err(Down { why, fatal });
-        }
-        let mut streams = vec![(None, w["inbox_max"].as_u64().unwrap_or(0))];
-        for g in w["large_groups"].as_array().into_iter().flatten() {
-            if let Some(id) = g["group"].as_u64() {
-                streams.push((Some(id), g["max"].as_u64().unwrap_or(0)));
+        let connecting = ChatClient::connect_url(url, &token, &self.a.device);
+        let mut client = match timeout(ANSWER_TIMEOUT, connecting).await {
+            Err(_) => return Err(lost(format!("no welcome from {url} within 10 s"))),
+            Ok(Ok(c)) => c,
+            Ok(Err(ClientError::Refused(e))) => {
+                let fatal = e.code.starts_with("auth_"); // failed, expired, required
+                let hint = if fatal {
+                    " (check --secret or --token)"
+                } else {
+                    ""
+                };
+                let why = format!(
+                    "not welcomed: {}: {}{hint}",
+                    clean(&e.code),
+                    clean(&e.message)
+                );
+                return Err(Down { why, fatal });
             }
-        }
+            Ok(Err(e)) => return Err(down(e)),
+        };
+        let w = client.welcome().clone();
+        let mut streams = vec![(None, w.inbox_max)];
+        streams.extend(w.large_groups.iter().map(|g| (Some(g.group), g.max)));
         let groups: String = streams[1..]
             .iter()
             .map(|(g, max)| format!("; large group {} (max {max})", g.unwrap_or(0)))
             .collect();
         say(&format!(
             "connected to server {} at {url} as user {}, device {}; inbox_max {}{groups}",
-            w["server"],
-            w["user"],
-            text(&w["device"]),
-            streams[0].1,
+            w.server,
+            w.user,
+            clean(&w.device),
+            w.inbox_max,
         ));
         if let Some(n) = self.a.wait_secs {
             self.stop_at
@@ -246,23 +260,28 @@ impl Chat {
         }
         for (key, max) in streams {
             if max > self.cursors.entry(key).or_default().max {
-                self.request_sync(&mut ws, key).await?;
+                self.request_sync(&mut client, key).await?;
             }
         }
         for u in &mut self.unacked {
             u.due = Some(Instant::now());
         }
-        self.flush(&mut ws).await?;
+        self.flush(&mut client).await?;
         self.show_history();
-        Ok(ws)
+        Ok(client)
     }
 
     /// Runs one connection until the user is done (`Ok`) or it fails.
-    async fn session(&mut self, ws: &mut Socket, rx: &mut Input) -> Result<(), Down> {
+    async fn session(&mut self, client: &mut ChatClient, rx: &mut Input) -> Result<(), Down> {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         while !self.done() {
             tokio::select! {
-                f = next_text(ws) => self.frame(ws, f?).await?,
+                f = client.recv() => match f {
+                    Ok(f) => self.frame(client, f).await?,
+                    // Nothing the server sends makes us stop: skip it.
+                    Err(ClientError::Malformed { .. }) => {}
+                    Err(e) => return Err(down(e)),
+                },
                 i = rx.recv(), if self.reading() => self.input(i.flatten()),
                 _ = tick.tick() => {
                     if self.pending.front().is_some_and(|(_, t)| t.elapsed() > ANSWER_TIMEOUT) {
@@ -270,10 +289,8 @@ impl Chat {
                     }
                 }
             }
-            self.flush(ws).await?;
+            self.flush(client).await?;
         }
-        let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
-        while let Ok(Some(Ok(_))) = timeout(Duration::from_secs(1), ws.next()).await {}
         Ok(())
     }
 
@@ -315,7 +332,12 @@ impl Chat {
             let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
             match (name, arg.trim().parse::<u64>()) {
                 ("to" | "group", Ok(id)) if id > 0 => {
-                    self.target = Some((u64::from(name == "group"), id));
+                    let ope = if name == "group" {
+                        Ope::Group
+                    } else {
+                        Ope::Single
+                    };
+                    self.target = Some((ope, id));
                     let kind = if name == "to" { "user" } else { "group" };
                     say(&format!("talking to {kind} {id}"));
                 }
@@ -328,14 +350,12 @@ impl Chat {
             self.sends += 1;
             let device: String = self.a.device.chars().take(32).collect();
             let req = format!("{device}-{}-{}", now_ms(), self.sends);
-            let body = json!({"text": line});
-            let frame = json!({"op": "send", "req": req, "ope": ope, "to": to, "type": "text", "body": body});
-            let (frame, due) = (frame.to_string(), Some(Instant::now()));
             self.unacked.push(Unacked {
                 req,
+                ope,
                 to,
-                frame,
-                due,
+                text: line.to_owned(),
+                due: Some(Instant::now()),
             });
         } else if !line.is_empty() {
             say("no one to send to yet: /to USER or /group GROUP first");
@@ -343,7 +363,7 @@ impl Chat {
     }
 
     /// Sends what is due and starts the syncs asked for with `/sync`.
-    async fn flush(&mut self, ws: &mut Socket) -> Result<(), Down> {
+    async fn flush(&mut self, client: &mut ChatClient) -> Result<(), Down> {
         // One send in flight at a time, the oldest first: typed order is
         // kept, even across a rate limit or a reconnect.
         let now = Instant::now();
@@ -351,7 +371,15 @@ impl Chat {
             && u.due.is_some_and(|t| t <= now)
         {
             u.due = None;
-            send(ws, u.frame.clone()).await?;
+            let body = json!({ "text": u.text });
+            let send = Request::Send {
+                req: &u.req,
+                ope: u.ope,
+                to: u.to,
+                kind: "text",
+                body: &body,
+            };
+            client.write(&send).await.map_err(down)?;
             self.pending.push_back((Pending::Send, now));
         }
         if std::mem::take(&mut self.want_sync) {
@@ -361,21 +389,26 @@ impl Chat {
                 .chain(self.cursors.keys().copied())
                 .collect();
             for key in keys {
-                self.request_sync(ws, key).await?;
+                self.request_sync(client, key).await?;
             }
         }
         Ok(())
     }
 
-    async fn request_sync(&mut self, ws: &mut Socket, key: Option<u64>) -> Result<(), Down> {
+    async fn request_sync(
+        &mut self,
+        client: &mut ChatClient,
+        key: Option<u64>,
+    ) -> Result<(), Down> {
         let c = self.cursors.entry(key).or_default();
         c.again |= c.syncing;
         if !std::mem::replace(&mut c.syncing, true) {
-            let mut f = json!({"op": "sync", "since": c.max, "limit": 200});
-            if let Some(g) = key {
-                f["group"] = json!(g);
-            }
-            send(ws, f.to_string()).await?;
+            let sync = Request::Sync {
+                since: c.max,
+                limit: 200,
+                group: key,
+            };
+            client.write(&sync).await.map_err(down)?;
             self.pending.push_back((Pending::Sync(key), Instant::now()));
         }
         Ok(())
@@ -383,50 +416,56 @@ impl Chat {
 
     /// A frame from the server: a push, or the answer to the oldest
     /// pending request (the server answers in order).
-    async fn frame(&mut self, ws: &mut Socket, v: Value) -> Result<(), Down> {
-        let (op, code) = (v["op"].as_str().unwrap_or(""), text(&v["code"]));
-        if op == "notice" {
-            say(&format!("[notice from {}] {}", v["from"], text(&v["text"])));
-        }
-        let gap = match op {
-            "msg" => match (v["gseq"].as_u64(), v["seq"].as_u64()) {
-                (Some(g), _) => v["to"].as_u64().map(|to| (Some(to), g, Some(v))),
-                (None, Some(s)) => Some((None, s, Some(v))),
+    async fn frame(&mut self, client: &mut ChatClient, f: Frame) -> Result<(), Down> {
+        let gap = match f {
+            Frame::Notice(n) => {
+                say(&format!("[notice from {}] {}", n.from, clean(&n.text)));
+                None
+            }
+            Frame::Msg(m) => match (m.gseq, m.seq) {
+                (Some(g), _) => Some((Some(m.to), g, Some(m))),
+                (None, Some(s)) => Some((None, s, Some(m))),
                 _ => None,
             },
-            "ack" | "sync" | "error" | "pong" => {
-                let req = v["req"].as_str();
+            Frame::Ack(_) | Frame::Sync(_) | Frame::Error(_) | Frame::Pong => {
+                let req = match &f {
+                    Frame::Ack(a) => Some(a.req.as_str()),
+                    Frame::Error(e) => e.req.as_deref(),
+                    _ => None,
+                };
                 let i = req.and_then(|r| self.unacked.iter().position(|u| u.req == r));
-                match (self.pending.pop_front().map(|p| p.0), op, i) {
-                    (Some(Pending::Sync(key)), "sync", _) => return self.synced(ws, key, &v).await,
-                    (Some(Pending::Sync(key)), _, _) => {
-                        say(&format!("sync failed: {code}: {}", text(&v["message"])));
+                match (self.pending.pop_front().map(|p| p.0), f, i) {
+                    (Some(Pending::Sync(key)), Frame::Sync(page), _) => {
+                        return self.synced(client, key, page).await;
+                    }
+                    (Some(Pending::Sync(key)), f, _) => {
+                        let why = match f {
+                            Frame::Error(e) => format!("{}: {}", clean(&e.code), clean(&e.message)),
+                            f => format!("unexpected {}", f.op()),
+                        };
+                        say(&format!("sync failed: {why}"));
                         self.cursors.entry(key).or_default().syncing = false;
                         self.show_history();
                         None
                     }
-                    (_, "ack", Some(i)) => {
+                    (_, Frame::Ack(a), Some(i)) => {
                         let u = self.unacked.remove(i);
-                        let again = if v["duplicate"] == true {
-                            " (a resend)"
-                        } else {
-                            ""
-                        };
-                        let (key, seq, what) = match (v["gseq"].as_u64(), v["seq"].as_u64()) {
+                        let again = if a.duplicate { " (a resend)" } else { "" };
+                        let (key, seq, what) = match (a.gseq, a.seq) {
                             (Some(g), _) => (Some(u.to), g, "gseq"),
                             (None, s) => (None, s.unwrap_or(0), "seq"),
                         };
                         say(&format!("sent, {what} {seq}{again}"));
                         (seq > 0).then_some((key, seq, None))
                     }
-                    (_, "error", Some(i))
-                        if matches!(code.as_str(), "unavailable" | "rate_limited") =>
+                    (_, Frame::Error(e), Some(i))
+                        if matches!(e.code.as_str(), "unavailable" | "rate_limited") =>
                     {
-                        say(&format!("{code}: resending in 1 s"));
+                        say(&format!("{}: resending in 1 s", e.code));
                         self.unacked[i].due = Some(Instant::now() + Duration::from_secs(1));
                         None
                     }
-                    (_, "error", i) => {
+                    (_, Frame::Error(e), i) => {
                         let what = if let Some(i) = i {
                             self.refused += 1;
                             self.unacked.remove(i);
@@ -434,18 +473,22 @@ impl Chat {
                         } else {
                             "error"
                         };
-                        say(&format!("{what}: {code}: {}", text(&v["message"])));
+                        say(&format!(
+                            "{what}: {}: {}",
+                            clean(&e.code),
+                            clean(&e.message)
+                        ));
                         None
                     }
                     _ => None, // a duplicate ack of a resend, or a pong
                 }
             }
-            _ => None, // unknown ops are ignored, as the protocol asks
+            _ => None, // presence, and unknown ops, are ignored, as the protocol allows
         };
         if let Some((key, seq, m)) = gap
             && self.apply(key, seq, m)
         {
-            self.request_sync(ws, key).await?;
+            self.request_sync(client, key).await?;
         }
         Ok(())
     }
@@ -453,30 +496,30 @@ impl Chat {
     /// A sync page: apply it, then fetch the next page or close a new gap.
     async fn synced(
         &mut self,
-        ws: &mut Socket,
+        client: &mut ChatClient,
         key: Option<u64>,
-        page: &Value,
+        page: SyncPage,
     ) -> Result<(), Down> {
-        let field = if key.is_some() { "gseq" } else { "seq" };
         let before = self.cursors.entry(key).or_default().max;
-        for m in page["messages"].as_array().into_iter().flatten() {
-            if let Some(seq) = m[field].as_u64() {
-                self.apply(key, seq, Some(m.clone()));
+        for m in page.messages {
+            let seq = if key.is_some() { m.gseq } else { m.seq };
+            if let Some(seq) = seq {
+                self.apply(key, seq, Some(m));
             }
         }
         let c = self.cursors.entry(key).or_default();
         c.syncing = false;
         // Only pages that advanced: a server skipping a sequence cannot loop us.
-        let more = page["more"] == true && c.max > before;
+        let more = page.more && c.max > before;
         if more || std::mem::take(&mut c.again) && !c.aside.is_empty() {
-            self.request_sync(ws, key).await?;
+            self.request_sync(client, key).await?;
         }
         self.show_history();
         Ok(())
     }
 
     /// Files a message at `seq`, shows what is now in order; true on a gap.
-    fn apply(&mut self, key: Option<u64>, seq: u64, m: Option<Value>) -> bool {
+    fn apply(&mut self, key: Option<u64>, seq: u64, m: Option<ChatMessage>) -> bool {
         let c = self.cursors.entry(key).or_default();
         if seq <= c.max || c.aside.contains_key(&seq) {
             return false;
@@ -491,7 +534,7 @@ impl Chat {
         for m in ready {
             let line = self.describe(&m);
             match &mut self.history {
-                Some(h) => h.push((m["ts"].as_i64().unwrap_or(0), line)),
+                Some(h) => h.push((m.ts, line)),
                 None => say(&line),
             }
         }
@@ -518,50 +561,22 @@ impl Chat {
         say(&format!("ready: {HELP}"));
     }
 
-    fn describe(&self, m: &Value) -> String {
-        let who = |v: &Value| match v.as_u64() {
-            Some(u) if u == self.a.user => "you".to_owned(),
-            _ => v.to_string(),
+    fn describe(&self, m: &ChatMessage) -> String {
+        let who = |u: u64| match u {
+            u if u == self.a.user => "you".to_owned(),
+            u => u.to_string(),
         };
-        let (from, to) = (who(&m["from"]), &m["to"]);
-        let body = match (m["type"].as_str(), m["body"]["text"].as_str()) {
-            (Some("text"), Some(t)) => clean(t),
-            _ => format!("({}) {}", text(&m["type"]), text(&m["body"])),
+        let (from, to) = (who(m.from), m.to);
+        let body = match (m.kind.as_str(), body_text(m)) {
+            ("text", Some(t)) => clean(&t),
+            _ => format!("({}) {}", clean(&m.kind), clean(m.body.get())),
         };
-        match (m["gseq"].as_u64(), m["seq"].as_u64(), m["ope"].as_u64()) {
+        match (m.gseq, m.seq, m.ope) {
             (Some(g), _, _) => format!("[group {to}, gseq {g}] {from}: {body}"),
-            (_, Some(s), Some(1)) => format!("[group {to}, seq {s}] {from}: {body}"),
+            (_, Some(s), Ope::Group) => format!("[group {to}, seq {s}] {from}: {body}"),
             (_, s, _) => format!("[seq {}] {from} → {}: {body}", s.unwrap_or(0), who(to)),
         }
     }
-}
-
-async fn send(ws: &mut Socket, frame: String) -> Result<(), Down> {
-    ws.send(Ws::Text(frame.into())).await.map_err(lost)
-}
-
-/// The next text frame as JSON (`Null` if it is not JSON).
-async fn next_text(ws: &mut Socket) -> Result<Value, Down> {
-    loop {
-        match ws.next().await {
-            Some(Ok(Ws::Text(t))) => return Ok(serde_json::from_str(&t).unwrap_or_default()),
-            Some(Ok(Ws::Close(Some(f)))) => {
-                let why = format!("closed by the server: {} {}", u16::from(f.code), f.reason);
-                return Err(Down {
-                    fatal: u16::from(f.code) == 1008,
-                    ..lost(clean(&why))
-                });
-            }
-            Some(Ok(Ws::Close(None))) | None => return Err(lost("closed by the server")),
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(lost(e)),
-        }
-    }
-}
-
-/// A JSON string's text (other values as JSON), safe for a terminal.
-fn text(v: &Value) -> String {
-    clean(&v.as_str().map_or_else(|| v.to_string(), str::to_owned))
 }
 
 /// Control characters (terminal escapes) shown as `\u{..}`.
@@ -576,9 +591,9 @@ fn clean(s: &str) -> String {
 mod tests {
     use super::*;
 
-    fn msg(seq: u64, from: u64, text: &str) -> Option<Value> {
-        let m = json!({"seq": seq, "ope": 0, "from": from, "to": 1001, "type": "text", "body": {"text": text}, "ts": seq});
-        Some(m)
+    fn msg(seq: u64, from: u64, text: &str) -> Option<ChatMessage> {
+        let m = json!({"seq": seq, "id": seq, "req": "r", "ope": 0, "from": from, "to": 1001, "type": "text", "body": {"text": text}, "ts": seq});
+        Some(serde_json::from_str(&m.to_string()).unwrap())
     }
 
     #[test]

@@ -8,7 +8,6 @@
 mod chat;
 mod demo;
 mod directory;
-mod http;
 mod view;
 
 use anyhow::{Context, bail};
@@ -16,6 +15,8 @@ use clap::{Args, Parser, Subcommand};
 use iim::registry::Registry;
 use iim::tls::{TlsError, dev};
 use iim::types::{ServerId, UserId, now_ms};
+use iim_http::admin::{SendRequest, SendResponse};
+use iim_http::client::{Client, ClientError};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -264,20 +265,24 @@ fn certs(a: CertsArgs) -> anyhow::Result<()> {
 
 /// Writes development certificates. Returns a line saying whether the CA
 /// is new or reused, and the files written.
-pub(crate) fn write_certs(
+fn write_certs(
     dir: &Path,
     exchanges: &[u32],
     servers: &[u32],
 ) -> anyhow::Result<(String, Vec<PathBuf>)> {
     let ids = |v: &[u32]| v.iter().map(|&i| ServerId(i)).collect::<Vec<_>>();
     let written = dev::write_dev_certs(dir, &ids(exchanges), &ids(servers))?;
+    Ok((ca_line(dir, &written), written))
+}
+
+/// Whether the development CA in `dir` is new (among `written`) or reused.
+pub(crate) fn ca_line(dir: &Path, written: &[PathBuf]) -> String {
     let ca = dir.join("ca.pem");
-    let line = if written.contains(&ca) {
+    if written.contains(&ca) {
         format!("created a new development CA: {}", ca.display())
     } else {
         format!("reusing the development CA in {}", ca.display())
-    };
-    Ok((line, written))
+    }
 }
 
 async fn servers(a: ServersArgs) -> anyhow::Result<()> {
@@ -314,15 +319,33 @@ async fn sessions(a: SessionsArgs) -> anyhow::Result<()> {
 
 async fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     let timeout = Duration::from_secs(a.timeout.max(1));
-    if a.json {
-        let raw = send_raw(&a.server_http, a.from, &a.to, &a.text, timeout).await?;
+    let req = SendRequest {
+        from: a.from,
+        to: a.to,
+        text: a.text,
+    };
+    let client = Client::new(&a.server_http, timeout)?;
+    let report = if a.json {
+        let raw = client.send_text(&req).await.map_err(refused)?;
         println!("{raw}");
-        let report: view::SendReport = serde_json::from_str(&raw)?;
-        return Ok(exit_code(report.all_delivered()));
-    }
-    let report = send_message(&a.server_http, a.from, &a.to, &a.text, timeout).await?;
-    print!("{}", report.render());
+        serde_json::from_str::<SendResponse>(&raw)?
+    } else {
+        let report = client.send(&req).await.map_err(refused)?;
+        print!("{}", view::render_report(&report));
+        report
+    };
     Ok(exit_code(report.all_delivered()))
+}
+
+/// A refusal says so; other failures (unreachable, no answer) speak for
+/// themselves.
+pub(crate) fn refused(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Status { .. } => {
+            anyhow::Error::new(e).context("the app server refused the send")
+        }
+        e => e.into(),
+    }
 }
 
 fn exit_code(ok: bool) -> ExitCode {
@@ -331,37 +354,6 @@ fn exit_code(ok: bool) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-/// `POST /admin/send` and the parsed report.
-pub(crate) async fn send_message(
-    addr: &str,
-    from: u64,
-    to: &[u64],
-    text: &str,
-    timeout: Duration,
-) -> anyhow::Result<view::SendReport> {
-    let raw = send_raw(addr, from, to, text, timeout).await?;
-    serde_json::from_str(&raw).with_context(|| format!("unexpected answer from {addr}: {raw}"))
-}
-
-async fn send_raw(
-    addr: &str,
-    from: u64,
-    to: &[u64],
-    text: &str,
-    timeout: Duration,
-) -> anyhow::Result<String> {
-    let body = serde_json::json!({ "from": from, "to": to, "text": text }).to_string();
-    let resp = http::post_json(addr, "/admin/send", &body, timeout).await?;
-    if !resp.is_success() {
-        bail!(
-            "the app server at {addr} refused the send: HTTP {}: {}",
-            resp.status,
-            resp.body.trim()
-        );
-    }
-    Ok(resp.body)
 }
 
 /// Opens the registry for reading. A SQLite file that does not exist is an

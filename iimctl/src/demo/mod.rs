@@ -1,0 +1,361 @@
+//! `iimctl demo`: the newcomer's tour on the embedded defaults.
+//!
+//! Starts the real `iim-exchange` and three `iim-appserver` processes (the
+//! binaries built next to iimctl) on loopback, with a fresh SQLite registry
+//! holding the demo directory (`iimctl demo-data`) and development
+//! certificates; sends one message across all three servers, stops one
+//! server and starts it again, then runs `iimctl chat` clients (this
+//! binary) on different servers chatting one to one and in a group
+//! ([`chat`]), and stops everything. The app servers find the exchange
+//! through the registry. The deployment and its processes are the test
+//! kit's (`iim_kit::deploy`); every child is stopped with SIGTERM (then
+//! killed after a grace period) however iimctl ends.
+
+mod chat;
+mod logs;
+
+use crate::view;
+use anyhow::Context;
+use iim::registry::{Registry, ServerState};
+use iim::types::now_ms;
+use iim_http::admin::{SendRequest, SendResponse};
+use iim_http::client::Client;
+use iim_kit::deploy::{Deployment, Spec};
+use iim_kit::proc::Binaries;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const EXCHANGE_ID: u32 = 100;
+/// App servers and their demo users.
+const SERVERS: [(u32, &[u64]); 3] = [(1, &[1001, 1002]), (2, &[2001, 2002]), (3, &[3001])];
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+const SEND_TIMEOUT: Duration = Duration::from_secs(40);
+
+pub struct Options {
+    pub dir: PathBuf,
+    pub keep_running: bool,
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<ExitCode> {
+    let bins = Binaries::next_to_me("cargo build --bins, or scripts/demo")?;
+    let mut slot = None;
+    let outcome = tokio::select! {
+        r = script(&opts, bins, &mut slot) => r,
+        _ = iim::telemetry::wait_for_signal() => {
+            println!("\ninterrupted");
+            Ok(ExitCode::from(130))
+        }
+    };
+    let Some(dep) = slot.as_mut().filter(|d: &&mut Deployment| d.is_running()) else {
+        return outcome;
+    };
+    // Say what went wrong before the stop messages, not after them.
+    let code = match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("\niimctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    };
+    section("Stopping everything (SIGTERM, app servers first)");
+    let mut clean = true;
+    for stopped in dep.stop_all(STOP_TIMEOUT).await {
+        println!("  {stopped}");
+        clean &= stopped.clean();
+    }
+    if !clean && code == ExitCode::SUCCESS {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(code)
+}
+
+/// The demo proper; the deployment goes into `slot` as soon as it exists,
+/// so [`run`] stops it however this ends. Returns the exit code; problems
+/// found on the way are printed and make it non-zero without stopping the
+/// tour.
+async fn script(
+    opts: &Options,
+    bins: Binaries,
+    slot: &mut Option<Deployment>,
+) -> anyhow::Result<ExitCode> {
+    let dir = &opts.dir;
+    let db = dir.join("registry.db");
+    let url = format!("sqlite://{}", db.display());
+    let mut problems = Vec::new();
+
+    println!(
+        "iim demo: one exchange and three app servers on this machine, sharing a SQLite registry."
+    );
+
+    section("1. Certificates: a development CA and one certificate per server");
+    let mut spec = Spec::new(dir, &url, bins);
+    spec.exchange = EXCHANGE_ID;
+    spec.servers = SERVERS.iter().map(|(id, _)| *id).collect();
+    spec.demo_users = SERVERS.iter().map(|(id, u)| (*id, u.to_vec())).collect();
+    spec.name_exchange = false;
+    let dep = slot.insert(Deployment::new(spec).context("cannot prepare the demo")?);
+    println!("  {}", crate::ca_line(dep.certs_dir(), dep.certs_written()));
+    let names: Vec<String> = std::iter::once(format!("exchange-{EXCHANGE_ID}"))
+        .chain(SERVERS.iter().map(|(id, _)| format!("server-{id}")))
+        .collect();
+    println!(
+        "  issued {} (.pem and .key; each names its server, e.g. DNS server-1.iim)",
+        names.join(", ")
+    );
+
+    section("2. Registry: a fresh SQLite database");
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.clone().into_os_string();
+        name.push(suffix);
+        match std::fs::remove_file(&name) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", db.display()));
+            }
+            _ => {}
+        }
+    }
+    // Creating the schema here, before any daemon starts, keeps the
+    // daemons' migrations from racing each other on a new file.
+    let registry = Registry::connect(&url)
+        .await
+        .with_context(|| format!("cannot create the registry {url}"))?;
+    println!("  {url}");
+    println!("  $ iimctl demo-data --database {url}");
+    for line in crate::directory::load_demo_data(&url).await? {
+        println!("    {line}");
+    }
+    let team = iim::store::Store::new(&registry)
+        .groups()
+        .await?
+        .iter()
+        .find(|g| g.name == "team")
+        .map(|g| g.id)
+        .context("the demo data has no group \"team\"")?;
+
+    section("3. Start the exchange, then the app servers");
+    let pid = dep.start_exchange()?;
+    println!("  $ iim-exchange {}", dep.exchange_args().join(" "));
+    println!(
+        "    pid {pid}, QUIC on {}, metrics at http://{}/metrics",
+        dep.quic(),
+        dep.exchange_http()
+    );
+    let started = Instant::now();
+    dep.wait_exchange().await?;
+    println!(
+        "    up in the registry after {:.1} s",
+        started.elapsed().as_secs_f32()
+    );
+
+    let started = Instant::now();
+    for (id, _) in SERVERS {
+        let pid = dep.start_server(id)?;
+        let a = dep.server(id);
+        println!("  $ iim-appserver {}", dep.server_args(id).join(" "));
+        println!(
+            "    pid {pid}, admin API at http://{}, clients at ws://{}/ws",
+            a.http, a.ws
+        );
+    }
+    println!("  (no --exchange flag: each app server looks the exchange up in the registry)");
+    let ids: Vec<u32> = SERVERS.iter().map(|(id, _)| *id).collect();
+    dep.wait_servers(&ids).await?;
+    println!(
+        "  all three answer and are up after {:.1} s; logs in {}",
+        started.elapsed().as_secs_f32(),
+        dep.logs_dir().display()
+    );
+
+    section(&format!(
+        "4. The registry (iimctl servers --database {url})"
+    ));
+    print!("{}", indent(&servers_table(&registry).await?));
+
+    section(
+        "5. User 1001 on server 1 sends to 1002 (server 1), 2001 (server 2) and 3001 (server 3)",
+    );
+    let admin = dep.http(1).to_string();
+    let text = "hello from 1001";
+    println!(
+        "  $ iimctl send --server-http {admin} --from 1001 --to 1002,2001,3001 --text {text:?}"
+    );
+    let report = send(&admin, &[1002, 2001, 3001], text).await?;
+    print!("{}", indent(&view::render_report(&report)));
+    if report.local_delivered != 1 {
+        problems.push(format!(
+            "expected 1 local delivery on server 1, the report says {}",
+            report.local_delivered
+        ));
+    }
+    for server in [2, 3] {
+        match report.status_of(server) {
+            Some("delivered") => {}
+            other => problems.push(format!(
+                "expected server {server} delivered, the report says {}",
+                other.unwrap_or("nothing")
+            )),
+        }
+    }
+    println!();
+    println!(
+        "  What the demo connections logged (grep received {}/*.log):",
+        dep.logs_dir().display()
+    );
+    let expected = [(1, 1002), (2, 2001), (3, 3001)];
+    let lines = logs::received_lines(dep, &report.id, &expected).await;
+    for (server, user) in expected {
+        match lines.iter().find(|(s, u, _)| (*s, *u) == (server, user)) {
+            Some((_, _, line)) => println!("    server-{server}.log: {line}"),
+            None => {
+                println!("    server-{server}.log: (nothing for user {user})");
+                problems.push(format!(
+                    "user {user} on server {server} logged no received line for message {}",
+                    report.id
+                ));
+            }
+        }
+    }
+    println!(
+        "  Each user got message {} addressed to (0,0): \"the receiving client itself\".",
+        report.id
+    );
+
+    section("6. Stop app server 3 (SIGTERM) and look again");
+    match dep.stop_server(3, STOP_TIMEOUT).await {
+        Some(stop) => {
+            println!("  {stop}");
+            if !stop.clean() {
+                problems.push(stop.to_string());
+            }
+        }
+        None => problems.push("server-3 is not running".to_owned()),
+    }
+    let records = registry.servers().await?;
+    print!("{}", indent(&view::servers_table(&records, now_ms())));
+    match records.iter().find(|s| s.id.0 == 3).map(|s| s.state) {
+        Some(ServerState::Down) => {}
+        other => problems.push(format!(
+            "after a clean stop server 3 should read down, the registry says {}",
+            other.map_or("no row".to_owned(), |s| s.to_string())
+        )),
+    }
+    println!(
+        "  Server 3 drained and marked itself down, which also removed its sessions: user 3001 \
+         is offline now, so a send to 2001 and 3001 only targets server 2:"
+    );
+    let report = send(&admin, &[2001, 3001], "still there?").await?;
+    print!("{}", indent(&view::render_report(&report)));
+    if report.sessions != 1 || report.status_of(2) != Some("delivered") || report.servers.len() != 1
+    {
+        problems.push(format!(
+            "with server 3 down, expected one session on server 2 delivered, got {report:?}"
+        ));
+    }
+
+    section("7. Start app server 3 again");
+    let pid = dep.start_server(3)?;
+    dep.wait_servers(&[3]).await?;
+    let epoch = registry
+        .server(iim::ServerId(3))
+        .await?
+        .map_or(0, |s| s.epoch);
+    println!("  server 3 is back (pid {pid}) with a new epoch, {epoch}");
+    if epoch < 2 {
+        problems.push(format!("server 3 restarted with epoch {epoch}, expected 2"));
+    }
+
+    let clients: Vec<String> = ids.iter().map(|&id| dep.ws(id).to_string()).collect();
+    chat::steps(dep.logs_dir(), &clients, team, &mut problems).await?;
+
+    section("10. Done");
+    if opts.keep_running {
+        keep_running(dep, &url, &clients).await?;
+    } else {
+        println!(
+            "  Run again with --keep-running to leave the servers up and chat from two terminals."
+        );
+    }
+
+    if problems.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!();
+    println!("The demo did not go as expected:");
+    for p in &problems {
+        println!("  - {p}");
+    }
+    println!("Read the logs in {}.", dep.logs_dir().display());
+    Ok(ExitCode::FAILURE)
+}
+
+/// `POST /admin/send` from user 1001.
+async fn send(admin: &str, to: &[u64], text: &str) -> anyhow::Result<SendResponse> {
+    let req = SendRequest {
+        from: 1001,
+        to: to.to_vec(),
+        text: text.to_owned(),
+    };
+    Client::new(admin, SEND_TIMEOUT)?
+        .send(&req)
+        .await
+        .map_err(crate::refused)
+}
+
+/// Prints what to try and waits until a server dies (an error) or iimctl
+/// is interrupted (handled by [`run`]).
+async fn keep_running(dep: &mut Deployment, url: &str, clients: &[String]) -> anyhow::Result<()> {
+    let me = me();
+    println!("  Everything keeps running. Chat from two terminals:");
+    println!("    {me} chat --server {} --user 1001", clients[0]);
+    println!("    {me} chat --server {} --user 2001", clients[1]);
+    println!("  then type /to 2001 in the first and a line of text; /help lists the commands.");
+    if std::env::var_os("IIM_JWT_SECRET").is_some() {
+        println!("  (unset IIM_JWT_SECRET first: these servers use the development secret)");
+    }
+    println!("  Or try:");
+    println!(
+        "    {me} send --server-http {} --from 2001 --to 1001,3001 --text hi",
+        dep.http(2)
+    );
+    println!("    {me} servers --database {url}");
+    println!("    {me} sessions --database {url}");
+    println!("    tail -f {}", dep.log("server-1").display());
+    println!("  Press Ctrl-C to stop.");
+    loop {
+        dep.check()?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn servers_table(registry: &Registry) -> anyhow::Result<String> {
+    Ok(view::servers_table(&registry.servers().await?, now_ms()))
+}
+
+fn section(title: &str) {
+    println!();
+    println!("== {title}");
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// How to run this binary, from the current directory.
+fn me() -> String {
+    std::env::current_exe()
+        .ok()
+        .map(|p| shorten(&p))
+        .unwrap_or_else(|| "iimctl".to_owned())
+}
+
+/// A path relative to the current directory when it is below it.
+fn shorten(path: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| path.to_owned())
+        .display()
+        .to_string()
+}

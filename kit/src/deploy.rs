@@ -1,0 +1,543 @@
+//! A deployment of the real binaries: a development CA and certificates,
+//! one `iim-exchange` and N `iim-appserver` processes on loopback sharing
+//! one registry database, each with its HTTP listener (metrics, admin API)
+//! and the app servers with their WebSocket endpoint. Any node can be
+//! stopped, killed and started again (on the same ports, its log appended
+//! to).
+//!
+//! Nodes get their identity, addresses, database and certificates as flags
+//! (the command an operator would type) and anything else from a TOML file
+//! in the deployment's directory, when the [`Spec`] has some.
+//! [`Deployment::new`] only prepares; starting and waiting are separate
+//! steps so a caller (the demo) can show each one. [`TestDeployment`] is
+//! the fault tests' ready-made one.
+
+use crate::TestDb;
+use crate::client::{ChatClient, ClientError};
+use crate::proc::{APPSERVER_BIN, Binaries, EXCHANGE_BIN, Proc, Stopped, free_port, loopback};
+use anyhow::{Context, bail};
+use iim::registry::{Registry, Role, ServerState};
+use iim::store::{Store, User};
+use iim::types::{ServerId, UserId};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What to deploy.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// Certificates (`certs/`), configs and logs (`logs/`) go here.
+    pub dir: PathBuf,
+    /// The registry every node uses.
+    pub database: String,
+    pub bins: Binaries,
+    pub exchange: u32,
+    pub servers: Vec<u32>,
+    /// The exchange's TOML beyond its flags (empty: its defaults).
+    pub exchange_toml: String,
+    /// Every app server's TOML beyond its flags.
+    pub server_toml: String,
+    /// The app servers' client-token secret (`[auth] jwt_secret`); `None`
+    /// leaves their default, the development secret.
+    pub jwt_secret: Option<String>,
+    /// Users given a logging demo connection, per app server.
+    pub demo_users: BTreeMap<u32, Vec<u64>>,
+    /// Tell the app servers where the exchange is (`--exchange`) instead
+    /// of letting them look it up in the registry.
+    pub name_exchange: bool,
+    /// The daemons' `RUST_LOG` (`None`: their default, info).
+    pub log_filter: Option<String>,
+}
+
+impl Spec {
+    /// Exchange 100 and app servers 1, 2, 3 with their defaults, the
+    /// exchange named to them.
+    pub fn new(dir: &Path, database: &str, bins: Binaries) -> Spec {
+        Spec {
+            dir: dir.to_owned(),
+            database: database.to_owned(),
+            bins,
+            exchange: crate::EXCHANGE.0,
+            servers: vec![1, 2, 3],
+            exchange_toml: String::new(),
+            server_toml: String::new(),
+            jwt_secret: None,
+            demo_users: BTreeMap::new(),
+            name_exchange: true,
+            log_filter: None,
+        }
+    }
+}
+
+/// The addresses of one app server.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerAddrs {
+    /// The client (WebSocket) endpoint.
+    pub ws: SocketAddr,
+    /// Metrics and the admin API.
+    pub http: SocketAddr,
+}
+
+/// A running (or stopped) deployment. Its processes are killed when it is
+/// dropped; [`Deployment::stop_all`] stops them gracefully.
+pub struct Deployment {
+    spec: Spec,
+    certs: PathBuf,
+    logs: PathBuf,
+    certs_written: Vec<PathBuf>,
+    quic: SocketAddr,
+    exchange_http: SocketAddr,
+    addrs: BTreeMap<u32, ServerAddrs>,
+    exchange_proc: Option<Proc>,
+    server_procs: BTreeMap<u32, Proc>,
+    /// Names started at least once: a restart appends to the log.
+    started: BTreeSet<String>,
+    registry: Option<Registry>,
+}
+
+/// How long a node may take to come up.
+pub const START_WAIT: Duration = Duration::from_secs(30);
+/// How long one look at a node that is coming up may take.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
+
+impl Deployment {
+    /// Certificates (a development CA in `dir/certs`, reused if one is
+    /// there), ports, config files; nothing is started.
+    pub fn new(spec: Spec) -> anyhow::Result<Deployment> {
+        let certs = spec.dir.join("certs");
+        let logs = spec.dir.join("logs");
+        std::fs::create_dir_all(&logs)
+            .with_context(|| format!("cannot create {}", logs.display()))?;
+        let ids = |v: &[u32]| v.iter().map(|&i| ServerId(i)).collect::<Vec<_>>();
+        let certs_written =
+            iim::tls::dev::write_dev_certs(&certs, &ids(&[spec.exchange]), &ids(&spec.servers))
+                .with_context(|| format!("cannot write certificates into {}", certs.display()))?;
+        let addrs = spec
+            .servers
+            .iter()
+            .map(|&id| {
+                let ws = loopback(free_port(false));
+                let http = loopback(free_port(false));
+                (id, ServerAddrs { ws, http })
+            })
+            .collect();
+        let d = Deployment {
+            quic: loopback(free_port(true)),
+            exchange_http: loopback(free_port(false)),
+            addrs,
+            certs,
+            logs,
+            certs_written,
+            exchange_proc: None,
+            server_procs: BTreeMap::new(),
+            started: BTreeSet::new(),
+            registry: None,
+            spec,
+        };
+        d.write_configs()?;
+        Ok(d)
+    }
+
+    /// [`Deployment::new`], then every node started and up.
+    pub async fn launch(spec: Spec) -> anyhow::Result<Deployment> {
+        let mut d = Deployment::new(spec)?;
+        d.start_exchange()?;
+        d.wait_exchange().await?;
+        for id in d.spec.servers.clone() {
+            d.start_server(id)?;
+        }
+        d.wait_servers(&d.spec.servers.clone()).await?;
+        Ok(d)
+    }
+
+    fn write_configs(&self) -> anyhow::Result<()> {
+        let write = |name: &str, toml: &str| {
+            let path = self.config_path(name);
+            std::fs::write(&path, toml).with_context(|| format!("cannot write {}", path.display()))
+        };
+        if !self.spec.exchange_toml.is_empty() {
+            write(&self.exchange_name(), &self.spec.exchange_toml)?;
+        }
+        let mut server = self.spec.server_toml.clone();
+        if let Some(secret) = &self.spec.jwt_secret {
+            server.push_str(&format!("\n[auth]\njwt_secret = {secret:?}\n"));
+        }
+        if !server.is_empty() {
+            for &id in &self.spec.servers {
+                write(&server_name(id), &server)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn config_path(&self, name: &str) -> PathBuf {
+        self.spec.dir.join(format!("{name}.toml"))
+    }
+
+    /// `--config FILE` when the node has one.
+    fn config_args(&self, name: &str) -> Vec<String> {
+        let path = self.config_path(name);
+        if path.is_file() {
+            vec!["--config".into(), path.display().to_string()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// Files the development CA wrote (`ca.pem` among them if it is new).
+    pub fn certs_written(&self) -> &[PathBuf] {
+        &self.certs_written
+    }
+
+    pub fn certs_dir(&self) -> &Path {
+        &self.certs
+    }
+
+    pub fn logs_dir(&self) -> &Path {
+        &self.logs
+    }
+
+    /// The log of node `name` (`exchange`, `server-N`).
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.logs.join(format!("{name}.log"))
+    }
+
+    pub fn exchange_name(&self) -> String {
+        "exchange".to_owned()
+    }
+
+    /// The exchange's QUIC address.
+    pub fn quic(&self) -> SocketAddr {
+        self.quic
+    }
+
+    /// The exchange's metrics listener.
+    pub fn exchange_http(&self) -> SocketAddr {
+        self.exchange_http
+    }
+
+    /// App server `id`'s addresses.
+    pub fn server(&self, id: u32) -> ServerAddrs {
+        self.addrs[&id]
+    }
+
+    pub fn ws(&self, id: u32) -> SocketAddr {
+        self.server(id).ws
+    }
+
+    pub fn http(&self, id: u32) -> SocketAddr {
+        self.server(id).http
+    }
+
+    /// The exchange's flags.
+    pub fn exchange_args(&self) -> Vec<String> {
+        let mut args = self.config_args(&self.exchange_name());
+        args.extend([
+            "--id".into(),
+            self.spec.exchange.to_string(),
+            "--listen".into(),
+            self.quic.to_string(),
+            "--http-listen".into(),
+            self.exchange_http.to_string(),
+        ]);
+        args.extend(self.common_args());
+        args
+    }
+
+    /// App server `id`'s flags.
+    pub fn server_args(&self, id: u32) -> Vec<String> {
+        let a = self.server(id);
+        let mut args = self.config_args(&server_name(id));
+        args.extend(["--id".into(), id.to_string()]);
+        args.extend(self.common_args());
+        args.extend([
+            "--http-listen".into(),
+            a.http.to_string(),
+            "--client-listen".into(),
+            a.ws.to_string(),
+        ]);
+        if self.spec.name_exchange {
+            args.extend([
+                "--exchange".into(),
+                format!("{}@{}", self.spec.exchange, self.quic),
+            ]);
+        }
+        if let Some(users) = self.spec.demo_users.get(&id) {
+            let list: Vec<String> = users.iter().map(u64::to_string).collect();
+            args.extend(["--demo-users".into(), list.join(",")]);
+        }
+        args
+    }
+
+    fn common_args(&self) -> Vec<String> {
+        vec![
+            "--database".into(),
+            self.spec.database.clone(),
+            "--certs".into(),
+            self.certs.display().to_string(),
+        ]
+    }
+
+    fn spawn(&mut self, bin: &str, name: &str, args: &[String]) -> anyhow::Result<Proc> {
+        let cmd = self
+            .spec
+            .bins
+            .daemon(bin, args, self.spec.log_filter.as_deref());
+        let fresh = self.started.insert(name.to_owned());
+        Proc::start(name, cmd, &self.log(name), fresh)
+    }
+
+    /// Start the exchange; its pid.
+    pub fn start_exchange(&mut self) -> anyhow::Result<u32> {
+        let (name, args) = (self.exchange_name(), self.exchange_args());
+        let p = self.spawn(EXCHANGE_BIN, &name, &args)?;
+        let pid = p.pid;
+        self.exchange_proc = Some(p);
+        Ok(pid)
+    }
+
+    /// Start app server `id`; its pid.
+    pub fn start_server(&mut self, id: u32) -> anyhow::Result<u32> {
+        if !self.addrs.contains_key(&id) {
+            bail!("server {id} is not part of this deployment");
+        }
+        let args = self.server_args(id);
+        let p = self.spawn(APPSERVER_BIN, &server_name(id), &args)?;
+        let pid = p.pid;
+        self.server_procs.insert(id, p);
+        Ok(pid)
+    }
+
+    /// The registry, opened on first use.
+    pub async fn registry(&mut self) -> anyhow::Result<Registry> {
+        if self.registry.is_none() {
+            let r = Registry::connect(&self.spec.database)
+                .await
+                .context("cannot open the deployment's registry")?;
+            self.registry = Some(r);
+        }
+        Ok(self.registry.clone().expect("opened above"))
+    }
+
+    /// An error naming the first node that has exited, with its log's end.
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        if let Some(p) = &mut self.exchange_proc {
+            p.check()?;
+        }
+        self.server_procs.values_mut().try_for_each(Proc::check)
+    }
+
+    /// Ask `ready` until it holds; an error if a node dies on the way or
+    /// after [`START_WAIT`] (with `ready`'s last error, if any).
+    async fn wait_until(
+        &mut self,
+        what: &str,
+        mut ready: impl AsyncFnMut(&mut Deployment) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let mut last_error = None;
+        let waited = crate::poll_until(START_WAIT, async || {
+            self.check()?;
+            match ready(self).await {
+                Ok(done) => Ok(done),
+                Err(e) => {
+                    last_error = Some(format!("{e:#}"));
+                    Ok(false)
+                }
+            }
+        })
+        .await;
+        if let Err(e) = waited {
+            if self.check().is_err() {
+                return Err(e);
+            }
+            let cause = last_error
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default();
+            bail!(
+                "timed out after {} s waiting for {what}{cause}; read the logs in {}",
+                START_WAIT.as_secs(),
+                self.logs.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Until the registry shows the exchange up.
+    pub async fn wait_exchange(&mut self) -> anyhow::Result<()> {
+        let id = ServerId(self.spec.exchange);
+        self.wait_until("the exchange to register", async |d| {
+            let r = d.registry().await?.server(id).await?;
+            Ok(r.is_some_and(|s| s.role == Role::Exchange && s.state == ServerState::Up))
+        })
+        .await
+    }
+
+    /// Until app servers `ids` answer on their admin API and WebSocket
+    /// endpoint and the registry shows them up (linked to the exchange).
+    pub async fn wait_servers(&mut self, ids: &[u32]) -> anyhow::Result<()> {
+        let mut ends = Vec::new();
+        for &id in ids {
+            let a = self.server(id);
+            let admin = iim_http::client::Client::new(&a.http.to_string(), PROBE_WAIT)?;
+            ends.push((admin, a.ws));
+        }
+        let what = format!("app servers {ids:?} to answer and show up in the registry");
+        self.wait_until(&what, async |d| {
+            for (admin, ws) in &ends {
+                if admin.health().await.is_err()
+                    || tokio::net::TcpStream::connect(ws).await.is_err()
+                {
+                    return Ok(false);
+                }
+            }
+            let servers = d.registry().await?.servers().await?;
+            Ok(ids.iter().all(|id| {
+                servers
+                    .iter()
+                    .any(|s| s.id.0 == *id && s.role == Role::App && s.state == ServerState::Up)
+            }))
+        })
+        .await
+    }
+
+    /// SIGKILL app server `id`.
+    pub async fn kill_server(&mut self, id: u32) {
+        if let Some(mut p) = self.server_procs.remove(&id) {
+            p.kill9().await;
+        }
+    }
+
+    /// SIGKILL the exchange.
+    pub async fn kill_exchange(&mut self) {
+        if let Some(mut p) = self.exchange_proc.take() {
+            p.kill9().await;
+        }
+    }
+
+    /// SIGKILL every node.
+    pub async fn kill_all(&mut self) {
+        self.kill_exchange().await;
+        for (_, mut p) in std::mem::take(&mut self.server_procs) {
+            p.kill9().await;
+        }
+    }
+
+    /// SIGTERM app server `id`, SIGKILL after `grace`.
+    pub async fn stop_server(&mut self, id: u32, grace: Duration) -> Option<Stopped> {
+        let mut p = self.server_procs.remove(&id)?;
+        Some(p.terminate(grace).await)
+    }
+
+    /// SIGTERM to every node, the app servers first (so they drain against
+    /// a live exchange), each given `grace` before SIGKILL.
+    pub async fn stop_all(&mut self, grace: Duration) -> Vec<Stopped> {
+        let apps = std::mem::take(&mut self.server_procs).into_values();
+        let mut out = stop_together(apps, grace).await;
+        out.extend(stop_together(self.exchange_proc.take(), grace).await);
+        out
+    }
+
+    /// Process ids by node name, the exchange first.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.exchange_proc
+            .iter()
+            .chain(self.server_procs.values())
+            .map(|p| (p.name.clone(), p.pid))
+            .collect()
+    }
+
+    /// Whether any node is running.
+    pub fn is_running(&self) -> bool {
+        self.exchange_proc.is_some() || !self.server_procs.is_empty()
+    }
+
+    /// A client of app server `id` authenticated as `user`, with a token of
+    /// the deployment's secret.
+    pub async fn client(
+        &self,
+        id: u32,
+        user: u64,
+        device: &str,
+    ) -> Result<ChatClient, ClientError> {
+        let secret = self
+            .spec
+            .jwt_secret
+            .as_deref()
+            .unwrap_or(iim::token::DEV_SECRET);
+        let token = iim::token::mint(secret.as_bytes(), UserId(user), Duration::from_secs(3_600));
+        ChatClient::connect(self.ws(id), &token, device).await
+    }
+}
+
+/// The name of app server `id`'s process and log.
+pub fn server_name(id: u32) -> String {
+    format!("server-{id}")
+}
+
+async fn stop_together(procs: impl IntoIterator<Item = Proc>, grace: Duration) -> Vec<Stopped> {
+    let mut set = tokio::task::JoinSet::new();
+    for mut p in procs {
+        set.spawn(async move { p.terminate(grace).await });
+    }
+    set.join_all().await
+}
+
+/// The fault tests' deployment: exchange 100 and app servers 1..=3 from a
+/// fresh [`TestDb`] and a temporary directory, test timers, rate limits
+/// lifted, the test secret, every node up. Dereferences to its
+/// [`Deployment`].
+pub struct TestDeployment {
+    // Fields drop in order: the processes (which print their logs if the
+    // test failed) before the directory holding those logs.
+    dep: Deployment,
+    pub db: TestDb,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDeployment {
+    /// `users` (id, org) in the directory; the exchange's lease is
+    /// `lease_secs`; `extra` is appended to every app server's TOML.
+    pub async fn start(users: &[(u64, &str)], lease_secs: u64, extra: &str) -> TestDeployment {
+        let db = TestDb::new().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::new(&Registry::connect(db.url()).await.expect("registry"));
+        for (u, org) in users {
+            let user = User {
+                id: UserId(*u),
+                name: format!("user{u}"),
+                org: org.to_string(),
+            };
+            store.add_user(&user).await.expect("add user");
+        }
+        let bins = Binaries::next_to_me("cargo build --workspace --bins").expect("binaries");
+        let mut spec = Spec::new(dir.path(), db.url(), bins);
+        let quic = "[quic]\nkeep_alive_ms = 200\nidle_timeout_ms = 1000\n";
+        spec.exchange_toml = format!("lease_secs = {lease_secs}\nshutdown_grace_secs = 2\n{quic}");
+        spec.server_toml = format!(
+            "reconnect_min_ms = 50\nreconnect_max_ms = 300\n{extra}\n\
+             [limits]\nrate_per_sec = 100000\nrate_burst = 100000\n{quic}"
+        );
+        spec.jwt_secret = Some(crate::JWT_SECRET.to_owned());
+        spec.log_filter = std::env::var("RUST_LOG").ok();
+        let dep = Deployment::launch(spec).await.expect("deployment starts");
+        TestDeployment { dep, db, _dir: dir }
+    }
+}
+
+impl std::ops::Deref for TestDeployment {
+    type Target = Deployment;
+    fn deref(&self) -> &Deployment {
+        &self.dep
+    }
+}
+
+impl std::ops::DerefMut for TestDeployment {
+    fn deref_mut(&mut self) -> &mut Deployment {
+        &mut self.dep
+    }
+}
