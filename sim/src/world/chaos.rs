@@ -24,10 +24,13 @@ impl World {
             65..=74 => self.crash_exchange(),
             75..=81 => self.drain_exchange(),
             _ => {
-                self.reg_mode = if self.rng.chance(0.5) {
-                    RegMode::Slow
-                } else {
-                    RegMode::Failing
+                self.reg_mode = match self.rng.below(3) {
+                    0 => RegMode::Slow,
+                    1 => RegMode::Failing,
+                    _ => {
+                        self.reg_stale = self.reg.clone();
+                        RegMode::Stale
+                    }
                 };
                 self.count("registry_trouble");
                 let d = self.rng.millis(300, 4_000);

@@ -226,6 +226,9 @@ enum RegMode {
     Normal,
     Slow,
     Failing,
+    /// Reads answer from a copy of the table taken when the trouble began
+    /// (a replica behind): old epochs, an old exchange address.
+    Stale,
 }
 
 struct ExNode {
@@ -302,6 +305,8 @@ pub struct World {
     events: BinaryHeap<Reverse<Scheduled>>,
     reg: BTreeMap<ServerId, RegRow>,
     reg_mode: RegMode,
+    /// The table as a lagging replica still sees it.
+    reg_stale: BTreeMap<ServerId, RegRow>,
     ex: Option<ExNode>,
     ex_gens: u64,
     ex_metrics: Option<Arc<ExchangeMetrics>>,
@@ -335,6 +340,7 @@ impl World {
             events: BinaryHeap::new(),
             reg: BTreeMap::new(),
             reg_mode: RegMode::Normal,
+            reg_stale: BTreeMap::new(),
             ex: None,
             ex_gens: 0,
             ex_metrics: None,

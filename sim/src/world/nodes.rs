@@ -97,16 +97,7 @@ impl World {
     }
 
     pub(super) fn app_rows(&self) -> Vec<AppServerRow> {
-        self.reg
-            .iter()
-            .filter(|(_, r)| r.app)
-            .map(|(id, r)| AppServerRow {
-                id: *id,
-                epoch: r.epoch,
-                exchange: r.exchange,
-                down: r.state == RegState::Down,
-            })
-            .collect()
+        registry::rows_of(&self.reg)
     }
 
     pub(super) fn pump_ex(&mut self) {

@@ -1,5 +1,5 @@
 //! A model of the registry's `servers` table, answering the cores'
-//! questions late, with errors, or not at all.
+//! questions late, with errors, from a stale copy, or not at all.
 
 use super::*;
 
@@ -32,6 +32,15 @@ impl World {
                 if failing {
                     return Answer::Registration(Err(fail()));
                 }
+                // A replica behind reads the epoch it still has; the write
+                // would go to the primary, but the check failed first.
+                let stale = (self.reg_mode == RegMode::Stale)
+                    .then(|| self.reg_stale.get(&server).map(|r| r.epoch))
+                    .flatten()
+                    .filter(|e| *e != epoch);
+                if let Some(current) = stale {
+                    return Answer::Registration(Ok(Registration::StaleEpoch { current }));
+                }
                 let r = match self.reg.get_mut(&server) {
                     None => Registration::Unknown,
                     Some(row) if !row.app => Registration::WrongRole,
@@ -61,7 +70,11 @@ impl World {
                 if failing {
                     return Answer::AppServers(Err(fail()));
                 }
-                Answer::AppServers(Ok(self.app_rows()))
+                if self.reg_mode == RegMode::Stale {
+                    let rows = rows_of(&self.reg_stale);
+                    return Answer::AppServers(Ok(rows));
+                }
+                Answer::AppServers(Ok(rows_of(&self.reg)))
             }
             Query::Touch(_) => Answer::Done(if failing { Err(fail()) } else { Ok(()) }),
         }
@@ -71,8 +84,12 @@ impl World {
         if self.reg_mode == RegMode::Failing && self.rng.chance(0.7) {
             return Err(RegistryFailure("registry unavailable (simulated)".into()));
         }
-        Ok(self
-            .reg
+        let table = if self.reg_mode == RegMode::Stale {
+            &self.reg_stale
+        } else {
+            &self.reg
+        };
+        Ok(table
             .iter()
             .filter(|(_, r)| !r.app)
             .map(|(id, r)| ExchangeRow {
@@ -82,4 +99,18 @@ impl World {
             })
             .collect())
     }
+}
+
+/// The app servers of a copy of the table, as the exchange core reads them.
+pub(super) fn rows_of(table: &BTreeMap<ServerId, RegRow>) -> Vec<AppServerRow> {
+    table
+        .iter()
+        .filter(|(_, r)| r.app)
+        .map(|(id, r)| AppServerRow {
+            id: *id,
+            epoch: r.epoch,
+            exchange: r.exchange,
+            down: r.state == RegState::Down,
+        })
+        .collect()
 }
