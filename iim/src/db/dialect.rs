@@ -16,12 +16,12 @@ pub enum Backend {
 
 impl Backend {
     /// How a write transaction starts (see the module documentation of
-    /// `db`). `SET TRANSACTION` without `SESSION` applies to the next
-    /// transaction only: the pooled connection keeps its default.
+    /// `db`). On MySQL every pooled connection runs at `READ COMMITTED`
+    /// (set when it connects), so a plain `START TRANSACTION` will do.
     pub(crate) fn begin_write(self) -> &'static str {
         match self {
             Backend::Sqlite => "BEGIN IMMEDIATE",
-            Backend::MySql => "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION",
+            Backend::MySql => "START TRANSACTION",
         }
     }
 

@@ -145,6 +145,11 @@ async fn connect_mysql(url: &str) -> Result<AnyPool, ConnectError> {
                 // server's default sql_mode.
                 conn.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',STRICT_ALL_TABLES')")
                     .await?;
+                // Every transaction at READ COMMITTED (see the module
+                // documentation of `db`), set once per connection rather
+                // than before each transaction.
+                conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    .await?;
                 Ok(())
             })
         })
