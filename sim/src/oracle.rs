@@ -22,6 +22,8 @@ pub struct SendRec {
     pub id: MessageId,
     /// Users listed per target server.
     pub targets: BTreeMap<ServerId, Vec<UserRow>>,
+    /// Each target's incarnation when the message was sent (0: none ran).
+    pub target_lives: BTreeMap<ServerId, u64>,
     pub body: Bytes,
     /// When the origin gives up on it (`timed_out`).
     pub deadline: std::time::Instant,
@@ -97,7 +99,11 @@ impl Oracle {
         let key = (incarnation, msg.id.origin, msg.id.epoch);
         let last = self.order.entry(key).or_insert(0);
         if msg.id.seq < *last {
-            if !self.refused_earlier.contains(&(msg.id, server)) {
+            // Late is allowed only for a message sent again across an
+            // exchange restart: refused by the exchange before, or meant for
+            // an earlier incarnation of this server.
+            let meant_for_earlier = rec.target_lives.get(&server) != Some(&incarnation);
+            if !meant_for_earlier && !self.refused_earlier.contains(&(msg.id, server)) {
                 return Err(format!(
                     "{server} (incarnation {incarnation}) was handed {} after seq {} of the same origin: out of order",
                     msg.id, *last

@@ -65,7 +65,7 @@ impl Render for LinkMetrics {
         )
         .counter(
             "iim_appserver_906_late_total",
-            "906s delivered after later ones of their origin (their first attempt was refused, their origin sent them again after an exchange restart).",
+            "906s delivered after later ones of their origin: sent again across an exchange restart, their first attempt refused or meant for an earlier incarnation of this server.",
             &self.late,
         )
         .family(

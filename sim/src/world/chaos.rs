@@ -258,6 +258,18 @@ impl World {
                     .collect(),
             );
         }
+        let target_lives = targets
+            .iter()
+            .map(|t| {
+                let life = self
+                    .apps
+                    .iter()
+                    .find(|x| x.id == *t)
+                    .and_then(|x| x.inc.as_ref())
+                    .map_or(0, |i| i.life);
+                (*t, life)
+            })
+            .collect();
         let id = self.apps[a].id;
         let inc = self.apps[a].inc.as_mut()?;
         let mut msg = Message {
@@ -290,6 +302,7 @@ impl World {
             incarnation: life,
             id: fwd.id,
             targets: rows,
+            target_lives,
             body,
             deadline: now + self.p.send_timeout,
             outcome: None,
