@@ -161,6 +161,23 @@ impl World {
 
     /// Bounds and bookkeeping that must hold after every step.
     pub(super) fn check_step(&mut self) {
+        if let Some(ex) = self.ex.as_mut() {
+            // A new incarnation attached in this step starts with nothing
+            // that was queued for the old one (answered `server_down`).
+            let mut fresh = None;
+            for s in ex.core.servers().collect::<Vec<_>>() {
+                let epoch = ex.core.route_epoch(s).unwrap_or(0);
+                let seen = ex.epochs.insert(s, epoch);
+                if seen.is_some_and(|e| e < epoch) && ex.core.queued(s) != (0, 0) {
+                    fresh = Some((s, epoch, ex.core.queued(s)));
+                }
+            }
+            if let Some((s, epoch, q)) = fresh {
+                return self.fail(format!(
+                    "server {s}'s new incarnation (epoch {epoch}) inherited 906s of the old one: {q:?}"
+                ));
+            }
+        }
         if let Some(ex) = self.ex.as_ref() {
             let core = &ex.core;
             let mut queued = 0usize;

@@ -237,6 +237,8 @@ struct ExNode {
     port: u16,
     /// Exchange-side connection id -> simulated connection.
     conns: HashMap<ConnId, u64>,
+    /// Each route's incarnation as last checked.
+    epochs: BTreeMap<ServerId, u64>,
 }
 
 struct AppInc {

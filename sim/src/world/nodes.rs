@@ -47,6 +47,7 @@ impl World {
             life,
             port,
             conns: HashMap::new(),
+            epochs: BTreeMap::new(),
         });
         self.pump_ex();
     }
