@@ -392,7 +392,12 @@ async fn demo_sink(mut a: Attached, stop: CancellationToken) {
                 version = p.update.version,
                 "received presence"
             ),
-            push::Push::Notice(n) => info!(from = n.from().0, text = %n.text, "received notice"),
+            push::Push::Notice(n) => info!(
+                id = %n.id(),
+                from = n.from().0,
+                text = %n.text,
+                "received notice"
+            ),
             push::Push::Plugin(msg) => info!(
                 id = %msg.id,
                 from = %msg.source,

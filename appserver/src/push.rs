@@ -206,6 +206,11 @@ impl Notice {
         }
     }
 
+    /// The message the notice came in.
+    pub fn id(&self) -> iim::MessageId {
+        self.message.id
+    }
+
     pub fn from(&self) -> UserId {
         self.message.source.user
     }
