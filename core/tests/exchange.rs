@@ -515,26 +515,3 @@ fn servers_served_before_a_restart_get_a_lease_to_come_back() {
     ex.handle_timeout(now + LEASE);
     assert_eq!(ex.route_state(ServerId(1)), Some(RouteState::Down));
 }
-
-#[test]
-fn a_registry_behind_the_server_is_a_reason_to_retry_not_to_stop() {
-    let mut t = T::new(10);
-    for (conn, current, code) in [
-        // Behind: the server's begin_epoch is not visible yet.
-        (1, 2, ErrorCode::Internal),
-        // Ahead: a newer incarnation registered; this one must stop.
-        (2, 4, ErrorCode::StaleEpoch),
-    ] {
-        t.ex.accept(ConnId(conn), t.now);
-        let reg = Register {
-            server: ServerId(7),
-            epoch: 3,
-            max_frame: 65_536,
-        };
-        t.ex.handle_register(ConnId(conn), reg, Ok(()), t.now);
-        let ask = t.take_ask(|q| matches!(q, Query::RecordRegistration { .. }));
-        let answer = Answer::Registration(Ok(Registration::StaleEpoch { current }));
-        t.ex.handle_answer(ask, answer, t.now);
-        assert_eq!(t.closed(conn).unwrap().0, code.close_code());
-    }
-}

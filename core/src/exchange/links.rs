@@ -184,16 +184,6 @@ impl Exchange {
         let (server, epoch, max_frame) = (*server, *epoch, *max_frame);
         match r {
             Ok(Registration::Accepted) => self.attach(conn, server, epoch, max_frame),
-            // The registry holds an older epoch than the server claims: the
-            // server's own `begin_epoch` is not visible to this read yet (a
-            // replica behind). Not a reason to stop it for good: refused as
-            // unavailable, it registers again after its backoff.
-            Ok(Registration::StaleEpoch { current }) if current < epoch => self.refuse(
-                conn,
-                "registry_error",
-                ErrorCode::Internal,
-                &format!("the registry does not show epoch {epoch} yet (it shows {current})"),
-            ),
             Ok(Registration::StaleEpoch { current }) => self.refuse(
                 conn,
                 "stale_epoch",

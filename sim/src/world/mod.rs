@@ -227,7 +227,8 @@ enum RegMode {
     Slow,
     Failing,
     /// Reads answer from a copy of the table taken when the trouble began
-    /// (a replica behind): old epochs, an old exchange address.
+    /// (a replica behind): old epochs and states in the sweep, an old
+    /// exchange address. (Registrations are writes: they see the primary.)
     Stale,
 }
 

@@ -32,15 +32,8 @@ impl World {
                 if failing {
                     return Answer::Registration(Err(fail()));
                 }
-                // A replica behind reads the epoch it still has; the write
-                // would go to the primary, but the check failed first.
-                let stale = (self.reg_mode == RegMode::Stale)
-                    .then(|| self.reg_stale.get(&server).map(|r| r.epoch))
-                    .flatten()
-                    .filter(|e| *e != epoch);
-                if let Some(current) = stale {
-                    return Answer::Registration(Ok(Registration::StaleEpoch { current }));
-                }
+                // The registration is a write transaction: it reads the
+                // primary, never a replica behind.
                 let r = match self.reg.get_mut(&server) {
                     None => Registration::Unknown,
                     Some(row) if !row.app => Registration::WrongRole,
