@@ -14,6 +14,14 @@ use bytes::Bytes;
 /// Input ended early or broke a rule: the caller falls back to postcard.
 struct Reject;
 
+/// The fewest bytes an element takes on the wire (every varint at least
+/// one byte): a user row is two varints; a server row three and its users'
+/// count; a report entry a message id (three varints), a server and a
+/// status.
+const MIN_USER_ROW: usize = 2;
+const MIN_SERVER_ROW: usize = 4;
+const MIN_REPORT_ENTRY: usize = 5;
+
 struct Cursor<'a> {
     buf: &'a [u8],
 }
@@ -90,15 +98,21 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    /// A sequence: its length, then `item` that many times. More elements
-    /// than bytes left cannot be valid (each takes at least one), so the
-    /// length is checked before it sizes an allocation.
+    /// A sequence: its length, then `item` that many times. Each element
+    /// takes at least `min_size` bytes on the wire, so more of them than
+    /// fit in the bytes left cannot be valid: the length is checked against
+    /// that before it sizes an allocation, which therefore stays within a
+    /// small multiple of the frame (an element's size in memory over its
+    /// least size on the wire) however the count is forged.
     fn vec_of<T>(
         &mut self,
+        min_size: usize,
         mut item: impl FnMut(&mut Self) -> Result<T, Reject>,
     ) -> Result<Vec<T>, Reject> {
         let n = self.len()?;
-        if n > self.buf.len() {
+        if n.checked_mul(min_size)
+            .is_none_or(|need| need > self.buf.len())
+        {
             return Err(Reject);
         }
         let mut v = Vec::with_capacity(n);
@@ -109,7 +123,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn users(&mut self) -> Result<Vec<UserRow>, Reject> {
-        self.vec_of(|c| {
+        self.vec_of(MIN_USER_ROW, |c| {
             Ok(UserRow {
                 user: UserId(c.u64()?),
                 channel: ChannelId(c.u64()?),
@@ -134,7 +148,7 @@ fn frame(c: &mut Cursor<'_>) -> Result<Frame, Reject> {
             id: c.id()?,
             source: c.address()?,
             target: c.address()?,
-            rows: c.vec_of(|c| {
+            rows: c.vec_of(MIN_SERVER_ROW, |c| {
                 Ok(ServerRow {
                     server: c.server()?,
                     via: c.server()?,
@@ -156,7 +170,7 @@ fn frame(c: &mut Cursor<'_>) -> Result<Frame, Reject> {
         Frame::Ack(Ack906 { upto: c.u64()? })
     } else if variant == u32::from(REPORT_VARIANT) {
         Frame::Report(Report {
-            entries: c.vec_of(|c| {
+            entries: c.vec_of(MIN_REPORT_ENTRY, |c| {
                 Ok(ReportEntry {
                     id: c.id()?,
                     server: c.server()?,
@@ -177,6 +191,30 @@ mod tests {
     use crate::wire::{DEFAULT_MAX_FRAME, HEADER_LEN, encode_to_bytes};
     use proptest::collection::vec;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_forged_count_is_refused_before_it_sizes_an_allocation() {
+        // 1,000 bytes hold at most 250 server rows (4 bytes each at the
+        // least): a count above that is refused without reading an element
+        // or allocating for them.
+        for (n, fits) in [
+            (250u64, true),
+            (251, false),
+            (1_000, false),
+            (u64::MAX, false),
+        ] {
+            let mut buf = postcard::to_allocvec(&n).unwrap();
+            buf.extend_from_slice(&[0u8; 1_000]);
+            let mut c = Cursor { buf: &buf };
+            let mut read = 0;
+            let got = c.vec_of(MIN_SERVER_ROW, |c| {
+                read += 1;
+                c.take(MIN_SERVER_ROW)
+            });
+            assert_eq!(got.is_ok(), fits, "{n} rows");
+            assert_eq!(read, if fits { n } else { 0 }, "{n} rows");
+        }
+    }
 
     fn id() -> impl Strategy<Value = MessageId> {
         (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(o, epoch, seq)| MessageId {
