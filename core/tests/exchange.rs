@@ -515,3 +515,42 @@ fn servers_served_before_a_restart_get_a_lease_to_come_back() {
     ex.handle_timeout(now + LEASE);
     assert_eq!(ex.route_state(ServerId(1)), Some(RouteState::Down));
 }
+
+#[test]
+fn a_flooding_origin_cannot_starve_a_well_behaved_one() {
+    // Server 3 is slow: it takes 906s but acknowledges none yet.
+    let mut t = T::new(10);
+    t.register(1, 1, 1);
+    t.register(2, 2, 1);
+    t.register(3, 3, 1);
+    let mut flooder = Origin::new(ServerId(1), 1);
+    let frames: Vec<Frame> = (0..40).map(|_| forward(&mut flooder, &[3]).1).collect();
+    t.frames(1, frames);
+    let refused = t.reports_to(1);
+    // It keeps to half the queue; the rest of its 906s are refused.
+    assert_eq!(refused.len(), 35);
+    assert!(
+        refused
+            .iter()
+            .all(|r| r.status == DeliveryStatus::Overloaded)
+    );
+    assert_eq!(t.ex.metrics().rejections.get("over_share"), 35);
+    // The well-behaved origin's 906s are queued, not refused.
+    let mut polite = Origin::new(ServerId(2), 1);
+    let (a, fa) = forward(&mut polite, &[3]);
+    let (b, fb) = forward(&mut polite, &[3]);
+    t.frames(2, vec![fa, fb]);
+    assert!(t.reports_to(2).is_empty(), "nothing refused");
+    assert_eq!(t.ex.queued(ServerId(3)).0, 7);
+    // And they are delivered when the target acknowledges.
+    let delivered = t.frames_to(3);
+    assert_eq!(delivered.len(), 7);
+    t.frames(3, vec![Frame::Ack(Ack906 { upto: 7 })]);
+    let reports = t.reports_to(2);
+    assert_eq!(reports.len(), 2);
+    assert!(
+        reports
+            .iter()
+            .all(|r| (r.id == a || r.id == b) && r.status == DeliveryStatus::Delivered)
+    );
+}

@@ -22,6 +22,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "bad_version",
     "protocol",
     "overloaded",
+    "over_share",
     "too_many_links",
     "registry_error",
 ];

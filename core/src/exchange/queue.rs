@@ -1,6 +1,12 @@
 //! Sans-IO delivery queue for one target server: the 906s the exchange owes
 //! it, in order, until the target acknowledges them.
 //!
+//! Bounded in frames and bytes, and shared fairly between origins: an
+//! origin may hold at most `1 / (k + 1)` of either bound, `k` being the
+//! origins with 906s in the queue, itself included. There is always room
+//! for one more origin, so one flooding a target cannot make everybody
+//! else's 906s to it `overloaded`: its own are refused first.
+//!
 //! The queue outlives connections. On a reconnect of the same incarnation
 //! everything not yet acknowledged is transmitted again, in the original
 //! order; the target drops what it already delivered (per-origin sequence),
@@ -13,9 +19,10 @@
 //! small frames copied into a few large buffers, large messages by
 //! reference), so no queued frame is reference-counted per transmission.
 
+use crate::Map;
 use bytes::{Bytes, BytesMut};
 use iim_proto::coalesce as quic;
-use iim_proto::types::MessageId;
+use iim_proto::types::{MessageId, ServerId};
 use iim_proto::wire::{self, Deliver906};
 use std::collections::VecDeque;
 
@@ -49,6 +56,8 @@ pub struct Dropped {
 pub enum PushError {
     #[error("delivery queue full")]
     Full,
+    #[error("the origin holds its share of the delivery queue")]
+    OverShare,
     #[error("906 larger than the target's frame limit")]
     Oversized,
 }
@@ -85,6 +94,15 @@ pub struct DeliveryQueue {
     max_entries: usize,
     max_bytes: usize,
     max_frame: usize,
+    /// What each origin holds in the queue (origins holding nothing are
+    /// not listed).
+    shares: Map<ServerId, Share>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Share {
+    frames: usize,
+    bytes: usize,
 }
 
 impl DeliveryQueue {
@@ -98,6 +116,39 @@ impl DeliveryQueue {
             max_entries,
             max_bytes,
             max_frame,
+            shares: Map::default(),
+        }
+    }
+
+    /// What `origin` holds in the queue: (frames, bytes).
+    pub fn share_of(&self, origin: ServerId) -> (usize, usize) {
+        self.shares
+            .get(&origin)
+            .map_or((0, 0), |s| (s.frames, s.bytes))
+    }
+
+    /// `origin` may queue another 906 of `len` bytes within its share.
+    fn within_share(&self, origin: ServerId, len: usize) -> bool {
+        let held = self.shares.get(&origin).copied().unwrap_or_default();
+        let k = self.shares.len() + usize::from(held.frames == 0);
+        let frames = (self.max_entries / (k + 1)).max(1);
+        let bytes = self.max_bytes / (k + 1);
+        held.frames < frames && (held.frames == 0 || held.bytes + len <= bytes)
+    }
+
+    fn add_share(&mut self, origin: ServerId, len: usize) {
+        let s = self.shares.entry(origin).or_default();
+        s.frames += 1;
+        s.bytes += len;
+    }
+
+    fn remove_share(&mut self, origin: ServerId, len: usize) {
+        if let Some(s) = self.shares.get_mut(&origin) {
+            s.frames -= 1;
+            s.bytes -= len;
+            if s.frames == 0 {
+                self.shares.remove(&origin);
+            }
         }
     }
 
@@ -130,9 +181,10 @@ impl DeliveryQueue {
         let limit = max_frame + wire::HEADER_LEN;
         let mut dropped = Vec::new();
         let mut kept = VecDeque::with_capacity(self.entries.len());
-        for e in self.entries.drain(..) {
+        for e in std::mem::take(&mut self.entries) {
             if e.len() > limit {
                 self.bytes -= e.len();
+                self.remove_share(e.id.origin, e.len());
                 dropped.push(Dropped {
                     id: e.id,
                     seq: e.seq,
@@ -158,6 +210,10 @@ impl DeliveryQueue {
         if self.bytes + len > self.max_bytes && !self.entries.is_empty() {
             return Err(PushError::Full);
         }
+        if !self.within_share(d.id.origin, len) {
+            return Err(PushError::OverShare);
+        }
+        self.add_share(d.id.origin, len);
         self.bytes += len;
         self.next_no += 1;
         self.entries.push_back(Entry {
@@ -211,6 +267,7 @@ impl DeliveryQueue {
             }
             let e = self.entries.pop_front().expect("front exists");
             self.bytes -= e.len();
+            self.remove_share(e.id.origin, e.len());
             self.unsent = self.unsent.saturating_sub(1);
             done.push(e.id);
         }
@@ -228,6 +285,7 @@ impl DeliveryQueue {
     pub fn drain(&mut self) -> Vec<Dropped> {
         self.unsent = 0;
         self.bytes = 0;
+        self.shares.clear();
         self.entries
             .drain(..)
             .map(|e| Dropped {
@@ -255,10 +313,15 @@ mod tests {
     use iim_proto::wire::Frame;
 
     fn d(seq: u64) -> Deliver906 {
+        from(1, seq)
+    }
+
+    /// A 906 of origin `origin`'s message `seq`.
+    fn from(origin: u32, seq: u64) -> Deliver906 {
         Deliver906 {
             no: 0,
             id: MessageId {
-                origin: ServerId(1),
+                origin: ServerId(origin),
                 epoch: 1,
                 seq,
             },
@@ -351,15 +414,60 @@ mod tests {
 
     #[test]
     fn bounded_by_entries_and_bytes() {
+        // Three origins, so that no share limits them before the bound.
         let mut q = DeliveryQueue::new(2, 1 << 20, DEFAULT_MAX_FRAME);
-        q.push(d(1)).unwrap();
-        q.push(d(2)).unwrap();
-        assert_eq!(q.push(d(3)), Err(PushError::Full));
+        q.push(from(1, 1)).unwrap();
+        q.push(from(2, 1)).unwrap();
+        assert_eq!(q.push(from(3, 1)), Err(PushError::Full));
         let mut q = DeliveryQueue::new(100, 1, DEFAULT_MAX_FRAME);
         q.push(d(1)).unwrap(); // the first always fits
         assert_eq!(q.push(d(2)), Err(PushError::Full));
         let mut q = DeliveryQueue::new(100, 1 << 20, 8);
         assert_eq!(q.push(d(1)), Err(PushError::Oversized));
+    }
+
+    #[test]
+    fn a_flooding_origin_keeps_to_its_share_and_others_find_room() {
+        let mut q = DeliveryQueue::new(100, 1 << 20, DEFAULT_MAX_FRAME);
+        // Alone, an origin may hold half the queue.
+        for s in 1..=50 {
+            q.push(from(1, s)).unwrap();
+        }
+        assert_eq!(q.push(from(1, 51)), Err(PushError::OverShare));
+        // Another is not starved: it gets a third (two origins hold 906s).
+        for s in 1..=33 {
+            q.push(from(2, s)).unwrap();
+        }
+        assert_eq!(q.push(from(2, 34)), Err(PushError::OverShare));
+        // And a third still finds room.
+        q.push(from(3, 1)).unwrap();
+        assert_eq!(q.share_of(ServerId(1)), (50, q.share_of(ServerId(1)).1));
+        // As the target acknowledges, the flooder may add again only once
+        // below its share of now three origins (a quarter: 25).
+        q.poll_transmit(usize::MAX);
+        q.handle_ack(25).unwrap();
+        assert_eq!(q.share_of(ServerId(1)).0, 25);
+        assert_eq!(q.push(from(1, 51)), Err(PushError::OverShare));
+        q.handle_ack(26).unwrap();
+        q.push(from(1, 51)).unwrap();
+        // Bytes are shared the same way.
+        let big = |origin: u32, seq: u64| {
+            let mut x = from(origin, seq);
+            x.message = Bytes::from(vec![0u8; 1_000]);
+            x
+        };
+        let mut q = DeliveryQueue::new(100, 10_000, DEFAULT_MAX_FRAME);
+        for s in 1..=4 {
+            q.push(big(1, s)).unwrap();
+        }
+        assert_eq!(q.push(big(1, 5)), Err(PushError::OverShare));
+        q.push(big(2, 1)).unwrap();
+        // Acknowledged or dropped, nothing is held any more.
+        q.poll_transmit(usize::MAX);
+        let last = q.entries.back().map(|e| e.no).unwrap();
+        q.handle_ack(last).unwrap();
+        assert_eq!(q.share_of(ServerId(1)), (0, 0));
+        assert!(q.shares.is_empty());
     }
 
     #[test]

@@ -221,6 +221,7 @@ impl Exchange {
                 debug!(target = target.0, error = %e, queued = route.queue.len(), max_frame = route.queue.max_frame(), "906 not queued");
                 self.metrics.rejections.inc(match e {
                     PushError::Full => "overloaded",
+                    PushError::OverShare => "over_share",
                     PushError::Oversized => "oversized_frame",
                 });
                 Some(DeliveryStatus::Overloaded)
