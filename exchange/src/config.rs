@@ -35,6 +35,14 @@ pub struct Config {
     pub queue_max_bytes: usize,
     /// Most servers connected at once.
     pub max_links: usize,
+    /// Most connections in their handshake (TLS, then the link's stream)
+    /// at once; beyond, new ones are refused at once.
+    pub max_handshakes: usize,
+    /// With more handshakes than this in progress, a client whose address
+    /// is not validated yet is first sent a QUIC Retry (it must echo a
+    /// token, proving it receives at that address) before it costs a TLS
+    /// handshake. 0: always.
+    pub validate_addresses_above: usize,
     /// Runtime threads: 1 runs every task on one thread (no hand-offs
     /// between threads: the cheapest per delivery while one core keeps up);
     /// 0 starts one worker per core.
@@ -58,6 +66,8 @@ impl Default for Config {
             queue_max_frames: 65_536,
             queue_max_bytes: 64 << 20,
             max_links: 4_096,
+            max_handshakes: 1_024,
+            validate_addresses_above: 64,
             worker_threads: 1,
             quic: QuicTuning::default(),
             tls: TlsFiles {
@@ -100,8 +110,8 @@ impl Config {
                 self.worker_threads
             ));
         }
-        if self.handshake_timeout_ms == 0 || self.max_links == 0 {
-            return Err("handshake_timeout_ms and max_links must be > 0".into());
+        if self.handshake_timeout_ms == 0 || self.max_links == 0 || self.max_handshakes == 0 {
+            return Err("handshake_timeout_ms, max_links and max_handshakes must be > 0".into());
         }
         self.quic.validate()
     }

@@ -6,6 +6,7 @@
 //! TLS material and a shutdown token, and returns a handle once the
 //! endpoint is listening. See `docs/architecture.md` for the whole path.
 
+mod accept;
 pub mod config;
 mod hub;
 mod link;
@@ -81,7 +82,14 @@ pub async fn start(
     let registry = Registry::connect(&config.database)
         .await
         .with_context(|| "cannot open the registry database")?;
-    let server_config = tls::quic_server_config(&tls, config.quic.transport())?;
+    let mut server_config = tls::quic_server_config(&tls, config.quic.transport())?;
+    // quinn's buffers for connection attempts not handled yet: as many as
+    // handshakes may run, and little data each (a handshake needs a few
+    // kilobytes before it is authenticated).
+    server_config
+        .max_incoming(config.max_handshakes)
+        .incoming_buffer_size(64 * 1024)
+        .incoming_buffer_size_total((config.max_handshakes as u64 * 16 * 1024).max(1 << 20));
     let endpoint = config
         .quic
         .endpoint(config.listen, Some(server_config))
@@ -134,6 +142,8 @@ pub async fn start(
         metrics: metrics.clone(),
         handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
         max_frame: config.max_frame_bytes,
+        admission: accept::Admission::new(config.max_handshakes, config.validate_addresses_above),
+        log_budget: accept::LogBudget::new(accept::LOGS_PER_SEC, std::time::Instant::now()),
     });
     let http_addr = match http_listener {
         Some(listener) => {
@@ -186,6 +196,32 @@ async fn accept_loop(
                 None => break,
             },
         };
-        tracker.spawn(link::serve(ctx.clone(), incoming));
+        match ctx
+            .admission
+            .decide(incoming.remote_address_validated(), incoming.may_retry())
+        {
+            accept::Decision::Accept => {
+                let slot = ctx.admission.slot();
+                tracker.spawn(link::serve(ctx.clone(), incoming, slot));
+            }
+            accept::Decision::Retry => {
+                ctx.metrics.address_retries.inc();
+                if incoming.retry().is_err() {
+                    ctx.metrics.rejections.inc("handshake_limit");
+                }
+            }
+            accept::Decision::Refuse => {
+                ctx.metrics.rejections.inc("handshake_limit");
+                if let Some(skipped) = ctx.log_budget.allow(std::time::Instant::now()) {
+                    warn!(
+                        remote = %incoming.remote_address(),
+                        pending = ctx.admission.pending(),
+                        skipped,
+                        "too many handshakes in progress: connection refused"
+                    );
+                }
+                incoming.refuse();
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! that needs the connection itself: does the certificate name the server
 //! that `Register` claims to be.
 
+use crate::accept::{Admission, LogBudget, Slot};
 use crate::hub::Event;
 use iim::quic::{self, CLOSE_GOING_AWAY, FrameReader, ReadError};
 use iim::tls;
@@ -28,41 +29,48 @@ pub struct LinkCtx {
     pub metrics: Arc<ExchangeMetrics>,
     pub handshake_timeout: Duration,
     pub max_frame: usize,
+    /// The bound on handshakes in progress.
+    pub admission: Admission,
+    /// Warnings about failed handshakes, per second.
+    pub log_budget: LogBudget,
+}
+
+impl LinkCtx {
+    /// A failed handshake: counted always, logged within the budget.
+    fn handshake_failed(&self, reason: &'static str, detail: &dyn std::fmt::Display) {
+        self.metrics.rejections.inc(reason);
+        if let Some(skipped) = self.log_budget.allow(std::time::Instant::now()) {
+            warn!(reason, %detail, skipped, "handshake failed");
+        }
+    }
 }
 
 /// Serve one incoming connection until it ends.
 #[tracing::instrument(skip_all, fields(remote = %incoming.remote_address(), server))]
-pub async fn serve(ctx: Arc<LinkCtx>, incoming: quinn::Incoming) {
+pub async fn serve(ctx: Arc<LinkCtx>, incoming: quinn::Incoming, slot: Slot) {
     let timeout = ctx.handshake_timeout;
     let conn = match tokio::time::timeout(timeout, incoming).await {
         Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            ctx.metrics.rejections.inc("tls_handshake");
-            warn!(error = %e, "handshake refused");
-            return;
-        }
-        Err(_) => {
-            ctx.metrics.rejections.inc("handshake_timeout");
-            warn!("handshake timed out");
-            return;
-        }
+        Ok(Err(e)) => return ctx.handshake_failed("tls_handshake", &e),
+        Err(_) => return ctx.handshake_failed("handshake_timeout", &"TLS handshake timed out"),
     };
     let (send, recv) = match tokio::time::timeout(timeout, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            ctx.metrics.rejections.inc("not_registered");
             let detail = format!("no stream: {e}");
-            warn!(%detail, "registration refused");
+            ctx.handshake_failed("not_registered", &detail);
             quic::close_with(&conn, ErrorCode::NotRegistered, &detail);
             return;
         }
         Err(_) => {
-            ctx.metrics.rejections.inc("handshake_timeout");
-            warn!("no registration in time");
+            ctx.handshake_failed("handshake_timeout", &"no stream in time");
             quic::close_with(&conn, ErrorCode::NotRegistered, "no register frame in time");
             return;
         }
     };
+    // Certified and streaming: no longer a handshake in progress (its
+    // registration is the core's, under the same timeout).
+    drop(slot);
     let id = ConnId(NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed));
     let (writer, writer_task) = quic::spawn_writer(send, WRITER_BATCHES);
     let accepted = Event::Accepted {

@@ -444,3 +444,37 @@ async fn an_implicit_close_is_not_a_clean_departure() {
     );
     w.db.cleanup().await;
 }
+
+/// Under load the exchange makes a client prove its address (a QUIC Retry)
+/// before a TLS handshake, and refuses attempts beyond its bound on
+/// handshakes in progress; a real app server passes the Retry unaware.
+#[tokio::test]
+async fn connection_attempts_are_validated_under_load_and_bounded() {
+    let ca = TestCa::new();
+    let db = TestDb::new().await;
+    let mut cfg = exchange_config(db.url());
+    // "Under load" from the first attempt on.
+    cfg.validate_addresses_above = 0;
+    cfg.max_handshakes = 1;
+    let (ex, _stop) = spawn_exchange(&ca, cfg).await;
+    let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
+    wait_linked(&s1).await;
+    assert!(ex.metrics.address_retries.get() >= 1, "a Retry was sent");
+    // A client that cannot echo the token never costs a TLS handshake: a
+    // bare QUIC client with a certificate from another CA still gets its
+    // Retry first (and is then refused by TLS, as before).
+    let stranger = TestCa::new();
+    let before = ex.metrics.address_retries.get();
+    assert!(
+        connect(&stranger.server(ServerId(9)), ex.addr)
+            .await
+            .is_err()
+    );
+    assert!(ex.metrics.address_retries.get() > before);
+    eventually!(
+        10,
+        "the stranger refused by TLS",
+        ex.metrics.rejections.get("tls_handshake") == 1
+    );
+    db.cleanup().await;
+}

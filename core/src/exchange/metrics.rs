@@ -25,6 +25,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "over_share",
     "too_many_links",
     "registry_error",
+    "handshake_limit",
 ];
 
 #[derive(Debug)]
@@ -41,6 +42,7 @@ pub struct ExchangeMetrics {
     pub queued: Gauge,
     pub marked_down: Counter,
     pub repeated_refusals: Counter,
+    pub address_retries: Counter,
 }
 
 impl Default for ExchangeMetrics {
@@ -58,6 +60,7 @@ impl Default for ExchangeMetrics {
             queued: Gauge::default(),
             marked_down: Counter::default(),
             repeated_refusals: Counter::default(),
+            address_retries: Counter::default(),
         }
     }
 }
@@ -124,6 +127,11 @@ impl Render for ExchangeMetrics {
             "iim_exchange_repeated_refusals_total",
             "906s refused again with their first attempt's outcome (the origin sent the 905 again without having heard it).",
             &self.repeated_refusals,
+        )
+        .counter(
+            "iim_exchange_address_retries_total",
+            "Connection attempts sent a QUIC Retry to validate their address (many handshakes in progress).",
+            &self.address_retries,
         );
         p.finish()
     }
