@@ -76,6 +76,14 @@ words! {
         UnknownGroup => "unknown_group",
         NotMember => "not_member",
         Unavailable => "unavailable",
+        /// Too many connections (in all, from the client's address, or of
+        /// its user).
+        TooManyConnections => "too_many_connections",
+        /// A presence subscription to a user who is neither a friend nor a
+        /// colleague.
+        NotAContact => "not_a_contact",
+        /// A `req` used before for another message.
+        ReqReused => "req_reused",
     }
 }
 
@@ -97,6 +105,13 @@ words! {
         FrameTooLarge => "frame_too_large",
         /// The session or the chat service was unavailable.
         TryAgainLater => "try_again_later",
+        /// The token the connection authenticated with expired.
+        TokenExpired => "token_expired",
+        /// A text frame that is not UTF-8.
+        InvalidUtf8 => "invalid_utf8",
+        /// Too many connections (in all, from the client's address, or of
+        /// its user).
+        TooManyConnections => "too_many_connections",
     }
 }
 
@@ -111,6 +126,9 @@ impl CloseReason {
             CloseReason::AuthenticationFailed | CloseReason::UnknownUser => Some(1008),
             CloseReason::FrameTooLarge => Some(1009),
             CloseReason::TooSlow | CloseReason::TryAgainLater => Some(1013),
+            CloseReason::InvalidUtf8 => Some(1007),
+            CloseReason::TokenExpired => Some(4001),
+            CloseReason::TooManyConnections => Some(4008),
         }
     }
 
@@ -125,6 +143,9 @@ impl CloseReason {
             CloseReason::UnknownUser => "unknown user",
             CloseReason::FrameTooLarge => "frame too large",
             CloseReason::TryAgainLater => "try again later",
+            CloseReason::TokenExpired => "token expired",
+            CloseReason::InvalidUtf8 => "invalid utf8",
+            CloseReason::TooManyConnections => "too many connections",
         }
     }
 }

@@ -60,15 +60,42 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// HS256 secret that client tokens are signed with (see `iimctl
-    /// token`). The default is for development only: the server warns
-    /// when it is in use.
+    /// token`); at least 32 bytes. The default is the public development
+    /// secret: accepted only while `client_listen` is a loopback address
+    /// (or `allow_dev_secret` says otherwise). Empty: no HS256 tokens at
+    /// all (then `keys` or `jwks_file` must be set).
     pub jwt_secret: String,
+    /// Accept the development secret on a client listener that is not on
+    /// loopback (a development machine reached from elsewhere). Never in
+    /// production: anyone can mint tokens for any user with it.
+    pub allow_dev_secret: bool,
+    /// Public keys tokens minted elsewhere are signed with (EdDSA, RS256,
+    /// ES256), each by its key id.
+    pub keys: Vec<iim::token::KeyFile>,
+    /// A JWKS file with more such keys.
+    pub jwks_file: Option<PathBuf>,
+    /// The `iss` every token must carry, if set.
+    pub issuer: Option<String>,
+    /// An `aud` every token must carry, if set.
+    pub audience: Option<String>,
+    /// Tokens valid for longer than this when presented are refused;
+    /// a connection is closed when its token expires.
+    pub max_token_lifetime_secs: u64,
 }
+
+/// The shortest HS256 secret accepted (but for the development one).
+pub const MIN_SECRET_BYTES: usize = 32;
 
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             jwt_secret: iim::token::DEV_SECRET.into(),
+            allow_dev_secret: false,
+            keys: Vec::new(),
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            max_token_lifetime_secs: iim::token::DEFAULT_MAX_LIFETIME_SECS,
         }
     }
 }
@@ -78,12 +105,69 @@ impl AuthConfig {
     pub fn is_dev_secret(&self) -> bool {
         self.jwt_secret == iim::token::DEV_SECRET
     }
+
+    /// The keys and rules tokens are checked with, read from their files.
+    pub fn key_set(&self) -> Result<iim::token::KeySet, iim::token::KeyError> {
+        let secret = (!self.jwt_secret.is_empty()).then_some(self.jwt_secret.as_bytes());
+        iim::token::KeySet::load(
+            secret,
+            &self.keys,
+            self.jwks_file.as_deref(),
+            iim::token::Policy {
+                issuer: self.issuer.clone(),
+                audience: self.audience.clone(),
+                max_lifetime: std::time::Duration::from_secs(self.max_token_lifetime_secs),
+            },
+        )
+    }
+
+    fn validate(&self, client_listen: Option<SocketAddr>) -> Result<(), String> {
+        if self.is_dev_secret() {
+            if let Some(addr) = client_listen
+                && !addr.ip().is_loopback()
+                && !self.allow_dev_secret
+            {
+                return Err(format!(
+                    "auth.jwt_secret: the development secret is public (anyone can mint tokens \
+                     for any user), and client_listen {addr} is not on loopback: set a secret \
+                     of at least {MIN_SECRET_BYTES} bytes, or auth.allow_dev_secret = true on a \
+                     development machine"
+                ));
+            }
+        } else if self.jwt_secret.is_empty() {
+            if self.keys.is_empty() && self.jwks_file.is_none() {
+                return Err(
+                    "auth.jwt_secret: empty, and no auth.keys or auth.jwks_file: no token could \
+                     be checked"
+                        .into(),
+                );
+            }
+        } else if self.jwt_secret.len() < MIN_SECRET_BYTES {
+            return Err(format!(
+                "auth.jwt_secret: {} bytes; at least {MIN_SECRET_BYTES} are required",
+                self.jwt_secret.len()
+            ));
+        }
+        if !(60..=30 * 86_400).contains(&self.max_token_lifetime_secs) {
+            return Err(format!(
+                "auth.max_token_lifetime_secs: {} is outside 60..=2592000",
+                self.max_token_lifetime_secs
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthConfig")
             .field("jwt_secret", &"***")
+            .field("allow_dev_secret", &self.allow_dev_secret)
+            .field("keys", &self.keys)
+            .field("jwks_file", &self.jwks_file)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("max_token_lifetime_secs", &self.max_token_lifetime_secs)
             .finish()
     }
 }
@@ -110,6 +194,9 @@ pub struct ClientLimits {
     /// Most messages one `sync` returns (the client's `limit` is clamped
     /// to this).
     pub sync_page_max: u32,
+    /// Deepest nesting of arrays and objects a message's `body` or `ex`
+    /// may have (`bad_request` beyond): clients parse what they sync.
+    pub max_body_depth: usize,
 }
 
 impl Default for ClientLimits {
@@ -122,6 +209,7 @@ impl Default for ClientLimits {
             idle_timeout_secs: 60,
             ping_interval_secs: 20,
             sync_page_max: 200,
+            max_body_depth: 64,
         }
     }
 }
@@ -145,6 +233,12 @@ impl ClientLimits {
                 "limits.ping_interval_secs: {} must be > 0 and below limits.idle_timeout_secs ({}), \
                  or idle clients that only answer pings are cut",
                 self.ping_interval_secs, self.idle_timeout_secs
+            ));
+        }
+        if !(1..=1_000).contains(&self.max_body_depth) {
+            return Err(format!(
+                "limits.max_body_depth: {} is outside 1..=1000",
+                self.max_body_depth
             ));
         }
         if !(1..=10_000).contains(&self.sync_page_max) {
@@ -237,9 +331,7 @@ impl Config {
         {
             return Err("exchange.id must differ from id and from 0".into());
         }
-        if self.auth.jwt_secret.is_empty() {
-            return Err("auth.jwt_secret: must not be empty".into());
-        }
+        self.auth.validate(self.client_listen)?;
         self.limits.validate()?;
         if self.chat.large_group_threshold < 2 {
             return Err("chat.large_group_threshold must be >= 2".into());
@@ -269,7 +361,8 @@ mod tests {
             demo_users: vec![1001],
             client_listen: Some("127.0.0.1:0".parse().unwrap()),
             auth: AuthConfig {
-                jwt_secret: "s3cret".into(),
+                jwt_secret: "a-secret-of-at-least-thirty-two-bytes".into(),
+                ..AuthConfig::default()
             },
             limits: ClientLimits {
                 max_message_bytes: 4_096,
@@ -279,6 +372,7 @@ mod tests {
                 idle_timeout_secs: 9,
                 ping_interval_secs: 3,
                 sync_page_max: 50,
+                ..ClientLimits::default()
             },
             chat: ChatConfig {
                 large_group_threshold: 100,
@@ -301,6 +395,30 @@ mod tests {
     }
 
     #[test]
+    fn the_development_secret_stays_on_loopback_unless_allowed() {
+        let on = |listen: &str, extra: &str| {
+            Config::from_toml(&format!("client_listen = \"{listen}\"\n[auth]\n{extra}"))
+        };
+        assert!(on("127.0.0.1:8201", "").is_ok());
+        assert!(on("[::1]:8201", "").is_ok());
+        assert!(on("10.0.0.5:8201", "").is_err());
+        assert!(on("10.0.0.5:8201", "allow_dev_secret = true").is_ok());
+        assert!(
+            on(
+                "10.0.0.5:8201",
+                "jwt_secret = \"0123456789abcdef0123456789abcdef\""
+            )
+            .is_ok()
+        );
+        // Keys minted elsewhere, no HS256 at all.
+        let keys = "jwt_secret = \"\"\n[[auth.keys]]\nkid = \"k1\"\nalg = \"EdDSA\"\npublic_key_file = \"k1.pem\"";
+        let c = on("10.0.0.5:8201", keys).unwrap();
+        assert_eq!(c.auth.keys[0].kid, "k1");
+        // A key file that is not there is an error at start.
+        assert!(c.auth.key_set().is_err());
+    }
+
+    #[test]
     fn bad_values_are_refused_with_the_field_named() {
         assert!(Config::from_toml("bogus = true").is_err());
         assert!(Config::from_toml("id = 0").unwrap_err().contains("id"));
@@ -312,6 +430,12 @@ mod tests {
         );
         for (text, field) in [
             ("[auth]\njwt_secret = \"\"", "auth.jwt_secret"),
+            ("[auth]\njwt_secret = \"short\"", "auth.jwt_secret"),
+            ("client_listen = \"0.0.0.0:8201\"", "auth.jwt_secret"),
+            (
+                "[auth]\nmax_token_lifetime_secs = 1",
+                "auth.max_token_lifetime_secs",
+            ),
             ("[auth]\nbogus = 1", "bogus"),
             (
                 "[limits]\nmax_message_bytes = 10",

@@ -32,7 +32,7 @@ use host::Host;
 use iim::api::{IimParts, Submit};
 use iim::registry::{Registry, Role, ServerState};
 use iim::tls::{self, TlsMaterial};
-use iim::token::{Hs256Verifier, TokenVerifier};
+use iim::token::TokenVerifier;
 use iim::types::{ServerId, UserId, now_ms};
 use iim::{Iim, Plugin};
 use std::net::SocketAddr;
@@ -147,8 +147,15 @@ pub async fn start_with(
 ) -> anyhow::Result<AppServerHandle> {
     config.validate().map_err(anyhow::Error::msg)?;
     let dev_secret = verifier.is_none() && config.auth.is_dev_secret();
-    let verifier: Arc<dyn TokenVerifier> =
-        verifier.unwrap_or_else(|| Arc::new(Hs256Verifier::new(config.auth.jwt_secret.as_bytes())));
+    let verifier: Arc<dyn TokenVerifier> = match verifier {
+        Some(v) => v,
+        None => Arc::new(
+            config
+                .auth
+                .key_set()
+                .context("cannot load the keys client tokens are checked with")?,
+        ),
+    };
     let id = ServerId(config.id);
     let registry = Registry::connect(&config.database)
         .await
@@ -273,8 +280,9 @@ pub async fn start_with(
             let local = listener.local_addr()?;
             if dev_secret {
                 warn!(
-                    "auth.jwt_secret is the development default: anyone can mint client \
-                     tokens; set a secret of your own"
+                    "auth.jwt_secret is the public development secret: anyone who reaches \
+                     the client listener can mint tokens for any user; set a secret of your \
+                     own before this server leaves a development machine"
                 );
             }
             let state = gateway::GatewayState {

@@ -826,3 +826,87 @@ async fn stopping_the_server_closes_clients_with_going_away() {
         "the listener is closed"
     );
 }
+
+#[tokio::test]
+async fn a_connection_ends_when_its_token_expires() {
+    let gw = spawn(
+        ClientLimits {
+            ping_interval_secs: 30,
+            idle_timeout_secs: 60,
+            ..limits()
+        },
+        16,
+    )
+    .await;
+    let now = iim::types::unix_secs();
+    let mut ws = connect(&gw).await;
+    let t = token::mint_at(SECRET, UserId(1001), now, now + 1);
+    send(&mut ws, json!({"op": "auth", "token": t})).await;
+    assert_eq!(next_json(&mut ws).await["op"], "welcome");
+    // Valid for a second, plus the leeway it was accepted with.
+    tokio::time::pause();
+    run_clock_for(Duration::from_secs(1 + token::LEEWAY_SECS + 1)).await;
+    tokio::time::resume();
+    expect_error(&mut ws, "auth_expired").await;
+    assert_eq!(
+        closed(&mut ws).await,
+        (CloseCode::from(4001), "token expired".to_string())
+    );
+    assert_eq!(gw.metrics.ws_closes.get("token_expired"), 1);
+    eventually!(
+        "the session is removed",
+        sessions(&gw, 1001).await.is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let gw = spawn(limits(), 16).await;
+    let mut ws = authed(&gw, 1001, "phone").await;
+    let bad = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    ws.send(Message::Frame(bad)).await.unwrap();
+    let (code, _) = closed(&mut ws).await;
+    assert_eq!(code, CloseCode::Invalid);
+    assert_eq!(gw.metrics.ws_closes.get("invalid_utf8"), 1);
+}
+
+#[tokio::test]
+async fn bodies_nested_too_deep_are_refused_and_the_connection_stays() {
+    let gw = spawn(limits(), 16).await;
+    let mut ws = authed(&gw, 1001, "phone").await;
+    let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+    let frame =
+        format!(r#"{{"op":"send","req":"d1","ope":0,"to":2002,"type":"text","body":{deep}}}"#);
+    send_raw(&mut ws, &frame).await;
+    let e = expect_error(&mut ws, "bad_request").await;
+    assert_eq!(e["req"], "d1");
+    assert!(e["message"].as_str().unwrap().contains("64"), "{e}");
+    // 64 levels, and strings with brackets in them, are fine.
+    let ok = format!(
+        r#"{{"op":"send","req":"d2","ope":0,"to":2002,"type":"text","body":{{"t":"[[[[\"]]","v":{}{}}}}}"#,
+        "[".repeat(63),
+        "]".repeat(63)
+    );
+    send_raw(&mut ws, &ok).await;
+    assert_eq!(next_json(&mut ws).await["op"], "ack");
+    // The 20,000-level body of the review, too big for this gateway's
+    // message limit in one frame: raise the limit to see the depth check.
+    let gw = spawn(
+        ClientLimits {
+            max_message_bytes: 65_536,
+            ..limits()
+        },
+        16,
+    )
+    .await;
+    let mut ws = authed(&gw, 1001, "phone").await;
+    let deep = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
+    let frame =
+        format!(r#"{{"op":"send","req":"d3","ope":0,"to":2002,"type":"text","body":{deep}}}"#);
+    send_raw(&mut ws, &frame).await;
+    expect_error(&mut ws, "bad_request").await;
+    send(&mut ws, json!({"op": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"op": "pong"}));
+}

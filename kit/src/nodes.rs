@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 pub const EXCHANGE: ServerId = ServerId(100);
 
 /// The client-token secret every test app server uses.
-pub const JWT_SECRET: &str = "iim-test-secret";
+pub const JWT_SECRET: &str = "iim-test-secret-of-thirty-two-bytes!";
 
 /// A client token for `user`, valid for an hour.
 pub fn token(user: u64) -> String {
@@ -101,6 +101,7 @@ pub fn appserver_config(db: &str, id: u32, exchange: SocketAddr) -> iim_appserve
         client_listen: Some("127.0.0.1:0".parse().expect("addr")),
         auth: iim_appserver::config::AuthConfig {
             jwt_secret: JWT_SECRET.into(),
+            ..Default::default()
         },
         limits: iim_appserver::config::ClientLimits {
             rate_per_sec: 100_000,

@@ -101,7 +101,7 @@ enum Incoming {
 
 impl<C: ChatApi> Conn<C> {
     async fn run(&mut self) -> End {
-        let (user, device) = match self.authenticate().await {
+        let (user, device, valid_until) = match self.authenticate().await {
             Ok(v) => v,
             Err(end) => return end,
         };
@@ -124,7 +124,9 @@ impl<C: ChatApi> Conn<C> {
         };
         let channel = attached.session.channel;
         info!(channel = %channel, "client authenticated");
-        let end = self.serve(user, channel, &device, attached.rx).await;
+        let end = self
+            .serve(user, channel, &device, valid_until, attached.rx)
+            .await;
         if let Err(e) = self.st.connections.detach(channel).await {
             warn!(error = %e, "could not remove the session");
         }
@@ -136,8 +138,9 @@ impl<C: ChatApi> Conn<C> {
         end
     }
 
-    /// Wait for the `auth` frame: the user and device, or how to end.
-    async fn authenticate(&mut self) -> Result<(UserId, String), End> {
+    /// Wait for the `auth` frame: the user, the device and until when the
+    /// token is valid (Unix seconds), or how to end.
+    async fn authenticate(&mut self) -> Result<(UserId, String, u64), End> {
         let deadline = Instant::now() + Duration::from_millis(self.st.limits.auth_timeout_ms);
         let stop = self.st.stop.clone();
         let not_first = || Refusal::new(ErrorCode::AuthRequired, "the first frame must be auth");
@@ -179,8 +182,8 @@ impl<C: ChatApi> Conn<C> {
                 let r = Refusal::new(ErrorCode::AuthRequired, "token: required");
                 return Err(self.refuse_auth(AuthFailure::Missing, r).await);
             };
-            return match self.st.verifier.verify(&token) {
-                Ok(user) => Ok((user, device)),
+            return match self.st.verifier.verify_token(&token) {
+                Ok(v) => Ok((v.user, device, v.valid_until)),
                 Err(TokenError::Expired) => {
                     let r = Refusal::new(ErrorCode::AuthExpired, "token expired; get a new one");
                     Err(self.refuse_auth(AuthFailure::Expired, r).await)
@@ -208,6 +211,7 @@ impl<C: ChatApi> Conn<C> {
         user: UserId,
         channel: ChannelId,
         device: &str,
+        valid_until: u64,
         mut rx: mpsc::Receiver<Push>,
     ) -> End {
         // Attached before the welcome: anything stored after the welcome's
@@ -261,11 +265,21 @@ impl<C: ChatApi> Conn<C> {
             Instant::now(),
         ));
         let stop = self.st.stop.clone();
+        // The connection lives no longer than its token.
+        let expires = (valid_until != u64::MAX).then(|| {
+            Instant::now()
+                + Duration::from_secs(valid_until.saturating_sub(iim::types::unix_secs()))
+        });
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return End::Close(CloseReason::GoingAway),
                 _ = tokio::time::sleep_until(self.last_rx + idle) => {
                     return End::Close(CloseReason::IdleTimeout);
+                }
+                _ = iim::quic::sleep_until_opt(expires) => {
+                    let _ = self.write_error(ErrorCode::AuthExpired, None,
+                        "token expired; connect again with a new one").await;
+                    return End::Close(CloseReason::TokenExpired);
                 }
                 _ = ping.tick() => {
                     if let Err(end) = self.write(Message::Ping(Default::default())).await {
@@ -395,7 +409,7 @@ impl<C: ChatApi> Conn<C> {
             op_label,
             req,
             request,
-        } = parse_request(text.as_str(), user, self.st.limits.sync_page_max);
+        } = parse_request(text.as_str(), user, &self.st.limits);
         if let Some(op) = op_label {
             self.st.metrics.client_ops.inc(op);
         }
@@ -477,6 +491,10 @@ impl<C: ChatApi> Conn<C> {
                 // The WebSocket layer refuses frames over 4x the limit.
                 return Err(End::Close(CloseReason::FrameTooLarge));
             }
+            Some(Err(e)) if invalid_utf8(&e) => {
+                // RFC 6455 §8.1: fail the connection with 1007.
+                return Err(End::Close(CloseReason::InvalidUtf8));
+            }
             Some(Err(_)) => return Err(End::Gone("read failed")),
             Some(Ok(m)) => m,
         };
@@ -545,6 +563,15 @@ fn presence_unavailable() -> Refusal {
     Refusal::new(
         ErrorCode::Unavailable,
         "presence store unavailable, try again",
+    )
+}
+
+/// True when a text frame was not UTF-8.
+fn invalid_utf8(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    matches!(
+        e.source().and_then(|s| s.downcast_ref::<WsError>()),
+        Some(WsError::Utf8(_))
     )
 }
 

@@ -9,6 +9,7 @@ use crate::chat::{
     ChatError, ClientReq, LengthError, MessageType, Ope, SendRequest, SyncRequest, check_chars,
 };
 use crate::codes::{ErrorCode, Op};
+use crate::config::ClientLimits;
 use iim::presence::Status;
 use iim::types::UserId;
 use serde::{Deserialize, Serialize};
@@ -90,7 +91,7 @@ pub(super) struct Parsed {
 }
 
 /// Parse and validate a text frame from `user`'s authenticated client.
-pub(super) fn parse_request(text: &str, user: UserId, sync_page_max: u32) -> Parsed {
+pub(super) fn parse_request(text: &str, user: UserId, limits: &ClientLimits) -> Parsed {
     let f = match Fields::parse(text) {
         Ok(f) => f,
         Err(r) => {
@@ -124,8 +125,8 @@ pub(super) fn parse_request(text: &str, user: UserId, sync_page_max: u32) -> Par
         };
     };
     let request = match op {
-        Op::Send => parse_send(&f, user).map(Request::Send),
-        Op::Sync => parse_sync(&f, sync_page_max).map(Request::Sync),
+        Op::Send => parse_send(&f, user, limits.max_body_depth).map(Request::Send),
+        Op::Sync => parse_sync(&f, limits.sync_page_max).map(Request::Sync),
         Op::Ping => Ok(Request::Ping),
         Op::SetStatus => parse_status(&f).map(|(status, text)| Request::SetStatus { status, text }),
         Op::PresenceSubscribe => parse_subscribe(&f).map(Request::PresenceSubscribe),
@@ -215,7 +216,7 @@ pub(super) fn peek_req(text: &str) -> Option<ClientReq> {
 }
 
 /// Translate a `send` frame into a [`SendRequest`].
-fn parse_send(f: &Fields<'_>, user: UserId) -> Result<SendRequest, Refusal> {
+fn parse_send(f: &Fields<'_>, user: UserId, max_depth: usize) -> Result<SendRequest, Refusal> {
     let req = f.client_req()?.ok_or_else(|| {
         bad(
             "req",
@@ -257,6 +258,15 @@ fn parse_send(f: &Fields<'_>, user: UserId) -> Result<SendRequest, Refusal> {
             .map(|v| (*v).to_owned())
             .ok_or_else(|| bad("body", "required (any JSON value)"))?;
     let ex = f.raw("ex").map(|v| v.to_owned());
+    // Stored as sent and handed to every client that syncs it: nesting
+    // that would exhaust a client's parser is refused here.
+    for (field, v) in [("body", Some(&body)), ("ex", ex.as_ref())] {
+        if let Some(v) = v
+            && json_depth(v.get()) > max_depth
+        {
+            return Err(bad(field, format!("nested deeper than {max_depth} levels")));
+        }
+    }
     Ok(SendRequest {
         req,
         ope,
@@ -265,6 +275,34 @@ fn parse_send(f: &Fields<'_>, user: UserId) -> Result<SendRequest, Refusal> {
         body,
         ex,
     })
+}
+
+/// How deep `json` (valid JSON) nests arrays and objects, counted without
+/// recursion.
+pub(super) fn json_depth(json: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 /// Translate a `sync` frame into a [`SyncRequest`].
@@ -361,7 +399,7 @@ mod tests {
     const ME: UserId = UserId(5);
 
     fn parse(text: &str) -> Parsed {
-        parse_request(text, ME, 200)
+        parse_request(text, ME, &ClientLimits::default())
     }
 
     fn send(text: &str) -> Result<SendRequest, Refusal> {
