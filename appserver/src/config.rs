@@ -65,6 +65,10 @@ pub struct AuthConfig {
     /// (or `allow_dev_secret` says otherwise). Empty: no HS256 tokens at
     /// all (then `keys` or `jwks_file` must be set).
     pub jwt_secret: String,
+    /// Read the HS256 secret from this file instead (trailing newline
+    /// ignored; at least 32 bytes), so it need not sit in the config file.
+    /// `jwt_secret` must then be left unset.
+    pub jwt_secret_file: Option<PathBuf>,
     /// Accept the development secret on a client listener that is not on
     /// loopback (a development machine reached from elsewhere). Never in
     /// production: anyone can mint tokens for any user with it.
@@ -86,10 +90,33 @@ pub struct AuthConfig {
 /// The shortest HS256 secret accepted (but for the development one).
 pub const MIN_SECRET_BYTES: usize = 32;
 
+/// The secret in `path`, without its trailing line break; refused when
+/// shorter than [`MIN_SECRET_BYTES`].
+fn read_secret_file(path: &std::path::Path) -> Result<Vec<u8>, iim::token::KeyError> {
+    let mut bytes = std::fs::read(path).map_err(|source| iim::token::KeyError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+        bytes.pop();
+    }
+    if bytes.len() < MIN_SECRET_BYTES {
+        return Err(iim::token::KeyError::Bad {
+            what: format!("auth.jwt_secret_file {}", path.display()),
+            detail: format!(
+                "{} bytes; at least {MIN_SECRET_BYTES} are required",
+                bytes.len()
+            ),
+        });
+    }
+    Ok(bytes)
+}
+
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             jwt_secret: iim::token::DEV_SECRET.into(),
+            jwt_secret_file: None,
             allow_dev_secret: false,
             keys: Vec::new(),
             jwks_file: None,
@@ -103,12 +130,19 @@ impl Default for AuthConfig {
 impl AuthConfig {
     /// True when the shipped development secret is in use.
     pub fn is_dev_secret(&self) -> bool {
-        self.jwt_secret == iim::token::DEV_SECRET
+        self.jwt_secret_file.is_none() && self.jwt_secret == iim::token::DEV_SECRET
     }
 
     /// The keys and rules tokens are checked with, read from their files.
     pub fn key_set(&self) -> Result<iim::token::KeySet, iim::token::KeyError> {
-        let secret = (!self.jwt_secret.is_empty()).then_some(self.jwt_secret.as_bytes());
+        let from_file = match &self.jwt_secret_file {
+            Some(path) => Some(read_secret_file(path)?),
+            None => None,
+        };
+        let secret = match &from_file {
+            Some(s) => Some(s.as_slice()),
+            None => (!self.jwt_secret.is_empty()).then_some(self.jwt_secret.as_bytes()),
+        };
         iim::token::KeySet::load(
             secret,
             &self.keys,
@@ -122,7 +156,13 @@ impl AuthConfig {
     }
 
     fn validate(&self, client_listen: Option<SocketAddr>) -> Result<(), String> {
-        if self.is_dev_secret() {
+        if self.jwt_secret_file.is_some() {
+            if !self.jwt_secret.is_empty() && self.jwt_secret != iim::token::DEV_SECRET {
+                return Err(
+                    "auth.jwt_secret and auth.jwt_secret_file are both set: keep one".into(),
+                );
+            }
+        } else if self.is_dev_secret() {
             if let Some(addr) = client_listen
                 && !addr.ip().is_loopback()
                 && !self.allow_dev_secret
@@ -162,6 +202,7 @@ impl std::fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthConfig")
             .field("jwt_secret", &"***")
+            .field("jwt_secret_file", &self.jwt_secret_file)
             .field("allow_dev_secret", &self.allow_dev_secret)
             .field("keys", &self.keys)
             .field("jwks_file", &self.jwks_file)
@@ -416,6 +457,36 @@ mod tests {
         assert_eq!(c.auth.keys[0].kid, "k1");
         // A key file that is not there is an error at start.
         assert!(c.auth.key_set().is_err());
+    }
+
+    #[test]
+    fn the_secret_can_come_from_a_file_of_at_least_32_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let on = |secret: &[u8], extra: &str| {
+            let path = dir.path().join("secret");
+            std::fs::write(&path, secret).unwrap();
+            let c = Config::from_toml(&format!(
+                "client_listen = \"10.0.0.5:8201\"\n[auth]\njwt_secret_file = {:?}\n{extra}",
+                path.display().to_string()
+            ))?;
+            assert!(!c.auth.is_dev_secret());
+            c.auth.key_set().map(|_| ()).map_err(|e| e.to_string())
+        };
+        on(b"0123456789abcdef0123456789abcdef\n", "").unwrap();
+        let short = on(b"0123456789abcdef0123456789abcde\n", "").unwrap_err();
+        assert!(short.contains("31 bytes"), "{short}");
+        let both = on(
+            b"0123456789abcdef0123456789abcdef",
+            "jwt_secret = \"another-secret-of-thirty-two-bytes!\"",
+        )
+        .unwrap_err();
+        assert!(both.contains("both set"), "{both}");
+        let missing = Config::from_toml("[auth]\njwt_secret_file = \"/nonexistent/secret\"")
+            .unwrap()
+            .auth
+            .key_set()
+            .unwrap_err();
+        assert!(missing.to_string().contains("/nonexistent/secret"));
     }
 
     #[test]
