@@ -166,6 +166,20 @@ words! {
     }
 }
 
+words! {
+    /// Why an admin API call was refused (the `reason` label).
+    AdminRefusal {
+        /// No `Authorization: Bearer` header.
+        NoToken => "no_token",
+        /// A bearer token that is not the configured one.
+        BadToken => "bad_token",
+        /// A `Host` header naming neither the listener nor an allowed name.
+        BadHost => "bad_host",
+        /// A `from` the admin API may not send as.
+        BadFrom => "bad_from",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +201,11 @@ mod tests {
         check(ErrorCode::ALL, ErrorCode::LABELS, ErrorCode::as_str);
         check(CloseReason::ALL, CloseReason::LABELS, CloseReason::as_str);
         check(AuthFailure::ALL, AuthFailure::LABELS, AuthFailure::as_str);
+        check(
+            AdminRefusal::ALL,
+            AdminRefusal::LABELS,
+            AdminRefusal::as_str,
+        );
         for r in CloseReason::ALL {
             assert_eq!(r.text().replace(' ', "_"), r.as_str());
         }

@@ -19,15 +19,19 @@ pub struct ExchangeTarget {
 pub struct Config {
     /// This server's id; its certificate must name `server-<id>.iim`.
     pub id: u32,
-    /// Address recorded in the registry; defaults to the HTTP address.
+    /// Address recorded in the registry; defaults to the metrics address
+    /// (`http_listen`), never the admin API's.
     pub advertise: Option<String>,
     /// `mysql://user:pass@host/db` or `sqlite://file.db`.
     pub database: String,
     /// The exchange to use. When absent, the lowest-id exchange that the
     /// registry shows up is used (looked up again on every reconnect).
     pub exchange: Option<ExchangeTarget>,
-    /// `/metrics` and the loopback admin API; empty to disable.
+    /// `/metrics` and `/health`, unauthenticated and read-only; empty to
+    /// disable. A warning is logged when it is not on loopback.
     pub http_listen: Option<SocketAddr>,
+    /// The admin API, on a listener of its own.
+    pub admin: AdminConfig,
     /// Largest frame body sent or accepted.
     pub max_frame_bytes: usize,
     /// A remote target without an outcome after this long reads `timed_out`.
@@ -53,6 +57,43 @@ pub struct Config {
     pub limits: ClientLimits,
     pub chat: ChatConfig,
     pub presence: crate::presence::PresenceConfig,
+}
+
+/// The admin API (`POST /admin/send`): off unless `listen` is set, and
+/// then every call must carry the bearer token in `token_file`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where the admin API listens; empty (the default) for none.
+    pub listen: Option<SocketAddr>,
+    /// A file holding the bearer token every admin call must present (at
+    /// least 32 bytes; keep the file 0600). Required with `listen`.
+    pub token_file: Option<PathBuf>,
+    /// `Host` headers accepted besides the listen address itself and
+    /// `localhost` / `127.0.0.1` / `[::1]` on its port — a name the admin
+    /// API is reached by. Any other `Host` is refused (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
+    /// Users the admin API may send as (`from`); without `from`, a send
+    /// comes from the app server itself (user 0).
+    pub senders: Vec<u64>,
+}
+
+impl AdminConfig {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if let Some(addr) = self.listen
+            && self.token_file.is_none()
+        {
+            return Err(format!(
+                "admin.listen is {addr} but admin.token_file is not set: every admin call \
+                 must carry a bearer token (at least {} bytes, from a file)",
+                iim_http::admin::MIN_TOKEN_BYTES
+            ));
+        }
+        if self.senders.contains(&0) {
+            return Err("admin.senders: 0 is the app server itself, always allowed".into());
+        }
+        Ok(())
+    }
 }
 
 /// How clients prove who they are.
@@ -334,6 +375,7 @@ impl Default for Config {
                 cert: PathBuf::from("certs/dev/server-1.pem"),
                 key: PathBuf::from("certs/dev/server-1.key"),
             },
+            admin: AdminConfig::default(),
             auth: AuthConfig::default(),
             limits: ClientLimits::default(),
             chat: ChatConfig::default(),
@@ -372,6 +414,7 @@ impl Config {
         {
             return Err("exchange.id must differ from id and from 0".into());
         }
+        self.admin.validate()?;
         self.auth.validate(self.client_listen)?;
         self.limits.validate()?;
         if self.chat.large_group_threshold < 2 {

@@ -51,7 +51,10 @@ pub struct AppServerHandle {
     pub iim: Iim,
     pub connections: Arc<Connections>,
     pub metrics: Arc<AppMetrics>,
+    /// `/metrics` and `/health`.
     pub http_addr: Option<SocketAddr>,
+    /// The admin API, when it runs.
+    pub admin_addr: Option<SocketAddr>,
     /// The client WebSocket endpoint (`ws://{client_addr}/ws`), when the
     /// gateway runs.
     pub client_addr: Option<SocketAddr>,
@@ -178,6 +181,23 @@ pub async fn start_with(
         None => None,
     };
     let http_addr = http_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    if let Some(a) = http_addr
+        && !a.ip().is_loopback()
+    {
+        warn!(address = %a, "metrics are served without authentication on a non-loopback address");
+    }
+    let admin = match config.admin.listen {
+        Some(a) => {
+            let listener = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (admin.listen)"))?;
+            let guard = admin::Guard::new(&config.admin, listener.local_addr()?)
+                .map_err(anyhow::Error::msg)?;
+            Some((listener, guard))
+        }
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(|(_, g)| g.addr());
     let advertise = config
         .advertise
         .clone()
@@ -317,11 +337,20 @@ pub async fn start_with(
         )));
     }
     if let Some(listener) = http_listener {
-        let router = admin::router(iim.clone(), metrics.clone());
+        let router = iim_http::server::metrics_router(metrics.clone());
         let token = stop.clone();
         tracker.spawn(async move {
             if let Err(e) = iim_http::server::serve(listener, router, token).await {
-                warn!(error = %e, "http listener failed");
+                warn!(error = %e, "metrics listener failed");
+            }
+        });
+    }
+    if let Some((listener, guard)) = admin {
+        let router = admin::router(iim.clone(), guard, metrics.clone());
+        let token = stop.clone();
+        tracker.spawn(async move {
+            if let Err(e) = iim_http::server::serve(listener, router, token).await {
+                warn!(error = %e, "admin listener failed");
             }
         });
     }
@@ -338,6 +367,7 @@ pub async fn start_with(
         connections,
         metrics,
         http_addr,
+        admin_addr,
         client_addr,
         registry,
         link,

@@ -37,6 +37,15 @@ struct Cli {
     /// Override `http_listen`.
     #[arg(long)]
     http_listen: Option<SocketAddr>,
+    /// Override `admin.listen` (the admin API).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Override `admin.token_file` (the admin API's bearer token).
+    #[arg(long, env = "IIM_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Override `admin.senders` (users the admin API may send as).
+    #[arg(long, value_delimiter = ',')]
+    admin_senders: Vec<u64>,
     /// Override `client_listen` (the WebSocket endpoint for clients).
     #[arg(long)]
     client_listen: Option<SocketAddr>,
@@ -98,6 +107,15 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(v) = cli.http_listen {
         config.http_listen = Some(v);
+    }
+    if let Some(v) = cli.admin_listen {
+        config.admin.listen = Some(v);
+    }
+    if let Some(v) = &cli.admin_token_file {
+        config.admin.token_file = Some(v.clone());
+    }
+    if !cli.admin_senders.is_empty() {
+        config.admin.senders = cli.admin_senders.clone();
     }
     if let Some(v) = cli.client_listen {
         config.client_listen = Some(v);

@@ -4,7 +4,7 @@
 //! server it uses nothing but the enums its label sets come from
 //! ([`crate::codes`]), so every other module may count here.
 
-use crate::codes::{AuthFailure, CloseReason, ErrorCode, Op};
+use crate::codes::{AdminRefusal, AuthFailure, CloseReason, ErrorCode, Op};
 use iim::metrics::{Counter, Family, Gauge, Page, Render};
 use std::sync::Arc;
 
@@ -29,6 +29,7 @@ pub struct AppMetrics {
     pub client_errors: Family,
     pub client_ops: Family,
     pub ws_closes: Family,
+    pub admin_refusals: Family,
 }
 
 impl Default for AppMetrics {
@@ -47,6 +48,7 @@ impl Default for AppMetrics {
             client_errors: Family::new("code", ErrorCode::LABELS),
             client_ops: Family::new("op", Op::LABELS),
             ws_closes: Family::new("reason", CloseReason::LABELS),
+            admin_refusals: Family::new("reason", AdminRefusal::LABELS),
         }
     }
 }
@@ -103,6 +105,11 @@ impl Render for AppMetrics {
             "iim_appserver_ws_closes_total",
             "Client connections ended, by reason.",
             &self.ws_closes,
+        )
+        .family(
+            "iim_appserver_admin_refusals_total",
+            "Admin API calls refused, by reason.",
+            &self.admin_refusals,
         );
         let mut page = p.finish();
         page.push_str(&self.link.render());

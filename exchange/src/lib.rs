@@ -148,6 +148,9 @@ pub async fn start(
     let http_addr = match http_listener {
         Some(listener) => {
             let bound = listener.local_addr()?;
+            if !bound.ip().is_loopback() {
+                warn!(address = %bound, "metrics are served without authentication on a non-loopback address");
+            }
             let router = iim_http::server::metrics_router(metrics.clone());
             let token = shutdown.clone();
             tracker.spawn(async move {

@@ -5,16 +5,23 @@ use serde::{Deserialize, Serialize};
 
 /// `POST` here sends a text message ([`SendRequest`] → [`SendResponse`]).
 pub const SEND_PATH: &str = "/admin/send";
-/// `GET` here answers `ok` while the app server runs.
-pub const HEALTH_PATH: &str = "/admin/health";
+/// `GET` here answers `ok` while the daemon runs. Served beside
+/// `/metrics`, without authentication (it says nothing but "alive").
+pub const HEALTH_PATH: &str = "/health";
+/// The shortest admin bearer token accepted.
+pub const MIN_TOKEN_BYTES: usize = 32;
+/// The sender of a [`SendRequest`] without `from`: the app server itself.
+pub const SYSTEM_SENDER: u64 = 0;
 /// Most recipients one [`SendRequest`] may name.
 pub const MAX_RECIPIENTS: usize = 10_000;
 
 /// A text message from user `from` (on the app server asked) to users
-/// wherever they are connected.
+/// wherever they are connected. `from` is [`SYSTEM_SENDER`] (0, the
+/// default) or one of the users the app server's `admin.senders` lists.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendRequest {
+    #[serde(default)]
     pub from: u64,
     pub to: Vec<u64>,
     pub text: String,
@@ -58,6 +65,22 @@ impl SendResponse {
             .find(|s| s.server == server)
             .map(|s| s.status.as_str())
     }
+}
+
+/// The admin bearer token in `path`: the file's text without surrounding
+/// white space, at least [`MIN_TOKEN_BYTES`] long.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.len() < MIN_TOKEN_BYTES {
+        return Err(format!(
+            "the admin token in {} has {} bytes; at least {MIN_TOKEN_BYTES} are required",
+            path.display(),
+            token.len()
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 #[cfg(test)]

@@ -45,11 +45,22 @@ pub enum ClientError {
 }
 
 /// A client of one daemon's HTTP listener.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
     timeout: Duration,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("timeout", &self.timeout)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl Client {
@@ -73,7 +84,14 @@ impl Client {
             http,
             base,
             timeout,
+            token: None,
         })
+    }
+
+    /// Send `token` as the bearer token of admin calls.
+    pub fn with_token(mut self, token: impl Into<String>) -> Client {
+        self.token = Some(token.into());
+        self
     }
 
     /// `http://HOST:PORT`.
@@ -94,7 +112,11 @@ impl Client {
     /// `POST /admin/send`: the report exactly as the server wrote it.
     pub async fn send_text(&self, req: &SendRequest) -> Result<String, ClientError> {
         let url = self.url(SEND_PATH);
-        let call = self.http.post(&url).json(req).send();
+        let mut call = self.http.post(&url).json(req);
+        if let Some(t) = &self.token {
+            call = call.bearer_auth(t);
+        }
+        let call = call.send();
         self.body(url, call).await
     }
 

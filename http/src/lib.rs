@@ -1,7 +1,8 @@
 //! The daemons' loopback HTTP.
 //!
-//! Both daemons serve Prometheus metrics at `/metrics`; the app server also
-//! serves its admin API (`POST /admin/send`, `GET /admin/health`). This
+//! Both daemons serve Prometheus metrics at `/metrics` and `/health` on one
+//! listener; the app server serves its admin API (`POST /admin/send`,
+//! bearer token required) on another. This
 //! crate owns what the two sides of that HTTP share: the admin API's
 //! request and response types ([`admin`]), the metrics route and the
 //! listener (feature `server`, [`server`]) and the client that iimctl and

@@ -2,6 +2,7 @@
 //! serves a router until shutdown.
 
 use crate::METRICS_PATH;
+use crate::admin::HEALTH_PATH;
 use axum::Router;
 use axum::routing::get;
 use iim_proto::metrics::Render;
@@ -9,15 +10,17 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// A router with `/metrics` serving `metrics`.
+/// A router with `/metrics` serving `metrics`, and `/health`.
 pub fn metrics_router(metrics: Arc<dyn Render>) -> Router {
-    Router::new().route(
-        METRICS_PATH,
-        get(move || {
-            let m = metrics.clone();
-            async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
-        }),
-    )
+    Router::new()
+        .route(
+            METRICS_PATH,
+            get(move || {
+                let m = metrics.clone();
+                async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
+            }),
+        )
+        .route(HEALTH_PATH, get(|| async { "ok" }))
 }
 
 /// Serve `router` on `listener` until `shutdown` is cancelled.

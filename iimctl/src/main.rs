@@ -142,11 +142,20 @@ struct SessionsArgs {
 
 #[derive(Args, Debug)]
 struct SendArgs {
-    /// The app server's admin API (its `http_listen`), HOST:PORT.
-    #[arg(long, default_value = "127.0.0.1:9201", value_name = "ADDR")]
-    server_http: String,
-    /// Sending user, on that app server.
-    #[arg(long, value_name = "ID")]
+    /// The app server's admin API (its `admin.listen`), HOST:PORT.
+    #[arg(
+        long,
+        alias = "server-http",
+        default_value = "127.0.0.1:9301",
+        value_name = "ADDR"
+    )]
+    admin: String,
+    /// The file holding the admin API's bearer token (`admin.token_file`).
+    #[arg(long, env = "IIM_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: PathBuf,
+    /// Sending user, one of the app server's `admin.senders`; without it
+    /// the message comes from the app server itself (user 0).
+    #[arg(long, value_name = "ID", default_value_t = 0)]
     from: u64,
     /// Recipients (comma-separated user ids), on any server.
     #[arg(long, value_delimiter = ',', required = true, value_name = "IDS")]
@@ -324,7 +333,9 @@ async fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         to: a.to,
         text: a.text,
     };
-    let client = Client::new(&a.server_http, timeout)?;
+    let token =
+        iim_http::admin::read_token_file(&a.admin_token_file).map_err(anyhow::Error::msg)?;
+    let client = Client::new(&a.admin, timeout)?.with_token(token);
     let report = if a.json {
         let raw = client.send_text(&req).await.map_err(refused)?;
         println!("{raw}");
@@ -430,6 +441,8 @@ mod tests {
         let cli = Cli::try_parse_from([
             "iimctl",
             "send",
+            "--admin-token-file",
+            "/etc/iim/admin.token",
             "--from",
             "1001",
             "--to",
@@ -442,8 +455,9 @@ mod tests {
             panic!("not send")
         };
         assert_eq!(
-            (a.server_http.as_str(), a.to),
-            ("127.0.0.1:9201", vec![2001, 3001])
+            (a.admin.as_str(), a.to, a.from),
+            ("127.0.0.1:9301", vec![2001, 3001], 1001)
         );
+        assert_eq!(a.admin_token_file, Path::new("/etc/iim/admin.token"));
     }
 }

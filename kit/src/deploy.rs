@@ -1,7 +1,8 @@
 //! A deployment of the real binaries: a development CA and certificates,
 //! one `iim-exchange` and N `iim-appserver` processes on loopback sharing
-//! one registry database, each with its HTTP listener (metrics, admin API)
-//! and the app servers with their WebSocket endpoint. Any node can be
+//! one registry database, each with its metrics listener, and the app
+//! servers with their WebSocket endpoint and their admin API (its bearer
+//! token generated into the deployment's directory, 0600). Any node can be
 //! stopped, killed and started again (on the same ports, its log appended
 //! to).
 //!
@@ -43,6 +44,9 @@ pub struct Spec {
     pub jwt_secret: Option<String>,
     /// Users given a logging demo connection, per app server.
     pub demo_users: BTreeMap<u32, Vec<u64>>,
+    /// Users the admin API may send as (`admin.senders`), on every app
+    /// server.
+    pub admin_senders: Vec<u64>,
     /// Tell the app servers where the exchange is (`--exchange`) instead
     /// of letting them look it up in the registry.
     pub name_exchange: bool,
@@ -64,6 +68,7 @@ impl Spec {
             server_toml: String::new(),
             jwt_secret: None,
             demo_users: BTreeMap::new(),
+            admin_senders: Vec::new(),
             name_exchange: true,
             log_filter: None,
         }
@@ -75,8 +80,10 @@ impl Spec {
 pub struct ServerAddrs {
     /// The client (WebSocket) endpoint.
     pub ws: SocketAddr,
-    /// Metrics and the admin API.
+    /// Metrics and `/health`.
     pub http: SocketAddr,
+    /// The admin API.
+    pub admin: SocketAddr,
 }
 
 /// A running (or stopped) deployment. Its processes are killed when it is
@@ -86,6 +93,7 @@ pub struct Deployment {
     certs: PathBuf,
     logs: PathBuf,
     certs_written: Vec<PathBuf>,
+    admin_token: PathBuf,
     quic: SocketAddr,
     exchange_http: SocketAddr,
     addrs: BTreeMap<u32, ServerAddrs>,
@@ -94,6 +102,27 @@ pub struct Deployment {
     /// Names started at least once: a restart appends to the log.
     started: BTreeSet<String>,
     registry: Option<Registry>,
+}
+
+/// A fresh random admin token in `path` (0600), unless one is there.
+fn write_admin_token(path: &Path) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.is_file() {
+        return Ok(());
+    }
+    let mut raw = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .context("cannot read /dev/urandom")?;
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(token.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// How long a node may take to come up.
@@ -113,13 +142,16 @@ impl Deployment {
         let certs_written =
             iim::tls::dev::write_dev_certs(&certs, &ids(&[spec.exchange]), &ids(&spec.servers))
                 .with_context(|| format!("cannot write certificates into {}", certs.display()))?;
+        let admin_token = spec.dir.join("admin.token");
+        write_admin_token(&admin_token)?;
         let addrs = spec
             .servers
             .iter()
             .map(|&id| {
                 let ws = loopback(free_port(false));
                 let http = loopback(free_port(false));
-                (id, ServerAddrs { ws, http })
+                let admin = loopback(free_port(false));
+                (id, ServerAddrs { ws, http, admin })
             })
             .collect();
         let d = Deployment {
@@ -129,6 +161,7 @@ impl Deployment {
             certs,
             logs,
             certs_written,
+            admin_token,
             exchange_proc: None,
             server_procs: BTreeMap::new(),
             started: BTreeSet::new(),
@@ -234,6 +267,21 @@ impl Deployment {
         self.server(id).http
     }
 
+    /// The file holding the app servers' admin bearer token.
+    pub fn admin_token_file(&self) -> &Path {
+        &self.admin_token
+    }
+
+    /// A client of app server `id`'s admin API, with the token.
+    pub fn admin(&self, id: u32, timeout: Duration) -> anyhow::Result<iim_http::client::Client> {
+        let token =
+            iim_http::admin::read_token_file(&self.admin_token).map_err(anyhow::Error::msg)?;
+        Ok(
+            iim_http::client::Client::new(&self.server(id).admin.to_string(), timeout)?
+                .with_token(token),
+        )
+    }
+
     /// The exchange's flags.
     pub fn exchange_args(&self) -> Vec<String> {
         let mut args = self.config_args(&self.exchange_name());
@@ -258,9 +306,17 @@ impl Deployment {
         args.extend([
             "--http-listen".into(),
             a.http.to_string(),
+            "--admin-listen".into(),
+            a.admin.to_string(),
+            "--admin-token-file".into(),
+            self.admin_token.display().to_string(),
             "--client-listen".into(),
             a.ws.to_string(),
         ]);
+        if !self.spec.admin_senders.is_empty() {
+            let list: Vec<String> = self.spec.admin_senders.iter().map(u64::to_string).collect();
+            args.extend(["--admin-senders".into(), list.join(",")]);
+        }
         if self.spec.name_exchange {
             args.extend([
                 "--exchange".into(),
@@ -383,13 +439,13 @@ impl Deployment {
         let mut ends = Vec::new();
         for &id in ids {
             let a = self.server(id);
-            let admin = iim_http::client::Client::new(&a.http.to_string(), PROBE_WAIT)?;
-            ends.push((admin, a.ws));
+            let metrics = iim_http::client::Client::new(&a.http.to_string(), PROBE_WAIT)?;
+            ends.push((metrics, a.ws));
         }
         let what = format!("app servers {ids:?} to answer and show up in the registry");
         self.wait_until(&what, async |d| {
-            for (admin, ws) in &ends {
-                if admin.health().await.is_err()
+            for (metrics, ws) in &ends {
+                if metrics.health().await.is_err()
                     || tokio::net::TcpStream::connect(ws).await.is_err()
                 {
                     return Ok(false);

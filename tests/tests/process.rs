@@ -39,7 +39,17 @@ key = "{d}/exchange-100.key"
     )
 }
 
-fn appserver_toml(dir: &Path, db: &str, id: u32, http: SocketAddr, users: &[u64]) -> String {
+/// The admin API's bearer token, written to `dir/admin.token`.
+const ADMIN_TOKEN: &str = "process-test-admin-token-0123456789abcdef";
+
+fn appserver_toml(
+    dir: &Path,
+    db: &str,
+    id: u32,
+    (http, admin): (SocketAddr, SocketAddr),
+    users: &[u64],
+) -> String {
+    write(&dir.join("admin.token"), ADMIN_TOKEN);
     format!(
         r#"id = {id}
 database = "{db}"
@@ -54,6 +64,11 @@ reconnect_max_ms = 300
 [quic]
 keep_alive_ms = 200
 idle_timeout_ms = 1000
+
+[admin]
+listen = "{admin}"
+token_file = "{d}/admin.token"
+senders = {users:?}
 
 [tls]
 ca = "{d}/ca.pem"
@@ -90,6 +105,7 @@ async fn admin_send(addr: SocketAddr, to: &[u64], text: &str) -> SendResponse {
         text: text.into(),
     };
     http(addr)
+        .with_token(ADMIN_TOKEN)
         .send(&req)
         .await
         .unwrap_or_else(|e| panic!("admin send: {e}"))
@@ -112,17 +128,19 @@ async fn killed_server_is_marked_down_after_its_lease_and_returns_with_a_new_epo
     let ex_http: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
     let h1: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
     let h2: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
+    let a1: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
+    let a2: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
     write(
         &d.join("exchange.toml"),
         &exchange_toml(d, db.url(), quic, ex_http),
     );
     write(
         &d.join("s1.toml"),
-        &appserver_toml(d, db.url(), 1, h1, &[1001]),
+        &appserver_toml(d, db.url(), 1, (h1, a1), &[1001]),
     );
     write(
         &d.join("s2.toml"),
-        &appserver_toml(d, db.url(), 2, h2, &[2001]),
+        &appserver_toml(d, db.url(), 2, (h2, a2), &[2001]),
     );
     let cfg = |name: &str| vec!["--config".to_string(), d.join(name).display().to_string()];
 
@@ -144,7 +162,7 @@ async fn killed_server_is_marked_down_after_its_lease_and_returns_with_a_new_epo
         a.is_some_and(|s| s.0 == ServerState::Up) && b.is_some_and(|s| s.0 == ServerState::Up)
     });
     let epoch2 = state_of(&reg, 2).await.unwrap().1;
-    let r = admin_send(h1, &[2001], "before").await;
+    let r = admin_send(a1, &[2001], "before").await;
     assert_eq!(statuses(&r), vec![(2, "delivered".to_string())]);
 
     // SIGKILL server 2: no goodbye. A send to its (still registered) user
@@ -152,7 +170,7 @@ async fn killed_server_is_marked_down_after_its_lease_and_returns_with_a_new_epo
     // "server down".
     s2.kill9().await;
     let killed = Instant::now();
-    let r = admin_send(h1, &[2001], "into the void").await;
+    let r = admin_send(a1, &[2001], "into the void").await;
     let waited = killed.elapsed();
     assert_eq!(statuses(&r), vec![(2, "server_down".to_string())]);
     assert!(
@@ -196,7 +214,7 @@ async fn killed_server_is_marked_down_after_its_lease_and_returns_with_a_new_epo
         "user 2001 online again",
         !reg.sessions_of(&[UserId(2001)]).await.unwrap().is_empty()
     );
-    let r = admin_send(h1, &[2001], "welcome back").await;
+    let r = admin_send(a1, &[2001], "welcome back").await;
     assert_eq!(statuses(&r), vec![(2, "delivered".to_string())]);
     assert!(
         s2.log_text().contains("welcome back"),
@@ -206,7 +224,7 @@ async fn killed_server_is_marked_down_after_its_lease_and_returns_with_a_new_epo
     // SIGTERM server 1 while it waits for a report (server 2 killed again):
     // it shows "draining", then "down", and exits cleanly.
     s2.kill9().await;
-    let pending = tokio::spawn(admin_send(h1, &[2001], "pending during drain"));
+    let pending = tokio::spawn(admin_send(a1, &[2001], "pending during drain"));
     eventually!(
         10,
         "the send outstanding at server 1",

@@ -94,6 +94,10 @@ async fn script(
     spec.exchange = EXCHANGE_ID;
     spec.servers = SERVERS.iter().map(|(id, _)| *id).collect();
     spec.demo_users = SERVERS.iter().map(|(id, u)| (*id, u.to_vec())).collect();
+    spec.admin_senders = SERVERS
+        .iter()
+        .flat_map(|(_, u)| u.iter().copied())
+        .collect();
     spec.name_exchange = false;
     let dep = slot.insert(Deployment::new(spec).context("cannot prepare the demo")?);
     println!("  {}", crate::ca_line(dep.certs_dir(), dep.certs_written()));
@@ -155,8 +159,8 @@ async fn script(
         let a = dep.server(id);
         println!("  $ iim-appserver {}", dep.server_args(id).join(" "));
         println!(
-            "    pid {pid}, admin API at http://{}, clients at ws://{}/ws",
-            a.http, a.ws
+            "    pid {pid}, admin API at http://{}, metrics at http://{}/metrics, clients at ws://{}/ws",
+            a.admin, a.http, a.ws
         );
     }
     println!("  (no --exchange flag: each app server looks the exchange up in the registry)");
@@ -176,10 +180,12 @@ async fn script(
     section(
         "5. User 1001 on server 1 sends to 1002 (server 1), 2001 (server 2) and 3001 (server 3)",
     );
-    let admin = dep.http(1).to_string();
+    let admin = dep.admin(1, SEND_TIMEOUT)?;
     let text = "hello from 1001";
     println!(
-        "  $ iimctl send --server-http {admin} --from 1001 --to 1002,2001,3001 --text {text:?}"
+        "  $ iimctl send --admin {} --admin-token-file {} --from 1001 --to 1002,2001,3001 --text {text:?}",
+        dep.server(1).admin,
+        dep.admin_token_file().display()
     );
     let report = send(&admin, &[1002, 2001, 3001], text).await?;
     print!("{}", indent(&view::render_report(&report)));
@@ -291,16 +297,13 @@ async fn script(
 }
 
 /// `POST /admin/send` from user 1001.
-async fn send(admin: &str, to: &[u64], text: &str) -> anyhow::Result<SendResponse> {
+async fn send(admin: &Client, to: &[u64], text: &str) -> anyhow::Result<SendResponse> {
     let req = SendRequest {
         from: 1001,
         to: to.to_vec(),
         text: text.to_owned(),
     };
-    Client::new(admin, SEND_TIMEOUT)?
-        .send(&req)
-        .await
-        .map_err(crate::refused)
+    admin.send(&req).await.map_err(crate::refused)
 }
 
 /// Prints what to try and waits until a server dies (an error) or iimctl
@@ -316,8 +319,9 @@ async fn keep_running(dep: &mut Deployment, url: &str, clients: &[String]) -> an
     }
     println!("  Or try:");
     println!(
-        "    {me} send --server-http {} --from 2001 --to 1001,3001 --text hi",
-        dep.http(2)
+        "    {me} send --admin {} --admin-token-file {} --from 2001 --to 1001,3001 --text hi",
+        dep.server(2).admin,
+        dep.admin_token_file().display()
     );
     println!("    {me} servers --database {url}");
     println!("    {me} sessions --database {url}");
