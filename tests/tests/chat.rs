@@ -326,3 +326,60 @@ async fn bad_client_input_gets_clear_errors_and_harms_no_one() {
     assert_eq!(texts, vec!["still here", "hello bob"]);
     db.cleanup().await;
 }
+
+/// A `req` reused for another target (here a large group the sender is not
+/// in) or other contents is refused `req_reused`: nothing is stored or
+/// pushed for it, and an exact resend is still acknowledged as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_req_reused_for_another_target_is_refused_and_pushed_to_nobody() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let store = directory(&db, &[11, 21, 31, 41]).await;
+    let outsiders = store
+        .create_group("others", &[UserId(31), UserId(41)])
+        .await
+        .unwrap();
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let mut cfg = appserver_config(db.url(), 1, ex.addr);
+    cfg.chat.large_group_threshold = 2;
+    let s1 = spawn_appserver(&ca, cfg, vec![]).await;
+    wait_linked(&s1).await;
+    let at = s1.client_addr.unwrap();
+    let mut sender = ChatClient::connect(at, &token(11), "phone").await.unwrap();
+    let mut watcher = ChatClient::connect(at, &token(31), "phone").await.unwrap();
+
+    let first = sender.send("r-1", Ope::Single, 21, "for 21").await.unwrap();
+    assert!(!first.duplicate);
+    let again = sender.send("r-1", Ope::Single, 21, "for 21").await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.id, first.id);
+    for (ope, to, text) in [
+        (Ope::Group, outsiders, "for 21"),
+        (Ope::Single, 31, "for 21"),
+        (Ope::Single, 21, "something else"),
+    ] {
+        match sender.send("r-1", ope, to, text).await {
+            Err(ClientError::Refused(e)) => {
+                assert_eq!(e.code, "req_reused", "{e:?}");
+                assert_eq!(e.req.as_deref(), Some("r-1"));
+            }
+            other => panic!("expected req_reused, got {other:?}"),
+        }
+    }
+    // 31 (a member of the group and a target above) receives the next
+    // message meant for it, and nothing before it.
+    let marker = sender.send("r-2", Ope::Single, 31, "marker").await.unwrap();
+    let push = watcher
+        .next_push(Duration::from_secs(10))
+        .await
+        .expect("a push");
+    let Frame::Msg(m) = push else {
+        panic!("expected a message, got {push:?}")
+    };
+    assert_eq!(m.id, marker.id, "the refused resends reached 31: {m:?}");
+    let page = watcher.sync_page(None, 0, 100).await.unwrap();
+    assert_eq!(page.messages.len(), 1, "{page:?}");
+    let page = watcher.sync_page(Some(outsiders), 0, 100).await.unwrap();
+    assert!(page.messages.is_empty(), "{page:?}");
+    db.cleanup().await;
+}

@@ -97,6 +97,11 @@ impl Chat {
             .store_message(&new, self.cfg.large_group_threshold)
             .await
             .map_err(store_error)?;
+        // A resend repeats the message exactly; the same req for another
+        // target or contents is refused, and nothing is pushed for it.
+        if d.duplicate && !same_message(&d.message, &new) {
+            return Err(ChatError::ReqReused(req.req.as_str().to_owned()));
+        }
         let ack = SendAck {
             req: req.req,
             id: d.message.id,
@@ -113,7 +118,8 @@ impl Chat {
         // A resend is pushed again too: the first push may never have
         // happened (the server died between storing and pushing); clients
         // ignore what they already hold.
-        let members = match (d.gseq, target) {
+        // Pushed to the stored message's recipients, never the request's.
+        let members = match (d.gseq, d.message.target) {
             (Some(_), Target::Group(g)) => match self.store.group(g).await {
                 Ok(Some(g)) => g.members,
                 _ => Vec::new(),
@@ -348,4 +354,13 @@ async fn push(
         }
     }
     true
+}
+
+/// `new` is `stored` sent again: same target, type, body and extensions,
+/// byte for byte.
+fn same_message(stored: &StoredMessage, new: &NewMessage<'_>) -> bool {
+    stored.target == new.target
+        && stored.kind == new.kind
+        && stored.body == new.body
+        && stored.ex.as_deref() == new.ex
 }

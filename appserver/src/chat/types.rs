@@ -237,6 +237,8 @@ pub enum ChatError {
     NotMember(u64),
     #[error("message store unavailable, try again")]
     Unavailable,
+    #[error("req {0:?} was used before for another message: a resend must repeat it exactly")]
+    ReqReused(String),
 }
 
 impl ChatError {
@@ -248,6 +250,7 @@ impl ChatError {
             ChatError::UnknownGroup(_) => ErrorCode::UnknownGroup,
             ChatError::NotMember(_) => ErrorCode::NotMember,
             ChatError::Unavailable => ErrorCode::Unavailable,
+            ChatError::ReqReused(_) => ErrorCode::ReqReused,
         }
     }
 }
