@@ -163,6 +163,8 @@ pub struct PresenceMetrics {
     pub hints: Family,
     pub repaired: Counter,
     pub delivered: Counter,
+    /// Users a `presence_subscribe` asked for that are not contacts.
+    pub not_contacts: Counter,
 }
 
 impl Default for PresenceMetrics {
@@ -176,6 +178,7 @@ impl Default for PresenceMetrics {
             ),
             repaired: Counter::default(),
             delivered: Counter::default(),
+            not_contacts: Counter::default(),
         }
     }
 }
@@ -207,6 +210,11 @@ impl Render for PresenceMetrics {
             "iim_presence_updates_delivered_total",
             "Presence updates handed to local connections.",
             &self.delivered,
+        )
+        .counter(
+            "iim_presence_subscriptions_refused_total",
+            "Users a presence_subscribe asked to watch who are neither friends nor colleagues.",
+            &self.not_contacts,
         );
         p.finish()
     }

@@ -77,6 +77,16 @@ impl PresenceConfig {
 }
 
 /// Who watches whom on this server, and what it has handed out.
+/// Why a `presence_subscribe` watched nobody.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    /// These users are neither friends nor colleagues of the subscriber.
+    #[error("not a contact: {0:?}")]
+    NotAContact(Vec<UserId>),
+    #[error("presence store: {0}")]
+    Store(anyhow::Error),
+}
+
 #[derive(Default)]
 struct Watch {
     /// contact -> the local connections watching it (connection, its user).
@@ -159,25 +169,45 @@ impl Presence {
         Ok(snapshot)
     }
 
-    /// A client subscribes to more users (large organisations).
+    /// A client subscribes to more users (large organisations). Only
+    /// friends and colleagues may be watched: if any of `users` is
+    /// neither, nothing is watched and they are returned as the error
+    /// (counted).
     pub async fn subscribe(
         &self,
         user: UserId,
         channel: ChannelId,
         users: &[UserId],
-    ) -> anyhow::Result<Vec<Update>> {
+    ) -> Result<Vec<Update>, SubscribeError> {
+        let asked: Vec<UserId> = {
+            let mut v: Vec<UserId> = users.iter().copied().filter(|u| *u != user).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let allowed = self
+            .store
+            .contacts_among(user, &asked)
+            .await
+            .map_err(|e| SubscribeError::Store(e.into()))?;
+        let strangers: Vec<UserId> = asked
+            .iter()
+            .copied()
+            .filter(|u| allowed.binary_search(u).is_err())
+            .collect();
+        if !strangers.is_empty() {
+            self.metrics.not_contacts.add(strangers.len() as u64);
+            return Err(SubscribeError::NotAContact(strangers));
+        }
         let room = {
             let w = self.lock();
             let have = w.by_channel.get(&channel).map_or(0, |v| v.len());
             self.cfg.max_subscriptions.saturating_sub(have)
         };
-        let take: Vec<UserId> = users
-            .iter()
-            .copied()
-            .filter(|u| *u != user)
-            .take(room)
-            .collect();
-        self.watch_users(user, channel, &take).await
+        let take: Vec<UserId> = asked.into_iter().take(room).collect();
+        self.watch_users(user, channel, &take)
+            .await
+            .map_err(SubscribeError::Store)
     }
 
     async fn watch_users(

@@ -319,3 +319,58 @@ async fn forged_and_stale_presence_is_refused_and_counted() {
     assert_eq!(c31.status_of(21).0, "online");
     w.db.cleanup().await;
 }
+
+/// Only friends and colleagues may be watched: a `presence_subscribe`
+/// naming anybody else is refused `not_a_contact`, watches nobody and is
+/// counted; colleagues of an organisation too large to broadcast and
+/// friends elsewhere can be subscribed to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_friends_and_colleagues_can_be_watched() {
+    // Orgs of more than one member are "large": colleagues are not
+    // broadcast, they are subscribed to.
+    let w = world(|c| c.presence.broadcast_org_max = 1).await;
+    let _c21 = w.client(1, 21).await;
+    let _c41 = w.client(0, 41).await;
+    let mut c31 = w.client(2, 31).await;
+    let refused = w.servers[2].metrics.presence.not_contacts.get();
+
+    // 41 is in another org and not 31's friend.
+    match c31
+        .request(&Request::PresenceSubscribe { users: &[21, 41] })
+        .await
+    {
+        Err(iim_kit::client::ClientError::Refused(e)) => {
+            assert_eq!(e.code, "not_a_contact", "{e:?}");
+            assert!(
+                e.message.contains("41") && !e.message.contains("21"),
+                "{e:?}"
+            );
+        }
+        other => panic!("expected not_a_contact, got {other:?}"),
+    }
+    assert_eq!(
+        w.servers[2].metrics.presence.not_contacts.get(),
+        refused + 1
+    );
+
+    // A colleague alone is fine: its presence arrives.
+    c31.write(&Request::PresenceSubscribe { users: &[21] })
+        .await
+        .unwrap();
+    let truth = w.truth(21).await;
+    assert_eq!(truth.0, "online");
+    assert!(
+        c31.await_presence(WAIT, |c| c.status_of(21) == truth).await,
+        "31 sees its colleague 21"
+    );
+    assert_eq!(c31.status_of(41), ("offline".into(), 0), "41 never shown");
+
+    // 11 may watch 41, a friend in another org.
+    let mut c11 = w.client(0, 11).await;
+    c11.write(&Request::PresenceSubscribe { users: &[41] })
+        .await
+        .unwrap();
+    let truth = w.truth(41).await;
+    assert!(c11.await_presence(WAIT, |c| c.status_of(41) == truth).await);
+    w.db.cleanup().await;
+}

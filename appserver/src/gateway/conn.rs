@@ -12,6 +12,7 @@ use super::{Bucket, ChatApi, GatewayState};
 use crate::chat::{ChatError, ClientReq};
 use crate::codes::{AuthFailure, CloseReason, ErrorCode};
 use crate::metrics::AppMetrics;
+use crate::presence::SubscribeError;
 use crate::push::{Push, presence_frame, tagged};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt as _;
@@ -457,9 +458,21 @@ impl<C: ChatApi> Conn<C> {
             }
             Request::PresenceSubscribe(users) => {
                 let p = self.presence()?;
-                let contacts = p.subscribe(user, channel, &users).await.map_err(|e| {
-                    warn!(error = %e, "presence_subscribe failed");
-                    presence_unavailable()
+                let contacts = p.subscribe(user, channel, &users).await.map_err(|e| match e {
+                    SubscribeError::NotAContact(strangers) => {
+                        let shown: Vec<u64> = strangers.iter().take(20).map(|u| u.0).collect();
+                        Refusal::new(
+                            ErrorCode::NotAContact,
+                            format!(
+                                "only friends and colleagues can be watched; not contacts: {shown:?}{}",
+                                if strangers.len() > shown.len() { " …" } else { "" }
+                            ),
+                        )
+                    }
+                    SubscribeError::Store(e) => {
+                        warn!(error = %e, "presence_subscribe failed");
+                        presence_unavailable()
+                    }
                 })?;
                 Ok(presence_frame(&contacts))
             }
