@@ -65,6 +65,11 @@ impl LocalDelivery for Host {
         }
         match Push::decode(msg) {
             Ok(push) => self.connections.deliver(&push, rows),
+            Err(e @ crate::push::DecodeError::ForgedFrom { .. }) => {
+                self.metrics.forged_pushes.inc();
+                warn!(error = %e, id = %msg.id, "chat message with a forged sender; not delivered");
+                LocalReport::default()
+            }
             Err(e) => {
                 self.metrics.malformed_pushes.inc();
                 warn!(error = %e, id = %msg.id, kind = msg.kind, "message not decodable; not delivered to connections");

@@ -23,6 +23,8 @@ pub struct AppMetrics {
     pub connection_overflow: Counter,
     /// Messages of a reserved kind whose body could not be decoded.
     pub malformed_pushes: Counter,
+    /// Chat messages whose envelope names another sender than their source.
+    pub forged_pushes: Counter,
     pub connections: Gauge,
     pub ws_connections: Gauge,
     pub auth_failures: Family,
@@ -42,6 +44,7 @@ impl Default for AppMetrics {
             missing_channels: Counter::default(),
             connection_overflow: Counter::default(),
             malformed_pushes: Counter::default(),
+            forged_pushes: Counter::default(),
             connections: Gauge::default(),
             ws_connections: Gauge::default(),
             auth_failures: Family::new("reason", AuthFailure::LABELS),
@@ -75,6 +78,11 @@ impl Render for AppMetrics {
             "iim_appserver_malformed_pushes_total",
             "Messages of a kind reserved by iim (chat) whose body could not be decoded; not delivered.",
             &self.malformed_pushes,
+        )
+        .counter(
+            "iim_appserver_forged_pushes_total",
+            "Chat messages not delivered: their envelope names another sender than the message's source user.",
+            &self.forged_pushes,
         )
         .gauge(
             "iim_appserver_connections",

@@ -47,6 +47,10 @@ pub enum DecodeError {
     Chat(#[source] serde_json::Error),
     #[error("presence hints go to the presence service, never to connections")]
     PresenceHint,
+    /// A chat envelope naming another sender than the message's source
+    /// user: the source server vouches for its own users only.
+    #[error("chat envelope from user {claimed}, but the message's source is user {source_user}")]
+    ForgedFrom { claimed: u64, source_user: u64 },
 }
 
 impl Push {
@@ -123,6 +127,12 @@ pub struct ChatPush {
 impl ChatPush {
     fn decode(message: &Arc<Message>) -> Result<ChatPush, DecodeError> {
         let env: PushEnvelope = serde_json::from_slice(&message.body).map_err(DecodeError::Chat)?;
+        if env.m.from != message.source.user.0 {
+            return Err(DecodeError::ForgedFrom {
+                claimed: env.m.from,
+                source_user: message.source.user.0,
+            });
+        }
         let mut chat = env.m;
         chat.seq = None;
         chat.gseq = None;
@@ -377,6 +387,25 @@ mod tests {
             Push::decode(&hint),
             Err(DecodeError::PresenceHint)
         ));
+    }
+
+    #[test]
+    fn a_chat_envelope_from_another_user_than_the_source_is_refused() {
+        let env = PushEnvelope {
+            m: chat(false),
+            seqs: vec![(77, 3)],
+            gseq: None,
+        };
+        let body = serde_json::to_vec(&env).unwrap();
+        let forged = message(Reserved::Chat.kind(), 2002, body.clone());
+        assert!(matches!(
+            Push::decode(&forged),
+            Err(DecodeError::ForgedFrom {
+                claimed: 2001,
+                source_user: 2002
+            })
+        ));
+        assert!(Push::decode(&message(Reserved::Chat.kind(), 2001, body)).is_ok());
     }
 
     #[test]

@@ -383,3 +383,61 @@ async fn a_req_reused_for_another_target_is_refused_and_pushed_to_nobody() {
     assert!(page.messages.is_empty(), "{page:?}");
     db.cleanup().await;
 }
+
+/// A chat message relayed by 906 whose envelope names another sender than
+/// the message's source user is not delivered, and is counted; the next
+/// honest message arrives as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chat_envelope_with_a_forged_sender_is_not_delivered() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    directory(&db, &[11, 21, 99]).await;
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
+    let s2 = spawn_appserver(&ca, appserver_config(db.url(), 2, ex.addr), vec![]).await;
+    wait_linked(&s1).await;
+    wait_linked(&s2).await;
+    let mut c11 = ChatClient::connect(s1.client_addr.unwrap(), &token(11), "phone")
+        .await
+        .unwrap();
+    let mut c21 = ChatClient::connect(s2.client_addr.unwrap(), &token(21), "phone")
+        .await
+        .unwrap();
+
+    // Server 1 relays, as user 11, a chat envelope that says user 99 wrote it.
+    let envelope = json!({"m": {
+        "id": 424242, "req": "forged", "ope": 0, "from": 99, "to": 21,
+        "type": "text", "body": {"text": "trust me"}, "ts": 1
+    }, "seqs": [[21, 1]]});
+    let sessions = s1.iim.user_list(&[UserId(21)]).await.unwrap();
+    let report = s1
+        .iim
+        .send(
+            iim::Outgoing {
+                kind: iim::kinds::CHAT,
+                from: UserId(11),
+                body: serde_json::to_vec(&envelope).unwrap().into(),
+                ..Default::default()
+            },
+            &sessions,
+        )
+        .await
+        .unwrap();
+    assert!(report.all_delivered(), "{report:?}");
+    iim_kit::eventually!(
+        10,
+        "server 2 counted the forged sender",
+        s2.metrics.forged_pushes.get() == 1
+    );
+
+    let honest = c11.send("h-1", Ope::Single, 21, "honest").await.unwrap();
+    let push = c21
+        .next_push(Duration::from_secs(10))
+        .await
+        .expect("a push");
+    let Frame::Msg(m) = push else {
+        panic!("expected a message, got {push:?}")
+    };
+    assert_eq!((m.id, m.from), (honest.id, 11), "{m:?}");
+    db.cleanup().await;
+}
