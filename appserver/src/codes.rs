@@ -180,6 +180,21 @@ words! {
     }
 }
 
+words! {
+    /// Why a client connection was refused or dropped by the gateway's
+    /// limits (the `reason` label).
+    ConnLimit {
+        /// `limits.max_connections` reached.
+        Total => "total",
+        /// `limits.max_connections_per_ip` reached.
+        PerIp => "per_ip",
+        /// `limits.max_connections_per_user` reached (after `auth`).
+        PerUser => "per_user",
+        /// The upgrade did not finish within `limits.handshake_timeout_ms`.
+        HandshakeTimeout => "handshake_timeout",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -279,6 +279,18 @@ pub struct ClientLimits {
     /// Deepest nesting of arrays and objects a message's `body` or `ex`
     /// may have (`bad_request` beyond): clients parse what they sync.
     pub max_body_depth: usize,
+    /// A connection must finish its WebSocket upgrade (the HTTP request
+    /// read and answered) within this long, else it is dropped.
+    pub handshake_timeout_ms: u64,
+    /// Most client connections at once (upgrading or upgraded); beyond
+    /// it a new one gets HTTP 503 and is closed.
+    pub max_connections: usize,
+    /// Most connections at once from one IP address; beyond it HTTP 503.
+    /// Raise it when clients arrive through a proxy or a large NAT.
+    pub max_connections_per_ip: usize,
+    /// Most authenticated connections of one user at once on this server;
+    /// beyond it `too_many_connections`, closed 4008.
+    pub max_connections_per_user: usize,
 }
 
 impl Default for ClientLimits {
@@ -292,6 +304,10 @@ impl Default for ClientLimits {
             ping_interval_secs: 20,
             sync_page_max: 200,
             max_body_depth: 64,
+            handshake_timeout_ms: 10_000,
+            max_connections: 100_000,
+            max_connections_per_ip: 1_024,
+            max_connections_per_user: 32,
         }
     }
 }
@@ -316,6 +332,19 @@ impl ClientLimits {
                  or idle clients that only answer pings are cut",
                 self.ping_interval_secs, self.idle_timeout_secs
             ));
+        }
+        if self.handshake_timeout_ms == 0 {
+            return Err("limits.handshake_timeout_ms must be > 0".into());
+        }
+        if self.max_connections == 0
+            || self.max_connections_per_ip == 0
+            || self.max_connections_per_user == 0
+        {
+            return Err(
+                "limits.max_connections, max_connections_per_ip and max_connections_per_user \
+                 must be > 0"
+                    .into(),
+            );
         }
         if !(1..=1_000).contains(&self.max_body_depth) {
             return Err(format!(

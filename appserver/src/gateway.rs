@@ -18,6 +18,7 @@
 //!
 //! [`ErrorCode`]: crate::codes::ErrorCode
 
+pub mod admission;
 mod conn;
 mod frames;
 
@@ -26,6 +27,7 @@ use crate::config::ClientLimits;
 use crate::connections::Connections;
 use crate::metrics::AppMetrics;
 use crate::presence::Presence;
+use admission::{Admission, Gate, Peer};
 use axum::Router;
 use axum::extract::State;
 use axum::extract::connect_info::ConnectInfo;
@@ -33,17 +35,15 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::http::Extensions;
 use axum::response::Response;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use iim::token::TokenVerifier;
 use iim::types::{ChannelId, UserId};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
 
 /// Longest `device`, in characters (the sessions table's column).
 pub const MAX_DEVICE_CHARS: usize = 64;
@@ -109,6 +109,8 @@ pub struct GatewayState<C: ChatApi> {
     pub presence: Option<Arc<Presence>>,
     pub metrics: Arc<AppMetrics>,
     pub limits: ClientLimits,
+    /// Connection counts and caps (total, per IP, per user).
+    pub admission: Arc<Admission>,
     /// Cancelled when the server stops: connections close with 1001.
     pub stop: CancellationToken,
     /// Connection tasks are tracked here so a stopping server waits for
@@ -125,6 +127,7 @@ impl<C: ChatApi> Clone for GatewayState<C> {
             presence: self.presence.clone(),
             metrics: self.metrics.clone(),
             limits: self.limits.clone(),
+            admission: self.admission.clone(),
             stop: self.stop.clone(),
             tracker: self.tracker.clone(),
         }
@@ -145,17 +148,11 @@ pub async fn serve<C: ChatApi>(
     state: GatewayState<C>,
 ) -> std::io::Result<()> {
     let stop = state.stop.clone();
-    // Pushes and answers are small writes back to back: without
-    // TCP_NODELAY each one after the first waits for the client's delayed
-    // ACK (~40 ms).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            debug!(error = %e, "cannot set TCP_NODELAY on a client connection");
-        }
-    });
+    let handshake = Duration::from_millis(state.limits.handshake_timeout_ms);
+    let gate = Gate::new(listener, state.admission.clone(), handshake);
     axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        gate,
+        router(state).into_make_service_with_connect_info::<Peer>(),
     )
     .with_graceful_shutdown(async move { stop.cancelled().await })
     .await
@@ -166,20 +163,21 @@ async fn upgrade<C: ChatApi>(
     ext: Extensions,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let peer = ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    // Frames up to 4x the message limit reach us (and get `too_large`);
-    // larger ones are refused by the WebSocket layer itself.
+    let peer = ext.get::<ConnectInfo<Peer>>().map(|c| c.0.clone());
     let hard = st.limits.max_message_bytes.saturating_mul(4);
     ws.max_message_size(hard)
         .max_frame_size(hard)
         .on_upgrade(move |socket| {
+            // Upgraded: the handshake deadline no longer applies (the
+            // auth timeout does).
+            if let Some(p) = &peer {
+                p.upgraded.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             let tracker = st.tracker.clone();
-            tracker.track_future(conn::connection(st, socket, peer))
+            tracker.track_future(conn::connection(st, socket, peer.map(|p| p.addr)))
         })
 }
 
-/// A token bucket: `rate` per second sustained, `burst` at once. Pure: the
-/// caller passes the time.
 #[derive(Debug)]
 pub struct Bucket {
     tokens: f64,

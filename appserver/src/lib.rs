@@ -312,6 +312,12 @@ pub async fn start_with(
                 presence: Some(presence.clone()),
                 metrics: metrics.clone(),
                 limits: config.limits.clone(),
+                admission: gateway::admission::Admission::new(
+                    config.limits.max_connections,
+                    config.limits.max_connections_per_ip,
+                    config.limits.max_connections_per_user,
+                    metrics.clone(),
+                ),
                 stop: stop.clone(),
                 tracker: tracker.clone(),
             };

@@ -4,7 +4,7 @@
 //! server it uses nothing but the enums its label sets come from
 //! ([`crate::codes`]), so every other module may count here.
 
-use crate::codes::{AdminRefusal, AuthFailure, CloseReason, ErrorCode, Op};
+use crate::codes::{AdminRefusal, AuthFailure, CloseReason, ConnLimit, ErrorCode, Op};
 use iim::metrics::{Counter, Family, Gauge, Page, Render};
 use std::sync::Arc;
 
@@ -32,6 +32,7 @@ pub struct AppMetrics {
     pub client_ops: Family,
     pub ws_closes: Family,
     pub admin_refusals: Family,
+    pub conn_limits: Family,
 }
 
 impl Default for AppMetrics {
@@ -52,6 +53,7 @@ impl Default for AppMetrics {
             client_ops: Family::new("op", Op::LABELS),
             ws_closes: Family::new("reason", CloseReason::LABELS),
             admin_refusals: Family::new("reason", AdminRefusal::LABELS),
+            conn_limits: Family::new("reason", ConnLimit::LABELS),
         }
     }
 }
@@ -118,6 +120,11 @@ impl Render for AppMetrics {
             "iim_appserver_admin_refusals_total",
             "Admin API calls refused, by reason.",
             &self.admin_refusals,
+        )
+        .family(
+            "iim_appserver_connections_refused_total",
+            "Client connections refused or dropped by the gateway's limits, by reason.",
+            &self.conn_limits,
         );
         let mut page = p.finish();
         page.push_str(&self.link.render());

@@ -160,6 +160,12 @@ async fn spawn(limits: ClientLimits, queue: usize) -> Gw {
         verifier: Arc::new(Hs256Verifier::new(SECRET)),
         presence: None,
         metrics: metrics.clone(),
+        admission: gateway::admission::Admission::new(
+            limits.max_connections,
+            limits.max_connections_per_ip,
+            limits.max_connections_per_user,
+            metrics.clone(),
+        ),
         limits,
         stop: stop.clone(),
         tracker: tracker.clone(),
@@ -909,4 +915,104 @@ async fn bodies_nested_too_deep_are_refused_and_the_connection_stays() {
     expect_error(&mut ws, "bad_request").await;
     send(&mut ws, json!({"op": "ping"})).await;
     assert_eq!(next_json(&mut ws).await, json!({"op": "pong"}));
+}
+
+/// Read `tcp` to its end (the server closed it) within 10 s; what it said.
+async fn read_to_close(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out))
+        .await
+        .expect("closed by the server within 10 s")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_connection_that_never_finishes_its_upgrade_is_dropped() {
+    use tokio::io::AsyncWriteExt;
+    let gw = spawn(
+        ClientLimits {
+            handshake_timeout_ms: 300,
+            ..limits()
+        },
+        16,
+    )
+    .await;
+    // Nothing at all, and half a request.
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    half.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_to_close(&mut silent).await, "");
+    assert_eq!(read_to_close(&mut half).await, "");
+    assert_eq!(gw.metrics.conn_limits.get("handshake_timeout"), 2);
+    // An upgraded connection is not subject to it: it authenticates later
+    // than the handshake deadline and is welcomed.
+    let mut ws = connect(&gw).await;
+    ws.send(Message::Ping(vec![1].into())).await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(matches!(m, Ok(Some(Ok(Message::Pong(_))))), "{m:?}");
+    tokio::time::sleep(Duration::from_millis(400)).await; // past the deadline, on purpose
+    send(&mut ws, json!({"op": "auth", "token": tok(7)})).await;
+    assert_eq!(next_json(&mut ws).await["op"], "welcome");
+    assert_eq!(gw.metrics.conn_limits.get("handshake_timeout"), 2);
+}
+
+#[tokio::test]
+async fn connections_per_ip_and_per_user_are_capped_and_given_back() {
+    let gw = spawn(
+        ClientLimits {
+            max_connections_per_ip: 3,
+            max_connections_per_user: 2,
+            ..limits()
+        },
+        16,
+    )
+    .await;
+    let a = authed(&gw, 7, "a").await;
+    let _b = authed(&gw, 7, "b").await;
+    // A third of user 7: refused after auth, 4008.
+    let mut c = connect(&gw).await;
+    send(
+        &mut c,
+        json!({"op": "auth", "token": tok(7), "device": "c"}),
+    )
+    .await;
+    expect_error(&mut c, "too_many_connections").await;
+    assert_eq!(closed(&mut c).await.0, CloseCode::Library(4008));
+    assert_eq!(gw.metrics.conn_limits.get("per_user"), 1);
+    // Three from 127.0.0.1 held (a, b, and one more, once c's place is
+    // back): the next gets 503.
+    drop(c);
+    let _held = admitted(&gw).await;
+    let mut over = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let answer = read_to_close(&mut over).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert!(gw.metrics.conn_limits.get("per_ip") >= 1);
+    // A connection that ends gives its places back: per IP and per user.
+    drop(a);
+    let mut again = admitted(&gw).await;
+    send(
+        &mut again,
+        json!({"op": "auth", "token": tok(7), "device": "d"}),
+    )
+    .await;
+    assert_eq!(next_json(&mut again).await["op"], "welcome");
+}
+
+/// A WebSocket as soon as the gateway admits one (a place given back is
+/// seen once the server has dropped the connection that held it).
+async fn admitted(gw: &Gw) -> Ws {
+    for _ in 0..250 {
+        match tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr)).await {
+            Ok((ws, _)) => return ws,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 503 => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    panic!("no place came back within 5 s");
 }

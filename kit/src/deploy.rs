@@ -576,7 +576,7 @@ impl TestDeployment {
         spec.exchange_toml = format!("lease_secs = {lease_secs}\nshutdown_grace_secs = 2\n{quic}");
         spec.server_toml = format!(
             "reconnect_min_ms = 50\nreconnect_max_ms = 300\n{extra}\n\
-             [limits]\nrate_per_sec = 100000\nrate_burst = 100000\n{quic}"
+             [limits]\nrate_per_sec = 100000\nrate_burst = 100000\nmax_connections_per_ip = 100000\n{quic}"
         );
         spec.jwt_secret = Some(crate::JWT_SECRET.to_owned());
         spec.log_filter = std::env::var("RUST_LOG").ok();

@@ -106,6 +106,8 @@ pub fn appserver_config(db: &str, id: u32, exchange: SocketAddr) -> iim_appserve
         limits: iim_appserver::config::ClientLimits {
             rate_per_sec: 100_000,
             rate_burst: 100_000,
+            // Every test client connects from 127.0.0.1.
+            max_connections_per_ip: 100_000,
             ..Default::default()
         },
         send_timeout_ms: 30_000,

@@ -109,6 +109,24 @@ impl<C: ChatApi> Conn<C> {
         let span = Span::current();
         span.record("user", user.0);
         span.record("device", device.as_str());
+        // Held until the connection ends.
+        let _per_user = match self.st.admission.admit_user(user) {
+            Ok(t) => t,
+            Err(_) => {
+                info!("too many connections for this user");
+                let _ = self
+                    .write_error(
+                        ErrorCode::TooManyConnections,
+                        None,
+                        &format!(
+                            "at most {} connections per user",
+                            self.st.limits.max_connections_per_user
+                        ),
+                    )
+                    .await;
+                return End::Close(CloseReason::TooManyConnections);
+            }
+        };
         let attached = match self.st.connections.attach(user, &device).await {
             Ok(a) => a,
             Err(e) => {

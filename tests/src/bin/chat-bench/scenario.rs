@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 pub fn spec(dir: &Path, db_url: &str, bins: Binaries) -> Spec {
     let mut spec = Spec::new(dir, db_url, bins);
     spec.servers = vec![SERVER_A, SERVER_B];
-    spec.server_toml = "[limits]\nrate_per_sec = 1000000\nrate_burst = 1000000\n".into();
+    spec.server_toml = "[limits]\nrate_per_sec = 1000000\nrate_burst = 1000000\nmax_connections_per_ip = 1000000\n".into();
     spec.jwt_secret = Some(iim_kit::JWT_SECRET.into());
     spec.log_filter = Some(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
     spec
