@@ -3,9 +3,11 @@
 //! local `iim::send`.
 //!
 //! Presence hints go to the presence service, never straight to clients
-//! (they are checked against the database first). Every other message goes
-//! to the plugins, then is decoded once into a [`Push`] that all the listed
-//! connections share. This module owns that routing by kind; it does not
+//! (they are checked against the database first). Every other message is
+//! decoded once into a [`Push`] that all the listed connections share, then
+//! goes to the plugins and the connections; one that cannot be decoded, or
+//! a chat envelope whose `from` is not the message's source user, reaches
+//! neither (counted). This module owns that routing by kind; it does not
 //! own the connections, the presence rules or the client frames.
 
 use crate::connections::Connections;
@@ -60,21 +62,24 @@ impl LocalDelivery for Host {
                 missing: 0,
             };
         }
-        for p in &self.plugins {
-            p.on_message(msg, rows);
-        }
-        match Push::decode(msg) {
-            Ok(push) => self.connections.deliver(&push, rows),
+        // Decoded (and its sender checked) before anyone sees it: a refused
+        // message reaches neither the plugins nor the connections.
+        let push = match Push::decode(msg) {
+            Ok(push) => push,
             Err(e @ crate::push::DecodeError::ForgedFrom { .. }) => {
                 self.metrics.forged_pushes.inc();
-                warn!(error = %e, id = %msg.id, "chat message with a forged sender; not delivered");
-                LocalReport::default()
+                warn!(error = %e, id = %msg.id, origin = msg.id.origin.0, "chat message with a forged sender; not delivered");
+                return LocalReport::default();
             }
             Err(e) => {
                 self.metrics.malformed_pushes.inc();
-                warn!(error = %e, id = %msg.id, kind = msg.kind, "message not decodable; not delivered to connections");
-                LocalReport::default()
+                warn!(error = %e, id = %msg.id, kind = msg.kind, "message not decodable; not delivered");
+                return LocalReport::default();
             }
+        };
+        for p in &self.plugins {
+            p.on_message(msg, rows);
         }
+        self.connections.deliver(&push, rows)
     }
 }
