@@ -73,6 +73,14 @@ impl TestDb {
         &self.url
     }
 
+    /// The MySQL database's name and the server's url (no database), when
+    /// this is MySQL.
+    pub fn mysql_parts(&self) -> Option<(&str, &str)> {
+        self.mysql
+            .as_ref()
+            .map(|(server, name)| (name.as_str(), server.as_str()))
+    }
+
     pub fn is_mysql(&self) -> bool {
         self.mysql.is_some()
     }

@@ -53,7 +53,12 @@ impl Db {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::MySql => &MYSQL_MIGRATIONS,
         };
-        retry("migrate", MIGRATION, || migrations.run(&pool)).await?;
+        // A database already at the latest version is used as it is, so a
+        // least-privilege account (no DDL: sql/grants/) can connect once an
+        // administrator has migrated it.
+        if !up_to_date(&pool, migrations).await {
+            retry("migrate", MIGRATION, || migrations.run(&pool)).await?;
+        }
         Ok(Db { pool, backend })
     }
 
@@ -69,6 +74,33 @@ impl Db {
     pub(crate) async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
         self.pool.begin_with(self.backend.begin_write()).await
     }
+}
+
+/// Every migration of `migrations` is recorded as applied, with its
+/// checksum. Anything else — no table yet, one missing, a failed or changed
+/// one, an error reading — is "no": the migrator then runs and decides.
+async fn up_to_date(pool: &AnyPool, migrations: &Migrator) -> bool {
+    let Ok(rows) = sqlx::query("SELECT version, checksum FROM _sqlx_migrations WHERE success = 1")
+        .fetch_all(pool)
+        .await
+    else {
+        return false;
+    };
+    let applied: std::collections::HashMap<i64, Vec<u8>> = rows
+        .iter()
+        .filter_map(|r| {
+            use sqlx::Row;
+            Some((r.try_get("version").ok()?, r.try_get("checksum").ok()?))
+        })
+        .collect();
+    migrations
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .all(|m| {
+            applied
+                .get(&m.version)
+                .is_some_and(|c| c[..] == m.checksum[..])
+        })
 }
 
 /// Commits on success, rolls back on failure — now, releasing the locks,
