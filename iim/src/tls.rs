@@ -12,6 +12,7 @@
 use crate::types::ServerId;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use serde::{Deserialize, Serialize};
@@ -74,6 +75,8 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("no private key found in {path}")]
     NoKey { path: PathBuf },
+    #[error("malformed PEM in {path}: {reason}")]
+    Pem { path: PathBuf, reason: String },
     #[error("invalid ca certificate in {path}")]
     InvalidCa {
         path: PathBuf,
@@ -122,14 +125,15 @@ impl TlsMaterial {
             })?;
         }
         let chain = certs(&self.cert_pem, cert_name)?;
-        let key = rustls_pemfile::private_key(&mut self.key_pem.as_bytes())
-            .map_err(|source| TlsError::Io {
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| match e {
+            pem::Error::NoItemsFound => TlsError::NoKey {
                 path: key_name.to_owned(),
-                source,
-            })?
-            .ok_or_else(|| TlsError::NoKey {
+            },
+            e => TlsError::Pem {
                 path: key_name.to_owned(),
-            })?;
+                reason: e.to_string(),
+            },
+        })?;
         Ok(Parsed {
             roots: Arc::new(roots),
             chain,
@@ -149,11 +153,11 @@ struct Parsed {
 }
 
 fn certs(pem: &str, name: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Io {
+        .map_err(|e| TlsError::Pem {
             path: name.to_owned(),
-            source,
+            reason: e.to_string(),
         })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {

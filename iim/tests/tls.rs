@@ -274,6 +274,20 @@ fn dev_certs_are_written_reused_and_loadable() -> Result<()> {
     let err = TlsMaterial::load(&files).unwrap_err();
     assert!(matches!(err, tls::TlsError::NoKey { ref path } if path == &files.key));
     assert!(err.to_string().contains("server-1.pem"), "{err}");
+    // A certificate file whose PEM body is not base64 is reported by path
+    // as malformed (not as a missing certificate).
+    files = tls::dev::server_files(&certs, ServerId(1));
+    let broken = certs.join("broken.pem");
+    std::fs::write(
+        &broken,
+        "-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n",
+    )?;
+    files.cert = broken.clone();
+    let err = TlsMaterial::load(&files).unwrap_err();
+    assert!(
+        matches!(err, tls::TlsError::Pem { ref path, .. } if path == &broken),
+        "{err}"
+    );
 
     // A foreign ca.pem next to ca.key is refused instead of silently replaced.
     std::fs::write(certs.join("ca.pem"), DevCa::new("foreign")?.ca_pem())?;
