@@ -119,6 +119,8 @@ pub enum RegistryError {
     BadRow { what: String },
     #[error("bad registry url: {0}")]
     BadUrl(String),
+    #[error("cannot create the registry database file")]
+    File(#[source] std::io::Error),
 }
 
 impl From<ConnectError> for RegistryError {
@@ -127,6 +129,7 @@ impl From<ConnectError> for RegistryError {
             ConnectError::BadUrl(why) => RegistryError::BadUrl(why.to_owned()),
             ConnectError::Database(e) => RegistryError::Database(e),
             ConnectError::Migrate(e) => RegistryError::Migrate(e),
+            ConnectError::File(e) => RegistryError::File(e),
         }
     }
 }

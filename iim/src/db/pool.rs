@@ -31,6 +31,8 @@ pub(crate) enum ConnectError {
     Database(#[from] sqlx::Error),
     #[error("migration failed")]
     Migrate(#[from] MigrateError),
+    #[error("cannot create the database file")]
+    File(#[source] std::io::Error),
 }
 
 impl Db {
@@ -39,7 +41,9 @@ impl Db {
     /// `sqlite://path/to/file.db` (created if missing, WAL, 5 s busy
     /// timeout), `sqlite::memory:` (one connection kept for the life of the
     /// pool, so every user sees the same database) or
-    /// `mysql://user:pass@host:port/db`.
+    /// `mysql://user:pass@host:port/db` (a host other than loopback needs
+    /// `ssl-mode`, see [`mysql_transport`]; `ssl-mode=verify_identity&ssl-ca=FILE`
+    /// checks the server's certificate against a CA and its name).
     pub(crate) async fn connect(url: &str) -> Result<Db, ConnectError> {
         sqlx::any::install_default_drivers();
         let (backend, pool) = if let Some(rest) = url.strip_prefix("sqlite:") {
@@ -149,6 +153,7 @@ async fn connect_sqlite(url: &str, rest: &str) -> Result<AnyPool, ConnectError> 
         return Ok(pool);
     }
     // Create the file if missing unless the url says otherwise.
+    let creates = !params.contains("mode=") || params.contains("mode=rwc");
     let url = if params.contains("mode=") {
         url.to_owned()
     } else if params.is_empty() {
@@ -156,19 +161,165 @@ async fn connect_sqlite(url: &str, rest: &str) -> Result<AnyPool, ConnectError> 
     } else {
         format!("{url}&mode=rwc")
     };
+    // The database holds every message: only its owner may read it. SQLite
+    // would create it with 0644 less the umask, so create it first, 0600,
+    // whatever the umask; its -wal and -shm files take the same mode.
+    let path = std::path::Path::new(path);
+    let created = creates && create_private(path).map_err(ConnectError::File)?;
+    if !created {
+        warn_if_shared(path);
+    }
     // WAL is a property of the file; switching needs the only connection, so
     // do it once before the pool opens several. sqlx's default busy timeout
     // is 5 s.
     let mut conn = AnyConnection::connect(&url).await?;
     conn.execute("PRAGMA journal_mode = WAL").await?;
-    conn.close().await?;
-    Ok(AnyPoolOptions::new()
+    let pool = AnyPoolOptions::new()
         .max_connections(4)
         .connect(&url)
-        .await?)
+        .await?;
+    if created {
+        // SQLite gives them the database's mode; make sure of it while
+        // nothing has been written yet.
+        for suffix in ["-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            restrict(std::path::Path::new(&name)).map_err(ConnectError::File)?;
+        }
+    }
+    conn.close().await?;
+    Ok(pool)
+}
+
+/// Creates `path` empty with mode 0600 if it does not exist; true if it
+/// was created here.
+fn create_private(path: &std::path::Path) -> std::io::Result<bool> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sets mode 0600 on `path` if it exists.
+fn restrict(path: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
+/// A database that existed already is left as it is, but one that others
+/// may read is worth a warning.
+fn warn_if_shared(path: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "the SQLite database can be read by users other than its owner; chmod 600 it (and its -wal and -shm files)"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
+/// How a `mysql://` url protects its connection, as far as iim is
+/// concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// A unix socket or a loopback address: nothing crosses a network.
+    Local,
+    /// TLS with the server's certificate checked (`ssl-mode=verify_ca` or
+    /// `verify_identity`).
+    Verified,
+    /// The url says `ssl-mode` to something that does not check the
+    /// server (`disabled`, `preferred`, `required`): the operator's
+    /// choice, warned about.
+    Unverified,
+}
+
+/// Decides whether a `mysql://` url may be used: one that reaches another
+/// host must say `ssl-mode` (sqlx's default, `preferred`, falls back to
+/// plaintext and trusts any certificate, so the password and every message
+/// could be read or changed on the way).
+pub(crate) fn mysql_transport(url: &str) -> Result<Transport, &'static str> {
+    let rest = url
+        .strip_prefix("mysql://")
+        .ok_or("expected a mysql:// url")?;
+    let (authority, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, q),
+        None => (rest, ""),
+    };
+    let mut ssl_mode = None;
+    let mut socket = false;
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "ssl-mode" | "sslmode" => ssl_mode = Some(value.to_ascii_lowercase()),
+            "socket" => socket = true,
+            _ => {}
+        }
+    }
+    match ssl_mode.as_deref() {
+        Some("verify_ca" | "verify-ca" | "verify_identity" | "verify-identity") => {
+            return Ok(Transport::Verified);
+        }
+        Some(_) => return Ok(Transport::Unverified),
+        None => {}
+    }
+    // host[:port] after any user:pass@, before any /db.
+    let host_port = authority.split('/').next().unwrap_or_default();
+    let host_port = host_port.rsplit_once('@').map_or(host_port, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    };
+    let loopback = host.is_empty()
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if socket || loopback {
+        Ok(Transport::Local)
+    } else {
+        Err(
+            "a mysql:// url naming another host must say how to protect the connection: \
+             add ssl-mode=verify_identity&ssl-ca=<CA file> (or ssl-mode=disabled to \
+             send the password and messages in the clear)",
+        )
+    }
 }
 
 async fn connect_mysql(url: &str) -> Result<AnyPool, ConnectError> {
+    if mysql_transport(url).map_err(ConnectError::BadUrl)? == Transport::Unverified {
+        tracing::warn!(
+            "the database connection does not verify the server's certificate \
+             (ssl-mode is not verify_ca or verify_identity): anyone on the path \
+             can read or change what iim stores"
+        );
+    }
     let pool = AnyPoolOptions::new()
         .max_connections(10)
         .after_connect(|conn, _meta| {
@@ -188,4 +339,52 @@ async fn connect_mysql(url: &str) -> Result<AnyPool, ConnectError> {
         .connect(url)
         .await?;
     Ok(pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Transport, mysql_transport};
+
+    #[test]
+    fn mysql_urls_to_other_hosts_must_choose_tls() {
+        for local in [
+            "mysql://iim:pw@127.0.0.1:3306/iim",
+            "mysql://iim:pw@localhost/iim",
+            "mysql://iim:pw@[::1]:3306/iim",
+            "mysql://iim:p%40ss@127.0.0.2/iim",
+            "mysql://iim:pw@db.example/iim?socket=/run/mysqld/mysqld.sock",
+        ] {
+            assert_eq!(mysql_transport(local), Ok(Transport::Local), "{local}");
+        }
+        for verified in [
+            "mysql://iim:pw@db.example/iim?ssl-mode=verify_identity&ssl-ca=/etc/iim/ca.pem",
+            "mysql://iim:pw@10.0.0.5/iim?sslmode=VERIFY_CA",
+            "mysql://iim:pw@127.0.0.1/iim?ssl-mode=verify_identity",
+        ] {
+            assert_eq!(
+                mysql_transport(verified),
+                Ok(Transport::Verified),
+                "{verified}"
+            );
+        }
+        for unverified in [
+            "mysql://iim:pw@db.example/iim?ssl-mode=disabled",
+            "mysql://iim:pw@db.example/iim?charset=utf8mb4&ssl-mode=required",
+        ] {
+            assert_eq!(
+                mysql_transport(unverified),
+                Ok(Transport::Unverified),
+                "{unverified}"
+            );
+        }
+        for refused in [
+            "mysql://iim:pw@db.example/iim",
+            "mysql://iim:pw@10.0.0.5:3306/iim?charset=utf8mb4",
+            "mysql://iim:pw@[2001:db8::1]:3306/iim",
+            // A password holding '@' does not make the host look local.
+            "mysql://iim:a@127.0.0.1@db.example/iim",
+        ] {
+            assert!(mysql_transport(refused).is_err(), "{refused}");
+        }
+    }
 }
