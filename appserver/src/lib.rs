@@ -160,6 +160,9 @@ pub async fn start_with(
         ),
     };
     let id = ServerId(config.id);
+    let cert_not_after = tls
+        .log_expiry(tls::now_unix())
+        .context("cannot read this server's certificate")?;
     let registry = Registry::connect(&config.database)
         .await
         .with_context(|| "cannot open the registry database")?;
@@ -207,6 +210,7 @@ pub async fn start_with(
         .begin_epoch(id, Role::App, &advertise, ServerState::Down, now_ms())
         .await?;
     let metrics = Arc::new(AppMetrics::default());
+    metrics.certificate_not_after.set(cert_not_after);
     let connections = Arc::new(Connections::new(
         id,
         epoch,

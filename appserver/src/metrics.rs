@@ -27,6 +27,9 @@ pub struct AppMetrics {
     pub forged_pushes: Counter,
     pub connections: Gauge,
     pub ws_connections: Gauge,
+    /// When this server's certificate expires, Unix seconds (0: unknown);
+    /// rendered as the seconds left.
+    pub certificate_not_after: Gauge,
     pub auth_failures: Family,
     pub client_errors: Family,
     pub client_ops: Family,
@@ -48,6 +51,7 @@ impl Default for AppMetrics {
             forged_pushes: Counter::default(),
             connections: Gauge::default(),
             ws_connections: Gauge::default(),
+            certificate_not_after: Gauge::default(),
             auth_failures: Family::new("reason", AuthFailure::LABELS),
             client_errors: Family::new("code", ErrorCode::LABELS),
             client_ops: Family::new("op", Op::LABELS),
@@ -126,6 +130,16 @@ impl Render for AppMetrics {
             "Client connections refused or dropped by the gateway's limits, by reason.",
             &self.conn_limits,
         );
+        let not_after = self.certificate_not_after.get();
+        if not_after != 0 {
+            let left = Gauge::default();
+            left.set(not_after - iim::tls::now_unix());
+            p.gauge(
+                "iim_appserver_certificate_expiry_seconds",
+                "Seconds until this server's own certificate expires (negative once expired).",
+                &left,
+            );
+        }
         let mut page = p.finish();
         page.push_str(&self.link.render());
         page.push_str(&self.chat.render());

@@ -18,6 +18,7 @@ pub use iim_core::exchange::{metrics, queue, split};
 
 use anyhow::Context as _;
 use hub::Hub;
+use iim::metrics::{Gauge, Page, Render};
 use iim::registry::{Registry, Role, ServerState};
 use iim::tls::{self, TlsMaterial};
 use iim::types::{ServerId, now_ms};
@@ -71,6 +72,33 @@ impl ExchangeHandle {
     }
 }
 
+/// The exchange's `/metrics` page: the core's counters and how long this
+/// exchange's certificate has left.
+struct Exposition {
+    core: Arc<ExchangeMetrics>,
+    /// When this exchange's certificate expires, Unix seconds.
+    cert_not_after: i64,
+}
+
+impl Render for Exposition {
+    fn render(&self) -> String {
+        let mut page = self.core.render();
+        let left = Gauge::default();
+        left.set(self.cert_not_after - tls::now_unix());
+        let mut p = Page::default();
+        p.gauge(
+            CERT_EXPIRY_METRIC,
+            "Seconds until this exchange's own certificate expires (negative once expired).",
+            &left,
+        );
+        page.push_str(&p.finish());
+        page
+    }
+}
+
+/// The gauge of seconds left on this exchange's certificate.
+pub const CERT_EXPIRY_METRIC: &str = "iim_exchange_certificate_expiry_seconds";
+
 /// Start an exchange. Returns once it listens.
 pub async fn start(
     config: Config,
@@ -79,6 +107,9 @@ pub async fn start(
 ) -> anyhow::Result<ExchangeHandle> {
     config.validate().map_err(anyhow::Error::msg)?;
     let id = ServerId(config.id);
+    let cert_not_after = tls
+        .log_expiry(tls::now_unix())
+        .context("cannot read this exchange's certificate")?;
     let registry = Registry::connect(&config.database)
         .await
         .with_context(|| "cannot open the registry database")?;
@@ -151,7 +182,10 @@ pub async fn start(
             if !bound.ip().is_loopback() {
                 warn!(address = %bound, "metrics are served without authentication on a non-loopback address");
             }
-            let router = iim_http::server::metrics_router(metrics.clone());
+            let router = iim_http::server::metrics_router(Arc::new(Exposition {
+                core: metrics.clone(),
+                cert_not_after,
+            }));
             let token = shutdown.clone();
             tracker.spawn(async move {
                 if let Err(e) = iim_http::server::serve(listener, router, token).await {

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// ALPN protocol id spoken by exchanges and app servers.
 pub const ALPN: &[u8] = b"iim/1";
@@ -91,6 +92,8 @@ pub enum TlsError {
     Quic(String),
     #[error("cannot generate certificate")]
     Gen(#[source] rcgen::Error),
+    #[error("bad certificate lifetime: {0}")]
+    Lifetime(String),
     #[error("cannot reuse the ca in {dir}: {reason}")]
     ExistingCa { dir: PathBuf, reason: String },
 }
@@ -165,6 +168,60 @@ fn certs(pem: &str, name: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErro
         });
     }
     Ok(certs)
+}
+
+/// How long before its end a certificate's expiry is warned about (at
+/// start, in the log) by the daemons.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+/// When the first certificate in `pem` stops being valid, in Unix seconds.
+/// `name` labels errors.
+pub fn not_after(pem: &str, name: &Path) -> Result<i64, TlsError> {
+    let first = certs(pem, name)?.swap_remove(0);
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(first.as_ref()).map_err(|e| TlsError::Pem {
+            path: name.to_owned(),
+            reason: format!("not an X.509 certificate: {e}"),
+        })?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+impl TlsMaterial {
+    /// When this node's own certificate (the leaf) expires, Unix seconds.
+    pub fn leaf_not_after(&self) -> Result<i64, TlsError> {
+        not_after(&self.cert_pem, Path::new("cert_pem"))
+    }
+
+    /// Logs when this node's certificate expires (a warning within
+    /// [`EXPIRY_WARNING`], an error once past) and returns that time in
+    /// Unix seconds, for the `*_certificate_expiry_seconds` gauge.
+    pub fn log_expiry(&self, now_unix: i64) -> Result<i64, TlsError> {
+        let not_after = self.leaf_not_after()?;
+        let left = not_after - now_unix;
+        let days = left.div_euclid(86_400);
+        if left <= 0 {
+            tracing::error!(
+                not_after,
+                "this node's certificate has expired; peers will refuse it: issue a new one"
+            );
+        } else if left < EXPIRY_WARNING.as_secs() as i64 {
+            tracing::warn!(
+                not_after,
+                days_left = days,
+                "this node's certificate expires soon: issue a new one and restart"
+            );
+        } else {
+            tracing::info!(not_after, days_left = days, "certificate valid");
+        }
+        Ok(not_after)
+    }
+}
+
+/// The current time in Unix seconds.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -263,14 +320,76 @@ pub mod dev {
         KeyPair, KeyUsagePurpose,
     };
     use std::path::{Path, PathBuf};
+    use std::time::Duration;
+    use time::OffsetDateTime;
 
     /// Common name of the CA that [`write_dev_certs`] creates.
     const DEV_CA_NAME: &str = "iim development CA";
+
+    /// How long a leaf (exchange, app server) certificate is valid unless
+    /// told otherwise: 90 days, so a leaked key stops working by itself.
+    pub const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
+    /// How long a new CA is valid unless told otherwise: 10 years.
+    pub const DEFAULT_CA_LIFETIME: Duration = Duration::from_secs(3_650 * 86_400);
+    /// Certificates start being valid this long before they are made, so a
+    /// peer whose clock is a little behind accepts them.
+    const BACKDATE: Duration = Duration::from_secs(3_600);
+
+    /// How long what [`write_dev_certs_with`] issues stays valid.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Lifetimes {
+        /// A new CA (a CA already in the directory keeps its own).
+        pub ca: Duration,
+        /// Each leaf; never past the CA's own end.
+        pub leaf: Duration,
+    }
+
+    impl Default for Lifetimes {
+        fn default() -> Self {
+            Lifetimes {
+                ca: DEFAULT_CA_LIFETIME,
+                leaf: DEFAULT_LEAF_LIFETIME,
+            }
+        }
+    }
 
     /// A development CA: its key and certificate.
     pub struct DevCa {
         issuer: Issuer<'static, KeyPair>,
         cert_pem: String,
+        /// The CA's own end, Unix seconds: no leaf outlives it.
+        not_after: i64,
+    }
+
+    /// `[now - BACKDATE, now + lifetime]`, the second capped at `cap` (Unix
+    /// seconds).
+    fn validity(
+        lifetime: Duration,
+        cap: Option<i64>,
+    ) -> Result<(OffsetDateTime, OffsetDateTime), TlsError> {
+        let bad = |what: &str| TlsError::Lifetime(what.to_owned());
+        if lifetime.is_zero() {
+            return Err(bad("a certificate lifetime must be > 0"));
+        }
+        let now = OffsetDateTime::now_utc();
+        let mut end = time::Duration::try_from(lifetime)
+            .ok()
+            .and_then(|d| now.checked_add(d))
+            .filter(|t| t.year() < 9999)
+            .ok_or_else(|| bad("a certificate lifetime must end before the year 9999"))?;
+        if let Some(cap) = cap
+            && end.unix_timestamp() > cap
+        {
+            end = OffsetDateTime::from_unix_timestamp(cap)
+                .map_err(|_| bad("the CA's end is out of range"))?;
+        }
+        let start = now - BACKDATE;
+        if end <= now {
+            return Err(bad(
+                "the CA has expired: move ca.pem and ca.key away to start a new one",
+            ));
+        }
+        Ok((start, end))
     }
 
     fn ca_params(common_name: &str) -> CertificateParams {
@@ -289,14 +408,28 @@ pub mod dev {
     }
 
     impl DevCa {
+        /// A new CA valid for [`DEFAULT_CA_LIFETIME`].
         pub fn new(common_name: &str) -> Result<DevCa, TlsError> {
+            DevCa::with_lifetime(common_name, DEFAULT_CA_LIFETIME)
+        }
+
+        /// A new CA valid for `lifetime` from now.
+        pub fn with_lifetime(common_name: &str, lifetime: Duration) -> Result<DevCa, TlsError> {
             let key = KeyPair::generate().map_err(TlsError::Gen)?;
-            let params = ca_params(common_name);
+            let mut params = ca_params(common_name);
+            (params.not_before, params.not_after) = validity(lifetime, None)?;
+            let not_after = params.not_after.unix_timestamp();
             let cert_pem = params.self_signed(&key).map_err(TlsError::Gen)?.pem();
             Ok(DevCa {
                 issuer: Issuer::new(params, key),
                 cert_pem,
+                not_after,
             })
+        }
+
+        /// When this CA expires, Unix seconds.
+        pub fn not_after(&self) -> i64 {
+            self.not_after
         }
 
         /// Rebuilds a CA made by [`DevCa::new`] from its files. rcgen cannot
@@ -325,9 +458,11 @@ pub mod dev {
                     "ca.pem does not match ca.key or was not made by iim",
                 ));
             }
+            let not_after = super::not_after(&cert_pem, &dir.join("ca.pem"))?;
             Ok(DevCa {
                 issuer: Issuer::new(params, key),
                 cert_pem,
+                not_after,
             })
         }
 
@@ -339,14 +474,31 @@ pub mod dev {
             self.issuer.key().serialize_pem()
         }
 
-        /// Issue a leaf for one DNS name (valid for client and server auth),
-        /// returning TlsMaterial (ca_pem = this CA).
+        /// Issue a leaf for one DNS name (valid for client and server auth)
+        /// for [`DEFAULT_LEAF_LIFETIME`], returning TlsMaterial (ca_pem =
+        /// this CA).
         pub fn issue(&self, dns_name: &str) -> Result<TlsMaterial, TlsError> {
+            self.issue_for(&[dns_name], DEFAULT_LEAF_LIFETIME)
+        }
+
+        /// Issue a leaf naming each of `names` (DNS names or IP addresses;
+        /// the first is also its common name), valid for `lifetime` from now
+        /// but never past this CA's own end.
+        pub fn issue_for(
+            &self,
+            names: &[&str],
+            lifetime: Duration,
+        ) -> Result<TlsMaterial, TlsError> {
+            let first = *names
+                .first()
+                .ok_or_else(|| TlsError::Lifetime("a certificate needs a name".to_owned()))?;
             let key = KeyPair::generate().map_err(TlsError::Gen)?;
             let mut params =
-                CertificateParams::new(vec![dns_name.to_owned()]).map_err(TlsError::Gen)?;
+                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                    .map_err(TlsError::Gen)?;
+            (params.not_before, params.not_after) = validity(lifetime, Some(self.not_after))?;
             params.distinguished_name = rcgen::DistinguishedName::new();
-            params.distinguished_name.push(DnType::CommonName, dns_name);
+            params.distinguished_name.push(DnType::CommonName, first);
             params.is_ca = IsCa::ExplicitNoCa;
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
             params.extended_key_usages = vec![
@@ -367,11 +519,23 @@ pub mod dev {
 
     /// Writes ca.pem, ca.key, `exchange-{id}.pem/.key` and
     /// `server-{id}.pem/.key` into `dir`, reusing the CA already there if
-    /// any. Leaves are (re)issued every time. Returns the written paths.
+    /// any. Leaves are (re)issued every time, valid for the default
+    /// lifetimes ([`Lifetimes::default`]). Returns the written paths.
     pub fn write_dev_certs(
         dir: &Path,
         exchanges: &[ServerId],
         servers: &[ServerId],
+    ) -> Result<Vec<PathBuf>, TlsError> {
+        write_dev_certs_with(dir, exchanges, servers, Lifetimes::default())
+    }
+
+    /// [`write_dev_certs`] with the lifetimes given: `lifetimes.ca` for a
+    /// new CA, `lifetimes.leaf` for each leaf.
+    pub fn write_dev_certs_with(
+        dir: &Path,
+        exchanges: &[ServerId],
+        servers: &[ServerId],
+        lifetimes: Lifetimes,
     ) -> Result<Vec<PathBuf>, TlsError> {
         let io = |path: &Path| {
             let path = path.to_owned();
@@ -387,7 +551,7 @@ pub mod dev {
                 DevCa::reuse(dir, cert, &key)?
             }
             (false, false) => {
-                let ca = DevCa::new(DEV_CA_NAME)?;
+                let ca = DevCa::with_lifetime(DEV_CA_NAME, lifetimes.ca)?;
                 write_file(&ca_key_path, &ca.key_pem(), true)?;
                 write_file(&ca_path, &ca.ca_pem(), false)?;
                 written.extend([ca_path, ca_key_path]);
@@ -409,7 +573,7 @@ pub mod dev {
                     .map(|&id| (server_name(id), server_files(dir, id))),
             );
         for (name, files) in leaves {
-            let m = ca.issue(&name)?;
+            let m = ca.issue_for(&[&name], lifetimes.leaf)?;
             write_file(&files.key, &m.key_pem, true)?;
             write_file(&files.cert, &m.cert_pem, false)?;
             written.extend([files.cert, files.key]);

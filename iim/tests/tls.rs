@@ -305,3 +305,69 @@ fn tls_files_config_rejects_unknown_fields() {
         toml::from_str::<tls::TlsFiles>("ca = \"a\"\ncert = \"b\"\nkey = \"c\"\nx = 1\n").is_err()
     );
 }
+
+const DAY: i64 = 86_400;
+
+/// `not_after` is `expected` give or take a minute (the test's own run).
+fn assert_near(what: &str, not_after: i64, expected: i64) {
+    assert!(
+        (not_after - expected).abs() < 60,
+        "{what}: not_after {not_after}, expected about {expected} ({} s off)",
+        not_after - expected
+    );
+}
+
+#[test]
+fn dev_leaves_expire_in_90_days_and_the_ca_in_10_years() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    tls::dev::write_dev_certs(dir.path(), &[EXCHANGE], &[ServerId(1)])?;
+    let now = tls::now_unix();
+    let ca = std::fs::read_to_string(dir.path().join("ca.pem"))?;
+    assert_near(
+        "ca",
+        tls::not_after(&ca, "ca.pem".as_ref())?,
+        now + 3_650 * DAY,
+    );
+    for files in [
+        tls::dev::exchange_files(dir.path(), EXCHANGE),
+        tls::dev::server_files(dir.path(), ServerId(1)),
+    ] {
+        let m = TlsMaterial::load(&files)?;
+        assert_near("leaf", m.leaf_not_after()?, now + 90 * DAY);
+        assert_eq!(m.log_expiry(now)?, m.leaf_not_after()?);
+    }
+    Ok(())
+}
+
+#[test]
+fn configured_lifetimes_are_honoured_and_no_leaf_outlives_its_ca() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let lifetimes = tls::dev::Lifetimes {
+        ca: Duration::from_secs(30 * DAY as u64),
+        leaf: Duration::from_secs(7 * DAY as u64),
+    };
+    tls::dev::write_dev_certs_with(dir.path(), &[], &[ServerId(1)], lifetimes)?;
+    let now = tls::now_unix();
+    let leaf = TlsMaterial::load(&tls::dev::server_files(dir.path(), ServerId(1)))?;
+    assert_near("7-day leaf", leaf.leaf_not_after()?, now + 7 * DAY);
+    let ca = std::fs::read_to_string(dir.path().join("ca.pem"))?;
+    let ca_end = tls::not_after(&ca, "ca.pem".as_ref())?;
+    assert_near("30-day ca", ca_end, now + 30 * DAY);
+
+    // A leaf asked to last a year from the reused 30-day CA ends with it.
+    let long = tls::dev::Lifetimes {
+        leaf: Duration::from_secs(365 * DAY as u64),
+        ..lifetimes
+    };
+    tls::dev::write_dev_certs_with(dir.path(), &[], &[ServerId(2)], long)?;
+    let leaf = TlsMaterial::load(&tls::dev::server_files(dir.path(), ServerId(2)))?;
+    assert_eq!(leaf.leaf_not_after()?, ca_end);
+
+    // Several names, IP addresses among them; a zero lifetime is refused.
+    let ca = DevCa::with_lifetime("test ca", Duration::from_secs(DAY as u64))?;
+    let m = ca.issue_for(&["localhost", "127.0.0.1"], Duration::from_secs(3_600))?;
+    assert_near("1-hour leaf", m.leaf_not_after()?, tls::now_unix() + 3_600);
+    let err = ca.issue_for(&["localhost"], Duration::ZERO).unwrap_err();
+    assert!(matches!(err, tls::TlsError::Lifetime(_)), "{err}");
+    Ok(())
+}

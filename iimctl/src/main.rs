@@ -107,6 +107,13 @@ struct CertsArgs {
     /// App server ids to issue certificates for (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "IDS")]
     servers: Vec<u32>,
+    /// How many days each exchange and app server certificate is valid
+    /// (never past the CA's own end).
+    #[arg(long, default_value_t = 90, value_name = "DAYS")]
+    leaf_days: u64,
+    /// How many days a new CA is valid (a CA already in --dir keeps its own).
+    #[arg(long, default_value_t = 3650, value_name = "DAYS")]
+    ca_days: u64,
 }
 
 #[derive(Args, Debug)]
@@ -274,12 +281,52 @@ fn certs(a: CertsArgs) -> anyhow::Result<()> {
     if let Some(id) = a.exchange.iter().chain(&a.servers).find(|&&id| id == 0) {
         bail!("server id {id} is reserved");
     }
-    let (ca, written) = write_certs(&a.dir, &a.exchange, &a.servers)?;
+    if a.leaf_days == 0 || a.ca_days == 0 {
+        bail!("--leaf-days and --ca-days must be > 0");
+    }
+    let days = |n: u64| Duration::from_secs(n.saturating_mul(86_400));
+    let lifetimes = dev::Lifetimes {
+        ca: days(a.ca_days),
+        leaf: days(a.leaf_days),
+    };
+    let (ca, written) = write_certs(&a.dir, &a.exchange, &a.servers, lifetimes)?;
     println!("{ca}");
-    for path in written {
+    for path in &written {
         println!("  wrote {}", path.display());
     }
+    // When each certificate (and a reused CA) stops being valid.
+    let ca_path = a.dir.join("ca.pem");
+    let mut pems: Vec<&Path> = written
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "pem"))
+        .map(PathBuf::as_path)
+        .collect();
+    if !written.contains(&ca_path) {
+        pems.insert(0, &ca_path);
+    }
+    let now = iim::tls::now_unix();
+    for path in pems {
+        let pem = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let end = iim::tls::not_after(&pem, path)?;
+        println!("{}", expiry_line(path, end, now));
+    }
     Ok(())
+}
+
+/// "  <file> expires <UTC time> (in N days)".
+fn expiry_line(path: &Path, not_after: i64, now: i64) -> String {
+    let left = not_after - now;
+    let when = if left <= 0 {
+        "EXPIRED".to_owned()
+    } else {
+        format!("in {} days", left / 86_400)
+    };
+    format!(
+        "  {} expires {} ({when})",
+        path.display(),
+        view::utc(not_after.saturating_mul(1000))
+    )
 }
 
 /// Writes development certificates. Returns a line saying whether the CA
@@ -288,9 +335,10 @@ fn write_certs(
     dir: &Path,
     exchanges: &[u32],
     servers: &[u32],
+    lifetimes: dev::Lifetimes,
 ) -> anyhow::Result<(String, Vec<PathBuf>)> {
     let ids = |v: &[u32]| v.iter().map(|&i| ServerId(i)).collect::<Vec<_>>();
-    let written = dev::write_dev_certs(dir, &ids(exchanges), &ids(servers))?;
+    let written = dev::write_dev_certs_with(dir, &ids(exchanges), &ids(servers), lifetimes)?;
     Ok((ca_line(dir, &written), written))
 }
 
@@ -450,6 +498,40 @@ mod tests {
             "mysql://iim:***@127.0.0.1:3306/iim"
         );
         assert_eq!(redact("sqlite://a.db"), "sqlite://a.db");
+    }
+
+    #[test]
+    fn expiry_lines_name_the_time_and_the_days_left() {
+        let now = 1_700_000_000;
+        assert_eq!(
+            expiry_line(Path::new("d/server-1.pem"), now + 90 * 86_400 + 5, now),
+            "  d/server-1.pem expires 2024-02-12T22:13:25Z (in 90 days)"
+        );
+        assert!(expiry_line(Path::new("x.pem"), now, now).ends_with("(EXPIRED)"));
+    }
+
+    #[test]
+    fn certs_honour_leaf_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let cli = Cli::try_parse_from([
+            "iimctl",
+            "certs",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--servers",
+            "1",
+            "--leaf-days",
+            "10",
+        ])
+        .unwrap();
+        let Command::Certs(a) = cli.command else {
+            panic!("not certs")
+        };
+        certs(a).unwrap();
+        let pem = std::fs::read_to_string(dir.path().join("server-1.pem")).unwrap();
+        let end = iim::tls::not_after(&pem, Path::new("server-1.pem")).unwrap();
+        let expected = iim::tls::now_unix() + 10 * 86_400;
+        assert!((end - expected).abs() < 60, "{end} vs {expected}");
     }
 
     #[test]

@@ -478,3 +478,45 @@ async fn connection_attempts_are_validated_under_load_and_bounded() {
     );
     db.cleanup().await;
 }
+
+/// Both daemons export how long their own certificate has left (the test
+/// CA issues leaves for the default 90 days).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_daemons_export_the_seconds_left_on_their_certificate() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (ex, _) = spawn_exchange(
+        &ca,
+        iim_exchange::Config {
+            http_listen: Some(loopback),
+            ..exchange_config(db.url())
+        },
+    )
+    .await;
+    let s1 = spawn_appserver(
+        &ca,
+        iim_appserver::Config {
+            http_listen: Some(loopback),
+            ..appserver_config(db.url(), 1, ex.addr)
+        },
+        vec![],
+    )
+    .await;
+    let ninety_days = 90.0 * 86_400.0;
+    for (addr, series) in [
+        (ex.http_addr, "iim_exchange_certificate_expiry_seconds"),
+        (s1.http_addr, "iim_appserver_certificate_expiry_seconds"),
+    ] {
+        let client =
+            iim_http::client::Client::new(&addr.unwrap().to_string(), Duration::from_secs(10))
+                .unwrap();
+        let page = client.metrics().await.unwrap();
+        let left = iim_http::client::metric_value(&page, series)
+            .unwrap_or_else(|| panic!("{series} missing:\n{page}"));
+        assert!(
+            (left - ninety_days).abs() < 600.0,
+            "{series} = {left}, expected about {ninety_days}"
+        );
+    }
+}
