@@ -22,8 +22,14 @@ pub struct Config {
     /// Address recorded in the registry; defaults to the metrics address
     /// (`http_listen`), never the admin API's.
     pub advertise: Option<String>,
-    /// `mysql://user:pass@host/db` or `sqlite://file.db`.
+    /// `mysql://user:pass@host/db` or `sqlite://file.db`. A `mysql://`
+    /// url to another host must say `ssl-mode` (best:
+    /// `?ssl-mode=verify_identity&ssl-ca=/path/to/ca.pem`).
     pub database: String,
+    /// A file holding the database url (one line; keep it mode 0600), so
+    /// the password is in neither this config nor a command line. When
+    /// set it replaces `database`.
+    pub database_file: Option<PathBuf>,
     /// The exchange to use. When absent, the lowest-id exchange that the
     /// registry shows up is used (looked up again on every reconnect).
     pub exchange: Option<ExchangeTarget>,
@@ -386,6 +392,7 @@ impl Default for Config {
             id: 1,
             advertise: None,
             database: "sqlite://iim-dev.db".into(),
+            database_file: None,
             exchange: None,
             http_listen: Some("127.0.0.1:9201".parse().expect("literal address")),
             max_frame_bytes: iim::wire::DEFAULT_MAX_FRAME,
@@ -414,6 +421,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The database url: read from `database_file` if set, else
+    /// `database`.
+    pub fn database_url(&self) -> Result<String, iim::registry::RegistryError> {
+        match &self.database_file {
+            Some(path) => iim::registry::read_url_file(path),
+            None => Ok(self.database.clone()),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.id == 0 {
             return Err("id: 0 is reserved".into());
@@ -463,6 +479,29 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_file_replaces_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("db-url");
+        std::fs::write(&file, "mysql://iim:from-file@127.0.0.1/iim\n").unwrap();
+        let c = Config {
+            database_file: Some(file.clone()),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(
+            c.database_url().unwrap(),
+            "mysql://iim:from-file@127.0.0.1/iim"
+        );
+        let text = toml::to_string_pretty(&c).unwrap();
+        assert!(text.contains("database_file"), "{text}");
+        let missing = Config {
+            database_file: Some(dir.path().join("nope")),
+            ..Config::default()
+        };
+        assert!(missing.database_url().is_err());
+    }
 
     #[test]
     fn default_config_round_trips_and_validates() {

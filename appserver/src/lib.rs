@@ -163,7 +163,8 @@ pub async fn start_with(
     let cert_not_after = tls
         .log_expiry(tls::now_unix())
         .context("cannot read this server's certificate")?;
-    let registry = Registry::connect(&config.database)
+    let database = config.database_url()?;
+    let registry = Registry::connect(&database)
         .await
         .with_context(|| "cannot open the registry database")?;
     let client_config = tls::quic_client_config(&tls, config.quic.transport())?;

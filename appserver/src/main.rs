@@ -31,9 +31,13 @@ struct Cli {
     /// Override `id`.
     #[arg(long)]
     id: Option<u32>,
-    /// Override `database`.
-    #[arg(long, env = "IIM_DATABASE")]
+    /// Override `database` (prefer --database-file: a command line is
+    /// visible to every user of the machine).
+    #[arg(long, env = "IIM_DATABASE", hide_env_values = true)]
     database: Option<String>,
+    /// Override `database_file`: read the database url from this file.
+    #[arg(long, env = "IIM_DATABASE_FILE", conflicts_with = "database")]
+    database_file: Option<PathBuf>,
     /// Override `http_listen`.
     #[arg(long)]
     http_listen: Option<SocketAddr>,
@@ -104,6 +108,10 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(v) = &cli.database {
         config.database = v.clone();
+        config.database_file = None;
+    }
+    if let Some(v) = &cli.database_file {
+        config.database_file = Some(v.clone());
     }
     if let Some(v) = cli.http_listen {
         config.http_listen = Some(v);

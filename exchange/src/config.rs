@@ -16,8 +16,14 @@ pub struct Config {
     /// Address recorded in the registry for app servers to find this
     /// exchange; defaults to the bound `listen` address.
     pub advertise: Option<String>,
-    /// `mysql://user:pass@host/db` or `sqlite://file.db`.
+    /// `mysql://user:pass@host/db` or `sqlite://file.db`. A `mysql://`
+    /// url to another host must say `ssl-mode` (best:
+    /// `?ssl-mode=verify_identity&ssl-ca=/path/to/ca.pem`).
     pub database: String,
+    /// A file holding the database url (one line; keep it mode 0600), so
+    /// the password is in neither this config nor a command line. When
+    /// set it replaces `database`.
+    pub database_file: Option<PathBuf>,
     /// Prometheus `/metrics`; empty to disable.
     pub http_listen: Option<SocketAddr>,
     /// How long a server's link may be gone before it is marked down.
@@ -58,6 +64,7 @@ impl Default for Config {
             listen: "127.0.0.1:7100".parse().expect("literal address"),
             advertise: None,
             database: "sqlite://iim-dev.db".into(),
+            database_file: None,
             http_listen: Some("127.0.0.1:9100".parse().expect("literal address")),
             lease_secs: 10,
             shutdown_grace_secs: 5,
@@ -80,6 +87,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The database url: read from `database_file` if set, else
+    /// `database`.
+    pub fn database_url(&self) -> Result<String, iim::registry::RegistryError> {
+        match &self.database_file {
+            Some(path) => iim::registry::read_url_file(path),
+            None => Ok(self.database.clone()),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.id == 0 {
             return Err("id: 0 is reserved".into());
@@ -126,6 +142,29 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_file_replaces_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("db-url");
+        std::fs::write(&file, "mysql://iim:from-file@127.0.0.1/iim\n").unwrap();
+        let c = Config {
+            database_file: Some(file.clone()),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(
+            c.database_url().unwrap(),
+            "mysql://iim:from-file@127.0.0.1/iim"
+        );
+        let text = toml::to_string_pretty(&c).unwrap();
+        assert!(text.contains("database_file"), "{text}");
+        let missing = Config {
+            database_file: Some(dir.path().join("nope")),
+            ..Config::default()
+        };
+        assert!(missing.database_url().is_err());
+    }
 
     #[test]
     fn default_config_round_trips_and_validates() {

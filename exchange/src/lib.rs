@@ -110,7 +110,8 @@ pub async fn start(
     let cert_not_after = tls
         .log_expiry(tls::now_unix())
         .context("cannot read this exchange's certificate")?;
-    let registry = Registry::connect(&config.database)
+    let database = config.database_url()?;
+    let registry = Registry::connect(&database)
         .await
         .with_context(|| "cannot open the registry database")?;
     let mut server_config = tls::quic_server_config(&tls, config.quic.transport())?;

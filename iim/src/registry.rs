@@ -121,6 +121,44 @@ pub enum RegistryError {
     BadUrl(String),
     #[error("cannot create the registry database file")]
     File(#[source] std::io::Error),
+    #[error("cannot read the database url from {path}: {reason}")]
+    UrlFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
+/// Reads a database url (`mysql://user:password@…`, `sqlite://…`) from a
+/// file, so the password need not appear on a command line, in the
+/// environment or in a config file others can read. Surrounding whitespace
+/// (a trailing newline) is ignored; an empty file is an error. A file that
+/// users other than its owner can read is warned about.
+pub fn read_url_file(path: &std::path::Path) -> Result<String, RegistryError> {
+    let fail = |reason: String| RegistryError::UrlFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let url = text.trim();
+    if url.is_empty() {
+        return Err(fail("the file is empty".to_owned()));
+    }
+    if url.lines().count() > 1 {
+        return Err(fail("expected one line, the url".to_owned()));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                path = %path.display(),
+                "the database url file can be read by users other than its owner; chmod 600 it"
+            );
+        }
+    }
+    Ok(url.to_owned())
 }
 
 impl From<ConnectError> for RegistryError {

@@ -493,3 +493,30 @@ async fn connect_urls() {
         }
     }
 }
+
+#[test]
+fn database_url_is_read_from_a_file_without_its_newline() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = dir.path().join("url");
+    std::fs::write(
+        &file,
+        "mysql://iim:secret@db/iim?ssl-mode=verify_identity\n",
+    )
+    .unwrap();
+    assert_eq!(
+        iim::registry::read_url_file(&file).unwrap(),
+        "mysql://iim:secret@db/iim?ssl-mode=verify_identity"
+    );
+    for bad in ["", "\n  \n", "sqlite://a.db\nsqlite://b.db\n"] {
+        std::fs::write(&file, bad).unwrap();
+        match iim::registry::read_url_file(&file) {
+            Err(e @ RegistryError::UrlFile { .. }) => {
+                // The error names the file, never its contents.
+                assert!(e.to_string().contains("url"), "{e}");
+                assert!(!e.to_string().contains("sqlite://"), "{e}");
+            }
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+    assert!(iim::registry::read_url_file(&dir.path().join("missing")).is_err());
+}

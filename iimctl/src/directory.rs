@@ -250,7 +250,7 @@ pub(crate) async fn groups(a: GroupsArgs) -> anyhow::Result<()> {
 
 /// Loads the demo directory; running it again changes nothing.
 pub(crate) async fn demo_data(a: DemoDataArgs) -> anyhow::Result<()> {
-    for line in load_demo_data(&a.db.database).await? {
+    for line in load_demo_data(&a.db.resolve()?).await? {
         println!("{line}");
     }
     Ok(())
@@ -259,10 +259,7 @@ pub(crate) async fn demo_data(a: DemoDataArgs) -> anyhow::Result<()> {
 /// Loads the demo directory into the database at `url` (as `iimctl
 /// demo-data`); returns what it did, one line each.
 pub(crate) async fn load_demo_data(url: &str) -> anyhow::Result<Vec<String>> {
-    let store = open_for_writing(&DatabaseArg {
-        database: url.to_owned(),
-    })
-    .await?;
+    let store = open_for_writing(&DatabaseArg::url(url)).await?;
     let mut out = Vec::new();
     let mut users: Vec<User> = DEMO_USERS
         .iter()
@@ -328,14 +325,15 @@ pub(crate) async fn load_demo_data(url: &str) -> anyhow::Result<Vec<String>> {
 /// Connects as the daemons do: migrations run, a missing SQLite file is
 /// created.
 async fn open_for_writing(db: &DatabaseArg) -> anyhow::Result<Store> {
-    let registry = iim::registry::Registry::connect(&db.database)
+    let url = db.resolve()?;
+    let registry = iim::registry::Registry::connect(&url)
         .await
-        .with_context(|| format!("cannot open the database {}", redact(&db.database)))?;
+        .with_context(|| format!("cannot open the database {}", redact(&url)))?;
     Ok(Store::new(&registry))
 }
 
 async fn open_for_reading(db: &DatabaseArg) -> anyhow::Result<Store> {
-    Ok(Store::new(&open_registry(&db.database).await?))
+    Ok(Store::new(&open_registry(&db.resolve()?).await?))
 }
 
 /// The directory rows of `ids`; an id without one is shown nameless.

@@ -118,7 +118,9 @@ struct CertsArgs {
 
 #[derive(Args, Debug)]
 struct DatabaseArg {
-    /// Registry database: `sqlite://FILE` or `mysql://USER:PASS@HOST:PORT/DB`.
+    /// Registry database: `sqlite://FILE` or `mysql://USER:PASS@HOST:PORT/DB`
+    /// (prefer --database-file or IIM_DATABASE for one with a password: a
+    /// command line is visible to every user of the machine).
     #[arg(
         long,
         env = "IIM_DATABASE",
@@ -127,6 +129,32 @@ struct DatabaseArg {
         value_name = "URL"
     )]
     database: String,
+    /// Read the database url from this file (one line, keep it mode 0600).
+    #[arg(
+        long,
+        env = "IIM_DATABASE_FILE",
+        conflicts_with = "database",
+        value_name = "FILE"
+    )]
+    database_file: Option<PathBuf>,
+}
+
+impl DatabaseArg {
+    /// A url given directly.
+    pub(crate) fn url(url: &str) -> DatabaseArg {
+        DatabaseArg {
+            database: url.to_owned(),
+            database_file: None,
+        }
+    }
+
+    /// The database url: from --database-file if given, else --database.
+    pub(crate) fn resolve(&self) -> anyhow::Result<String> {
+        match &self.database_file {
+            Some(path) => Ok(iim::registry::read_url_file(path)?),
+            None => Ok(self.database.clone()),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -353,7 +381,7 @@ pub(crate) fn ca_line(dir: &Path, written: &[PathBuf]) -> String {
 }
 
 async fn servers(a: ServersArgs) -> anyhow::Result<()> {
-    let registry = open_registry(&a.db.database).await?;
+    let registry = open_registry(&a.db.resolve()?).await?;
     let servers = registry.servers().await.context("cannot list servers")?;
     if a.json {
         println!(
@@ -375,7 +403,7 @@ async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
 }
 
 async fn sessions(a: SessionsArgs) -> anyhow::Result<()> {
-    let registry = open_registry(&a.db.database).await?;
+    let registry = open_registry(&a.db.resolve()?).await?;
     let sessions = match a.user {
         Some(u) => registry.sessions_of(&[UserId(u)]).await,
         None => registry.sessions().await,
@@ -532,6 +560,33 @@ mod tests {
         let end = iim::tls::not_after(&pem, Path::new("server-1.pem")).unwrap();
         let expected = iim::tls::now_unix() + 10 * 86_400;
         assert!((end - expected).abs() < 60, "{end} vs {expected}");
+    }
+
+    #[tokio::test]
+    async fn servers_reads_the_database_url_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("registry.db");
+        let url = format!("sqlite://{}", db.display());
+        Registry::connect(&url).await.unwrap();
+        let file = dir.path().join("db-url");
+        std::fs::write(&file, format!("{url}\n")).unwrap();
+        let file = file.to_str().unwrap();
+        let cli = Cli::try_parse_from(["iimctl", "servers", "--database-file", file]).unwrap();
+        let Command::Servers(a) = cli.command else {
+            panic!("not servers")
+        };
+        assert_eq!(a.db.resolve().unwrap(), url);
+        servers(a).await.unwrap();
+        // Both at once is refused rather than one silently ignored.
+        let both = [
+            "iimctl",
+            "servers",
+            "--database",
+            &url,
+            "--database-file",
+            file,
+        ];
+        assert!(Cli::try_parse_from(both).is_err());
     }
 
     #[test]

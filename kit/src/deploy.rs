@@ -6,8 +6,9 @@
 //! stopped, killed and started again (on the same ports, its log appended
 //! to).
 //!
-//! Nodes get their identity, addresses, database and certificates as flags
-//! (the command an operator would type) and anything else from a TOML file
+//! Nodes get their identity, addresses, database (`--database-file`, a
+//! 0600 file holding the url) and certificates as flags (the command an
+//! operator would type) and anything else from a TOML file
 //! in the deployment's directory, when the [`Spec`] has some.
 //! [`Deployment::new`] only prepares; starting and waiting are separate
 //! steps so a caller (the demo) can show each one. [`TestDeployment`] is
@@ -189,6 +190,20 @@ impl Deployment {
             let path = self.config_path(name);
             std::fs::write(&path, toml).with_context(|| format!("cannot write {}", path.display()))
         };
+        // The url (a password, for MySQL) goes to the daemons in a file of
+        // mode 0600, not on their command lines, where `ps` shows it.
+        let url_file = self.database_file();
+        {
+            use std::io::Write;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            options
+                .open(&url_file)
+                .and_then(|mut f| writeln!(f, "{}", self.spec.database))
+                .with_context(|| format!("cannot write {}", url_file.display()))?;
+        }
         if !self.spec.exchange_toml.is_empty() {
             write(&self.exchange_name(), &self.spec.exchange_toml)?;
         }
@@ -202,6 +217,11 @@ impl Deployment {
             }
         }
         Ok(())
+    }
+
+    /// The file holding the database url.
+    fn database_file(&self) -> PathBuf {
+        self.spec.dir.join("database.url")
     }
 
     fn config_path(&self, name: &str) -> PathBuf {
@@ -332,8 +352,8 @@ impl Deployment {
 
     fn common_args(&self) -> Vec<String> {
         vec![
-            "--database".into(),
-            self.spec.database.clone(),
+            "--database-file".into(),
+            self.database_file().display().to_string(),
             "--certs".into(),
             self.certs.display().to_string(),
         ]

@@ -23,10 +23,11 @@ pub const APPSERVER_BIN: &str = "iim-appserver";
 
 /// Environment that would change how a daemon starts or logs: children
 /// get their settings from their flags and config files only.
-const SCRUBBED_ENV: [&str; 5] = [
+const SCRUBBED_ENV: [&str; 6] = [
     "RUST_LOG",
     "IIM_LOG_JSON",
     "IIM_DATABASE",
+    "IIM_DATABASE_FILE",
     "IIM_EXCHANGE_CONFIG",
     "IIM_APPSERVER_CONFIG",
 ];
