@@ -1,6 +1,7 @@
 //! Who may hold a client connection: at most `limits.max_connections` at
 //! once, `limits.max_connections_per_ip` from one address and
-//! `limits.max_connections_per_user` of one user, and a connection must
+//! `limits.max_connections_per_user` of one user (an address is an IPv4
+//! address or an IPv6 /64), and a connection must
 //! finish its WebSocket upgrade within `limits.handshake_timeout_ms`.
 //!
 //! [`Gate`] wraps the TCP listener. A connection over the total or per-IP
@@ -70,6 +71,7 @@ impl Admission {
 
     /// A connection from `ip`, or why not (counted).
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, ConnLimit> {
+        let ip = address_key(ip);
         let mut c = self.lock();
         let from_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
         let refused = if c.total >= self.max_total {
@@ -110,8 +112,26 @@ impl Admission {
 
     /// Connections held now: in total, and from `ip`.
     pub fn held(&self, ip: IpAddr) -> (usize, usize) {
+        let ip = address_key(ip);
         let c = self.lock();
         (c.total, c.per_ip.get(&ip).copied().unwrap_or(0))
+    }
+}
+
+/// What the per-address cap counts by: an IPv4 address (an IPv4-mapped
+/// IPv6 one as IPv4), or an IPv6 /64 — one subscriber's network, which
+/// holds more addresses than any cap could count.
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(std::net::Ipv6Addr::from(o))
+            }
+        },
     }
 }
 
@@ -320,5 +340,17 @@ mod tests {
         assert_eq!(a.metrics.conn_limits.get("per_ip"), 1);
         assert_eq!(a.metrics.conn_limits.get("total"), 1);
         assert_eq!(a.metrics.conn_limits.get("per_user"), 1);
+    }
+
+    #[test]
+    fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
+        let a = Admission::new(10, 1, 1, Arc::new(AppMetrics::default()));
+        let _t = a.admit("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        let other_host_same_64 = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert_eq!(a.admit(other_host_same_64).err(), Some(ConnLimit::PerIp));
+        assert!(a.admit("2001:db8:1:3::1".parse().unwrap()).is_ok());
+        let _v4 = a.admit("192.0.2.7".parse().unwrap()).unwrap();
+        let mapped = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(a.admit(mapped).err(), Some(ConnLimit::PerIp));
     }
 }
