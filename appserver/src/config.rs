@@ -49,6 +49,9 @@ pub struct Config {
     pub reconnect_max_ms: u64,
     /// Messages buffered per local connection before it is cut as too slow.
     pub connection_queue: usize,
+    /// How often the session rows are checked against the live
+    /// connections (besides after every registration with the exchange).
+    pub session_audit_ms: u64,
     /// On SIGTERM: how long to wait for outstanding reports.
     pub shutdown_grace_secs: u64,
     /// Users given an in-process connection that logs what it receives
@@ -402,6 +405,7 @@ impl Default for Config {
             reconnect_min_ms: 100,
             reconnect_max_ms: 2_000,
             connection_queue: 1_024,
+            session_audit_ms: 60_000,
             shutdown_grace_secs: 5,
             demo_users: Vec::new(),
             client_listen: Some("127.0.0.1:8201".parse().expect("literal address")),
@@ -445,6 +449,12 @@ impl Config {
         }
         if self.send_timeout_ms == 0 || self.max_outstanding == 0 || self.connection_queue == 0 {
             return Err("send_timeout_ms, max_outstanding and connection_queue must be > 0".into());
+        }
+        if !(1_000..=86_400_000).contains(&self.session_audit_ms) {
+            return Err(format!(
+                "session_audit_ms: {} is outside 1000..=86400000",
+                self.session_audit_ms
+            ));
         }
         if self.heartbeat_ms == 0 {
             return Err("heartbeat_ms must be > 0".into());

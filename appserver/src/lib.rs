@@ -9,6 +9,7 @@
 //! marked `down`.
 
 pub mod admin;
+mod audit;
 pub mod chat;
 pub mod codes;
 pub mod config;
@@ -297,6 +298,16 @@ pub async fn start_with(
         &tracker,
     );
     host.set_presence(presence.clone());
+    tracker.spawn(
+        audit::audit_loop(
+            connections.clone(),
+            presence.clone(),
+            link.clone(),
+            Duration::from_millis(config.session_audit_ms),
+            stop.clone(),
+        )
+        .instrument(info_span!("session_audit", server = id.0)),
+    );
     let client_addr = match (config.client_listen, chat) {
         (Some(addr), Some(chat)) => {
             let listener = tokio::net::TcpListener::bind(addr)

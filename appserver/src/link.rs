@@ -64,6 +64,10 @@ pub struct LinkState {
     /// No 905 is waiting for its report. (Only the transitions wake
     /// watchers; the exact count is the `outstanding_905` gauge.)
     pub idle: bool,
+    /// Registrations with the exchange so far. After each, the session rows
+    /// are audited: the exchange may have marked this server down (deleting
+    /// them) before it could come back.
+    pub registrations: u64,
     /// Set when the exchange refused this incarnation for good (another
     /// process registered the same id with a newer epoch, or the
     /// certificate does not match): the server must stop.
@@ -113,6 +117,7 @@ pub fn spawn(
         core,
         cur: None,
         connecting: None,
+        connecting_conn: None,
         locating: None,
         endpoint,
         client_config: p.client_config,
@@ -146,6 +151,8 @@ struct Shell {
     core: Link<Reply>,
     cur: Option<Current>,
     connecting: Pending<(ConnId, Result<Connected, LinkDown>)>,
+    /// The attempt `connecting` carries out.
+    connecting_conn: Option<ConnId>,
     locating: Pending<(AskId, Result<Vec<ExchangeRow>, RegistryFailure>)>,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
@@ -209,6 +216,7 @@ impl Shell {
                 }
                 (conn, r) = pending(&mut self.connecting) => {
                     self.connecting = None;
+                    self.connecting_conn = None;
                     match r {
                         Ok((connection, send, recv)) => {
                             let (writer, writer_task) = quic::spawn_writer(send, WRITER_BATCHES);
@@ -262,6 +270,7 @@ impl Shell {
                 } => {
                     let endpoint = self.endpoint.clone();
                     let config = self.client_config.clone();
+                    self.connecting_conn = Some(conn);
                     self.connecting = Some(Box::pin(async move {
                         (conn, connect(endpoint, config, exchange, addr).await)
                     }));
@@ -290,23 +299,31 @@ impl Shell {
         {
             self.cur = None;
         }
+        // An attempt the core gave up (its deadline passed): dropping it
+        // abandons the handshake.
+        if self.connecting_conn.is_some() && self.connecting_conn != self.core.conn() {
+            self.connecting = None;
+            self.connecting_conn = None;
+        }
         self.publish();
     }
 
     fn publish(&self) {
         let exchange = self.core.exchange();
         let idle = self.core.is_idle();
+        let registrations = self.core.registrations();
         self.metrics.outstanding.set(self.core.outstanding() as i64);
         {
-            // Most iterations change neither: a read lock, no wake-ups.
+            // Most iterations change nothing: a read lock, no wake-ups.
             let s = self.state.borrow();
-            if s.exchange == exchange && s.idle == idle {
+            if s.exchange == exchange && s.idle == idle && s.registrations == registrations {
                 return;
             }
         }
         self.state.send_modify(|s| {
             s.exchange = exchange;
             s.idle = idle;
+            s.registrations = registrations;
         });
     }
 }

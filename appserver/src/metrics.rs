@@ -21,6 +21,12 @@ pub struct AppMetrics {
     pub local_deliveries: Counter,
     pub missing_channels: Counter,
     pub connection_overflow: Counter,
+    /// Session rows written back for live connections by the audit.
+    pub sessions_restored: Counter,
+    /// Session rows without a live connection, deleted by the audit.
+    pub sessions_removed: Counter,
+    /// Audits that could not finish (registry errors); retried.
+    pub session_audit_failures: Counter,
     /// Messages of a reserved kind whose body could not be decoded.
     pub malformed_pushes: Counter,
     /// Chat messages whose envelope names another sender than their source.
@@ -47,6 +53,9 @@ impl Default for AppMetrics {
             local_deliveries: Counter::default(),
             missing_channels: Counter::default(),
             connection_overflow: Counter::default(),
+            sessions_restored: Counter::default(),
+            sessions_removed: Counter::default(),
+            session_audit_failures: Counter::default(),
             malformed_pushes: Counter::default(),
             forged_pushes: Counter::default(),
             connections: Gauge::default(),
@@ -79,6 +88,21 @@ impl Render for AppMetrics {
             "iim_appserver_connection_overflow_total",
             "Local connections cut for not keeping up.",
             &self.connection_overflow,
+        )
+        .counter(
+            "iim_appserver_sessions_restored_total",
+            "Session rows the registry had lost for live connections (e.g. a mark-down while this server was alive), written back by the audit.",
+            &self.sessions_restored,
+        )
+        .counter(
+            "iim_appserver_sessions_removed_total",
+            "Session rows without a live connection, deleted by the audit.",
+            &self.sessions_removed,
+        )
+        .counter(
+            "iim_appserver_session_audit_failures_total",
+            "Session audits that failed on a registry error (retried).",
+            &self.session_audit_failures,
         )
         .counter(
             "iim_appserver_malformed_pushes_total",

@@ -260,6 +260,22 @@ impl Presence {
         }
     }
 
+    /// The session audit wrote rows back (`changed`: the presence rows that
+    /// changed by it) and deleted the rows of connections that were gone
+    /// (`removed`: their users). Announced like any other change.
+    pub async fn sessions_repaired(&self, changed: &[PresenceRow], removed: &[UserId]) {
+        for r in changed {
+            self.changed(r.user);
+        }
+        for &user in removed {
+            match self.store.recompute(user, self.server, now_ms()).await {
+                Ok(Some(_)) => self.changed(user),
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "presence not recomputed after an audit; repair will"),
+            }
+        }
+    }
+
     /// A client set its own status.
     pub async fn set_status(
         &self,
@@ -267,9 +283,12 @@ impl Presence {
         status: Status,
         text: &str,
     ) -> anyhow::Result<()> {
+        let now = now_ms();
+        // Noted first: an audit must never write back an older status.
+        self.connections.note_status(channel, status, text, now);
         let row = self
             .store
-            .set_status(self.server, channel, status, text, now_ms())
+            .set_status(self.server, channel, status, text, now)
             .await?;
         if let Some(r) = row {
             self.changed(r.user);

@@ -33,6 +33,7 @@ fn config(queue_max_frames: usize) -> Config {
         id: EX,
         epoch: 1,
         lease: LEASE,
+        rejoin: LEASE,
         grace: Duration::from_secs(1),
         max_frame: DEFAULT_MAX_FRAME,
         handshake_timeout: Duration::from_secs(5),

@@ -423,3 +423,63 @@ fn stopping_times_out_what_is_unreported_and_says_goodbye() {
     )));
     assert_eq!(t.link.room(), 0);
 }
+
+/// Once the exchange has granted a lease, a connection attempt is given up
+/// after a quarter of it (at least 250 ms) and the backoff stays within a
+/// quarter of it: a live server is back within half a lease of the
+/// exchange listening again, however long a QUIC handshake to nobody
+/// would wait. Every registration is counted (the shell audits the
+/// session rows after each).
+#[test]
+fn a_granted_lease_bounds_connection_attempts_and_backoff() {
+    let mut t = T::new(true);
+    t.tick();
+    // Before any lease: an attempt may take `register_timeout` (3 s).
+    let c = t.connect_asked();
+    t.advance(Duration::from_millis(2_999));
+    assert_eq!(t.link.conn(), Some(c));
+    t.advance(Duration::from_millis(1));
+    assert_eq!(t.link.conn(), None, "attempt given up at register_timeout");
+    t.advance(Duration::from_millis(100));
+    assert_eq!(t.link.registrations(), 0);
+    let conn = t.connect_asked();
+    t.link.handle_connected(conn, t.now);
+    t.written();
+    t.frames(
+        conn,
+        vec![Frame::Registered(Registered {
+            exchange: EX,
+            exchange_epoch: 1,
+            lease_ms: 1_200,
+            max_frame: DEFAULT_MAX_FRAME as u32,
+        })],
+    );
+    assert_eq!(t.link.registrations(), 1);
+    t.link
+        .handle_down(conn, LinkDown::Lost("reset".into()), t.now);
+    // Lease 1.2 s: attempts end after 300 ms; backoff 100, 200, then 300
+    // (not reconnect_max's 400).
+    for wait in [100, 200, 300, 300] {
+        t.advance(Duration::from_millis(wait));
+        let c = t.connect_asked();
+        t.advance(Duration::from_millis(299));
+        assert_eq!(t.link.conn(), Some(c), "still trying");
+        t.advance(Duration::from_millis(1));
+        assert_eq!(
+            t.link.conn(),
+            None,
+            "attempt given up after a quarter lease"
+        );
+        assert!(
+            t.outputs
+                .iter()
+                .any(|o| matches!(o, Output::Close { conn, .. } if *conn == c)),
+            "the shell is told to drop the attempt"
+        );
+        t.outputs.clear();
+    }
+    t.advance(Duration::from_millis(300));
+    let c = t.up();
+    assert_eq!(t.link.registrations(), 2);
+    assert_eq!(t.link.conn(), Some(c));
+}

@@ -149,6 +149,10 @@ pub async fn start(
             id,
             epoch,
             lease,
+            rejoin: core::Config::rejoin_for(
+                lease,
+                Duration::from_millis(config.quic.idle_timeout_ms),
+            ),
             grace: Duration::from_secs(config.shutdown_grace_secs),
             max_frame: config.max_frame_bytes,
             handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),

@@ -20,7 +20,7 @@ use std::str::FromStr;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AssertSqlSafe};
 
-use crate::aggregate::recompute_in;
+use crate::aggregate::{PresenceRow, Status, recompute_in};
 pub use crate::db::{Backend, Db, ParseNameError};
 use crate::db::{
     ConnectError, DbError, TRANSACTION, bind_all, col, database_error, finish, nonnegative_col,
@@ -32,6 +32,8 @@ use crate::types::{ChannelId, ServerId, Session, UserId};
 /// Values bound per statement stay well under SQLite's and MySQL's
 /// placeholder limits.
 const CHUNK: usize = 1000;
+/// Sessions written back per transaction (9 values each).
+const RESTORE_CHUNK: usize = 100;
 
 const SERVER_COLUMNS: &str =
     "id, role, address, epoch, state, exchange_id, registered_at, last_seen";
@@ -509,6 +511,89 @@ impl Registry {
         Ok(done.rows_affected() > 0)
     }
 
+    /// The channel and user of every session row of `server` (the
+    /// app server's audit of its own rows).
+    pub async fn session_rows(
+        &self,
+        server: ServerId,
+    ) -> Result<Vec<(ChannelId, UserId)>, RegistryError> {
+        let rows = sqlx::query("SELECT channel, user_id FROM sessions WHERE server_id = ?")
+            .bind(server_param(server))
+            .fetch_all(self.db.pool())
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push((
+                ChannelId(col::<i64>(row, "channel")? as u64),
+                user_col(row, "user_id")?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Writes back the rows of live connections that the registry lost
+    /// (deleted by a `mark_down` while the server was in fact alive), each
+    /// with the status its connection set, and recomputes their users'
+    /// presence with `server` as the changer: one transaction per 500
+    /// sessions. A row that exists already is left as it is. Returns the
+    /// presence rows that changed.
+    pub async fn restore_sessions(
+        &self,
+        sessions: &[LiveSession],
+        epoch: u64,
+        now_ms: i64,
+    ) -> Result<Vec<PresenceRow>, RegistryError> {
+        let mut changed = Vec::new();
+        for chunk in sessions.chunks(RESTORE_CHUNK) {
+            let rows = retry("restore_sessions", TRANSACTION, || {
+                self.try_restore_sessions(chunk, epoch, now_ms)
+            })
+            .await?;
+            changed.extend(rows);
+        }
+        Ok(changed)
+    }
+
+    async fn try_restore_sessions(
+        &self,
+        sessions: &[LiveSession],
+        epoch: u64,
+        now_ms: i64,
+    ) -> Result<Vec<PresenceRow>, RegistryError> {
+        let server = match sessions.first() {
+            Some(s) => s.session.server,
+            None => return Ok(Vec::new()),
+        };
+        let sql = format!(
+            "INSERT INTO sessions (server_id, channel, user_id, device, epoch, created_at, \
+             status, text, status_at) VALUES {} {} created_at = created_at",
+            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; sessions.len()].join(", "),
+            self.db.backend().upsert("server_id, channel")
+        );
+        let mut tx = self.db.begin_write().await?;
+        let result = async {
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for s in sessions {
+                debug_assert_eq!(s.session.server, server);
+                query = query
+                    .bind(server_param(s.session.server))
+                    .bind(u64_param(s.session.channel.0))
+                    .bind(user_param(s.session.user))
+                    .bind(s.session.device.as_str())
+                    .bind(u64_param(epoch))
+                    .bind(now_ms)
+                    .bind(s.status.as_str())
+                    .bind(s.text.as_str())
+                    .bind(s.status_at_ms);
+            }
+            query.execute(&mut *tx).await?;
+            let users: Vec<UserId> = sessions.iter().map(|s| s.session.user).collect();
+            Ok(recompute_in(&mut tx, self.db.backend(), &users, server, now_ms).await?)
+        }
+        .await;
+        finish(tx, result).await
+    }
+
     /// Deletes every session of `server`; returns how many there were.
     pub async fn clear_sessions(&self, server: ServerId) -> Result<u64, RegistryError> {
         let done = sqlx::query("DELETE FROM sessions WHERE server_id = ?")
@@ -554,6 +639,18 @@ impl Registry {
         sort_sessions(&mut out);
         Ok(out)
     }
+}
+
+/// A live connection's session as its app server knows it: what
+/// [`Registry::restore_sessions`] writes back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveSession {
+    pub session: Session,
+    /// The status the connection set last (`online` until it sets one).
+    pub status: Status,
+    pub text: String,
+    /// When it was set (unix ms; 0 = never).
+    pub status_at_ms: i64,
 }
 
 fn sort_sessions(sessions: &mut [Session]) {

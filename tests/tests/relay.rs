@@ -418,3 +418,82 @@ async fn frame_limits_announced_by_peers_are_honoured() {
     assert_eq!(s2.metrics.link.link_connects.get(), 1, "no reconnect loop");
     db.cleanup().await;
 }
+
+/// Every live client connection keeps its session row, which is how
+/// senders find it. An exchange that loses sight of an app server for a
+/// lease marks it down and deletes its rows — also when the server was
+/// alive all along (cut off here; after an exchange restart, a server that
+/// came back a moment late). When the server registers again, its audit
+/// writes the rows back: its users are found by `user_list`, receive what
+/// is sent to them, and are online again in the presence table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_server_marked_down_gets_its_sessions_back_when_it_returns() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let mut cfg = exchange_config(db.url());
+    cfg.lease_secs = 1;
+    let (ex, _stop) = spawn_exchange(&ca, cfg).await;
+    let proxy = UdpProxy::start(ex.addr).await;
+    let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
+    let s2 = spawn_appserver(&ca, appserver_config(db.url(), 2, proxy.addr()), vec![]).await;
+    wait_linked(&s1).await;
+    wait_linked(&s2).await;
+    let mut r = s2.connections.attach(UserId(21), "phone").await.unwrap();
+    let channel = r.session.channel;
+    let reg = iim::registry::Registry::connect(db.url()).await.unwrap();
+    let presence = iim::presence::PresenceStore::new(&reg);
+    let online = || async {
+        presence
+            .rows(&[UserId(21)])
+            .await
+            .unwrap()
+            .first()
+            .is_some_and(|p| p.status == iim::presence::Status::Online)
+    };
+    // What the gateway does for a client that connects.
+    presence
+        .recompute(UserId(21), ServerId(2), iim::types::now_ms())
+        .await
+        .unwrap();
+    assert!(online().await);
+
+    proxy.cut();
+    let state = || async {
+        reg.server(ServerId(2))
+            .await
+            .unwrap()
+            .map(|s| s.state.to_string())
+    };
+    // Marked down by the exchange: the row and the user's presence go.
+    eventually!(
+        20,
+        "server 2 marked down",
+        state().await.as_deref() == Some("down")
+    );
+    assert!(s1.iim.user_list(&[UserId(21)]).await.unwrap().is_empty());
+    assert!(!online().await, "21 offline once its server is marked down");
+    assert_eq!(
+        s2.epoch,
+        reg.server(ServerId(2)).await.unwrap().unwrap().epoch
+    );
+
+    proxy.restore();
+    eventually!(
+        20,
+        "server 2 back up",
+        state().await.as_deref() == Some("up")
+    );
+    eventually!(
+        20,
+        "the live connection's session row written back",
+        s1.iim.user_list(&[UserId(21)]).await.unwrap().len() == 1
+    );
+    let users = s1.iim.user_list(&[UserId(21)]).await.unwrap();
+    assert_eq!(users[0].channel, channel);
+    assert!(s2.metrics.sessions_restored.get() >= 1);
+    eventually!(20, "21 online again", online().await);
+    let report = s1.iim.send(text(100, 11, "after"), &users).await.unwrap();
+    assert!(report.all_delivered(), "{report:?}");
+    assert_eq!(&recv(&mut r.rx).await.body[..], b"after");
+    db.cleanup().await;
+}

@@ -63,6 +63,13 @@ pub struct Config {
     pub epoch: u64,
     /// How long a disconnected app server's deliveries are kept for it.
     pub lease: Duration,
+    /// The lease a restarted exchange gives each server it served before
+    /// (attached here and not down in the registry) to come back: at least
+    /// `lease` plus the QUIC idle timeout ([`Config::rejoin_for`]). Such a
+    /// server may notice the old exchange is gone only after the idle
+    /// timeout, and must not be marked down (its sessions deleted) for
+    /// reconnecting a moment after one plain lease.
+    pub rejoin: Duration,
     /// How long a shutdown waits for queued deliveries.
     pub grace: Duration,
     /// The largest frame body this exchange accepts and sends.
@@ -91,6 +98,14 @@ impl Config {
     /// least 200 ms.
     pub fn sweep_period_for(lease: Duration) -> Duration {
         (lease / 3).max(Duration::from_millis(200))
+    }
+
+    /// The rejoin lease the daemon uses: the lease plus the QUIC idle
+    /// timeout. An app server reconnects within half a lease of noticing
+    /// (its connection attempts and backoff are bounded by a quarter of the
+    /// lease each), and notices within the idle timeout.
+    pub fn rejoin_for(lease: Duration, idle_timeout: Duration) -> Duration {
+        lease + idle_timeout
     }
 }
 
@@ -280,7 +295,8 @@ pub struct Exchange {
 impl Exchange {
     /// A new exchange that knows the app servers in `known` (the registry
     /// at start). Servers it served before a restart (attached here and not
-    /// down) get a lease to come back; every other one is routable as down.
+    /// down) get the rejoin lease to come back; every other one is routable
+    /// as down.
     pub fn new(
         cfg: Config,
         known: Vec<AppServerRow>,
@@ -311,7 +327,7 @@ impl Exchange {
                 route.state = RouteState::Disconnected;
                 route.lease_gen += 1;
                 ex.timers
-                    .add(now + ex.cfg.lease, Timer::Lease(s.id, route.lease_gen));
+                    .add(now + ex.cfg.rejoin, Timer::Lease(s.id, route.lease_gen));
             }
         }
         ex.timers.add(now, Timer::Sweep);

@@ -33,13 +33,16 @@ use iim_proto::coalesce::{Coalescer, frame_bytes};
 use iim_proto::types::{Address, MessageId, ServerId};
 use iim_proto::wire::{
     self, Ack906, CLOSE_GOING_AWAY, Deliver906, DeliveryStatus, ErrorCode, Frame, Heartbeat,
-    Message, Register, ReportEntry, UserRow,
+    Message, Register, Registered, ReportEntry, UserRow,
 };
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
+
+/// The shortest a connection attempt is given, however short the lease.
+pub const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// The link's settings (validated by the app server's config).
 #[derive(Clone, Debug)]
@@ -61,7 +64,9 @@ pub struct Config {
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     /// From the connection to the exchange's `Registered`, and from a
-    /// question to the registry to its answer.
+    /// question to the registry to its answer; also the longest a
+    /// connection attempt may take before a lease is known (then a quarter
+    /// of the lease, at least [`MIN_CONNECT_TIMEOUT`]).
     pub register_timeout: Duration,
     /// The wall clock (unix ms) at the `now` the link was created: a
     /// heartbeat carries the sender's wall clock.
@@ -130,9 +135,12 @@ enum State {
         ask: AskId,
         deadline: Instant,
     },
+    /// Waiting for the connection (handshake and stream) until
+    /// `deadline`.
     Connecting {
         conn: ConnId,
         exchange: ServerId,
+        deadline: Instant,
     },
     /// `Register` written; waiting for `Registered` until `deadline`.
     Registering {
@@ -161,6 +169,11 @@ pub struct Link<R> {
     next_conn: u64,
     next_ask: u64,
     connected_before: bool,
+    /// Registrations accepted so far (each one may follow a mark-down
+    /// that deleted this server's session rows: the shell audits them).
+    registrations: u64,
+    /// The lease the exchange granted at the latest registration.
+    lease: Option<Duration>,
     /// The 905 size limit in force.
     send_limit: usize,
     started: Instant,
@@ -181,6 +194,8 @@ impl<R> Link<R> {
             next_conn: 1,
             next_ask: 1,
             connected_before: false,
+            registrations: 0,
+            lease: None,
             started: now,
             fatal: None,
             outputs: VecDeque::new(),
@@ -208,6 +223,13 @@ impl<R> Link<R> {
     }
 
     /// The connection the link holds now (connecting, registering or up).
+    /// Registrations accepted so far: each may follow a mark-down that
+    /// deleted this server's session rows, so the shell checks them after
+    /// every one.
+    pub fn registrations(&self) -> u64 {
+        self.registrations
+    }
+
     pub fn conn(&self) -> Option<ConnId> {
         match self.state {
             State::Connecting { conn, .. }
@@ -269,9 +291,9 @@ impl<R> Link<R> {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let state = match self.state {
             State::Idle { at } => Some(at),
-            State::Locating { deadline, .. } | State::Registering { deadline, .. } => {
-                Some(deadline)
-            }
+            State::Locating { deadline, .. }
+            | State::Connecting { deadline, .. }
+            | State::Registering { deadline, .. } => Some(deadline),
             State::Up { next_heartbeat, .. } => Some(next_heartbeat),
             _ => None,
         };
@@ -324,14 +346,17 @@ impl<R> Link<R> {
                     .map_err(|_| format!("exchange {} has address {:?}", ex.id, ex.address))
             });
         match found {
-            Ok(addr) => self.connect(expected, addr),
+            Ok(addr) => self.connect(expected, addr, now),
             Err(why) => self.retry_later(&why, now),
         }
     }
 
     /// The connection `conn` is established and its stream open: register.
     pub fn handle_connected(&mut self, conn: ConnId, now: Instant) {
-        let State::Connecting { conn: c, exchange } = self.state else {
+        let State::Connecting {
+            conn: c, exchange, ..
+        } = self.state
+        else {
             return;
         };
         if c != conn {
@@ -393,7 +418,7 @@ impl<R> Link<R> {
             match frames.next() {
                 None => return,
                 Some(Frame::Registered(r)) if r.exchange == exchange => {
-                    self.registered(conn, exchange, r.max_frame as usize, now)
+                    self.registered(conn, &r, now)
                 }
                 Some(Frame::Registered(r)) => {
                     return self.become_fatal(format!(
@@ -459,7 +484,7 @@ impl<R> Link<R> {
         }
         match self.state {
             State::Idle { at } if at <= now => match self.cfg.address {
-                Some(addr) => self.connect(self.cfg.exchange, addr),
+                Some(addr) => self.connect(self.cfg.exchange, addr, now),
                 None => {
                     let ask = AskId(self.next_ask);
                     self.next_ask += 1;
@@ -472,6 +497,10 @@ impl<R> Link<R> {
             },
             State::Locating { deadline, .. } if deadline <= now => {
                 self.retry_later("no answer from the registry in time", now);
+            }
+            State::Connecting { deadline, .. } if deadline <= now => {
+                self.close_current(ErrorCode::Protocol.close_code(), "connect timed out");
+                self.retry_later("no connection in time", now);
             }
             State::Registering { deadline, .. } if deadline <= now => {
                 self.close_current(ErrorCode::Protocol.close_code(), "no registered frame");
@@ -510,10 +539,14 @@ impl<R> Link<R> {
 
     // ----- internals -----------------------------------------------------
 
-    fn connect(&mut self, exchange: ServerId, addr: SocketAddr) {
+    fn connect(&mut self, exchange: ServerId, addr: SocketAddr, now: Instant) {
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
-        self.state = State::Connecting { conn, exchange };
+        self.state = State::Connecting {
+            conn,
+            exchange,
+            deadline: now + self.connect_timeout(),
+        };
         self.outputs.push_back(Output::Connect {
             conn,
             exchange,
@@ -521,7 +554,40 @@ impl<R> Link<R> {
         });
     }
 
-    fn registered(&mut self, conn: ConnId, exchange: ServerId, exchange_max: usize, now: Instant) {
+    /// How long one connection attempt may take. Once the exchange has
+    /// granted a lease, an attempt plus the longest backoff stays within
+    /// half of it: after an exchange restart (which gives the servers it
+    /// served one lease to come back) a live server is back in time even
+    /// when its attempt started just before the exchange listened again
+    /// and has to be given up first. A QUIC handshake to nobody otherwise
+    /// waits out the whole idle timeout.
+    fn connect_timeout(&self) -> Duration {
+        match self.lease {
+            Some(lease) => (lease / 4)
+                .max(MIN_CONNECT_TIMEOUT)
+                .min(self.cfg.register_timeout),
+            None => self.cfg.register_timeout,
+        }
+    }
+
+    /// The longest backoff between attempts: `reconnect_max`, and at most
+    /// a quarter of the lease granted (see [`Link::connect_timeout`]).
+    fn backoff_max(&self) -> Duration {
+        match self.lease {
+            Some(lease) => self
+                .cfg
+                .reconnect_max
+                .min(lease / 4)
+                .max(self.cfg.reconnect_min),
+            None => self.cfg.reconnect_max,
+        }
+    }
+
+    fn registered(&mut self, conn: ConnId, r: &Registered, now: Instant) {
+        let exchange = r.exchange;
+        let exchange_max = r.max_frame as usize;
+        self.registrations += 1;
+        self.lease = Some(Duration::from_millis(u64::from(r.lease_ms)));
         self.metrics.link_connects.inc();
         let limit = exchange_max.max(1_024).min(self.cfg.max_frame);
         if limit < self.send_limit {
@@ -621,7 +687,7 @@ impl<R> Link<R> {
         self.state = State::Idle {
             at: now + self.backoff,
         };
-        self.backoff = (self.backoff * 2).min(self.cfg.reconnect_max);
+        self.backoff = (self.backoff * 2).min(self.backoff_max());
     }
 
     fn become_fatal(&mut self, reason: String) {

@@ -33,6 +33,9 @@ impl World {
                     }
                 };
                 self.count("registry_trouble");
+                for r in self.rejoining.values_mut() {
+                    r.excused = true;
+                }
                 let d = self.rng.millis(300, 4_000);
                 self.schedule(d, Ev::RegistryNormal);
             }
@@ -51,6 +54,10 @@ impl World {
         let a = candidates[self.rng.below(candidates.len())];
         self.count("cut");
         self.apps[a].partitioned = true;
+        let id = self.apps[a].id;
+        if let Some(r) = self.rejoining.get_mut(&id) {
+            r.excused = true;
+        }
         self.log(|| format!("server {} cut off", self.apps[a].id));
         let idle = self.p.idle;
         let conns: Vec<u64> = self
@@ -172,6 +179,14 @@ impl World {
         let Some(ex) = self.ex.take() else { return };
         self.count("crash_exchange");
         self.log(|| "exchange crashes".to_string());
+        self.orphan_conns(&ex);
+        let d = self.rng.millis(100, 3_000);
+        self.schedule(d, Ev::RestartEx);
+    }
+
+    /// The exchange process is gone: its connections that the app servers
+    /// still hold end for them at the idle timeout.
+    pub(super) fn orphan_conns(&mut self, ex: &ExNode) {
         let idle = self.p.idle;
         for sc in sorted(ex.conns.values().copied().collect()) {
             if let Some(c) = self.conns.get_mut(&sc) {
@@ -182,8 +197,6 @@ impl World {
                 }
             }
         }
-        let d = self.rng.millis(100, 3_000);
-        self.schedule(d, Ev::RestartEx);
     }
 
     pub(super) fn drain_exchange(&mut self) {

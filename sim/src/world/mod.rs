@@ -232,6 +232,15 @@ enum RegMode {
     Stale,
 }
 
+/// A server given the rejoin lease by a restarted exchange.
+#[derive(Clone, Copy, Debug)]
+struct Rejoin {
+    epoch: u64,
+    /// Cut off, or the registry in trouble, since the exchange started:
+    /// being marked down is then no broken promise.
+    excused: bool,
+}
+
 struct ExNode {
     core: Exchange,
     life: u64,
@@ -313,6 +322,10 @@ pub struct World {
     ex: Option<ExNode>,
     ex_gens: u64,
     ex_metrics: Option<Arc<ExchangeMetrics>>,
+    /// The servers the running exchange gave the rejoin lease (it served
+    /// them before it restarted) and that have not registered with it yet:
+    /// epoch, and whether a fault since the start excuses a late return.
+    rejoining: BTreeMap<ServerId, Rejoin>,
     apps: Vec<AppNode>,
     gens: u64,
     conns: HashMap<u64, SimConn>,
@@ -346,6 +359,7 @@ impl World {
             reg_stale: BTreeMap::new(),
             ex: None,
             ex_gens: 0,
+            rejoining: BTreeMap::new(),
             ex_metrics: None,
             apps: Vec::new(),
             gens: 0,

@@ -20,6 +20,24 @@ impl World {
         row.address = format!("10.0.0.1:{port}");
         let epoch = row.epoch;
         let known = self.app_rows();
+        // A server alive and reachable, with the registry healthy, must be
+        // back before its rejoin lease ends: it must never be marked down
+        // (its sessions deleted) while it lives.
+        let troubled = self.reg_mode != RegMode::Normal || self.p.registry_drop > 0.0;
+        self.rejoining = known
+            .iter()
+            .filter(|r| r.exchange == Some(EXCHANGE) && !r.down)
+            .map(|r| {
+                let cut = self.apps.iter().any(|a| a.id == r.id && a.partitioned);
+                (
+                    r.id,
+                    Rejoin {
+                        epoch: r.epoch,
+                        excused: troubled || cut,
+                    },
+                )
+            })
+            .collect();
         let metrics = Arc::new(ExchangeMetrics::default());
         self.ex_metrics = Some(metrics.clone());
         let core = Exchange::new(
@@ -27,6 +45,7 @@ impl World {
                 id: EXCHANGE,
                 epoch,
                 lease: self.p.lease,
+                rejoin: exchange::Config::rejoin_for(self.p.lease, self.p.idle),
                 grace: Duration::from_millis(800),
                 max_frame: self.p.ex_max_frame,
                 handshake_timeout: Duration::from_millis(1_500),
@@ -144,7 +163,11 @@ impl World {
                 exchange::Output::Stopped => {
                     self.log(|| "exchange stopped (drained)".to_string());
                     self.exchange_ends();
-                    self.ex = None;
+                    // What it did not close (a link accepted while it
+                    // drained) ends for the app server at the idle timeout.
+                    if let Some(ex) = self.ex.take() {
+                        self.orphan_conns(&ex);
+                    }
                     if let Some(r) = self.reg.get_mut(&EXCHANGE) {
                         r.state = RegState::Down;
                     }

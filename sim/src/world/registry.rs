@@ -11,6 +11,28 @@ impl World {
         }
     }
 
+    /// A mark-down of `server`'s incarnation `epoch` is a broken promise
+    /// when that incarnation still lives and was given the rejoin lease by
+    /// the running exchange with nothing since to excuse a late return:
+    /// its clients would lose their sessions although nothing failed.
+    fn spurious_mark_down(&mut self, server: ServerId, epoch: u64) {
+        let Some(r) = self.rejoining.get(&server).copied() else {
+            return;
+        };
+        let alive = self.apps.iter().any(|a| {
+            a.id == server
+                && a.inc
+                    .as_ref()
+                    .is_some_and(|i| i.link.config().epoch == epoch && !i.link.is_stopped())
+        });
+        if r.epoch == epoch && !r.excused && alive {
+            self.fail(format!(
+                "server {server} (epoch {epoch}) was marked down by the restarted exchange \
+                 although it lived, reachable, with the registry healthy"
+            ));
+        }
+    }
+
     pub(super) fn ask_registry(&mut self, life: u64, id: AskId, query: Query) {
         let d = self.registry_delay();
         if self.rng.chance(self.p.registry_drop) {
@@ -46,6 +68,9 @@ impl World {
                         Registration::Accepted
                     }
                 };
+                if r == Registration::Accepted {
+                    self.rejoining.remove(&server);
+                }
                 Answer::Registration(Ok(r))
             }
             Query::MarkDown { server, epoch } => {
@@ -57,6 +82,7 @@ impl World {
                 {
                     row.state = RegState::Down;
                 }
+                self.spurious_mark_down(server, epoch);
                 Answer::Done(Ok(()))
             }
             Query::AppServers => {
