@@ -213,6 +213,9 @@ impl Render for ChatMetrics {
 pub struct PresenceMetrics {
     pub changes: Counter,
     pub announcements: Counter,
+    /// Changes of ours not announced: by the time the row was read another
+    /// server had changed it again (that server announces).
+    pub superseded: Counter,
     pub hints: Family,
     pub repaired: Counter,
     pub delivered: Counter,
@@ -225,6 +228,7 @@ impl Default for PresenceMetrics {
         PresenceMetrics {
             changes: Counter::default(),
             announcements: Counter::default(),
+            superseded: Counter::default(),
             hints: Family::new(
                 "verdict",
                 &["valid", "stale", "forged", "malformed", "dropped"],
@@ -248,6 +252,11 @@ impl Render for PresenceMetrics {
             "iim_presence_announcements_total",
             "Presence hints sent (one iim::send each).",
             &self.announcements,
+        )
+        .counter(
+            "iim_presence_announcements_superseded_total",
+            "Changes of this server not announced because another server changed the user again first (and announces that).",
+            &self.superseded,
         )
         .family(
             "iim_presence_hints_total",

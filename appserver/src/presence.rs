@@ -434,6 +434,19 @@ async fn announce_loop(
         // Local watchers get it directly; remote ones through the relay.
         p.deliver(&rows);
         for r in rows {
+            // A hint names its sender as the changer, and receivers check
+            // that against the row. A row another server (or the registry)
+            // changed since is not ours to announce: that server announces
+            // it, and repair covers the registry's.
+            if r.server != p.server {
+                p.metrics.superseded.inc();
+                debug!(
+                    user = r.user.0,
+                    changer = r.server.0,
+                    "presence change superseded by another server's; not announced"
+                );
+                continue;
+            }
             if let Err(e) = announce(&p, &iim, &r).await {
                 debug!(error = %e, user = r.user.0, "announcement failed; repair will cover it");
             }

@@ -320,6 +320,54 @@ async fn forged_and_stale_presence_is_refused_and_counted() {
     w.db.cleanup().await;
 }
 
+/// A user who moves to another server: the server it left announces its
+/// logout only if nobody changed the row since. When the server it joined
+/// has already written a newer version, the old server does not send that
+/// row under its own id (receivers would refuse it as forged, which must
+/// count forgeries only); the new server announces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_moving_between_servers_is_announced_by_the_changer_only() {
+    // Long enough for the move to land inside server 2's window.
+    let w = world(|c| c.presence.coalesce_ms = 1_500).await;
+    let mut c31 = w.client(2, 31).await;
+    let c21 = w.client(1, 21).await;
+    converge(&w, &mut [&mut c31], 21).await;
+    let s2 = &w.servers[1].metrics.presence;
+    let announced = s2.announcements.get();
+    let before = w.truth(21).await.1;
+    c21.close().await;
+    eventually!(
+        WAIT.as_secs(),
+        "the logout written by server 2",
+        w.truth(21).await.1 > before
+    );
+    // Server 2 has the logout queued; 21 comes back on server 1 first.
+    let _c21 = w.client(0, 21).await;
+    eventually!(
+        WAIT.as_secs(),
+        format!(
+            "server 2 to drop its superseded change (announced {}, superseded {})",
+            s2.announcements.get() - announced,
+            s2.superseded.get()
+        ),
+        s2.superseded.get() >= 1
+    );
+    assert_eq!(
+        s2.announcements.get(),
+        announced,
+        "server 2 announced nothing"
+    );
+    let t = converge(&w, &mut [&mut c31], 21).await;
+    assert_eq!(t.0, "online");
+    let rows = w.presence.rows(&[UserId(21)]).await.unwrap();
+    assert_eq!(
+        rows[0].server, w.servers[0].id,
+        "server 1 made the last change"
+    );
+    assert_eq!(w.servers[2].metrics.presence.hints.get("forged"), 0);
+    w.db.cleanup().await;
+}
+
 /// Only friends and colleagues may be watched: a `presence_subscribe`
 /// naming anybody else is refused `not_a_contact`, watches nobody and is
 /// counted; colleagues of an organisation too large to broadcast and
