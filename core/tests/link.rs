@@ -119,7 +119,7 @@ impl T {
         self.drain();
         let mut done = vec![];
         self.outputs.retain(|o| match o {
-            Output::Completed { reply, results } => {
+            Output::Completed { reply, results, .. } => {
                 done.push((*reply, results.clone()));
                 false
             }
@@ -482,4 +482,79 @@ fn a_granted_lease_bounds_connection_attempts_and_backoff() {
     let c = t.up();
     assert_eq!(t.link.registrations(), 2);
     assert_eq!(t.link.conn(), Some(c));
+}
+
+/// A 905 sent again after a link loss goes without the rows of targets that
+/// already have an outcome (a target must never be handed a message after
+/// it was reported anything but delivered), and its completion says it
+/// was resent: `overloaded` for a later copy then proves nothing, as an
+/// earlier copy may have been handed over. A 905 first written after the
+/// reconnect is not resent.
+#[test]
+fn a_resent_905_leaves_out_reported_targets_and_says_it_was_resent() {
+    let mut t = T::new(true);
+    t.tick();
+    let mut origin = Origin::new(ME, 4);
+    let conn = t.up();
+    let fwd = origin
+        .forward(
+            &mut message(ME),
+            [(ServerId(2), row()), (ServerId(3), row())],
+            EX,
+            DEFAULT_MAX_FRAME,
+        )
+        .unwrap();
+    let m = fwd.id;
+    t.link.submit(fwd.id, fwd.frame, fwd.targets, 7, t.now);
+    t.written();
+    let entry = |id, server, status| ReportEntry {
+        id,
+        server: ServerId(server),
+        status,
+    };
+    t.frames(
+        conn,
+        vec![Frame::Report(Report {
+            entries: vec![entry(m, 2, DeliveryStatus::Overloaded)],
+        })],
+    );
+    assert!(t.completed().is_empty(), "3 has no outcome yet");
+    t.link
+        .handle_down(conn, LinkDown::Lost("timed out".into()), t.now);
+    // Submitted while down: its first copy goes out after the reconnect.
+    let n = t.submit(&mut origin, 8);
+    t.advance(Duration::from_millis(100));
+    let conn = t.up();
+    let rows: Vec<(MessageId, Vec<ServerId>)> = t
+        .written()
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Forward(f) => Some((f.id, f.rows.iter().map(|r| r.server).collect())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![(m, vec![ServerId(3)]), (n, vec![ServerId(2)])],
+        "the resent 905 names only the target still waiting"
+    );
+    t.frames(
+        conn,
+        vec![Frame::Report(Report {
+            entries: vec![
+                entry(m, 3, DeliveryStatus::Overloaded),
+                entry(n, 2, DeliveryStatus::Overloaded),
+            ],
+        })],
+    );
+    t.drain();
+    let done: Vec<(u64, bool)> = t
+        .outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Completed { reply, resent, .. } => Some((*reply, *resent)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(done, vec![(7, true), (8, false)]);
 }

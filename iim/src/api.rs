@@ -63,6 +63,16 @@ pub trait LocalDelivery: Send + Sync + 'static {
 }
 
 /// What `send` reports: local outcome plus one status per remote server.
+///
+/// What each status says of whether the target server was handed the
+/// message (`docs/protocol.md` §5.5):
+/// - `delivered`: yes.
+/// - `unknown_server`, `refused`, `overloaded`: no, and it never will be.
+/// - `server_down`: not known — the target ended before acknowledging; a
+///   copy in flight may have reached it.
+/// - `timed_out`: not known — no certain outcome within the deadline (also
+///   what an `overloaded` becomes for a 905 sent again after a link loss,
+///   whose earlier copy may have been delivered).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SendReport {
     pub id: MessageId,

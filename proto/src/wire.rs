@@ -333,7 +333,8 @@ pub enum DeliveryStatus {
     UnknownServer,
     /// The target is down (lease expired, shut down, or restarted).
     ServerDown,
-    /// No outcome within the sender's deadline.
+    /// Outcome not known: no certain outcome within the sender's deadline
+    /// (a copy may have been, or may still be, delivered).
     TimedOut,
     /// The exchange's queue for the target is full, or the 906 is larger
     /// than the target accepts.

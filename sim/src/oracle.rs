@@ -7,6 +7,12 @@
 //!   one of the message's targets, with the users and bytes the origin
 //!   listed for it, and in the origin's send order.
 //! - What was reported `delivered` was received by that target.
+//! - What was reported `unknown_server`, `refused`, or `overloaded` for a
+//!   905 sent on one connection only, is never received by that target,
+//!   before or after the report: those say it was not and will not be
+//!   handed over. (`overloaded` for a 905 sent again after a link loss,
+//!   `server_down` and `timed_out` promise nothing either way: a copy may
+//!   have been in flight.)
 
 use bytes::Bytes;
 use iim_proto::types::{MessageId, ServerId};
@@ -28,6 +34,8 @@ pub struct SendRec {
     /// When the origin gives up on it (`timed_out`).
     pub deadline: std::time::Instant,
     pub outcome: Option<Vec<(ServerId, DeliveryStatus)>>,
+    /// The origin sent it on more than one connection.
+    pub resent: bool,
 }
 
 #[derive(Default)]
@@ -90,6 +98,18 @@ impl Oracle {
         if msg.body != rec.body {
             return Err(format!("{server} was handed {} with other bytes", msg.id));
         }
+        if let Some((_, status)) = rec
+            .outcome
+            .iter()
+            .flatten()
+            .find(|(s, st)| *s == server && never_handed_over(*st, rec.resent))
+        {
+            return Err(format!(
+                "{server} was handed {} after it was reported {} to its origin",
+                msg.id,
+                status.as_str()
+            ));
+        }
         if !self.handed.insert((incarnation, msg.id)) {
             return Err(format!(
                 "{server} (incarnation {incarnation}) was handed {} twice",
@@ -124,6 +144,7 @@ impl Oracle {
         n: u64,
         incarnation: u64,
         results: &[ReportEntry],
+        resent: bool,
     ) -> Result<(), String> {
         let rec = self
             .sends
@@ -168,13 +189,28 @@ impl Oracle {
                     rec.id, r.server
                 ));
             }
+            if never_handed_over(r.status, resent)
+                && self
+                    .received
+                    .get(&r.server)
+                    .is_some_and(|s| s.contains(&rec.id))
+            {
+                return Err(format!(
+                    "send {} reported {} for {}, which received it",
+                    rec.id,
+                    r.status.as_str(),
+                    r.server
+                ));
+            }
             *self.outcomes.entry(r.status.as_str()).or_insert(0) += 1;
         }
         rec.outcome = Some(results.iter().map(|r| (r.server, r.status)).collect());
+        rec.resent = resent;
         Ok(())
     }
 
-    /// An exchange incarnation ends: what it refused may come again.
+    /// An exchange incarnation ends: what it refused may come again (to
+    /// a target whose refusal the origin had not heard).
     pub fn exchange_refused(&mut self, refused: impl IntoIterator<Item = (MessageId, ServerId)>) {
         self.refused_earlier.extend(refused);
     }
@@ -184,5 +220,15 @@ impl Oracle {
         self.sends
             .iter()
             .filter(move |s| s.incarnation == incarnation && s.outcome.is_none())
+    }
+}
+
+/// Outcomes that say the target was not, and will not be, handed the
+/// message (`resent`: the origin sent it on more than one connection).
+fn never_handed_over(status: DeliveryStatus, resent: bool) -> bool {
+    match status {
+        DeliveryStatus::UnknownServer | DeliveryStatus::Refused => true,
+        DeliveryStatus::Overloaded => !resent,
+        _ => false,
     }
 }

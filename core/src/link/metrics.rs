@@ -17,6 +17,8 @@ pub struct LinkMetrics {
     pub rejected: Family,
     pub acks_out: Counter,
     pub reports_in: Family,
+    /// `overloaded` reports for resent 905s, completed as `timed_out`.
+    pub reports_uncertain: Counter,
     pub link_connects: Counter,
     pub link_up: Gauge,
     pub outstanding: Gauge,
@@ -33,6 +35,7 @@ impl Default for LinkMetrics {
             rejected: Family::new("reason", REJECT_REASONS),
             acks_out: Counter::default(),
             reports_in: Family::new("status", &DeliveryStatus::LABELS),
+            reports_uncertain: Counter::default(),
             link_connects: Counter::default(),
             link_up: Gauge::default(),
             outstanding: Gauge::default(),
@@ -82,6 +85,11 @@ impl Render for LinkMetrics {
             "iim_appserver_reports_total",
             "Delivery report entries received, by status.",
             &self.reports_in,
+        )
+        .counter(
+            "iim_appserver_reports_uncertain_total",
+            "overloaded reports for 905s sent again after a link loss, completed as timed_out: an earlier copy may have been delivered.",
+            &self.reports_uncertain,
         )
         .counter(
             "iim_appserver_link_connects_total",

@@ -73,6 +73,16 @@ pub struct Config {
     pub wall_ms_at_start: i64,
 }
 
+impl<R> From<outbox::Done<R>> for Output<R> {
+    fn from(d: outbox::Done<R>) -> Self {
+        Output::Completed {
+            reply: d.reply,
+            results: d.results,
+            resent: d.resent,
+        }
+    }
+}
+
 /// The registry's row of one exchange.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExchangeRow {
@@ -116,7 +126,12 @@ pub enum Output<R> {
         users: Vec<UserRow>,
     },
     /// A send is finished: one outcome per target server.
-    Completed { reply: R, results: Vec<ReportEntry> },
+    Completed {
+        reply: R,
+        results: Vec<ReportEntry>,
+        /// See [`outbox::Done::resent`]: `overloaded` then proves nothing.
+        resent: bool,
+    },
     /// 905s may now be at most this long (the exchange accepts less than
     /// configured).
     SendLimit(usize),
@@ -316,11 +331,15 @@ impl<R> Link<R> {
         now: Instant,
     ) {
         self.metrics.forwards_out.inc();
-        if matches!(self.state, State::Up { .. }) {
+        let up = matches!(self.state, State::Up { .. });
+        if up {
             self.out.add(&frame);
         }
         self.outbox
             .push(id, frame, targets, now + self.cfg.send_timeout, reply);
+        if up {
+            self.outbox.transmitted_last();
+        }
     }
 
     /// The registry's exchanges (answer to [`Output::Locate`]).
@@ -447,8 +466,8 @@ impl<R> Link<R> {
                         .reports_in
                         .add_each(&DeliveryStatus::tally(r.entries.iter().map(|e| e.status)));
                     for e in r.entries {
-                        if let Some((reply, results)) = self.outbox.handle_report(e) {
-                            self.outputs.push_back(Output::Completed { reply, results });
+                        if let Some(done) = self.outbox.handle_report(e) {
+                            self.outputs.push_back(done.into());
                         }
                     }
                 }
@@ -476,11 +495,11 @@ impl<R> Link<R> {
     /// Time passed: reconnect, registration deadline, heartbeat, send
     /// deadlines.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for (reply, results) in self.outbox.poll_expired(now) {
-            for r in &results {
+        for done in self.outbox.poll_expired(now) {
+            for r in &done.results {
                 self.metrics.reports_in.inc(r.status.as_str());
             }
-            self.outputs.push_back(Output::Completed { reply, results });
+            self.outputs.push_back(done.into());
         }
         match self.state {
             State::Idle { at } if at <= now => match self.cfg.address {
@@ -528,8 +547,8 @@ impl<R> Link<R> {
     /// is still unreported completes `timed_out`; the connection is closed
     /// as a clean, intended departure.
     pub fn stop(&mut self, _now: Instant) {
-        for (reply, results) in self.outbox.abandon() {
-            self.outputs.push_back(Output::Completed { reply, results });
+        for done in self.outbox.abandon() {
+            self.outputs.push_back(done.into());
         }
         self.close_current(CLOSE_GOING_AWAY, "app server draining");
         self.metrics.link_up.set(0);
@@ -595,17 +614,17 @@ impl<R> Link<R> {
             self.send_limit = limit;
             self.outputs.push_back(Output::SendLimit(limit));
         }
-        for (reply, results) in self
+        for done in self
             .outbox
             .remove_larger_than(limit + wire::HEADER_LEN, DeliveryStatus::Overloaded)
         {
-            self.outputs.push_back(Output::Completed { reply, results });
+            self.outputs.push_back(done.into());
         }
         self.metrics.link_up.set(1);
         // Every unreported 905 goes out again, in order, before anything
         // new.
-        for f in self.outbox.frames() {
-            self.out.add(f);
+        for f in self.outbox.resend(self.cfg.max_frame) {
+            self.out.add(&f);
         }
         if self.connected_before {
             self.metrics.forwards_resent.add(self.outbox.len() as u64);

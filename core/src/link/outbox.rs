@@ -5,8 +5,9 @@
 //! they already delivered. Time is passed in; no clocks, no IO.
 
 use bytes::Bytes;
+use iim_proto::coalesce::frame_bytes;
 use iim_proto::types::{MessageId, ServerId};
-use iim_proto::wire::{DeliveryStatus, ReportEntry};
+use iim_proto::wire::{self, DeliveryStatus, Frame, ReportEntry};
 use std::collections::VecDeque;
 use std::time::Instant;
 
@@ -17,10 +18,37 @@ struct Pending<R> {
     results: Vec<ReportEntry>,
     deadline: Instant,
     reply: R,
+    /// Written on a connection at least once.
+    transmitted: bool,
+    /// Written on a later connection too: a copy sent before may have been
+    /// handed over although its report never came, so a refusal by the
+    /// exchange of a later copy proves nothing.
+    resent: bool,
 }
 
-/// A finished entry: the reply handle and one outcome per target server.
-pub type Done<R> = (R, Vec<ReportEntry>);
+/// A finished entry.
+#[derive(Debug)]
+pub struct Done<R> {
+    pub reply: R,
+    /// One outcome per target server.
+    pub results: Vec<ReportEntry>,
+    /// The 905 went out on more than one connection: a copy sent before,
+    /// on a connection lost before its report came, may have been handed
+    /// over, so `overloaded` from the exchange (no room for a later copy)
+    /// does not say it was not delivered. Every other status means the
+    /// same for any copy.
+    pub resent: bool,
+}
+
+impl<R> Pending<R> {
+    fn done(self) -> Done<R> {
+        Done {
+            reply: self.reply,
+            results: self.results,
+            resent: self.resent,
+        }
+    }
+}
 
 pub struct Outbox<R> {
     /// In send order (increasing message sequence); a finished entry leaves
@@ -70,9 +98,18 @@ impl<R> Outbox<R> {
                 waiting: targets,
                 deadline,
                 reply,
+                transmitted: false,
+                resent: false,
             }),
         ));
         self.live += 1;
+    }
+
+    /// The entry pushed last was written on the current connection.
+    pub fn transmitted_last(&mut self) {
+        if let Some((_, Some(p))) = self.slots.back_mut() {
+            p.transmitted = true;
+        }
     }
 
     /// Index of the slot of sequence `seq`, if it is still tracked.
@@ -114,8 +151,7 @@ impl<R> Outbox<R> {
         p.waiting.swap_remove(w);
         p.results.push(e);
         if p.waiting.is_empty() {
-            let p = self.take(i)?;
-            return Some((p.reply, p.results));
+            return self.take(i).map(Pending::done);
         }
         None
     }
@@ -138,7 +174,7 @@ impl<R> Outbox<R> {
                     server,
                     status: DeliveryStatus::TimedOut,
                 }));
-            out.push((p.reply, p.results));
+            out.push(p.done());
         }
         out
     }
@@ -151,11 +187,27 @@ impl<R> Outbox<R> {
             .map(|p| p.deadline)
     }
 
-    /// Every unfinished 905, in send order, for a new connection.
-    pub fn frames(&self) -> impl Iterator<Item = &Bytes> + '_ {
-        self.slots
-            .iter()
-            .filter_map(|(_, p)| p.as_ref().map(|p| &p.frame))
+    /// Every unfinished 905, in send order, for a new connection. An entry
+    /// that went out before is marked resent. One that already has outcomes
+    /// for some targets goes out without their rows (re-encoded once, kept
+    /// for later resends): a target must never be handed a message after it
+    /// was reported anything but `delivered`.
+    pub fn resend(&mut self, max_frame: usize) -> Vec<Bytes> {
+        let mut out = Vec::with_capacity(self.live);
+        for (_, slot) in self.slots.iter_mut() {
+            let Some(p) = slot.as_mut() else { continue };
+            if p.transmitted {
+                p.resent = true;
+            }
+            p.transmitted = true;
+            if !p.results.is_empty()
+                && let Some(b) = without_rows_of(&p.frame, &p.waiting, max_frame)
+            {
+                p.frame = b;
+            }
+            out.push(p.frame.clone());
+        }
+        out
     }
 
     /// Remove entries whose frame is longer than `len` (the exchange will not
@@ -174,7 +226,7 @@ impl<R> Outbox<R> {
                             .drain(..)
                             .map(|server| ReportEntry { id, server, status }),
                     );
-                done.push((p.reply, p.results));
+                done.push(p.done());
             }
         }
         self.live -= done.len();
@@ -186,6 +238,17 @@ impl<R> Outbox<R> {
     pub fn abandon(&mut self) -> Vec<Done<R>> {
         self.poll_expired(Instant::now() + std::time::Duration::from_secs(86_400 * 365))
     }
+}
+
+/// `frame` (a 905) with only the rows of `keep`; `None` if it cannot be
+/// decoded or encoded again (then it goes out as it is).
+fn without_rows_of(frame: &Bytes, keep: &[ServerId], max_frame: usize) -> Option<Bytes> {
+    let mut buf = bytes::BytesMut::from(&frame[..]);
+    let Ok(Some(Frame::Forward(mut f))) = wire::decode(&mut buf, max_frame) else {
+        return None;
+    };
+    f.rows.retain(|r| keep.contains(&r.server));
+    frame_bytes(&Frame::Forward(f), max_frame)
 }
 
 #[cfg(test)]
@@ -240,11 +303,12 @@ mod tests {
         let mut stale = entry(1, 3, DeliveryStatus::Delivered);
         stale.id.epoch = 2;
         assert!(ob.handle_report(stale).is_none());
-        let (r, results) = ob
+        let done = ob
             .handle_report(entry(1, 3, DeliveryStatus::ServerDown))
             .unwrap();
-        assert_eq!(r, "r1");
-        assert_eq!(results.len(), 2);
+        assert_eq!(done.reply, "r1");
+        assert_eq!(done.results.len(), 2);
+        assert!(!done.resent);
         assert!(ob.is_empty());
     }
 
@@ -256,12 +320,12 @@ mod tests {
             let f = Bytes::from(vec![s as u8]);
             ob.push(id(s), f, vec![ServerId(2)], t0 + Duration::from_secs(s), s);
         }
-        let order: Vec<u8> = ob.frames().map(|b| b[0]).collect();
+        let order: Vec<u8> = ob.resend(1 << 20).iter().map(|b| b[0]).collect();
         assert_eq!(order, vec![1, 2, 3]);
         assert_eq!(ob.next_deadline(), Some(t0 + Duration::from_secs(1)));
         let done = ob.poll_expired(t0 + Duration::from_secs(2));
         assert_eq!(done.len(), 2);
-        assert_eq!(done[0].1[0].status, DeliveryStatus::TimedOut);
+        assert_eq!(done[0].results[0].status, DeliveryStatus::TimedOut);
         assert_eq!(ob.len(), 1);
         assert_eq!(ob.abandon().len(), 1);
     }
@@ -276,14 +340,14 @@ mod tests {
         }
         // Everything but the first (2) finishes, newest first.
         for s in (2..=10_000u64).rev().map(|i| 2 * i) {
-            let (r, _) = ob
+            let done = ob
                 .handle_report(entry(s, 2, DeliveryStatus::Delivered))
                 .unwrap();
-            assert_eq!(r, s);
+            assert_eq!(done.reply, s);
             assert!(ob.slots.len() <= 2 * ob.len() + 64);
         }
         assert_eq!(ob.len(), 1);
-        assert_eq!(ob.frames().count(), 1);
+        assert_eq!(ob.resend(1 << 20).len(), 1);
         assert!(
             ob.handle_report(entry(2, 2, DeliveryStatus::Delivered))
                 .is_some()
@@ -361,16 +425,16 @@ mod tests {
                         };
                         if want {
                             let (_, n, _, _) = model.entries.remove(&s).unwrap();
-                            let (r, results) = got.unwrap();
-                            proptest::prop_assert_eq!(r, s);
-                            proptest::prop_assert_eq!(results.len(), n);
+                            let done = got.unwrap();
+                            proptest::prop_assert_eq!(done.reply, s);
+                            proptest::prop_assert_eq!(done.results.len(), n);
                         } else {
                             proptest::prop_assert!(got.is_none());
                         }
                     }
                     Op::Expire { upto } => {
                         let now = t0 + Duration::from_millis(upto);
-                        let got: Vec<u64> = ob.poll_expired(now).into_iter().map(|(r, _)| r).collect();
+                        let got: Vec<u64> = ob.poll_expired(now).into_iter().map(|d| d.reply).collect();
                         let mut want = Vec::new();
                         while let Some((&s, &(_, _, at, _))) = model.entries.iter().next() {
                             if at > upto {
@@ -385,7 +449,7 @@ mod tests {
                         let got: Vec<u64> = ob
                             .remove_larger_than(50, DeliveryStatus::Overloaded)
                             .into_iter()
-                            .map(|(r, _)| r)
+                            .map(|d| d.reply)
                             .collect();
                         let want: Vec<u64> = model.entries.iter().filter(|(_, e)| e.3).map(|(s, _)| *s).collect();
                         model.entries.retain(|_, e| !e.3);
@@ -398,7 +462,7 @@ mod tests {
                     ob.next_deadline(),
                     model.entries.values().next().map(|e| t0 + Duration::from_millis(e.2))
                 );
-                proptest::prop_assert_eq!(ob.frames().count(), model.entries.len());
+                proptest::prop_assert_eq!(ob.resend(1 << 20).len(), model.entries.len());
             }
         }
     }

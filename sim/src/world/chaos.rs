@@ -33,6 +33,8 @@ impl World {
                     }
                 };
                 self.count("registry_trouble");
+                let mode = self.reg_mode;
+                self.log(|| format!("registry in trouble: {mode:?}"));
                 for r in self.rejoining.values_mut() {
                     r.excused = true;
                 }
@@ -319,6 +321,7 @@ impl World {
             body,
             deadline: now + self.p.send_timeout,
             outcome: None,
+            resent: false,
         });
         self.stats.sends += 1;
         self.log(|| format!("server {id} sends {} (send {n}) to {targets:?}", fwd.id));

@@ -10,7 +10,10 @@ impl World {
     pub(super) fn quiet(&mut self) {
         self.chaos_on = false;
         self.healed_at = Some(self.now);
-        self.reg_mode = RegMode::Normal;
+        if self.reg_mode != RegMode::Normal {
+            self.reg_mode = RegMode::Normal;
+            self.registry_calm_since = self.now;
+        }
         self.log(|| "chaos over: healing".to_string());
         for a in 0..self.apps.len() {
             self.apps[a].partitioned = false;

@@ -326,6 +326,9 @@ pub struct World {
     /// them before it restarted) and that have not registered with it yet:
     /// epoch, and whether a fault since the start excuses a late return.
     rejoining: BTreeMap<ServerId, Rejoin>,
+    /// When the registry's latest trouble ended (answers drawn slow before
+    /// may still be on their way for a while).
+    registry_calm_since: Instant,
     apps: Vec<AppNode>,
     gens: u64,
     conns: HashMap<u64, SimConn>,
@@ -360,6 +363,7 @@ impl World {
             ex: None,
             ex_gens: 0,
             rejoining: BTreeMap::new(),
+            registry_calm_since: base,
             ex_metrics: None,
             apps: Vec::new(),
             gens: 0,
@@ -620,6 +624,16 @@ impl World {
             Ev::AppAnswer { app, life, ask } => {
                 if self.apps[app].inc.as_ref().is_some_and(|i| i.life == life) {
                     let rows = self.exchange_rows();
+                    self.log(|| {
+                        format!(
+                            "server {} hears from the registry: {:?}",
+                            self.apps[app].id,
+                            rows.as_ref().map(|r| r
+                                .iter()
+                                .map(|x| (x.address.clone(), x.up))
+                                .collect::<Vec<_>>())
+                        )
+                    });
                     if let Some(inc) = self.apps[app].inc.as_mut() {
                         inc.link.handle_exchanges(ask, rows, now);
                     }
@@ -647,7 +661,11 @@ impl World {
                     self.apps[app].partitioned = false;
                 }
             }
-            Ev::RegistryNormal => self.reg_mode = RegMode::Normal,
+            Ev::RegistryNormal => {
+                self.log(|| "registry normal again".to_string());
+                self.reg_mode = RegMode::Normal;
+                self.registry_calm_since = now;
+            }
         }
     }
 }

@@ -23,7 +23,10 @@ impl World {
         // A server alive and reachable, with the registry healthy, must be
         // back before its rejoin lease ends: it must never be marked down
         // (its sessions deleted) while it lives.
-        let troubled = self.reg_mode != RegMode::Normal || self.p.registry_drop > 0.0;
+        let troubled = self.reg_mode != RegMode::Normal
+            || self.p.registry_drop > 0.0
+            || self.now
+                < self.registry_calm_since + Duration::from_millis(registry::SLOWEST_ANSWER_MS);
         self.rejoining = known
             .iter()
             .filter(|r| r.exchange == Some(EXCHANGE) && !r.down)
@@ -38,6 +41,8 @@ impl World {
                 )
             })
             .collect();
+        let rejoining = self.rejoining.clone();
+        self.log(|| format!("rejoin lease for {rejoining:?}"));
         let metrics = Arc::new(ExchangeMetrics::default());
         self.ex_metrics = Some(metrics.clone());
         let core = Exchange::new(
@@ -204,7 +209,14 @@ impl World {
             match out {
                 link::Output::Locate(ask) => {
                     let d = self.registry_delay();
-                    if !self.rng.chance(self.p.registry_drop) {
+                    let lost = self.rng.chance(self.p.registry_drop);
+                    self.log(|| {
+                        format!(
+                            "server {id} asks the registry for the exchange{}",
+                            if lost { " (answer lost)" } else { "" }
+                        )
+                    });
+                    if !lost {
                         self.schedule(d, Ev::AppAnswer { app: a, life, ask });
                     }
                 }
@@ -216,6 +228,13 @@ impl World {
                     let reachable = !self.apps[a].partitioned
                         && exchange == EXCHANGE
                         && self.ex.as_ref().is_some_and(|e| e.port == addr.port());
+                    self.log(|| {
+                        format!(
+                            "server {id} dials {addr} (conn {}): {}",
+                            conn.0,
+                            if reachable { "reachable" } else { "no answer" }
+                        )
+                    });
                     if reachable {
                         let d = self.latency() * 2;
                         self.schedule(
@@ -270,7 +289,11 @@ impl World {
                         self.fail(e);
                     }
                 }
-                link::Output::Completed { reply, results } => {
+                link::Output::Completed {
+                    reply,
+                    results,
+                    resent,
+                } => {
                     self.log(|| {
                         format!(
                             "server {id} send {reply} completed: {:?}",
@@ -280,7 +303,7 @@ impl World {
                                 .collect::<Vec<_>>()
                         )
                     });
-                    if let Err(e) = self.oracle.completed(reply, life, &results) {
+                    if let Err(e) = self.oracle.completed(reply, life, &results, resent) {
                         self.fail(e);
                     }
                 }

@@ -3,10 +3,13 @@
 
 use super::*;
 
+/// The longest a registry answer takes while the registry is slow.
+pub(super) const SLOWEST_ANSWER_MS: u64 = 4_000;
+
 impl World {
     pub(super) fn registry_delay(&mut self) -> Duration {
         match self.reg_mode {
-            RegMode::Slow => self.rng.millis(300, 4_000),
+            RegMode::Slow => self.rng.millis(300, SLOWEST_ANSWER_MS),
             _ => self.rng.millis(1, 15),
         }
     }
