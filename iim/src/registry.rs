@@ -21,7 +21,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AssertSqlSafe};
 
 use crate::aggregate::{PresenceRow, Status, recompute_in};
-pub use crate::db::{Backend, Db, ParseNameError};
+pub use crate::db::{Backend, Db, ParseNameError, node_urls};
 use crate::db::{
     ConnectError, DbError, TRANSACTION, bind_all, col, database_error, finish, nonnegative_col,
     parse_col, placeholders, required_server_col, retry, server_col, server_param, u64_param,

@@ -18,7 +18,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         match std::env::var("IIM_TEST_MYSQL_URL") {
-            Ok(server) if !server.is_empty() => Self::mysql(server).await,
+            Ok(server) if !server.is_empty() => Self::on(server).await,
             _ => {
                 if std::env::var("CI").as_deref() == Ok("true") {
                     panic!(
@@ -41,17 +41,17 @@ impl TestDb {
         }
     }
 
-    async fn mysql(server: String) -> TestDb {
-        use sqlx::Connection;
+    /// A fresh database on the MySQL server (or cluster: a url may list
+    /// several nodes, see `iim::registry::node_urls`) at `server`, a url
+    /// without a database.
+    pub async fn on(server: String) -> TestDb {
         let server = server.trim_end_matches('/').to_string();
         let name = format!(
             "iim_it_{}_{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let mut c = sqlx::MySqlConnection::connect(&server)
-            .await
-            .expect("connect to IIM_TEST_MYSQL_URL");
+        let mut c = admin(&server).await.expect("connect to IIM_TEST_MYSQL_URL");
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {name}"
         )))
@@ -87,9 +87,8 @@ impl TestDb {
 
     /// Drop the MariaDB database (SQLite files go with the temp dir).
     pub async fn cleanup(self) {
-        use sqlx::Connection;
         if let Some((server, name)) = &self.mysql
-            && let Ok(mut c) = sqlx::MySqlConnection::connect(server).await
+            && let Ok(mut c) = admin(server).await
         {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {name}"
@@ -98,4 +97,17 @@ impl TestDb {
             .await;
         }
     }
+}
+
+/// A connection to the first node of `server` that answers.
+async fn admin(server: &str) -> Result<sqlx::MySqlConnection, sqlx::Error> {
+    use sqlx::Connection;
+    let mut last = None;
+    for url in iim::registry::node_urls(server) {
+        match sqlx::MySqlConnection::connect(&url).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(sqlx::Error::PoolClosed))
 }

@@ -579,7 +579,16 @@ impl TestDeployment {
     /// `users` (id, org) in the directory; the exchange's lease is
     /// `lease_secs`; `extra` is appended to every app server's TOML.
     pub async fn start(users: &[(u64, &str)], lease_secs: u64, extra: &str) -> TestDeployment {
-        let db = TestDb::new().await;
+        Self::start_on(TestDb::new().await, users, lease_secs, extra).await
+    }
+
+    /// [`TestDeployment::start`] on a given database.
+    pub async fn start_on(
+        db: TestDb,
+        users: &[(u64, &str)],
+        lease_secs: u64,
+        extra: &str,
+    ) -> TestDeployment {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::new(&Registry::connect(db.url()).await.expect("registry"));
         for (u, org) in users {

@@ -30,7 +30,7 @@ mod retry;
 mod row;
 
 pub use dialect::Backend;
-pub use pool::Db;
+pub use pool::{Db, node_urls};
 pub use row::ParseNameError;
 
 pub(crate) use pool::{ConnectError, Tx, finish, rollback};

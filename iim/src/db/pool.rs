@@ -1,6 +1,19 @@
 //! The pool: connecting to SQLite or MySQL/MariaDB through sqlx's `Any`
 //! driver, the migrations of `sql/` run at connect, and the write
 //! transaction every writer opens.
+//!
+//! A `mysql://` url may name several nodes of one replicated cluster
+//! (MariaDB Galera: every node takes writes), `mysql://u:p@h1:3306,h2:3306,
+//! h3:3306/db`. One pool per node; every statement goes to the active one.
+//! A watcher checks the active node every half second and moves to the
+//! next node that answers when it does not, so a killed node costs the
+//! statements in flight and those of the next half second or so (which
+//! fail, and whose callers retry as after any database error) — never a
+//! committed write, which the cluster holds on every node.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{MigrateError, Migrator};
@@ -18,8 +31,64 @@ pub(crate) type Tx = Transaction<'static, Any>;
 /// the chat store and presence each hold one; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Db {
-    pool: AnyPool,
+    nodes: Arc<Nodes>,
     backend: Backend,
+}
+
+/// One pool per database node; statements go to `active`.
+#[derive(Debug)]
+struct Nodes {
+    pools: Vec<AnyPool>,
+    /// `host:port` of each, for logs.
+    names: Vec<String>,
+    active: AtomicUsize,
+}
+
+/// How often the watcher checks the active node of a cluster.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+/// How long a statement waits for a connection to a node of a cluster: a
+/// little longer than the watcher needs to move to another node, so a
+/// statement caught on a dead node fails (and is retried by its caller)
+/// rather than waiting out sqlx's 30 s.
+const CLUSTER_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A node that does not answer the check within this is taken as down.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The url of each node a url names: `mysql://u:p@h1:3306,h2:3306/db?x=y`
+/// names `mysql://u:p@h1:3306/db?x=y` and `mysql://u:p@h2:3306/db?x=y`;
+/// any other url names itself alone.
+pub fn node_urls(url: &str) -> Vec<String> {
+    let Some(rest) = url.strip_prefix("mysql://") else {
+        return vec![url.to_owned()];
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    if !hosts.contains(',') {
+        return vec![url.to_owned()];
+    }
+    hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| match userinfo {
+            Some(u) => format!("mysql://{u}@{h}{tail}"),
+            None => format!("mysql://{h}{tail}"),
+        })
+        .collect()
+}
+
+/// `host:port` of a single-node url, for logs (never the password).
+fn node_name(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, h)| h)
+        .to_owned()
 }
 
 /// Why [`Db::connect`] failed.
@@ -46,13 +115,15 @@ impl Db {
     /// checks the server's certificate against a CA and its name).
     pub(crate) async fn connect(url: &str) -> Result<Db, ConnectError> {
         sqlx::any::install_default_drivers();
-        let (backend, pool) = if let Some(rest) = url.strip_prefix("sqlite:") {
-            (Backend::Sqlite, connect_sqlite(url, rest).await?)
+        let (backend, pools, active) = if let Some(rest) = url.strip_prefix("sqlite:") {
+            (Backend::Sqlite, vec![connect_sqlite(url, rest).await?], 0)
         } else if url.starts_with("mysql://") {
-            (Backend::MySql, connect_mysql(url).await?)
+            let (pools, active) = connect_mysql_nodes(url).await?;
+            (Backend::MySql, pools, active)
         } else {
             return Err(ConnectError::BadUrl("expected a sqlite: or mysql:// url"));
         };
+        let pool = pools[active].clone();
         let migrations = match backend {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::MySql => &MYSQL_MIGRATIONS,
@@ -63,7 +134,16 @@ impl Db {
         if !up_to_date(&pool, migrations).await {
             retry("migrate", MIGRATION, || migrations.run(&pool)).await?;
         }
-        Ok(Db { pool, backend })
+        let names = node_urls(url).iter().map(|u| node_name(u)).collect();
+        let nodes = Arc::new(Nodes {
+            pools,
+            names,
+            active: AtomicUsize::new(active),
+        });
+        if nodes.pools.len() > 1 {
+            tokio::spawn(watch_nodes(Arc::downgrade(&nodes)));
+        }
+        Ok(Db { nodes, backend })
     }
 
     pub fn backend(&self) -> Backend {
@@ -71,13 +151,96 @@ impl Db {
     }
 
     pub(crate) fn pool(&self) -> &AnyPool {
-        &self.pool
+        &self.nodes.pools[self.nodes.active.load(Ordering::Relaxed)]
+    }
+
+    /// `host:port` of the node statements go to now (of several, when the
+    /// url names a cluster).
+    pub fn active_node(&self) -> &str {
+        &self.nodes.names[self.nodes.active.load(Ordering::Relaxed)]
     }
 
     /// A write transaction in the dialect's way ([`Backend::begin_write`]).
     pub(crate) async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
-        self.pool.begin_with(self.backend.begin_write()).await
+        self.pool().begin_with(self.backend.begin_write()).await
     }
+}
+
+/// Connects to the first node of `url` that answers (one pool per node, the
+/// others connected lazily); returns the pools and the index of that node.
+async fn connect_mysql_nodes(url: &str) -> Result<(Vec<AnyPool>, usize), ConnectError> {
+    let urls = node_urls(url);
+    if urls.is_empty() {
+        return Err(ConnectError::BadUrl("the mysql:// url names no host"));
+    }
+    let several = urls.len() > 1;
+    let mut pools = Vec::with_capacity(urls.len());
+    let mut active = None;
+    let mut first_error = None;
+    for u in &urls {
+        if active.is_none() {
+            match connect_mysql(u, several, false).await {
+                Ok(p) => {
+                    active = Some(pools.len());
+                    pools.push(p);
+                    continue;
+                }
+                Err(e @ ConnectError::BadUrl(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(node = %node_name(u), error = %e, "database node unavailable");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        pools.push(connect_mysql(u, several, true).await?);
+    }
+    match active {
+        Some(a) => Ok((pools, a)),
+        None => Err(first_error.unwrap_or(ConnectError::BadUrl("no database node"))),
+    }
+}
+
+/// Every `WATCH_EVERY` while a [`Db`] on a cluster exists: if the active
+/// node does not answer, the next one (in url order) that does becomes
+/// active. Ends when the last `Db` is dropped.
+async fn watch_nodes(nodes: std::sync::Weak<Nodes>) {
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut all_down = false;
+    loop {
+        tick.tick().await;
+        let Some(n) = nodes.upgrade() else { return };
+        let active = n.active.load(Ordering::Relaxed);
+        if answers(&n.pools[active]).await {
+            all_down = false;
+            continue;
+        }
+        let len = n.pools.len();
+        let mut moved = false;
+        for i in (1..len).map(|k| (active + k) % len) {
+            if answers(&n.pools[i]).await {
+                n.active.store(i, Ordering::Relaxed);
+                tracing::warn!(
+                    from = %n.names[active],
+                    to = %n.names[i],
+                    "database node does not answer; using another node of the cluster"
+                );
+                moved = true;
+                break;
+            }
+        }
+        if !moved && !all_down {
+            tracing::error!("no database node answers; retrying");
+        }
+        all_down = !moved;
+    }
+}
+
+/// The node takes statements: a cluster node that lost its quorum refuses
+/// them (MariaDB Galera error 1047) although it still accepts connections.
+async fn answers(pool: &AnyPool) -> bool {
+    let check = sqlx::query("SELECT 1 FROM _sqlx_migrations LIMIT 1").fetch_optional(pool);
+    matches!(tokio::time::timeout(CHECK_TIMEOUT, check).await, Ok(Ok(_)))
 }
 
 /// Every migration of `migrations` is recorded as applied, with its
@@ -312,7 +475,11 @@ pub(crate) fn mysql_transport(url: &str) -> Result<Transport, &'static str> {
     }
 }
 
-async fn connect_mysql(url: &str) -> Result<AnyPool, ConnectError> {
+/// A pool on one MySQL/MariaDB node. `several`: one node of a cluster, so a
+/// connection is waited for [`CLUSTER_ACQUIRE_TIMEOUT`] at most (the
+/// watcher moves to another node meanwhile); `lazy`: no connection until
+/// one is needed.
+async fn connect_mysql(url: &str, several: bool, lazy: bool) -> Result<AnyPool, ConnectError> {
     if mysql_transport(url).map_err(ConnectError::BadUrl)? == Transport::Unverified {
         tracing::warn!(
             "the database connection does not verify the server's certificate \
@@ -320,30 +487,58 @@ async fn connect_mysql(url: &str) -> Result<AnyPool, ConnectError> {
              can read or change what iim stores"
         );
     }
-    let pool = AnyPoolOptions::new()
-        .max_connections(10)
-        .after_connect(|conn, _meta| {
-            Box::pin(async move {
-                // Reject over-long values as SQLite's CHECKs do, whatever the
-                // server's default sql_mode.
-                conn.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',STRICT_ALL_TABLES')")
-                    .await?;
-                // Every transaction at READ COMMITTED (see the module
-                // documentation of `db`), set once per connection rather
-                // than before each transaction.
-                conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                    .await?;
-                Ok(())
-            })
+    let mut options = AnyPoolOptions::new();
+    if several {
+        options = options.acquire_timeout(CLUSTER_ACQUIRE_TIMEOUT);
+    }
+    let options = options.max_connections(10).after_connect(|conn, _meta| {
+        Box::pin(async move {
+            // Reject over-long values as SQLite's CHECKs do, whatever the
+            // server's default sql_mode.
+            conn.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',STRICT_ALL_TABLES')")
+                .await?;
+            // Every transaction at READ COMMITTED (see the module
+            // documentation of `db`), set once per connection rather
+            // than before each transaction.
+            conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                .await?;
+            Ok(())
         })
-        .connect(url)
-        .await?;
+    });
+    let pool = if lazy {
+        options.connect_lazy(url)?
+    } else {
+        options.connect(url).await?
+    };
     Ok(pool)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Transport, mysql_transport};
+    use super::{Transport, mysql_transport, node_name, node_urls};
+
+    #[test]
+    fn a_url_may_name_every_node_of_a_cluster() {
+        assert_eq!(
+            node_urls("mysql://iim:p%40ss@127.0.0.1:3311,127.0.0.1:3312/iim?ssl-mode=disabled"),
+            vec![
+                "mysql://iim:p%40ss@127.0.0.1:3311/iim?ssl-mode=disabled",
+                "mysql://iim:p%40ss@127.0.0.1:3312/iim?ssl-mode=disabled",
+            ]
+        );
+        assert_eq!(
+            node_urls("mysql://a,b:3307"),
+            vec!["mysql://a", "mysql://b:3307"]
+        );
+        for single in [
+            "mysql://iim:pw@127.0.0.1:3306/iim",
+            "sqlite://x.db",
+            "sqlite::memory:",
+        ] {
+            assert_eq!(node_urls(single), vec![single]);
+        }
+        assert_eq!(node_name("mysql://iim:secret@db1:3306/iim?x=1"), "db1:3306");
+    }
 
     #[test]
     fn mysql_urls_to_other_hosts_must_choose_tls() {
