@@ -175,7 +175,7 @@ pub async fn start_with(
     };
     let endpoint = config
         .quic
-        .endpoint(bind, None)
+        .endpoint(bind, None, None)
         .context("cannot bind the QUIC client socket")?;
     let http_listener = match config.http_listen {
         Some(a) => Some(

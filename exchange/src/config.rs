@@ -66,7 +66,7 @@ impl Default for Config {
             database: "sqlite://iim-dev.db".into(),
             database_file: None,
             http_listen: Some("127.0.0.1:9100".parse().expect("literal address")),
-            lease_secs: 10,
+            lease_secs: 2,
             shutdown_grace_secs: 5,
             max_frame_bytes: iim::wire::DEFAULT_MAX_FRAME,
             handshake_timeout_ms: 5_000,

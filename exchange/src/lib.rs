@@ -124,7 +124,11 @@ pub async fn start(
         .incoming_buffer_size_total((config.max_handshakes as u64 * 16 * 1024).max(1 << 20));
     let endpoint = config
         .quic
-        .endpoint(config.listen, Some(server_config))
+        .endpoint(
+            config.listen,
+            Some(server_config),
+            Some(tls.key_pem.as_bytes()),
+        )
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = endpoint.local_addr()?;
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());

@@ -42,8 +42,8 @@ pub struct QuicTuning {
 impl Default for QuicTuning {
     fn default() -> Self {
         QuicTuning {
-            keep_alive_ms: 1_000,
-            idle_timeout_ms: 5_000,
+            keep_alive_ms: 500,
+            idle_timeout_ms: 1_500,
             socket_buffer_bytes: 4 << 20,
             max_udp_payload: 1452,
         }
@@ -98,13 +98,30 @@ impl QuicTuning {
 
     /// A QUIC endpoint on a socket from [`QuicTuning::bind_socket`]:
     /// a server when `server` is given, else a client.
+    ///
+    /// `reset_secret` (a server's private key) makes the key of its
+    /// stateless resets the same in every process that has it: a restarted
+    /// exchange then answers a packet of a connection it no longer has with
+    /// a reset the peer accepts, and the peer reconnects at once instead of
+    /// waiting out the idle timeout. Without it the key is random.
     pub fn endpoint(
         &self,
         addr: std::net::SocketAddr,
         server: Option<quinn::ServerConfig>,
+        reset_secret: Option<&[u8]>,
     ) -> std::io::Result<quinn::Endpoint> {
         let socket = self.bind_socket(addr)?;
-        let mut config = quinn::EndpointConfig::default();
+        let mut config = match reset_secret {
+            Some(secret) => {
+                let mut c = quinn::EndpointConfig::new(Arc::new(reset_key(secret)));
+                // quinn's default ids are signed with a key of this process
+                // alone, and a packet whose id another process made is
+                // dropped without a reset.
+                c.cid_generator(|| Box::new(RandomCids));
+                c
+            }
+            None => quinn::EndpointConfig::default(),
+        };
         config
             .max_udp_payload_size(self.max_udp_payload)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -126,6 +143,43 @@ impl QuicTuning {
         t.mtu_discovery_config(Some(mtu));
         Arc::new(t)
     }
+}
+
+/// Random 8-byte connection ids that any process accepts as possibly its
+/// own (see [`QuicTuning::endpoint`]); resets stay rate-limited by quinn and
+/// smaller than the packet that caused them.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        use ring::rand::SecureRandom;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static FALLBACK: AtomicU64 = AtomicU64::new(1);
+        let mut id = [0u8; 8];
+        if ring::rand::SystemRandom::new().fill(&mut id).is_err() {
+            // Never seen on the platforms iim runs on; unique ids still
+            // route correctly, they are only guessable.
+            id = FALLBACK.fetch_add(1, Ordering::Relaxed).to_le_bytes();
+        }
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// The stateless-reset key derived from `secret`: HMAC-SHA256 keyed with
+/// SHA-256 of a label and the secret (the secret itself is never the key).
+fn reset_key(secret: &[u8]) -> ring::hmac::Key {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"iim quic stateless reset v1\0");
+    ctx.update(secret);
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, ctx.finish().as_ref())
 }
 
 #[derive(Debug, thiserror::Error)]

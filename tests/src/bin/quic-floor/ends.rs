@@ -91,7 +91,7 @@ pub async fn connect(
     relay: SocketAddr,
     hello: u8,
 ) -> Result<End> {
-    let ep = tuning.endpoint(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), None)?;
+    let ep = tuning.endpoint(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), None, None)?;
     let conn = ep
         .connect_with(cfg.clone(), relay, &tls::exchange_name(ServerId(RELAY_ID)))?
         .await

@@ -31,7 +31,7 @@ pub async fn relay(a: RelayArgs) -> Result<()> {
     let m = TlsMaterial::load(&tls::dev::exchange_files(&a.certs, ServerId(RELAY_ID)))?;
     let tuning = tuning(a.max_udp_payload)?;
     let server = tls::quic_server_config(&m, tuning.transport())?;
-    let ep = tuning.endpoint(a.listen, Some(server))?;
+    let ep = tuning.endpoint(a.listen, Some(server), None)?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", ep.local_addr()?.port())?;

@@ -1,0 +1,293 @@
+//! How fast failures are detected at the daemons' default timing, and
+//! whether a loaded machine makes up failures that did not happen.
+//!
+//! Real processes (an exchange and three app servers from `target/`), real
+//! WebSocket clients; users 11, 21 and 31 are colleagues on servers 1, 2
+//! and 3. Three measurements:
+//!
+//! 1. `kill -9` of app server 2 → user 11 on server 1 sees 21 offline
+//!    (QUIC idle timeout + lease at the exchange + presence repair).
+//! 2. `kill -9` of the exchange, restarted at once → a message 11 sends
+//!    right after the kill is pushed to 31 on server 3 (both servers notice,
+//!    reconnect and register; the origin resends).
+//! 3. `--soak-secs S`: for S seconds, `--burners` threads spin on every
+//!    core while 11 and 21 chat without pause; afterwards the exchange's
+//!    `iim_exchange_servers_marked_down_total` (must be 0: nobody died) and
+//!    every server's re-registrations are read from their metrics.
+//!
+//! `--idle-ms`, `--keep-alive-ms` and `--lease-secs` override the defaults
+//! (to compare settings in one sitting). The registry is MariaDB when
+//! `IIM_TEST_MYSQL_URL` is set, else SQLite.
+//!
+//!     cargo build --release --workspace --bins
+//!     target/release/failover-probe --kills 10 --soak-secs 600
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use iim::registry::Registry;
+use iim::store::{Store, User};
+use iim::types::UserId;
+use iim_kit::TestDb;
+use iim_kit::client::{ChatClient, Frame, Ope};
+use iim_kit::deploy::{Deployment, Spec};
+use iim_kit::proc::Binaries;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Failure detection times at the default timing, and spurious mark-downs under load"
+)]
+struct Args {
+    /// Kills of app server 2, and of the exchange, each.
+    #[arg(long, default_value_t = 5)]
+    kills: usize,
+    /// Seconds of chat under CPU load (0: skip).
+    #[arg(long, default_value_t = 0)]
+    soak_secs: u64,
+    /// Threads spinning during the soak (default: two per core).
+    #[arg(long)]
+    burners: Option<usize>,
+    /// Override `[quic] idle_timeout_ms` of every daemon.
+    #[arg(long)]
+    idle_ms: Option<u64>,
+    /// Override `[quic] keep_alive_ms` of every daemon.
+    #[arg(long)]
+    keep_alive_ms: Option<u64>,
+    /// Override the exchange's `lease_secs`.
+    #[arg(long)]
+    lease_secs: Option<u64>,
+}
+
+const USERS: [(u64, u32); 3] = [(11, 1), (21, 2), (31, 3)];
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let db = TestDb::new().await;
+    let store = Store::new(&Registry::connect(db.url()).await?);
+    for (u, _) in USERS {
+        store
+            .add_user(&User {
+                id: UserId(u),
+                name: format!("user{u}"),
+                org: "acme".into(),
+            })
+            .await?;
+    }
+    let dir = tempfile::tempdir()?;
+    let bins = Binaries::next_to_me("cargo build --release --workspace --bins")?;
+    let mut spec = Spec::new(dir.path(), db.url(), bins);
+    let mut quic = String::new();
+    if let Some(ms) = args.idle_ms {
+        quic += &format!("idle_timeout_ms = {ms}\n");
+    }
+    if let Some(ms) = args.keep_alive_ms {
+        quic += &format!("keep_alive_ms = {ms}\n");
+    }
+    let quic = if quic.is_empty() {
+        quic
+    } else {
+        format!("[quic]\n{quic}")
+    };
+    let lease = args
+        .lease_secs
+        .map(|s| format!("lease_secs = {s}\n"))
+        .unwrap_or_default();
+    spec.exchange_toml = format!("{lease}{quic}");
+    spec.server_toml = format!(
+        "[limits]\nrate_per_sec = 100000\nrate_burst = 100000\nmax_connections_per_ip = 100000\n{quic}"
+    );
+    spec.jwt_secret = Some(iim_kit::JWT_SECRET.to_owned());
+    let mut dep = Deployment::launch(spec).await.context("deployment")?;
+    println!(
+        "timing: {}",
+        if args.idle_ms.is_none() && args.keep_alive_ms.is_none() && args.lease_secs.is_none() {
+            "the daemons' defaults".to_string()
+        } else {
+            format!(
+                "idle {:?} ms, keep-alive {:?} ms, lease {:?} s (unset: default)",
+                args.idle_ms, args.keep_alive_ms, args.lease_secs
+            )
+        }
+    );
+
+    let mut watcher = client(&dep, 11).await?;
+    let mut downs = Vec::new();
+    for _ in 0..args.kills {
+        let c21 = client(&dep, 21).await?;
+        if !watcher
+            .await_presence(WAIT, |c| c.status_of(21).0 == "online")
+            .await
+        {
+            bail!("11 never saw 21 online");
+        }
+        let t0 = Instant::now();
+        dep.kill_server(2).await;
+        drop(c21);
+        if !watcher
+            .await_presence(WAIT, |c| c.status_of(21).0 == "offline")
+            .await
+        {
+            bail!("11 never saw 21 offline after the kill");
+        }
+        downs.push(t0.elapsed());
+        dep.start_server(2)?;
+        dep.wait_servers(&[2]).await?;
+    }
+    report(
+        "kill -9 of an app server → its user offline for a contact elsewhere",
+        &mut downs,
+    );
+
+    let mut receiver = client(&dep, 31).await?;
+    let mut backs = Vec::new();
+    for k in 0..args.kills {
+        // Linked and pushing before the kill.
+        send(&mut watcher, &format!("warm{k}"), 31).await?;
+        await_push(&mut receiver, &format!("warm{k}")).await?;
+        let t0 = Instant::now();
+        dep.kill_exchange().await;
+        dep.start_exchange()?;
+        let text = format!("after{k}");
+        send(&mut watcher, &text, 31).await?;
+        await_push(&mut receiver, &text).await?;
+        backs.push(t0.elapsed());
+    }
+    report(
+        "kill -9 of the exchange, restarted at once → pushes across servers again",
+        &mut backs,
+    );
+
+    if args.soak_secs > 0 {
+        soak(&mut dep, &args, &mut watcher).await?;
+    }
+    let _ = dep.stop_all(Duration::from_secs(5)).await;
+    db.cleanup().await;
+    Ok(())
+}
+
+async fn client(dep: &Deployment, user: u64) -> anyhow::Result<ChatClient> {
+    let server = USERS.iter().find(|(u, _)| *u == user).expect("user").1;
+    let token = iim::token::mint(
+        iim_kit::JWT_SECRET.as_bytes(),
+        UserId(user),
+        Duration::from_secs(86_400),
+    );
+    Ok(ChatClient::connect(dep.ws(server), &token, "probe").await?)
+}
+
+async fn send(c: &mut ChatClient, text: &str, to: u64) -> anyhow::Result<()> {
+    c.send(text, Ope::Single, to, text).await?;
+    Ok(())
+}
+
+/// Until a push whose text is `text` reaches `c`.
+async fn await_push(c: &mut ChatClient, text: &str) -> anyhow::Result<()> {
+    let end = Instant::now() + WAIT;
+    while Instant::now() < end {
+        if let Some(Frame::Msg(m)) = c.next_push(end - Instant::now()).await
+            && iim_kit::client::body_text(&m).as_deref() == Some(text)
+        {
+            return Ok(());
+        }
+    }
+    bail!("no push of {text:?} within {WAIT:?}")
+}
+
+fn report(what: &str, times: &mut [Duration]) {
+    times.sort();
+    if times.is_empty() {
+        return;
+    }
+    let ms = |d: Duration| d.as_millis();
+    println!(
+        "{what}: p50 {} ms, max {} ms over {} kills (all: {:?})",
+        ms(times[times.len() / 2]),
+        ms(times[times.len() - 1]),
+        times.len(),
+        times.iter().map(|d| d.as_millis()).collect::<Vec<_>>()
+    );
+}
+
+/// Chat without pause while every core is busy; then count what the
+/// daemons took for failures.
+async fn soak(dep: &mut Deployment, args: &Args, c11: &mut ChatClient) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let burners = args.burners.unwrap_or(2 * cores);
+    let before = counts(dep).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let spins = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..burners)
+        .map(|_| {
+            let stop = stop.clone();
+            let spins = spins.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for i in 0..100_000u64 {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+                    }
+                    spins.fetch_add(1, Ordering::Relaxed);
+                }
+                std::hint::black_box(x);
+            })
+        })
+        .collect();
+    let mut c21 = client(dep, 21).await?;
+    let end = Instant::now() + Duration::from_secs(args.soak_secs);
+    let mut sent = 0u64;
+    let mut slowest = Duration::ZERO;
+    while Instant::now() < end {
+        let t = Instant::now();
+        send(c11, &format!("s{sent}"), 21).await?;
+        slowest = slowest.max(t.elapsed());
+        sent += 1;
+        // Keep the recipient's queue drained.
+        while c21.next_push(Duration::ZERO).await.is_some() {}
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let after = counts(dep).await?;
+    println!(
+        "soak: {} s with {burners} spinning threads on {cores} cores, {sent} messages sent \
+         (slowest ack {} ms); marked down: {}; re-registrations: {} (servers 1, 2, 3: {:?})",
+        args.soak_secs,
+        slowest.as_millis(),
+        after.0 - before.0,
+        after
+            .1
+            .iter()
+            .zip(&before.1)
+            .map(|(a, b)| a - b)
+            .sum::<f64>(),
+        after
+            .1
+            .iter()
+            .zip(&before.1)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// The exchange's mark-downs and each app server's registrations so far.
+async fn counts(dep: &Deployment) -> anyhow::Result<(f64, Vec<f64>)> {
+    use iim_http::client::{Client, metric_value};
+    let page = Client::new(&dep.exchange_http().to_string(), Duration::from_secs(5))?
+        .metrics()
+        .await?;
+    let down = metric_value(&page, "iim_exchange_servers_marked_down_total").unwrap_or(0.0);
+    let mut regs = Vec::new();
+    for (_, server) in USERS {
+        let page = Client::new(&dep.http(server).to_string(), Duration::from_secs(5))?
+            .metrics()
+            .await?;
+        regs.push(metric_value(&page, "iim_appserver_link_connects_total").unwrap_or(0.0));
+    }
+    Ok((down, regs))
+}
