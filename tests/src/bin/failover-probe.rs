@@ -217,6 +217,15 @@ fn report(what: &str, times: &mut [Duration]) {
 async fn soak(dep: &mut Deployment, args: &Args, c11: &mut ChatClient) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let burners = args.burners.unwrap_or(2 * cores);
+    // Every server linked to the exchange again (after the last restart
+    // above) before anything is counted.
+    let linked_by = Instant::now() + WAIT;
+    while !all_linked(dep).await? {
+        if Instant::now() > linked_by {
+            bail!("the app servers did not all link within {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let before = counts(dep).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let spins = Arc::new(AtomicU64::new(0));
@@ -273,6 +282,27 @@ async fn soak(dep: &mut Deployment, args: &Args, c11: &mut ChatClient) -> anyhow
             .collect::<Vec<_>>()
     );
     Ok(())
+}
+
+/// The (restarted) exchange holds a link of every app server, and every app
+/// server's link is up.
+async fn all_linked(dep: &Deployment) -> anyhow::Result<bool> {
+    use iim_http::client::{Client, metric_value};
+    let page = Client::new(&dep.exchange_http().to_string(), Duration::from_secs(5))?
+        .metrics()
+        .await?;
+    if metric_value(&page, "iim_exchange_links") != Some(USERS.len() as f64) {
+        return Ok(false);
+    }
+    for (_, server) in USERS {
+        let page = Client::new(&dep.http(server).to_string(), Duration::from_secs(5))?
+            .metrics()
+            .await?;
+        if metric_value(&page, "iim_appserver_link_up") != Some(1.0) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The exchange's mark-downs and each app server's registrations so far.
