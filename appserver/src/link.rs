@@ -16,7 +16,7 @@ use iim::quic::{self, FrameReader, ReadError, Writer};
 use iim::registry::{Registry, Role, ServerState};
 use iim::tls;
 use iim::types::{ServerId, now_ms};
-use iim::wire::{DeliveryStatus, Frame, ReportEntry};
+use iim::wire::{Frame, ReportEntry};
 use iim_core::link::{self as core, ExchangeRow, Link, LinkDown, LinkMetrics, Output};
 use iim_core::{AskId, ConnId, RegistryFailure};
 use std::future::Future;
@@ -288,17 +288,8 @@ impl Shell {
                     mut results,
                     resent,
                 } => {
-                    // What callers are told: `timed_out` is "outcome
-                    // unknown", which `overloaded` is for a 905 that went
-                    // out before on a lost connection.
-                    if resent {
-                        for r in &mut results {
-                            if r.status == DeliveryStatus::Overloaded {
-                                r.status = DeliveryStatus::TimedOut;
-                                self.metrics.reports_uncertain.inc();
-                            }
-                        }
-                    }
+                    let changed = core::outbox::Done::<Reply>::for_sender(&mut results, resent);
+                    self.metrics.reports_uncertain.add(changed as u64);
                     let _ = reply.send(results);
                 }
                 Output::SendLimit(limit) => {

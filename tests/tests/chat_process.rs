@@ -4,7 +4,7 @@
 
 use iim::store::Store;
 use iim::types::UserId;
-use iim_kit::client::{ChatClient, Device, Frame, Ope, SendAck, body_text};
+use iim_kit::client::{ChatClient, Device, Frame, Ope, SendAck};
 use iim_kit::deploy::TestDeployment;
 use iim_kit::eventually;
 use serde_json::json;
@@ -12,23 +12,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 const BURST: usize = 1_000;
-
-/// The recipient's view after the burst: exactly the 1,000 acknowledged
-/// messages, once each, in the sender's order, gap-free.
-fn assert_complete(dev: &Device) {
-    let seqs: Vec<u64> = dev.inbox.keys().copied().collect();
-    assert_eq!(
-        seqs,
-        (1..=BURST as u64).collect::<Vec<_>>(),
-        "gap-free, nothing more"
-    );
-    let texts: Vec<String> = dev.inbox.values().map(|m| body_text(m).unwrap()).collect();
-    assert_eq!(
-        texts,
-        (0..BURST).map(|i| i.to_string()).collect::<Vec<_>>(),
-        "in order, once each"
-    );
-}
 
 /// Send message `i` of the burst and check it is acknowledged.
 async fn send_one(sender: &mut ChatClient, i: usize) {
@@ -79,7 +62,7 @@ async fn recipient_server_killed_mid_burst() {
     );
     recipient.client = dep.client(3, 21, "phone").await.unwrap();
     recipient.sync().await.unwrap();
-    assert_complete(&recipient);
+    recipient.assert_holds_burst(BURST);
     dep.db.cleanup().await;
 }
 
@@ -104,7 +87,7 @@ async fn exchange_killed_mid_burst() {
     // back; the device then syncs whatever it still lacks.
     recipient.await_inbox(BURST, Duration::from_secs(20)).await;
     recipient.sync().await.unwrap();
-    assert_complete(&recipient);
+    recipient.assert_holds_burst(BURST);
     dep.db.cleanup().await;
 }
 
@@ -166,7 +149,7 @@ async fn sender_server_killed_before_acking_and_the_client_resends() {
     assert_eq!(ids.len(), BURST);
     let mut recipient = Device::new(dep.client(2, 21, "phone").await.unwrap());
     recipient.sync().await.unwrap();
-    assert_complete(&recipient);
+    recipient.assert_holds_burst(BURST);
     eprintln!("resent {resent} requests, {duplicates} of them already stored");
     assert!(
         duplicates > 0,

@@ -40,6 +40,25 @@ pub struct Done<R> {
     pub resent: bool,
 }
 
+impl<R> Done<R> {
+    /// The outcomes as the sender is told them: for a resent 905,
+    /// `overloaded` becomes `timed_out` (not known; see [`Done::resent`]).
+    /// Returns how many were changed.
+    pub fn for_sender(results: &mut [ReportEntry], resent: bool) -> usize {
+        if !resent {
+            return 0;
+        }
+        let mut changed = 0;
+        for r in results {
+            if r.status == DeliveryStatus::Overloaded {
+                r.status = DeliveryStatus::TimedOut;
+                changed += 1;
+            }
+        }
+        changed
+    }
+}
+
 impl<R> Pending<R> {
     fn done(self) -> Done<R> {
         Done {
@@ -270,6 +289,27 @@ mod tests {
             server: ServerId(server),
             status,
         }
+    }
+
+    #[test]
+    fn a_sender_hears_overloaded_for_a_resent_905_as_timed_out() {
+        let mut results = vec![
+            entry(1, 2, DeliveryStatus::Overloaded),
+            entry(1, 3, DeliveryStatus::Delivered),
+            entry(1, 4, DeliveryStatus::ServerDown),
+        ];
+        assert_eq!(Done::<()>::for_sender(&mut results, false), 0);
+        assert_eq!(results[0].status, DeliveryStatus::Overloaded);
+        assert_eq!(Done::<()>::for_sender(&mut results, true), 1);
+        let statuses: Vec<_> = results.iter().map(|r| r.status).collect();
+        assert_eq!(
+            statuses,
+            vec![
+                DeliveryStatus::TimedOut,
+                DeliveryStatus::Delivered,
+                DeliveryStatus::ServerDown
+            ]
+        );
     }
 
     #[test]

@@ -45,6 +45,28 @@ impl Device {
         c
     }
 
+    /// The inbox holds exactly a burst of `n` text messages whose texts
+    /// were `0`, `1`, … in send order: sequences 1..=n, gap-free, nothing
+    /// more, each once, in order. Panics otherwise.
+    pub fn assert_holds_burst(&self, n: usize) {
+        let seqs: Vec<u64> = self.inbox.keys().copied().collect();
+        assert_eq!(
+            seqs,
+            (1..=n as u64).collect::<Vec<_>>(),
+            "gap-free, nothing more"
+        );
+        let texts: Vec<String> = self
+            .inbox
+            .values()
+            .map(|m| super::body_text(m).unwrap_or_default())
+            .collect();
+        assert_eq!(
+            texts,
+            (0..n).map(|i| i.to_string()).collect::<Vec<_>>(),
+            "in order, once each"
+        );
+    }
+
     fn apply(&mut self, m: ChatMessage) {
         if let Some(seq) = m.seq
             && !self.inbox.contains_key(&seq)
