@@ -258,7 +258,9 @@ export class IimClient extends Emitter {
     if (all.size > MAX_WATCHED) {
       return Promise.reject(new ClientError('bad_request', `at most ${MAX_WATCHED} watched users`));
     }
-    const p = this.#request({ op: 'presence_subscribe', users: [...users] }, 'presence_subscribe');
+    const p = this.#request({ op: 'presence_subscribe', users: [...users] }, 'presence_subscribe', {
+      users: [...users],
+    });
     // Only what the server accepted is watched again after a reconnect.
     return p.then((contacts) => {
       for (const u of users) this.#watched.add(u);
@@ -684,10 +686,12 @@ export class IimClient extends Emitter {
       this.#presence.set(c.user, entry);
       changed.push(entry);
     }
-    // The answer to `presence_subscribe` is a `presence` frame too; it
-    // cannot be told from a push, so the first one resolves the request.
+    // The answer to `presence_subscribe` is a `presence` frame too, which
+    // cannot be told from a push: the first one resolves the request, with
+    // what is held of the users it named (a push that came first gives
+    // what was known then; the real answer is applied when it follows).
     const p = this.#take('presence_subscribe');
-    p?.resolve((f.contacts ?? []).map((c) => this.presence(c.user)));
+    p?.resolve((p.users ?? []).map((u) => this.presence(u)));
     if (changed.length) this.emit('presence', changed);
   }
 

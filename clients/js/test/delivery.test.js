@@ -251,3 +251,38 @@ test('the file storage keeps cursors and unacknowledged sends across a restart',
   assert.deepEqual(got2.map((m) => [m.seq, m.body.n]), [[held + 1, 2], [held + 2, 3]]);
   assert.equal(got2[1].req, req);
 });
+
+test('presence: a friend on another server comes online, sets a status, goes away', async () => {
+  // 3001 (globex) is a friend of 2001 (acme) in the demo directory, and
+  // no other test connects as 3001.
+  const watcher = await ready(client(2001, [2], { device: 'watcher' }));
+  assert.equal(watcher.presence(3001).status, 'offline');
+  const online = waitFor(watcher, 'presence', (c) => c.some((p) => p.user === 3001 && p.status === 'online'));
+  const erin = await ready(client(3001, [3]));
+  await online;
+  const v = watcher.presence(3001).version;
+  const busy = waitFor(watcher, 'presence', (c) => c.some((p) => p.user === 3001 && p.status === 'busy'));
+  assert.deepEqual(await erin.setStatus('busy', 'in a call'), { status: 'busy', text: 'in a call' });
+  await busy;
+  assert.equal(watcher.presence(3001).text, 'in a call');
+  assert.ok(watcher.presence(3001).version > v);
+  const watched = await watcher.presenceSubscribe([3001]);
+  assert.deepEqual(watched.map((p) => [p.user, p.status]), [[3001, 'busy']]);
+  // 5000 (bigcorp) is neither a friend nor a colleague of 2001.
+  await assert.rejects(watcher.presenceSubscribe([5000]), (e) => e.code === 'not_a_contact');
+  const offline = waitFor(watcher, 'presence', (c) => c.some((p) => p.user === 3001 && p.status === 'offline'));
+  await erin.close();
+  await offline;
+});
+
+test('the outbox is bounded: a send over maxUnacked is refused queue_full at once', async () => {
+  // Never connected: sends wait in the outbox.
+  const c = client(5030, [1], { maxUnacked: 2 });
+  const first = [c.send({ to: 5031, body: 1 }), c.send({ to: 5031, body: 2 })];
+  await assert.rejects(c.send({ to: 5031, body: 3 }), (e) => e.code === 'queue_full');
+  assert.deepEqual(c.unacked.map((u) => u.body), [1, 2]);
+  // Connected, the two queued ones go out in order.
+  await c.connect();
+  const acks = await Promise.all(first);
+  assert.equal(acks[1].seq, acks[0].seq + 1);
+});
