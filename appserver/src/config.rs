@@ -379,12 +379,21 @@ pub struct ChatConfig {
     /// timeline (read fan-out) instead of being copied to every member's
     /// inbox.
     pub large_group_threshold: usize,
+    /// Most sends stored in one transaction. Sends that queue up while a
+    /// transaction runs are stored together by the next one (nothing waits
+    /// for a batch to fill), so this bounds a transaction's size, not a
+    /// send's latency.
+    pub store_batch_max: usize,
+    /// Store transactions of sends in flight at once.
+    pub store_writers: usize,
 }
 
 impl Default for ChatConfig {
     fn default() -> Self {
         ChatConfig {
             large_group_threshold: 500,
+            store_batch_max: 64,
+            store_writers: 2,
         }
     }
 }
@@ -475,6 +484,12 @@ impl Config {
         if self.chat.large_group_threshold < 2 {
             return Err("chat.large_group_threshold must be >= 2".into());
         }
+        if !(1..=1_024).contains(&self.chat.store_batch_max) {
+            return Err("chat.store_batch_max must be 1..=1024".into());
+        }
+        if !(1..=16).contains(&self.chat.store_writers) {
+            return Err("chat.store_writers must be 1..=16".into());
+        }
         self.presence.validate()?;
         self.quic.validate()
     }
@@ -538,6 +553,8 @@ mod tests {
             },
             chat: ChatConfig {
                 large_group_threshold: 100,
+                store_batch_max: 16,
+                store_writers: 3,
             },
             ..Default::default()
         };
@@ -640,6 +657,8 @@ mod tests {
                 "limits.ping_interval_secs",
             ),
             ("[limits]\nsync_page_max = 0", "limits.sync_page_max"),
+            ("[chat]\nstore_batch_max = 0", "chat.store_batch_max"),
+            ("[chat]\nstore_writers = 0", "chat.store_writers"),
             (
                 "[chat]\nlarge_group_threshold = 1",
                 "chat.large_group_threshold",

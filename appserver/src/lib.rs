@@ -282,6 +282,8 @@ pub async fn start_with(
         chat::ChatConfig {
             large_group_threshold: config.chat.large_group_threshold,
             sync_page_max: config.limits.sync_page_max,
+            store_batch_max: config.chat.store_batch_max,
+            store_writers: config.chat.store_writers,
         },
         metrics.chat.clone(),
         stop.clone(),

@@ -179,6 +179,10 @@ pub struct ChatMetrics {
     pub duplicates: Counter,
     pub pushes: Counter,
     pub pushes_dropped: Counter,
+    /// Transactions of sends (each one batch).
+    pub store_batches: Counter,
+    /// Sends stored by those transactions.
+    pub store_batched: Counter,
 }
 
 impl Render for ChatMetrics {
@@ -203,6 +207,16 @@ impl Render for ChatMetrics {
             "iim_chat_pushes_dropped_total",
             "Pushes dropped (queue full or sessions unavailable); clients sync.",
             &self.pushes_dropped,
+        )
+        .counter(
+            "iim_chat_store_batches_total",
+            "Batches of sends stored (one transaction each, unless a batch fell back to one per send).",
+            &self.store_batches,
+        )
+        .counter(
+            "iim_chat_store_batch_sends_total",
+            "Sends handed to the store in those batches.",
+            &self.store_batched,
         );
         p.finish()
     }

@@ -755,3 +755,272 @@ async fn racing_resends_store_once() {
     })
     .await;
 }
+
+/// A batch gives every message what storing it alone would have given:
+/// consecutive sequences in batch order, a large group's timeline, the
+/// original allocation for a resend (earlier or in the same batch), the
+/// same refusals, and no gap left by a refused message.
+#[tokio::test]
+async fn a_batch_stores_each_message_as_storing_it_alone_would() {
+    each_backend(|Ctx { store, .. }| async move {
+        add_users(&store, 1..=5, "acme").await?;
+        let small = store
+            .create_group("small", &[UserId(1), UserId(2), UserId(3)])
+            .await?;
+        let big = store
+            .create_group("big", &[UserId(1), UserId(2), UserId(4), UserId(5)])
+            .await?;
+        let earlier = send(&store, 1, "earlier", to_user(2)).await?;
+        // User 5 has no `user_seq` row until this batch needs one.
+        let batch = [
+            msg(1, "a", to_user(2), r#"{"n":1}"#),
+            msg(2, "b", to_user(1), r#"{"n":2}"#),
+            msg(1, "c", to_user(2), r#"{"n":3}"#),
+            msg(1, "earlier", to_user(2), r#"{"text":"earlier"}"#),
+            msg(9, "unknown sender", to_user(1), "{}"),
+            msg(1, "unknown target", to_user(9), "{}"),
+            msg(3, "g", Target::Group(small), r#"{"n":4}"#),
+            msg(4, "outsider", Target::Group(small), "{}"),
+            msg(1, "t", Target::Group(big), r#"{"n":5}"#),
+            msg(3, "t", Target::Group(big), "{}"),
+            msg(1, "nogroup", Target::Group(999_999), "{}"),
+            msg(1, "a", to_user(2), r#"{"n":1}"#),
+            msg(5, "self", to_user(5), r#"{"n":6}"#),
+            msg(2, "t", Target::Group(big), r#"{"n":7}"#),
+        ];
+        // Groups of more than three members are large.
+        let out = store.store_messages(&batch, 3).await;
+        ensure!(out.len() == batch.len());
+        let ok = |i: usize| -> anyhow::Result<&Delivery> {
+            out[i]
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("message {i}: {e}"))
+        };
+        // 1 → 2 "a": user 1 holds "earlier" at 1, so 2; user 2 the same.
+        ensure!(ok(0)?.sender_seq == Some(2) && !ok(0)?.duplicate);
+        ensure!(
+            ok(0)?.inbox == vec![(UserId(1), 2), (UserId(2), 2)],
+            "{:?}",
+            ok(0)?
+        );
+        ensure!(
+            ok(1)?.inbox == vec![(UserId(1), 3), (UserId(2), 3)],
+            "{:?}",
+            ok(1)?
+        );
+        ensure!(
+            ok(2)?.inbox == vec![(UserId(1), 4), (UserId(2), 4)],
+            "{:?}",
+            ok(2)?
+        );
+        // A resend of an earlier message: its original allocation.
+        let again = ok(3)?;
+        ensure!(
+            again.duplicate
+                && again.inbox == earlier.inbox
+                && again.message.id == earlier.message.id,
+            "{again:?}"
+        );
+        ensure!(
+            matches!(out[4], Err(StoreError::UnknownUser(9))),
+            "{:?}",
+            out[4]
+        );
+        ensure!(
+            matches!(out[5], Err(StoreError::UnknownUser(9))),
+            "{:?}",
+            out[5]
+        );
+        ensure!(
+            ok(6)?.inbox == vec![(UserId(1), 5), (UserId(2), 5), (UserId(3), 1)],
+            "{:?}",
+            ok(6)?
+        );
+        ensure!(
+            matches!(out[7], Err(StoreError::NotMember(g)) if g == small),
+            "{:?}",
+            out[7]
+        );
+        ensure!(
+            ok(8)?.gseq == Some(1) && ok(8)?.inbox.is_empty(),
+            "{:?}",
+            ok(8)?
+        );
+        ensure!(
+            matches!(out[9], Err(StoreError::NotMember(g)) if g == big),
+            "{:?}",
+            out[9]
+        );
+        ensure!(
+            matches!(out[10], Err(StoreError::UnknownGroup(999_999))),
+            "{:?}",
+            out[10]
+        );
+        // The same (sender, req) twice in one batch: one message.
+        let twin = ok(11)?;
+        ensure!(
+            twin.duplicate && twin.message.id == ok(0)?.message.id,
+            "{twin:?}"
+        );
+        ensure!(ok(12)?.inbox == vec![(UserId(5), 1)] && ok(12)?.sender_seq == Some(1));
+        ensure!(ok(13)?.gseq == Some(2), "{:?}", ok(13)?);
+
+        // Gap-free inboxes holding exactly what was stored, in batch order.
+        let bodies = |ms: Vec<StoredMessage>| ms.into_iter().map(|m| m.body).collect::<Vec<_>>();
+        ensure!(
+            bodies(whole_inbox(&store, 1).await?)
+                == [
+                    r#"{"text":"earlier"}"#,
+                    r#"{"n":1}"#,
+                    r#"{"n":2}"#,
+                    r#"{"n":3}"#,
+                    r#"{"n":4}"#
+                ]
+        );
+        ensure!(whole_inbox(&store, 2).await? == whole_inbox(&store, 1).await?);
+        ensure!(bodies(whole_inbox(&store, 3).await?) == [r#"{"n":4}"#]);
+        ensure!(whole_inbox(&store, 4).await?.is_empty());
+        ensure!(bodies(whole_inbox(&store, 5).await?) == [r#"{"n":6}"#]);
+        let timeline = store.timeline_since(big, 0, 10).await?;
+        ensure!(timeline.max == 2 && timeline.items.len() == 2);
+        ensure!(
+            timeline.items[0].1.body == r#"{"n":5}"# && timeline.items[1].1.body == r#"{"n":7}"#
+        );
+        // Each stored message is what its sender sent.
+        for (i, m) in batch.iter().enumerate() {
+            if let Ok(d) = &out[i] {
+                ensure!(d.message.sender == m.sender && d.message.req == m.req);
+                if !d.duplicate {
+                    ensure!(d.message.body == m.body && d.message.target == m.target);
+                }
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// A value the database refuses fails the batch transaction; every message
+/// is then stored on its own and gets what storing it alone gives: the
+/// others are stored, gap-free, and only the bad one fails.
+#[tokio::test]
+async fn a_batch_the_database_refuses_is_stored_message_by_message() {
+    each_backend(|Ctx { store, .. }| async move {
+        add_users(&store, [1, 2], "acme").await?;
+        let long_kind = "k".repeat(40);
+        let mut bad = msg(1, "bad", to_user(2), "{}");
+        bad.kind = &long_kind;
+        let batch = [
+            msg(1, "x", to_user(2), "{}"),
+            bad,
+            msg(2, "y", to_user(1), "{}"),
+        ];
+        let out = store.store_messages(&batch, 10).await;
+        let alone = store
+            .store_message(&msg(1, "z", to_user(2), "{}"), 10)
+            .await?;
+        ensure!(
+            out[0].as_ref().map(|d| d.inbox.clone()).ok()
+                == Some(vec![(UserId(1), 1), (UserId(2), 1)]),
+            "{:?}",
+            out[0]
+        );
+        // `kind` is at most 32 characters (a CHECK on SQLite, the column's
+        // length on strict MariaDB).
+        ensure!(
+            matches!(out[1], Err(StoreError::Database(_))),
+            "{:?}",
+            out[1]
+        );
+        ensure!(
+            out[2].as_ref().map(|d| d.sender_seq).ok() == Some(Some(2)),
+            "{:?}",
+            out[2]
+        );
+        ensure!(alone.sender_seq == Some(3));
+        let n = whole_inbox(&store, 2).await?.len();
+        ensure!(whole_inbox(&store, 1).await?.len() == n);
+        Ok(())
+    })
+    .await;
+}
+
+/// Batches from four pools at once, each mixing 1:1 messages into one
+/// inbox with messages to one group: gap-free inboxes, every member of the
+/// group sees one order, every sender's messages in its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_batches_keep_inboxes_gap_free_and_groups_in_one_order() {
+    each_backend(|Ctx { store, url }| async move {
+        add_users(&store, 1..=8, "acme").await?;
+        let members: Vec<UserId> = (2..=8).map(UserId).collect();
+        let g = store.create_group("seven", &members).await?;
+        let tasks: Vec<_> = (5..=8u64)
+            .map(|sender| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let store = store_at(&url).await?;
+                    for round in 0..10 {
+                        let reqs: Vec<String> =
+                            (0..6).map(|k| format!("{}", round * 6 + k)).collect();
+                        let batch: Vec<NewMessage<'_>> = reqs
+                            .iter()
+                            .enumerate()
+                            .map(|(k, req)| {
+                                let target = if k % 2 == 0 {
+                                    to_user(1)
+                                } else {
+                                    Target::Group(g)
+                                };
+                                msg(sender, req, target, "{}")
+                            })
+                            .collect();
+                        for r in store.store_messages(&batch, 100).await {
+                            r?;
+                        }
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        let inbox = whole_inbox(&store, 1).await?;
+        ensure!(inbox.len() == 4 * 30, "{} messages for user 1", inbox.len());
+        let mut group_orders = Vec::new();
+        for u in 2..=8 {
+            let all = whole_inbox(&store, u).await?;
+            let order: Vec<u64> = all
+                .iter()
+                .filter(|m| m.target == Target::Group(g))
+                .map(|m| m.id)
+                .collect();
+            ensure!(
+                order.len() == 4 * 30,
+                "user {u}: {} group messages",
+                order.len()
+            );
+            group_orders.push(order);
+            // Per sender, in the order sent.
+            let mut per_sender: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+            for m in all {
+                per_sender
+                    .entry(m.sender.0)
+                    .or_default()
+                    .push(m.req.parse()?);
+            }
+            for (s, reqs) in per_sender {
+                ensure!(
+                    reqs.windows(2).all(|w| w[0] < w[1]),
+                    "user {u}, sender {s}: {reqs:?}"
+                );
+            }
+        }
+        ensure!(
+            group_orders.windows(2).all(|w| w[0] == w[1]),
+            "members see different orders"
+        );
+        Ok(())
+    })
+    .await;
+}

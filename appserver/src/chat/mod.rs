@@ -16,7 +16,7 @@ use iim::{Iim, Outgoing};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
@@ -28,29 +28,70 @@ pub struct ChatConfig {
     pub large_group_threshold: usize,
     /// Most messages in one sync page.
     pub sync_page_max: u32,
+    /// Most sends stored in one transaction.
+    pub store_batch_max: usize,
+    /// Transactions of sends in flight at once (each writer stores one
+    /// batch at a time).
+    pub store_writers: usize,
 }
 
 /// Bound of the push queue; beyond it pushes are dropped (clients sync).
 const PUSH_QUEUE: usize = 4_096;
+/// Bound of the queue of sends waiting for a writer; a client's send waits
+/// for room (its connection reads no further meanwhile).
+const WRITE_QUEUE: usize = 4_096;
+
+/// Whom a stored message is pushed to.
+enum Recipients {
+    /// Its inboxes' owners (1:1 and small groups).
+    Users(Vec<UserId>),
+    /// The members of this large group, looked up by the push task.
+    Group(u64),
+}
 
 struct PushJob {
     delivery: Delivery,
     /// The connection that sent it: it has the ack, it gets no push.
     channel: ChannelId,
-    members: Vec<UserId>,
+    recipients: Recipients,
+}
+
+/// A send waiting to be stored.
+struct WriteJob {
+    user: UserId,
+    channel: ChannelId,
+    req: SendRequest,
+    ts_ms: i64,
+    reply: oneshot::Sender<Result<SendAck, ChatError>>,
+}
+
+impl WriteJob {
+    fn message(&self) -> NewMessage<'_> {
+        NewMessage {
+            sender: self.user,
+            req: self.req.req.as_str(),
+            target: match self.req.ope {
+                Ope::Single => Target::User(UserId(self.req.to)),
+                Ope::Group => Target::Group(self.req.to),
+            },
+            kind: self.req.kind.as_str(),
+            body: self.req.body.get(),
+            ex: self.req.ex.as_ref().map(|e| e.get()),
+            ts_ms: self.ts_ms,
+        }
+    }
 }
 
 /// The chat service of one app server.
 pub struct Chat {
     store: Store,
     cfg: ChatConfig,
-    pushes: mpsc::Sender<PushJob>,
-    metrics: Arc<ChatMetrics>,
+    writes: mpsc::Sender<WriteJob>,
     server: ServerId,
 }
 
 impl Chat {
-    /// Start the service; its push task stops with `stop`.
+    /// Start the service; its writers and push task stop with `stop`.
     pub fn new(
         store: Store,
         iim: Iim,
@@ -59,82 +100,59 @@ impl Chat {
         stop: CancellationToken,
         tracker: &TaskTracker,
     ) -> Chat {
-        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
+        let (write_tx, write_rx) = mpsc::channel(WRITE_QUEUE);
         let server = iim.server();
-        tracker.spawn(push_loop(iim, rx, metrics.clone(), stop));
+        tracker.spawn(push_loop(
+            iim,
+            store.clone(),
+            push_rx,
+            metrics.clone(),
+            stop.clone(),
+        ));
+        let write_rx = Arc::new(Mutex::new(write_rx));
+        for _ in 0..cfg.store_writers.max(1) {
+            tracker.spawn(write_loop(
+                store.clone(),
+                cfg,
+                write_rx.clone(),
+                push_tx.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
         Chat {
             store,
             cfg,
-            pushes: tx,
-            metrics,
+            writes: write_tx,
             server,
         }
     }
 
     /// Store, then push (in order, through the relay), then acknowledge.
     /// `channel` is the sending connection: it gets the ack, not a push.
+    /// Sends from every connection are stored together, in batches (see
+    /// [`write_loop`]).
     pub async fn send(
         &self,
         user: UserId,
         channel: ChannelId,
         req: SendRequest,
     ) -> Result<SendAck, ChatError> {
-        let target = match req.ope {
-            Ope::Single => Target::User(UserId(req.to)),
-            Ope::Group => Target::Group(req.to),
-        };
-        let new = NewMessage {
-            sender: user,
-            req: req.req.as_str(),
-            target,
-            kind: req.kind.as_str(),
-            body: req.body.get(),
-            ex: req.ex.as_ref().map(|e| e.get()),
-            ts_ms: now_ms(),
-        };
-        let d = self
-            .store
-            .store_message(&new, self.cfg.large_group_threshold)
-            .await
-            .map_err(store_error)?;
-        // A resend repeats the message exactly; the same req for another
-        // target or contents is refused, and nothing is pushed for it.
-        if d.duplicate && !same_message(&d.message, &new) {
-            return Err(ChatError::ReqReused(req.req.as_str().to_owned()));
-        }
-        let ack = SendAck {
-            req: req.req,
-            id: d.message.id,
-            seq: d.sender_seq,
-            gseq: d.gseq,
-            ts: d.message.ts_ms,
-            duplicate: d.duplicate,
-        };
-        if d.duplicate {
-            self.metrics.duplicates.inc();
-        } else {
-            self.metrics.stored.inc();
-        }
-        // A resend is pushed again too: the first push may never have
-        // happened (the server died between storing and pushing); clients
-        // ignore what they already hold.
-        // Pushed to the stored message's recipients, never the request's.
-        let members = match (d.gseq, d.message.target) {
-            (Some(_), Target::Group(g)) => match self.store.group(g).await {
-                Ok(Some(g)) => g.members,
-                _ => Vec::new(),
-            },
-            _ => d.inbox.iter().map(|(u, _)| *u).collect(),
-        };
-        let job = PushJob {
-            delivery: d,
+        let (reply, answer) = oneshot::channel();
+        let job = WriteJob {
+            user,
             channel,
-            members,
+            req,
+            ts_ms: now_ms(),
+            reply,
         };
-        if self.pushes.try_send(job).is_err() {
-            self.metrics.pushes_dropped.inc();
-        }
-        Ok(ack)
+        self.writes
+            .send(job)
+            .await
+            .map_err(|_| ChatError::Unavailable)?;
+        // No answer: the service is stopping.
+        answer.await.unwrap_or(Err(ChatError::Unavailable))
     }
 
     /// A page of the inbox (or of a large group's timeline) above `since`.
@@ -257,6 +275,121 @@ fn to_client(
     })
 }
 
+/// Stores queued sends, a batch at a time: whatever queued while the
+/// previous batch was being stored (up to `store_batch_max`), in one
+/// transaction ([`Store::store_messages`]). Nothing waits for a batch to
+/// fill: a lone send is stored at once. Each send is acknowledged, and its
+/// push queued, in the order of the batch, once the transaction has
+/// committed. Several writers share the queue, so one batch is being
+/// stored while the next one gathers.
+async fn write_loop(
+    store: Store,
+    cfg: ChatConfig,
+    queue: Arc<Mutex<mpsc::Receiver<WriteJob>>>,
+    pushes: mpsc::Sender<PushJob>,
+    metrics: Arc<ChatMetrics>,
+    stop: CancellationToken,
+) {
+    let max = cfg.store_batch_max.max(1);
+    let mut jobs = Vec::with_capacity(max);
+    loop {
+        jobs.clear();
+        let n = {
+            let mut queue = tokio::select! {
+                _ = stop.cancelled() => return,
+                q = queue.lock() => q,
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                n = queue.recv_many(&mut jobs, max) => n,
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        let msgs: Vec<NewMessage<'_>> = jobs.iter().map(WriteJob::message).collect();
+        let results = store.store_messages(&msgs, cfg.large_group_threshold).await;
+
+        drop(msgs);
+        metrics.store_batches.inc();
+        metrics.store_batched.add(n as u64);
+        for (job, result) in jobs.drain(..).zip(results) {
+            let answer = stored(
+                job.req,
+                job.user,
+                job.channel,
+                job.ts_ms,
+                result,
+                &pushes,
+                &metrics,
+            );
+            // The client may have gone meanwhile; its message is stored.
+            let _ = job.reply.send(answer);
+        }
+    }
+}
+
+/// The answer to one send once the store has answered, and its push
+/// queued.
+fn stored(
+    req: SendRequest,
+    user: UserId,
+    channel: ChannelId,
+    ts_ms: i64,
+    result: Result<Delivery, StoreError>,
+    pushes: &mpsc::Sender<PushJob>,
+    metrics: &ChatMetrics,
+) -> Result<SendAck, ChatError> {
+    let d = result.map_err(store_error)?;
+    let new = NewMessage {
+        sender: user,
+        req: req.req.as_str(),
+        target: match req.ope {
+            Ope::Single => Target::User(UserId(req.to)),
+            Ope::Group => Target::Group(req.to),
+        },
+        kind: req.kind.as_str(),
+        body: req.body.get(),
+        ex: req.ex.as_ref().map(|e| e.get()),
+        ts_ms,
+    };
+    // A resend repeats the message exactly; the same req for another
+    // target or contents is refused, and nothing is pushed for it.
+    if d.duplicate && !same_message(&d.message, &new) {
+        return Err(ChatError::ReqReused(req.req.as_str().to_owned()));
+    }
+    if d.duplicate {
+        metrics.duplicates.inc();
+    } else {
+        metrics.stored.inc();
+    }
+    let ack = SendAck {
+        req: req.req,
+        id: d.message.id,
+        seq: d.sender_seq,
+        gseq: d.gseq,
+        ts: d.message.ts_ms,
+        duplicate: d.duplicate,
+    };
+    // A resend is pushed again too: the first push may never have
+    // happened (the server died between storing and pushing); clients
+    // ignore what they already hold.
+    // Pushed to the stored message's recipients, never the request's.
+    let recipients = match (d.gseq, d.message.target) {
+        (Some(_), Target::Group(g)) => Recipients::Group(g),
+        _ => Recipients::Users(d.inbox.iter().map(|(u, _)| *u).collect()),
+    };
+    let job = PushJob {
+        delivery: d,
+        channel,
+        recipients,
+    };
+    if pushes.try_send(job).is_err() {
+        metrics.pushes_dropped.inc();
+    }
+    Ok(ack)
+}
+
 /// Pushes stored messages through the relay, one at a time, in the order
 /// they were stored by this server: one `iim::send` per message to every
 /// live connection of its recipients (except the sending connection).
@@ -265,6 +398,7 @@ const PUSH_BATCH: usize = 64;
 
 async fn push_loop(
     iim: Iim,
+    store: Store,
     mut rx: mpsc::Receiver<PushJob>,
     metrics: Arc<ChatMetrics>,
     stop: CancellationToken,
@@ -279,12 +413,32 @@ async fn push_loop(
         if n == 0 {
             return;
         }
+        // Large groups' members, once per group in the batch.
+        let mut groups: HashMap<u64, Vec<UserId>> = HashMap::new();
+        for job in &jobs {
+            if let Recipients::Group(g) = job.recipients
+                && !groups.contains_key(&g)
+            {
+                let members = match store.group(g).await {
+                    Ok(Some(group)) => group.members,
+                    Ok(None) => Vec::new(),
+                    Err(e) => {
+                        warn!(error = %e, group = g, "cannot look up group members for a push");
+                        Vec::new()
+                    }
+                };
+                groups.insert(g, members);
+            }
+        }
+        let members = |job: &PushJob| -> Vec<UserId> {
+            match &job.recipients {
+                Recipients::Users(users) => users.clone(),
+                Recipients::Group(g) => groups.get(g).cloned().unwrap_or_default(),
+            }
+        };
         // One sessions query for everything queued: under load the pushes
         // wait for one round trip, not one each.
-        let users: Vec<UserId> = jobs
-            .iter()
-            .flat_map(|j| j.members.iter().copied())
-            .collect();
+        let users: Vec<UserId> = jobs.iter().flat_map(&members).collect();
         let sessions = match iim.user_list(&users).await {
             Ok(s) => s,
             Err(e) => {
@@ -298,7 +452,8 @@ async fn push_loop(
             by_user.entry(s.user).or_default().push(s);
         }
         for job in jobs.drain(..) {
-            if !push(&iim, &job, &by_user, &metrics).await {
+            let members = members(&job);
+            if !push(&iim, &job, &members, &by_user, &metrics).await {
                 return;
             }
         }
@@ -310,12 +465,12 @@ async fn push_loop(
 async fn push(
     iim: &Iim,
     job: &PushJob,
+    members: &[UserId],
     by_user: &HashMap<UserId, Vec<Session>>,
     metrics: &ChatMetrics,
 ) -> bool {
     let d = &job.delivery;
-    let sessions: Vec<Session> = job
-        .members
+    let sessions: Vec<Session> = members
         .iter()
         .filter_map(|u| by_user.get(u))
         .flatten()

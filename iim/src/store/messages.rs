@@ -281,7 +281,7 @@ impl Store {
     }
 
     /// Creates missing `user_seq` rows in their own (autocommit) statement.
-    async fn create_seq_rows(&self, users: &[i64]) -> Result<(), StoreError> {
+    pub(super) async fn create_seq_rows(&self, users: &[i64]) -> Result<(), StoreError> {
         for chunk in users.chunks(ROW_CHUNK) {
             let sql = format!(
                 "INSERT INTO user_seq (user_id, last_seq) VALUES {} {}",
@@ -344,7 +344,7 @@ impl Store {
     }
 }
 
-fn stored(m: &NewMessage<'_>, id: i64) -> Result<StoredMessage, DbError> {
+pub(super) fn stored(m: &NewMessage<'_>, id: i64) -> Result<StoredMessage, DbError> {
     Ok(StoredMessage {
         id: positive(id, "messages.id")?,
         sender: m.sender,

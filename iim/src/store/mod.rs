@@ -8,7 +8,7 @@
 //!
 //! Files by role: `directory` (users, friendships, colleagues), `groups`
 //! (groups and their members), `messages` (storing a message and allocating
-//! its sequences), `sync` (reading inboxes and timelines back); the types
+//! its sequences), `batch` (storing several in one transaction), `sync` (reading inboxes and timelines back); the types
 //! and the row mapping they share are here.
 //!
 //! Sequences: every user's inbox carries a gap-free sequence from 1, and
@@ -32,6 +32,7 @@
 //! in `BIGINT`s, so they are ordered in Rust, never in SQL. Sequences and
 //! generated ids are positive and may be ordered by the database.
 
+mod batch;
 mod directory;
 mod groups;
 mod messages;

@@ -1,0 +1,504 @@
+//! Storing several messages in one transaction (group commit): the chat
+//! plugin's writer hands over whatever sends queued up while the previous
+//! transaction ran, and every one of them is acknowledged when that one
+//! transaction commits.
+//!
+//! The guarantees are those of [`Store::store_message`], message by
+//! message: nothing is acknowledged before its commit; inbox and timeline
+//! sequences are allocated under the same locks, in the same order (group
+//! rows by ascending id, then `user_seq` rows by ascending id), so they stay
+//! gap-free and every member of a group sees one order; a `(sender, req)`
+//! stored before is returned as it was. Messages of one batch get their
+//! sequences in the order they were handed in.
+//!
+//! What one batch saves is statements and commits: the duplicate check,
+//! the directory check, the locking read of `user_seq`, the inserts into
+//! `messages`, `inbox` and `user_seq` are each one statement for the whole
+//! batch, and there is one commit (one fsync with group commit off).
+//!
+//! A message that is refused (unknown user or group, not a member) gets its
+//! error and takes no part in the writes. Should the batch transaction fail
+//! for any other reason (a conflict retried to the limit, a value the
+//! database refuses), every message of it is stored again on its own
+//! ([`Store::store_message`], with its own retries): one bad message cannot
+//! fail the others, and the result of each is exactly what storing it alone
+//! would have given.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use sqlx::AssertSqlSafe;
+
+use super::{
+    Delivery, ID_CHUNK, NewMessage, OPE_GROUP, OPE_USER, ROW_CHUNK, Store, StoreError,
+    StoredMessage, Target, group_param, missing_users, positive,
+};
+use crate::db::{Tx, bad_row, bind_all, col, placeholders, rollback, rows, user_param};
+use crate::types::UserId;
+
+/// Rows per multi-row `INSERT INTO messages` (eight values each).
+const MESSAGE_CHUNK: usize = 100;
+/// `(sender, req)` pairs per look-up (two values each).
+const PAIR_CHUNK: usize = 200;
+
+/// Where one message of the batch goes, once checked.
+enum Plan {
+    /// Refused; no write.
+    Refused(StoreError),
+    /// Write fan-out to these users (sorted, distinct).
+    Inboxes(Vec<i64>),
+    /// Read fan-out: the timeline of this large group.
+    Timeline(u64),
+}
+
+/// What one attempt of the batch transaction came to.
+enum Attempt {
+    Done(Vec<Result<Delivery, StoreError>>),
+    /// Users without a `user_seq` row: created outside, then again.
+    NeedSeqRows(Vec<i64>),
+}
+
+impl Store {
+    /// Stores `msgs` as [`Store::store_message`] would store each, in one
+    /// transaction where it can (see the module documentation). The
+    /// results are in the order of `msgs`.
+    pub async fn store_messages(
+        &self,
+        msgs: &[NewMessage<'_>],
+        large_group_threshold: usize,
+    ) -> Vec<Result<Delivery, StoreError>> {
+        if let [m] = msgs {
+            return vec![self.store_message(m, large_group_threshold).await];
+        }
+        let mut out: Vec<Option<Result<Delivery, StoreError>>> =
+            (0..msgs.len()).map(|_| None).collect();
+        // A `(sender, req)` twice in one batch: the first is stored, the
+        // later ones are resends of it, answered once it is.
+        let mut first: HashMap<(UserId, &str), usize> = HashMap::with_capacity(msgs.len());
+        let mut repeats = Vec::new();
+        let mut fresh = Vec::with_capacity(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            if first.insert((m.sender, m.req), i).is_some() {
+                repeats.push(i);
+            } else {
+                fresh.push(i);
+            }
+        }
+        // Resends of messages stored earlier: answered as `store_message`
+        // answers them.
+        match self.stored_before(msgs, &fresh).await {
+            Ok(found) => {
+                for i in found {
+                    out[i] = Some(self.store_message(&msgs[i], large_group_threshold).await);
+                }
+                fresh.retain(|&i| out[i].is_none());
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "batch duplicate check failed; storing one by one");
+            }
+        }
+        if !fresh.is_empty() {
+            let batch: Vec<NewMessage<'_>> = fresh.iter().map(|&i| msgs[i]).collect();
+            match self.store_batch(&batch, large_group_threshold).await {
+                Ok(results) => {
+                    for (&i, r) in fresh.iter().zip(results) {
+                        out[i] = Some(r);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, messages = batch.len(), "batch transaction failed; storing one by one");
+                    for &i in &fresh {
+                        out[i] = Some(self.store_message(&msgs[i], large_group_threshold).await);
+                    }
+                }
+            }
+        }
+        for i in repeats {
+            out[i] = Some(self.store_message(&msgs[i], large_group_threshold).await);
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(bad_row("batch result missing").into())))
+            .collect()
+    }
+
+    /// The indexes (of `idx` into `msgs`) whose `(sender, req)` is stored.
+    async fn stored_before(
+        &self,
+        msgs: &[NewMessage<'_>],
+        idx: &[usize],
+    ) -> Result<Vec<usize>, StoreError> {
+        let mut found = Vec::new();
+        for chunk in idx.chunks(PAIR_CHUNK) {
+            let cond = vec!["(sender = ? AND req = ?)"; chunk.len()].join(" OR ");
+            let sql = format!("SELECT sender, req FROM messages WHERE {cond}");
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for &i in chunk {
+                query = query.bind(user_param(msgs[i].sender)).bind(msgs[i].req);
+            }
+            let rows = query.fetch_all(self.db.pool()).await?;
+            let mut pairs = BTreeSet::new();
+            for row in &rows {
+                pairs.insert((col::<i64>(row, "sender")?, col::<String>(row, "req")?));
+            }
+            found.extend(chunk.iter().copied().filter(|&i| {
+                pairs.contains(&(user_param(msgs[i].sender), msgs[i].req.to_owned()))
+            }));
+        }
+        Ok(found)
+    }
+
+    /// The batch transaction, run again after creating missing `user_seq`
+    /// rows (as [`Store::store_message`] does, for the same reason). Not
+    /// retried: on any failure the caller stores the messages one by one,
+    /// each with its own retries (a racing twin of one message, which fails
+    /// the batch on the unique key, is then found as the original).
+    async fn store_batch(
+        &self,
+        msgs: &[NewMessage<'_>],
+        threshold: usize,
+    ) -> Result<Vec<Result<Delivery, StoreError>>, StoreError> {
+        let users = match self.try_batch(msgs, threshold).await? {
+            Attempt::Done(results) => return Ok(results),
+            Attempt::NeedSeqRows(users) => users,
+        };
+        self.create_seq_rows(&users).await?;
+        match self.try_batch(msgs, threshold).await? {
+            Attempt::Done(results) => Ok(results),
+            Attempt::NeedSeqRows(_) => {
+                Err(bad_row("user_seq rows missing after creating them").into())
+            }
+        }
+    }
+
+    async fn try_batch(
+        &self,
+        msgs: &[NewMessage<'_>],
+        threshold: usize,
+    ) -> Result<Attempt, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        match self.batch_in(&mut tx, msgs, threshold).await {
+            Ok(Attempt::Done(results)) => {
+                tx.commit().await?;
+                Ok(Attempt::Done(results))
+            }
+            other => {
+                rollback(tx).await;
+                other
+            }
+        }
+    }
+
+    async fn batch_in(
+        &self,
+        tx: &mut Tx,
+        msgs: &[NewMessage<'_>],
+        threshold: usize,
+    ) -> Result<Attempt, StoreError> {
+        let (mut plans, mut timelines) = self.plan(tx, msgs, threshold).await?;
+
+        // Lock every inbox's `user_seq` row, ascending, after the groups.
+        let fan: BTreeSet<i64> = plans
+            .iter()
+            .filter_map(|p| match p {
+                Plan::Inboxes(users) => Some(users.iter().copied()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let fan: Vec<i64> = fan.into_iter().collect();
+        let mut last: HashMap<i64, i64> = HashMap::with_capacity(fan.len());
+        for chunk in fan.chunks(ID_CHUNK) {
+            let sql = format!(
+                "SELECT user_id, last_seq FROM user_seq{} WHERE user_id IN ({}){}",
+                self.backend().force_primary(),
+                placeholders(chunk.len()),
+                self.backend().for_update()
+            );
+            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
+            for row in query.fetch_all(&mut **tx).await? {
+                let seq: i64 = col(&row, "last_seq")?;
+                if seq < 0 {
+                    return Err(bad_row(format!("user_seq.last_seq: negative {seq}")).into());
+                }
+                last.insert(col::<i64>(&row, "user_id")?, seq);
+            }
+        }
+        if last.len() < fan.len() {
+            let missing = fan.iter().copied().filter(|u| !last.contains_key(u));
+            return Ok(Attempt::NeedSeqRows(missing.collect()));
+        }
+
+        // The messages themselves, then their ids by `(sender, req)`.
+        let written: Vec<usize> = (0..msgs.len())
+            .filter(|&i| !matches!(plans[i], Plan::Refused(_)))
+            .collect();
+        let ids = self.insert_messages(tx, msgs, &written).await?;
+
+        // Sequences, in the order of the batch.
+        let mut inbox_rows: Vec<(i64, i64, i64)> = Vec::new();
+        let mut timeline_rows: Vec<(u64, i64, i64)> = Vec::new();
+        let mut results: Vec<Result<Delivery, StoreError>> = Vec::with_capacity(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            let plan = std::mem::replace(&mut plans[i], Plan::Timeline(0));
+            let id = match &plan {
+                Plan::Refused(_) => 0,
+                _ => ids[i],
+            };
+            let delivery = match plan {
+                Plan::Refused(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+                Plan::Inboxes(users) => {
+                    let sender = user_param(m.sender);
+                    let mut inbox = Vec::with_capacity(users.len());
+                    let mut sender_seq = None;
+                    for u in users {
+                        let slot = last
+                            .get_mut(&u)
+                            .ok_or_else(|| bad_row("user_seq row not locked"))?;
+                        *slot = slot.checked_add(1).ok_or_else(|| {
+                            bad_row(format!("user {}: inbox sequence overflow", u as u64))
+                        })?;
+                        inbox_rows.push((u, *slot, id));
+                        let seq = positive(*slot, "inbox.seq")?;
+                        if u == sender {
+                            sender_seq = Some(seq);
+                        }
+                        inbox.push((UserId(u as u64), seq));
+                    }
+                    inbox.sort_unstable();
+                    Delivery {
+                        message: stored(m, id)?,
+                        sender_seq,
+                        gseq: None,
+                        inbox,
+                        duplicate: false,
+                    }
+                }
+                Plan::Timeline(g) => {
+                    let slot = timelines
+                        .get_mut(&g)
+                        .ok_or_else(|| bad_row("group row not locked"))?;
+                    *slot = slot
+                        .checked_add(1)
+                        .ok_or_else(|| bad_row(format!("group {g}: timeline sequence overflow")))?;
+                    timeline_rows.push((g, *slot, id));
+                    Delivery {
+                        message: stored(m, id)?,
+                        sender_seq: None,
+                        gseq: Some(positive(*slot, "group_timeline.seq")?),
+                        inbox: Vec::new(),
+                        duplicate: false,
+                    }
+                }
+            };
+            results.push(Ok(delivery));
+        }
+
+        for chunk in inbox_rows.chunks(ROW_CHUNK) {
+            let sql = format!(
+                "INSERT INTO inbox (user_id, seq, message_id) VALUES {}",
+                rows(chunk.len(), 3)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for &(u, seq, id) in chunk {
+                query = query.bind(u).bind(seq).bind(id);
+            }
+            query.execute(&mut **tx).await?;
+        }
+        let touched: Vec<(i64, i64)> = fan.iter().map(|u| (*u, last[u])).collect();
+        for chunk in touched.chunks(ROW_CHUNK) {
+            // An upsert by primary key, as in `store_message`.
+            let sql = format!(
+                "INSERT INTO user_seq (user_id, last_seq) VALUES {} {}",
+                rows(chunk.len(), 2),
+                self.backend().upsert_columns("user_id", &["last_seq"])
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for &(u, seq) in chunk {
+                query = query.bind(u).bind(seq);
+            }
+            query.execute(&mut **tx).await?;
+        }
+        for chunk in timeline_rows.chunks(ROW_CHUNK) {
+            let sql = format!(
+                "INSERT INTO group_timeline (group_id, seq, message_id) VALUES {}",
+                rows(chunk.len(), 3)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for &(g, seq, id) in chunk {
+                query = query.bind(group_param(g)).bind(seq).bind(id);
+            }
+            query.execute(&mut **tx).await?;
+        }
+        for (g, seq) in timelines {
+            sqlx::query("UPDATE chat_groups SET timeline_seq = ? WHERE id = ?")
+                .bind(seq)
+                .bind(group_param(g))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(Attempt::Done(results))
+    }
+
+    /// Checks every message and locks its groups (ascending): where each
+    /// goes, or why it is refused — the same verdicts, in the same order of
+    /// checks, as [`Store::store_message`].
+    async fn plan(
+        &self,
+        tx: &mut Tx,
+        msgs: &[NewMessage<'_>],
+        threshold: usize,
+    ) -> Result<(Vec<Plan>, BTreeMap<u64, i64>), StoreError> {
+        let mut people: Vec<UserId> = Vec::with_capacity(msgs.len() * 2);
+        for m in msgs {
+            people.push(m.sender);
+            if let Target::User(to) = m.target {
+                people.push(to);
+            }
+        }
+        let missing: BTreeSet<UserId> = missing_users(tx, &people).await?.into_iter().collect();
+
+        // Groups: locked in ascending order, members read under the lock.
+        let groups: BTreeSet<u64> = msgs
+            .iter()
+            .filter_map(|m| match m.target {
+                Target::Group(g) => Some(g),
+                Target::User(_) => None,
+            })
+            .collect();
+        // Per group: `None` unknown, else its members (sorted) when small,
+        // or an empty list and `large`.
+        let mut members: HashMap<u64, Option<(bool, Vec<i64>)>> = HashMap::new();
+        // Large groups' timeline sequences, read under their lock.
+        let mut timelines = BTreeMap::new();
+        let limit = i64::try_from(threshold.saturating_add(1)).unwrap_or(i64::MAX);
+        for g in groups {
+            let Some(timeline) = self.lock_group(tx, g).await? else {
+                members.insert(g, None);
+                continue;
+            };
+            let rows = sqlx::query("SELECT user_id FROM group_members WHERE group_id = ? LIMIT ?")
+                .bind(group_param(g))
+                .bind(limit)
+                .fetch_all(&mut **tx)
+                .await?;
+            let mut list = rows
+                .iter()
+                .map(|r| col::<i64>(r, "user_id"))
+                .collect::<Result<Vec<_>, _>>()?;
+            list.sort_unstable();
+            let large = list.len() > threshold;
+            if large {
+                timelines.insert(g, timeline);
+            }
+            members.insert(g, Some((large, if large { Vec::new() } else { list })));
+        }
+
+        let mut plans = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let sender = user_param(m.sender);
+            let plan = match m.target {
+                Target::User(to) => {
+                    if missing.contains(&m.sender) {
+                        Plan::Refused(StoreError::UnknownUser(m.sender.0))
+                    } else if missing.contains(&to) {
+                        Plan::Refused(StoreError::UnknownUser(to.0))
+                    } else {
+                        let mut users = vec![sender, user_param(to)];
+                        users.sort_unstable();
+                        users.dedup();
+                        Plan::Inboxes(users)
+                    }
+                }
+                Target::Group(g) => match members.get(&g) {
+                    Some(Some((false, list))) => {
+                        if list.binary_search(&sender).is_ok() {
+                            Plan::Inboxes(list.clone())
+                        } else {
+                            Plan::Refused(StoreError::NotMember(g))
+                        }
+                    }
+                    Some(Some((true, _))) => {
+                        let member = sqlx::query(
+                            "SELECT user_id FROM group_members WHERE group_id = ? AND user_id = ?",
+                        )
+                        .bind(group_param(g))
+                        .bind(sender)
+                        .fetch_optional(&mut **tx)
+                        .await?;
+                        if member.is_some() {
+                            Plan::Timeline(g)
+                        } else {
+                            Plan::Refused(StoreError::NotMember(g))
+                        }
+                    }
+                    _ => Plan::Refused(StoreError::UnknownGroup(g)),
+                },
+            };
+            plans.push(plan);
+        }
+        Ok((plans, timelines))
+    }
+
+    /// Inserts the messages at `idx` and returns every message's id by its
+    /// index in `msgs` (0 for those not inserted). Ids are read back by the
+    /// unique `(sender, req)`: the ids one multi-row insert generates are
+    /// not consecutive on every configuration (Galera's interleaved
+    /// auto-increment), and MySQL has no `RETURNING`.
+    async fn insert_messages(
+        &self,
+        tx: &mut Tx,
+        msgs: &[NewMessage<'_>],
+        idx: &[usize],
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut ids = vec![0_i64; msgs.len()];
+        for chunk in idx.chunks(MESSAGE_CHUNK) {
+            let sql = format!(
+                "INSERT INTO messages (sender, req, ope, target, kind, body, ex, ts) VALUES {}",
+                rows(chunk.len(), 8)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for &i in chunk {
+                let m = &msgs[i];
+                let (ope, target) = match m.target {
+                    Target::User(u) => (OPE_USER, user_param(u)),
+                    Target::Group(g) => (OPE_GROUP, group_param(g)),
+                };
+                query = query
+                    .bind(user_param(m.sender))
+                    .bind(m.req)
+                    .bind(ope)
+                    .bind(target)
+                    .bind(m.kind)
+                    .bind(m.body)
+                    .bind(m.ex)
+                    .bind(m.ts_ms);
+            }
+            query.execute(&mut **tx).await?;
+        }
+        for chunk in idx.chunks(PAIR_CHUNK) {
+            let cond = vec!["(sender = ? AND req = ?)"; chunk.len()].join(" OR ");
+            let sql = format!("SELECT id, sender, req FROM messages WHERE {cond}");
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for &i in chunk {
+                query = query.bind(user_param(msgs[i].sender)).bind(msgs[i].req);
+            }
+            let mut by_key: HashMap<(i64, String), i64> = HashMap::with_capacity(chunk.len());
+            for row in query.fetch_all(&mut **tx).await? {
+                by_key.insert((col(&row, "sender")?, col(&row, "req")?), col(&row, "id")?);
+            }
+            for &i in chunk {
+                let key = (user_param(msgs[i].sender), msgs[i].req.to_owned());
+                ids[i] = *by_key
+                    .get(&key)
+                    .ok_or_else(|| bad_row("inserted message not found by (sender, req)"))?;
+            }
+        }
+        Ok(ids)
+    }
+}
+
+fn stored(m: &NewMessage<'_>, id: i64) -> Result<StoredMessage, StoreError> {
+    Ok(super::messages::stored(m, id)?)
+}
