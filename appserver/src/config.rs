@@ -386,6 +386,9 @@ pub struct ChatConfig {
     pub store_batch_max: usize,
     /// Store transactions of sends in flight at once.
     pub store_writers: usize,
+    /// Stored messages waiting to be pushed, at most; beyond it a push is
+    /// dropped and its recipients are sent `sync_needed`.
+    pub push_queue: usize,
 }
 
 impl Default for ChatConfig {
@@ -394,6 +397,7 @@ impl Default for ChatConfig {
             large_group_threshold: 500,
             store_batch_max: 64,
             store_writers: 2,
+            push_queue: 4_096,
         }
     }
 }
@@ -490,6 +494,9 @@ impl Config {
         if !(1..=16).contains(&self.chat.store_writers) {
             return Err("chat.store_writers must be 1..=16".into());
         }
+        if !(1..=1_000_000).contains(&self.chat.push_queue) {
+            return Err("chat.push_queue must be 1..=1000000".into());
+        }
         self.presence.validate()?;
         self.quic.validate()
     }
@@ -555,6 +562,7 @@ mod tests {
                 large_group_threshold: 100,
                 store_batch_max: 16,
                 store_writers: 3,
+                push_queue: 10,
             },
             ..Default::default()
         };
@@ -659,6 +667,7 @@ mod tests {
             ("[limits]\nsync_page_max = 0", "limits.sync_page_max"),
             ("[chat]\nstore_batch_max = 0", "chat.store_batch_max"),
             ("[chat]\nstore_writers = 0", "chat.store_writers"),
+            ("[chat]\npush_queue = 0", "chat.push_queue"),
             (
                 "[chat]\nlarge_group_threshold = 1",
                 "chat.large_group_threshold",

@@ -284,6 +284,7 @@ pub async fn start_with(
             sync_page_max: config.limits.sync_page_max,
             store_batch_max: config.chat.store_batch_max,
             store_writers: config.chat.store_writers,
+            push_queue: config.chat.push_queue,
         },
         metrics.chat.clone(),
         stop.clone(),
@@ -459,6 +460,11 @@ async fn demo_sink(mut a: Attached, stop: CancellationToken) {
                 from = n.from().0,
                 text = %n.text,
                 "received notice"
+            ),
+            push::Push::SyncNeeded(msg) => info!(
+                id = %msg.id,
+                from = %msg.source,
+                "received sync_needed"
             ),
             push::Push::Plugin(msg) => info!(
                 id = %msg.id,

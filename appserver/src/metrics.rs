@@ -183,6 +183,10 @@ pub struct ChatMetrics {
     pub store_batches: Counter,
     /// Sends stored by those transactions.
     pub store_batched: Counter,
+    /// `sync_needed` frames sent (one per connection) for dropped pushes.
+    pub sync_needed: Counter,
+    /// Users owed a `sync_needed` who could not be remembered (too many).
+    pub sync_needed_lost: Counter,
 }
 
 impl Render for ChatMetrics {
@@ -205,7 +209,7 @@ impl Render for ChatMetrics {
         )
         .counter(
             "iim_chat_pushes_dropped_total",
-            "Pushes dropped (queue full or sessions unavailable); clients sync.",
+            "Pushes dropped (queue full, sessions unavailable, refused by the relay); their recipients are sent sync_needed.",
             &self.pushes_dropped,
         )
         .counter(
@@ -217,6 +221,16 @@ impl Render for ChatMetrics {
             "iim_chat_store_batch_sends_total",
             "Sends handed to the store in those batches.",
             &self.store_batched,
+        )
+        .counter(
+            "iim_chat_sync_needed_total",
+            "sync_needed hints submitted to connections whose chat pushes were dropped.",
+            &self.sync_needed,
+        )
+        .counter(
+            "iim_chat_sync_needed_lost_total",
+            "Users owed a sync_needed beyond the bound of remembered ones.",
+            &self.sync_needed_lost,
         );
         p.finish()
     }

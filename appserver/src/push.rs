@@ -35,6 +35,9 @@ pub enum Push {
     Presence(Arc<PresencePush>),
     /// Operator text.
     Notice(Arc<Notice>),
+    /// Chat pushes for this user were dropped at their sending server: the
+    /// client is told to sync (`{"op":"sync_needed"}`).
+    SyncNeeded(Arc<Message>),
     /// A message of a kind iim does not reserve: a plugin's. Clients of
     /// the gateway do not see these; other holders of a connection do.
     Plugin(Arc<Message>),
@@ -60,6 +63,7 @@ impl Push {
             Some(Reserved::Chat) => Ok(Push::Chat(Arc::new(ChatPush::decode(msg)?))),
             Some(Reserved::Notice) => Ok(Push::Notice(Arc::new(Notice::decode(msg)))),
             Some(Reserved::Presence) => Err(DecodeError::PresenceHint),
+            Some(Reserved::SyncNeeded) => Ok(Push::SyncNeeded(msg.clone())),
             None => Ok(Push::Plugin(msg.clone())),
         }
     }
@@ -78,6 +82,7 @@ impl Push {
             Push::Chat(c) => c.frame_for(user),
             Push::Presence(p) => Some(p.frame.clone()),
             Push::Notice(n) => Some(n.frame.clone()),
+            Push::SyncNeeded(_) => Some(SYNC_NEEDED_FRAME.to_owned()),
             Push::Plugin(_) => None,
         }
     }
@@ -88,7 +93,7 @@ impl Push {
         match self {
             Push::Chat(c) => Some(&c.message),
             Push::Notice(n) => Some(&n.message),
-            Push::Plugin(m) => Some(m),
+            Push::SyncNeeded(m) | Push::Plugin(m) => Some(m),
             Push::Presence(_) => None,
         }
     }
@@ -104,10 +109,14 @@ impl Push {
             Push::Chat(_) => Reserved::Chat.as_str(),
             Push::Presence(_) => Reserved::Presence.as_str(),
             Push::Notice(_) => Reserved::Notice.as_str(),
+            Push::SyncNeeded(_) => Reserved::SyncNeeded.as_str(),
             Push::Plugin(_) => "plugin",
         }
     }
 }
+
+/// The frame of [`Push::SyncNeeded`].
+pub const SYNC_NEEDED_FRAME: &str = r#"{"op":"sync_needed"}"#;
 
 /// A chat push, decoded: the message, each recipient's sequence, and the
 /// shared part of its `msg` frame.

@@ -30,6 +30,10 @@ pub enum Reserved {
     /// A presence hint between app servers: JSON `{user, status, text,
     /// version}`, checked against the database before it reaches anyone.
     Presence = 3,
+    /// Chat pushes for the recipient users were dropped (the sending
+    /// server's push queue was full, or its sessions look-up failed): body
+    /// empty; their clients see `{"op":"sync_needed"}` and sync.
+    SyncNeeded = 4,
 }
 
 /// [`Reserved::Notice`] as a number.
@@ -38,10 +42,17 @@ pub const NOTICE: u16 = Reserved::Notice as u16;
 pub const CHAT: u16 = Reserved::Chat as u16;
 /// [`Reserved::Presence`] as a number.
 pub const PRESENCE: u16 = Reserved::Presence as u16;
+/// [`Reserved::SyncNeeded`] as a number.
+pub const SYNC_NEEDED: u16 = Reserved::SyncNeeded as u16;
 
 impl Reserved {
     /// Every reserved kind, in number order.
-    pub const ALL: [Reserved; 3] = [Reserved::Notice, Reserved::Chat, Reserved::Presence];
+    pub const ALL: [Reserved; 4] = [
+        Reserved::Notice,
+        Reserved::Chat,
+        Reserved::Presence,
+        Reserved::SyncNeeded,
+    ];
 
     /// The kind's number on the wire.
     pub const fn kind(self) -> u16 {
@@ -59,6 +70,7 @@ impl Reserved {
             Reserved::Notice => "notice",
             Reserved::Chat => "chat",
             Reserved::Presence => "presence",
+            Reserved::SyncNeeded => "sync_needed",
         }
     }
 }
@@ -79,11 +91,11 @@ mod tests {
             assert_eq!(Reserved::of(r.kind()), Some(r));
         }
         assert_eq!(
-            [NOTICE, CHAT, PRESENCE],
+            [NOTICE, CHAT, PRESENCE, SYNC_NEEDED],
             Reserved::ALL.map(Reserved::kind),
             "the constants are the table's numbers"
         );
-        for plugin_kind in [0, 4, 7, 9, 1_000, u16::MAX] {
+        for plugin_kind in [0, 5, 7, 9, 1_000, u16::MAX] {
             assert_eq!(Reserved::of(plugin_kind), None);
         }
         assert_eq!(Reserved::Chat.to_string(), "2 (chat)");

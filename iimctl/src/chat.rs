@@ -422,6 +422,16 @@ impl Chat {
                 say(&format!("[notice from {}] {}", n.from, clean(&n.text)));
                 None
             }
+            Frame::SyncNeeded => {
+                // Pushes for us were dropped: catch up on every stream.
+                let keys: Vec<_> = std::iter::once(None)
+                    .chain(self.cursors.keys().copied())
+                    .collect();
+                for key in keys {
+                    self.request_sync(client, key).await?;
+                }
+                None
+            }
             Frame::Msg(m) => match (m.gseq, m.seq) {
                 (Some(g), _) => Some((Some(m.to), g, Some(m))),
                 (None, Some(s)) => Some((None, s, Some(m))),

@@ -441,3 +441,72 @@ async fn a_chat_envelope_with_a_forged_sender_is_not_delivered() {
     assert_eq!((m.id, m.from), (honest.id, 11), "{m:?}");
     db.cleanup().await;
 }
+
+/// Issue 14: a push dropped because the sending server's push queue is full
+/// does not wait for the recipient's next push or reconnect to be noticed:
+/// the recipient's connections get `sync_needed`, and a sync brings every
+/// message, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_push_tells_its_recipient_to_sync() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let senders: Vec<u64> = (101..=140).collect();
+    let mut users = senders.clone();
+    users.push(21);
+    directory(&db, &users).await;
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let mut cfg = appserver_config(db.url(), 1, ex.addr);
+    // One stored message may wait for its push; the rest of a batch cannot.
+    cfg.chat.push_queue = 1;
+    let s1 = spawn_appserver(&ca, cfg, vec![]).await;
+    let s2 = spawn_appserver(&ca, appserver_config(db.url(), 2, ex.addr), vec![]).await;
+    wait_linked(&s1).await;
+    wait_linked(&s2).await;
+    let mut recipient = ChatClient::connect(s2.client_addr.unwrap(), &token(21), "phone")
+        .await
+        .unwrap();
+
+    // Forty senders on server 1 write to 21 at once, three messages each.
+    let at = s1.client_addr.unwrap();
+    let tasks: Vec<_> = senders
+        .iter()
+        .map(|&u| {
+            tokio::spawn(async move {
+                let mut c = ChatClient::connect(at, &token(u), "phone").await.unwrap();
+                let mut ids = Vec::new();
+                for i in 0..3 {
+                    let a = c
+                        .send(&format!("m{i}"), Ope::Single, 21, &format!("{u} #{i}"))
+                        .await
+                        .unwrap_or_else(|e| panic!("not acknowledged: {e}"));
+                    ids.push(a.id);
+                }
+                c.close().await;
+                ids
+            })
+        })
+        .collect();
+    let mut acked = BTreeSet::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert_eq!(acked.len(), 120);
+    let dropped = s1.metrics.chat.pushes_dropped.get();
+    assert!(dropped > 0, "the push queue never overflowed");
+
+    // The recipient is told; what it holds after a sync is everything.
+    let told = loop {
+        match recipient.next_push(Duration::from_secs(10)).await {
+            Some(Frame::SyncNeeded) => break true,
+            Some(_) => {}
+            None => break false,
+        }
+    };
+    assert!(told, "{dropped} pushes dropped and no sync_needed arrived");
+    assert!(s1.metrics.chat.sync_needed.get() >= 1);
+    let inbox = recipient.sync_all(None, 0).await.unwrap();
+    let seqs: Vec<u64> = inbox.iter().map(|m| m.seq.unwrap()).collect();
+    assert_eq!(seqs, (1..=120).collect::<Vec<_>>());
+    let ids: BTreeSet<u64> = inbox.iter().map(|m| m.id).collect();
+    assert_eq!(ids, acked);
+}

@@ -14,7 +14,7 @@ use iim::store::{Delivery, NewMessage, Store, StoreError, StoredMessage, Target}
 use iim::types::{ChannelId, ServerId, Session, UserId, now_ms};
 use iim::{Iim, Outgoing};
 use serde_json::value::RawValue;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -33,10 +33,14 @@ pub struct ChatConfig {
     /// Transactions of sends in flight at once (each writer stores one
     /// batch at a time).
     pub store_writers: usize,
+    /// Bound of the push queue; beyond it a push is dropped and its
+    /// recipients are told to sync ([`Owed`]).
+    pub push_queue: usize,
 }
 
-/// Bound of the push queue; beyond it pushes are dropped (clients sync).
-const PUSH_QUEUE: usize = 4_096;
+/// Most users owed a `sync_needed` at once; beyond it more are counted
+/// (`iim_chat_sync_needed_lost_total`) but not remembered.
+const MAX_OWED: usize = 65_536;
 /// Bound of the queue of sends waiting for a writer; a client's send waits
 /// for room (its connection reads no further meanwhile).
 const WRITE_QUEUE: usize = 4_096;
@@ -82,6 +86,56 @@ impl WriteJob {
     }
 }
 
+/// Users (and large groups, whose members are looked up when the hint is
+/// sent) whose chat pushes were dropped at this server: the push task
+/// tells their connections, wherever they are, to sync — one small
+/// `sync_needed` per user however many pushes were lost — so a dropped push
+/// never stays unnoticed until the recipient's next push or reconnect.
+#[derive(Default)]
+struct Owed {
+    state: std::sync::Mutex<OwedSets>,
+    /// Wakes the push task when it has nothing queued.
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct OwedSets {
+    users: HashSet<UserId>,
+    groups: HashSet<u64>,
+}
+
+impl Owed {
+    fn add(&self, recipients: &Recipients, metrics: &ChatMetrics) {
+        {
+            let mut sets = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let OwedSets { users, groups } = &mut *sets;
+            match recipients {
+                Recipients::Users(us) => {
+                    for u in us {
+                        if users.len() < MAX_OWED {
+                            users.insert(*u);
+                        } else if !users.contains(u) {
+                            metrics.sync_needed_lost.inc();
+                        }
+                    }
+                }
+                Recipients::Group(g) => {
+                    if groups.len() < MAX_OWED {
+                        groups.insert(*g);
+                    } else if !groups.contains(g) {
+                        metrics.sync_needed_lost.inc();
+                    }
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> OwedSets {
+        std::mem::take(&mut *self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// The chat service of one app server.
 pub struct Chat {
     store: Store,
@@ -100,13 +154,15 @@ impl Chat {
         stop: CancellationToken,
         tracker: &TaskTracker,
     ) -> Chat {
-        let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
+        let (push_tx, push_rx) = mpsc::channel(cfg.push_queue.max(1));
         let (write_tx, write_rx) = mpsc::channel(WRITE_QUEUE);
         let server = iim.server();
+        let owed = Arc::new(Owed::default());
         tracker.spawn(push_loop(
             iim,
             store.clone(),
             push_rx,
+            owed.clone(),
             metrics.clone(),
             stop.clone(),
         ));
@@ -117,6 +173,7 @@ impl Chat {
                 cfg,
                 write_rx.clone(),
                 push_tx.clone(),
+                owed.clone(),
                 metrics.clone(),
                 stop.clone(),
             ));
@@ -287,6 +344,7 @@ async fn write_loop(
     cfg: ChatConfig,
     queue: Arc<Mutex<mpsc::Receiver<WriteJob>>>,
     pushes: mpsc::Sender<PushJob>,
+    owed: Arc<Owed>,
     metrics: Arc<ChatMetrics>,
     stop: CancellationToken,
 ) {
@@ -314,49 +372,35 @@ async fn write_loop(
         metrics.store_batches.inc();
         metrics.store_batched.add(n as u64);
         for (job, result) in jobs.drain(..).zip(results) {
-            let answer = stored(
-                job.req,
-                job.user,
-                job.channel,
-                job.ts_ms,
-                result,
-                &pushes,
-                &metrics,
-            );
+            let (answer, push) = stored(&job, result, &metrics);
+            if let Some(push) = push
+                && let Err(e) = pushes.try_send(push)
+            {
+                metrics.pushes_dropped.inc();
+                owed.add(&e.into_inner().recipients, &metrics);
+            }
             // The client may have gone meanwhile; its message is stored.
             let _ = job.reply.send(answer);
         }
     }
 }
 
-/// The answer to one send once the store has answered, and its push
-/// queued.
+/// The answer to one send once the store has answered, and the push to
+/// queue for it.
 fn stored(
-    req: SendRequest,
-    user: UserId,
-    channel: ChannelId,
-    ts_ms: i64,
+    job: &WriteJob,
     result: Result<Delivery, StoreError>,
-    pushes: &mpsc::Sender<PushJob>,
     metrics: &ChatMetrics,
-) -> Result<SendAck, ChatError> {
-    let d = result.map_err(store_error)?;
-    let new = NewMessage {
-        sender: user,
-        req: req.req.as_str(),
-        target: match req.ope {
-            Ope::Single => Target::User(UserId(req.to)),
-            Ope::Group => Target::Group(req.to),
-        },
-        kind: req.kind.as_str(),
-        body: req.body.get(),
-        ex: req.ex.as_ref().map(|e| e.get()),
-        ts_ms,
+) -> (Result<SendAck, ChatError>, Option<PushJob>) {
+    let d = match result {
+        Ok(d) => d,
+        Err(e) => return (Err(store_error(e)), None),
     };
+    let req = &job.req;
     // A resend repeats the message exactly; the same req for another
     // target or contents is refused, and nothing is pushed for it.
-    if d.duplicate && !same_message(&d.message, &new) {
-        return Err(ChatError::ReqReused(req.req.as_str().to_owned()));
+    if d.duplicate && !same_message(&d.message, &job.message()) {
+        return (Err(ChatError::ReqReused(req.req.as_str().to_owned())), None);
     }
     if d.duplicate {
         metrics.duplicates.inc();
@@ -364,7 +408,7 @@ fn stored(
         metrics.stored.inc();
     }
     let ack = SendAck {
-        req: req.req,
+        req: req.req.clone(),
         id: d.message.id,
         seq: d.sender_seq,
         gseq: d.gseq,
@@ -379,15 +423,12 @@ fn stored(
         (Some(_), Target::Group(g)) => Recipients::Group(g),
         _ => Recipients::Users(d.inbox.iter().map(|(u, _)| *u).collect()),
     };
-    let job = PushJob {
+    let push = PushJob {
         delivery: d,
-        channel,
+        channel: job.channel,
         recipients,
     };
-    if pushes.try_send(job).is_err() {
-        metrics.pushes_dropped.inc();
-    }
-    Ok(ack)
+    (Ok(ack), Some(push))
 }
 
 /// Pushes stored messages through the relay, one at a time, in the order
@@ -400,14 +441,21 @@ async fn push_loop(
     iim: Iim,
     store: Store,
     mut rx: mpsc::Receiver<PushJob>,
+    owed: Arc<Owed>,
     metrics: Arc<ChatMetrics>,
     stop: CancellationToken,
 ) {
     let mut jobs = Vec::with_capacity(PUSH_BATCH);
     loop {
+        // Dropped pushes first: their hints are owed since before anything
+        // now queued.
+        if !tell_to_sync(&iim, &store, &owed, &metrics).await {
+            return;
+        }
         jobs.clear();
         let n = tokio::select! {
             _ = stop.cancelled() => return,
+            _ = owed.wake.notified() => continue,
             n = rx.recv_many(&mut jobs, PUSH_BATCH) => n,
         };
         if n == 0 {
@@ -444,6 +492,9 @@ async fn push_loop(
             Err(e) => {
                 warn!(error = %e, pushes = n, "cannot look up sessions for pushes");
                 metrics.pushes_dropped.add(n as u64);
+                for job in &jobs {
+                    owed.add(&job.recipients, &metrics);
+                }
                 continue;
             }
         };
@@ -453,22 +504,76 @@ async fn push_loop(
         }
         for job in jobs.drain(..) {
             let members = members(&job);
-            if !push(&iim, &job, &members, &by_user, &metrics).await {
-                return;
+            match push(&iim, &job, &members, &by_user, &metrics).await {
+                Pushed::Yes => {}
+                Pushed::Refused => owed.add(&Recipients::Users(members), &metrics),
+                Pushed::ShuttingDown => return,
             }
         }
     }
 }
 
-/// Submit one push to the live sessions of its members. `false` when the
-/// relay is shutting down.
+/// Sends `sync_needed` to every connection of the users owed one. `false`
+/// when the relay is shutting down. A failed look-up keeps them owed (the
+/// next round tries again).
+async fn tell_to_sync(iim: &Iim, store: &Store, owed: &Owed, metrics: &ChatMetrics) -> bool {
+    let OwedSets { users, groups } = owed.take();
+    if users.is_empty() && groups.is_empty() {
+        return true;
+    }
+    let mut all: Vec<UserId> = users.iter().copied().collect();
+    for g in &groups {
+        match store.group(*g).await {
+            Ok(Some(group)) => all.extend(group.members),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %e, group = g, "cannot look up the members owed a sync_needed");
+                owed.add(&Recipients::Group(*g), metrics);
+            }
+        }
+    }
+    all.sort_unstable();
+    all.dedup();
+    let sessions = match iim.user_list(&all).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, users = all.len(), "cannot look up the sessions owed a sync_needed");
+            owed.add(&Recipients::Users(all), metrics);
+            return true;
+        }
+    };
+    if sessions.is_empty() {
+        return true;
+    }
+    let out = Outgoing {
+        kind: iim::kinds::SYNC_NEEDED,
+        ..Default::default()
+    };
+    match iim.submit(out, &sessions).await {
+        Ok(_) => metrics.sync_needed.add(sessions.len() as u64),
+        Err(iim::SendError::ShuttingDown) => return false,
+        Err(e) => warn!(error = %e, "sync_needed not accepted by the relay"),
+    }
+    true
+}
+
+/// What became of one push.
+enum Pushed {
+    /// Submitted (or nobody to push to).
+    Yes,
+    /// The relay refused it: its recipients are owed a `sync_needed`.
+    Refused,
+    ShuttingDown,
+}
+
+/// Submit one push to the live sessions of its members.
 async fn push(
     iim: &Iim,
     job: &PushJob,
     members: &[UserId],
     by_user: &HashMap<UserId, Vec<Session>>,
     metrics: &ChatMetrics,
-) -> bool {
+) -> Pushed {
     let d = &job.delivery;
     let sessions: Vec<Session> = members
         .iter()
@@ -478,10 +583,10 @@ async fn push(
         .cloned()
         .collect();
     if sessions.is_empty() {
-        return true;
+        return Pushed::Yes;
     }
     let Ok(m) = to_client(d.message.clone(), None, None) else {
-        return true;
+        return Pushed::Yes;
     };
     let env = PushEnvelope {
         m,
@@ -489,7 +594,7 @@ async fn push(
         gseq: d.gseq,
     };
     let Ok(body) = serde_json::to_vec(&env) else {
-        return true;
+        return Pushed::Yes;
     };
     let out = Outgoing {
         kind: iim::kinds::CHAT,
@@ -501,14 +606,17 @@ async fn push(
     // Admission only: the report is not awaited, a lost push is repaired
     // by the recipient's next sync.
     match iim.submit(out, &sessions).await {
-        Ok(_) => metrics.pushes.inc(),
-        Err(iim::SendError::ShuttingDown) => return false,
+        Ok(_) => {
+            metrics.pushes.inc();
+            Pushed::Yes
+        }
+        Err(iim::SendError::ShuttingDown) => Pushed::ShuttingDown,
         Err(e @ (iim::SendError::TooLarge { .. } | iim::SendError::ReservedKind(_))) => {
-            warn!(error = %e, id = d.message.id, "push not accepted by the relay; recipients will sync");
+            warn!(error = %e, id = d.message.id, "push not accepted by the relay; recipients are told to sync");
             metrics.pushes_dropped.inc();
+            Pushed::Refused
         }
     }
-    true
 }
 
 /// `new` is `stored` sent again: same target, type, body and extensions,

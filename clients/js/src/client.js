@@ -523,6 +523,9 @@ export class IimClient extends Emitter {
         return this.#onPresence(f);
       case 'notice':
         return this.emit('notice', { from: f.from, text: f.text });
+      case 'sync_needed':
+        // Pushes for this user were dropped at their sending server.
+        return this.sync();
       default:
         return; // ops of a newer server are ignored, as the protocol allows
     }

@@ -64,6 +64,8 @@ pub enum Frame {
     Presence(Vec<Update>),
     /// The answer to a `set_status`.
     StatusSet(StatusSet),
+    /// Chat pushes for this user were dropped: sync.
+    SyncNeeded,
     /// A refused request (or a refused connection, before it closes).
     Error(ErrorFrame),
     Pong,
@@ -117,6 +119,7 @@ impl Frame {
             "status_set" => Frame::StatusSet(serde_json::from_str(text)?),
             "error" => Frame::Error(serde_json::from_str(text)?),
             "pong" => Frame::Pong,
+            "sync_needed" => Frame::SyncNeeded,
             _ => Frame::Other(serde_json::from_str(text)?),
         })
     }
@@ -133,13 +136,17 @@ impl Frame {
             Frame::StatusSet(_) => "status_set",
             Frame::Error(_) => "error",
             Frame::Pong => "pong",
+            Frame::SyncNeeded => "sync_needed",
             Frame::Other(v) => v["op"].as_str().unwrap_or(""),
         }
     }
 
     /// Pushed by the server on its own, not an answer to a request.
     pub fn is_push(&self) -> bool {
-        matches!(self, Frame::Msg(_) | Frame::Notice(_) | Frame::Presence(_))
+        matches!(
+            self,
+            Frame::Msg(_) | Frame::Notice(_) | Frame::Presence(_) | Frame::SyncNeeded
+        )
     }
 }
 
