@@ -6,6 +6,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { Deployment } from '../js/test/harness.js';
+import { IimClient } from '../js/src/index.js';
 import {
   launch, newPage, pageUrl, connected, signInWithToken, openConversation, send, waitMessage,
   texts, unread, groupId, recordBanner, bannerSeen,
@@ -176,4 +177,32 @@ test('a reload keeps the history, and what came meanwhile shows once', async () 
   await waitMessage(bob, 'after the reload');
   assert.deepEqual(await texts(bob), [...first, 'after the reload']);
   noProblems(bob, dave);
+});
+
+test('scrolling back reads older history pages', async () => {
+  // Bob writes more than the page's first history page (200) holds, from
+  // a Node client of the library.
+  const bob = new IimClient({ servers: [d.url(1)], token: d.token(1002), device: 'script' });
+  await bob.connect();
+  const sent = Array.from({ length: 230 }, (_, i) => `note ${i + 1}`);
+  await Promise.all(sent.map((t) => bob.send({ to: 3001, body: { text: t } })));
+  await bob.close();
+
+  const erin = await person(3, 3001);
+  await erin.click('#conversations button[data-conv="u1002"]');
+  await waitMessage(erin, 'note 230');
+  const first = await texts(erin);
+  assert.ok(first.length < sent.length, `the first page already held ${first.length}`);
+  assert.deepEqual(first, sent.slice(sent.length - first.length));
+  assert.equal(await erin.isVisible('#older'), true);
+  assert.equal(await erin.isVisible('#history-start'), false);
+
+  // Scrolling to the top fetches the rest.
+  await erin.$eval('#scroller', (s) => {
+    s.scrollTop = 0;
+  });
+  await erin.waitForSelector('#history-start:not([hidden])');
+  assert.deepEqual(await texts(erin), sent);
+  assert.equal(await erin.isVisible('#older'), false);
+  noProblems(erin);
 });
