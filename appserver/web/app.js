@@ -171,7 +171,7 @@ class Chat {
     });
     c.on('presence', (changed) => {
       for (const p of changed) {
-        if (p.user === this.me) continue;
+        if (p.user === this.client.user) continue;
         this.contacts.add(p.user);
         this.conv('u', p.user);
       }
@@ -275,6 +275,8 @@ class Chat {
 
   /** Files a message (a push, a sync's, a history page's, an own ack). */
   file(m) {
+    // The library knows the user from the welcome, before any message.
+    const me = this.client.user;
     let c;
     if (m.gseq != null) {
       c = this.conv('g', m.to);
@@ -282,13 +284,13 @@ class Chat {
     } else if (m.ope === 1) {
       c = this.conv('g', m.to);
     } else {
-      c = this.conv('u', m.from === this.me ? m.to : m.from);
+      c = this.conv('u', m.from === me ? m.to : m.from);
     }
     const seq = m.gseq ?? m.seq;
     c.msgs.set(seq, m);
     c.last = Math.max(c.last, m.ts);
     if (m.seq != null) this.inboxLow = Math.min(this.inboxLow, m.seq);
-    if (m.from === this.me || this.me === null) {
+    if (m.from === me) {
       this.ownReqs.add(m.req);
       c.pending.delete(m.req);
     }
@@ -403,6 +405,12 @@ class Chat {
     localStorage.setItem(this.readKey(), JSON.stringify(this.read));
   }
 
+  /** A contact's presence; none for groups and for users who are not
+   * contacts (the server shares presence between contacts only). */
+  presenceOf(c) {
+    return c.kind === 'u' && this.contacts.has(c.id) ? this.client.presence(c.id) : null;
+  }
+
   title(c) {
     if (c.kind === 'u') return this.userName(c.id);
     return c.large ? `Group ${c.id} (large)` : `Group ${c.id}`;
@@ -428,7 +436,7 @@ class Chat {
         return conversationItem({
           key: c.key,
           name: this.title(c),
-          presence: c.kind === 'u' ? this.client.presence(c.id) : null,
+          presence: this.presenceOf(c),
           unread: this.unread(c),
           last: last ? messageText(last) : '',
           current: c === cur,
@@ -447,7 +455,8 @@ class Chat {
       return;
     }
     $('title').textContent = this.title(cur);
-    $('peer-presence').textContent = cur.kind === 'u' ? presenceText(this.client.presence(cur.id)) : '';
+    const p = this.presenceOf(cur);
+    $('peer-presence').textContent = p ? presenceText(p) : '';
     const sc = $('scroller');
     const atBottom = sc.scrollHeight - sc.scrollTop - sc.clientHeight < 40;
     const held = [...cur.msgs.entries()].sort((a, b) => a[0] - b[0]).map(([, m]) => m);
