@@ -1,11 +1,14 @@
 // The web chat in development mode: app servers running with the public
 // development secret (on loopback, the only place the config allows it)
 // offer POST /dev/token, and the page lets a person pick a demo user. Also
-// makes the screenshot of docs/web-chat.png.
+// makes the screenshot of a conversation: into docs/web-chat.png when
+// IIM_WEB_SCREENSHOT=docs (to refresh the one the docs show), else into a
+// temporary file, so a test run leaves the checkout as it was.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Deployment } from '../js/test/harness.js';
@@ -15,7 +18,9 @@ import {
 
 /** iim::token::DEV_SECRET. */
 const DEV_SECRET = 'iim-development-secret';
-const SCREENSHOT = resolve(dirname(fileURLToPath(import.meta.url)), '../../docs/web-chat.png');
+const SCREENSHOT = process.env.IIM_WEB_SCREENSHOT === 'docs'
+  ? resolve(dirname(fileURLToPath(import.meta.url)), '../../docs/web-chat.png')
+  : join(tmpdir(), `iim-web-chat-${process.pid}.png`);
 
 let d;
 let browser;
@@ -117,5 +122,6 @@ test('demo users picked on the page chat 1:1 and in their group; the screenshot'
   assert.deepEqual(from, ['Erin (3001)', 'Carol (2001)']);
 
   await alice.screenshot({ path: SCREENSHOT });
+  assert.ok(statSync(SCREENSHOT).size > 10_000, 'the screenshot is an image of the page');
   for (const p of [alice, carol, erin]) assert.deepEqual(p.problems, []);
 });
