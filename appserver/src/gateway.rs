@@ -14,13 +14,14 @@
 //!
 //! This file holds the gateway's state, routes and listener and the rate
 //! limiter; `conn` is one connection's task; `frames` parses and renders
-//! client frames.
+//! client frames; `web` serves the web chat at `/`.
 //!
 //! [`ErrorCode`]: crate::codes::ErrorCode
 
 pub mod admission;
 mod conn;
 mod frames;
+pub mod web;
 
 use crate::chat::{Chat, ChatError, SendAck, SendRequest, SyncPage, SyncRequest, Welcome};
 use crate::config::ClientLimits;
@@ -134,11 +135,15 @@ impl<C: ChatApi> Clone for GatewayState<C> {
     }
 }
 
-/// The gateway's routes: `GET /ws`.
+/// The gateway's routes: `GET /ws`, and the web chat ([`web`]) with its
+/// development token endpoint when the verifier takes the development
+/// secret.
 pub fn router<C: ChatApi>(state: GatewayState<C>) -> Router {
+    let dev_tokens = web::accepts_dev_secret(state.verifier.as_ref());
     Router::new()
         .route("/ws", get(upgrade::<C>))
         .with_state(state)
+        .merge(web::router(dev_tokens))
 }
 
 /// Serve the gateway on `listener` until the state's stop token is

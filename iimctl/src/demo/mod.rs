@@ -310,7 +310,16 @@ async fn send(admin: &Client, to: &[u64], text: &str) -> anyhow::Result<SendResp
 /// is interrupted (handled by [`run`]).
 async fn keep_running(dep: &mut Deployment, url: &str, clients: &[String]) -> anyhow::Result<()> {
     let me = me();
-    println!("  Everything keeps running. Chat from two terminals:");
+    println!("  Everything keeps running. Chat in a browser: open a server's web chat and");
+    println!("  pick a demo user (these servers use the development secret):");
+    for (id, _) in SERVERS {
+        println!("    server {id}: http://{}/", dep.ws(id));
+    }
+    println!(
+        "  (add ?servers={} to a page's URL and it fails over to those servers too)",
+        clients.join(",")
+    );
+    println!("  Or from two terminals:");
     println!("    {me} chat --server {} --user 1001", clients[0]);
     println!("    {me} chat --server {} --user 2001", clients[1]);
     println!("  then type /to 2001 in the first and a line of text; /help lists the commands.");
