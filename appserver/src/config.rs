@@ -384,8 +384,6 @@ pub struct ChatConfig {
     /// for a batch to fill), so this bounds a transaction's size, not a
     /// send's latency.
     pub store_batch_max: usize,
-    /// Store transactions of sends in flight at once.
-    pub store_writers: usize,
     /// Stored messages waiting to be pushed, at most; beyond it a push is
     /// dropped and its recipients are sent `sync_needed`.
     pub push_queue: usize,
@@ -396,7 +394,6 @@ impl Default for ChatConfig {
         ChatConfig {
             large_group_threshold: 500,
             store_batch_max: 64,
-            store_writers: 2,
             push_queue: 4_096,
         }
     }
@@ -491,9 +488,6 @@ impl Config {
         if !(1..=1_024).contains(&self.chat.store_batch_max) {
             return Err("chat.store_batch_max must be 1..=1024".into());
         }
-        if !(1..=16).contains(&self.chat.store_writers) {
-            return Err("chat.store_writers must be 1..=16".into());
-        }
         if !(1..=1_000_000).contains(&self.chat.push_queue) {
             return Err("chat.push_queue must be 1..=1000000".into());
         }
@@ -561,7 +555,6 @@ mod tests {
             chat: ChatConfig {
                 large_group_threshold: 100,
                 store_batch_max: 16,
-                store_writers: 3,
                 push_queue: 10,
             },
             ..Default::default()
@@ -666,7 +659,6 @@ mod tests {
             ),
             ("[limits]\nsync_page_max = 0", "limits.sync_page_max"),
             ("[chat]\nstore_batch_max = 0", "chat.store_batch_max"),
-            ("[chat]\nstore_writers = 0", "chat.store_writers"),
             ("[chat]\npush_queue = 0", "chat.push_queue"),
             (
                 "[chat]\nlarge_group_threshold = 1",

@@ -54,12 +54,18 @@ pub const DEFAULT_DEVICE: &str = "default";
 /// What the gateway needs from the chat service. Implemented by [`Chat`];
 /// tests implement it with a double to exercise the gateway alone.
 pub trait ChatApi: Send + Sync + 'static {
+    /// A queued send's answer.
+    type Answer: Future<Output = Result<SendAck, ChatError>> + Send + Unpin + 'static;
+
+    /// Queue a send (waiting for room while the store is behind); resolves
+    /// to its answer, which comes once it is stored. Sends queued by one
+    /// connection are stored and answered in the order queued.
     fn send(
         &self,
         user: UserId,
         channel: ChannelId,
         req: SendRequest,
-    ) -> impl Future<Output = Result<SendAck, ChatError>> + Send;
+    ) -> impl Future<Output = Self::Answer> + Send;
 
     fn sync(
         &self,
@@ -75,13 +81,15 @@ pub trait ChatApi: Send + Sync + 'static {
 }
 
 impl ChatApi for Chat {
+    type Answer = crate::chat::Queued;
+
     fn send(
         &self,
         user: UserId,
         channel: ChannelId,
         req: SendRequest,
-    ) -> impl Future<Output = Result<SendAck, ChatError>> + Send {
-        Chat::send(self, user, channel, req)
+    ) -> impl Future<Output = Self::Answer> + Send {
+        Chat::enqueue(self, user, channel, req)
     }
 
     fn sync(

@@ -283,7 +283,6 @@ pub async fn start_with(
             large_group_threshold: config.chat.large_group_threshold,
             sync_page_max: config.limits.sync_page_max,
             store_batch_max: config.chat.store_batch_max,
-            store_writers: config.chat.store_writers,
             push_queue: config.chat.push_queue,
         },
         metrics.chat.clone(),

@@ -74,26 +74,10 @@ struct FakeChat {
 }
 
 impl ChatApi for FakeChat {
-    async fn send(
-        &self,
-        user: UserId,
-        _channel: ChannelId,
-        req: SendRequest,
-    ) -> Result<SendAck, ChatError> {
-        if req.to == 404 {
-            return Err(ChatError::UnknownUser(404));
-        }
-        let mut sends = self.sends.lock().unwrap();
-        sends.push((user, req.clone()));
-        let n = sends.len() as u64;
-        Ok(SendAck {
-            req: req.req,
-            id: 1000 + n,
-            seq: Some(n),
-            gseq: None,
-            ts: 1_700_000_000_000,
-            duplicate: false,
-        })
+    type Answer = std::future::Ready<Result<SendAck, ChatError>>;
+
+    async fn send(&self, user: UserId, channel: ChannelId, req: SendRequest) -> Self::Answer {
+        std::future::ready(self.answer(user, channel, req))
     }
 
     async fn sync(&self, user: UserId, req: SyncRequest) -> Result<SyncPage, ChatError> {
@@ -113,6 +97,30 @@ impl ChatApi for FakeChat {
             server: SERVER.0,
             inbox_max: 7,
             large_groups: Vec::new(),
+        })
+    }
+}
+
+impl FakeChat {
+    fn answer(
+        &self,
+        user: UserId,
+        _channel: ChannelId,
+        req: SendRequest,
+    ) -> Result<SendAck, ChatError> {
+        if req.to == 404 {
+            return Err(ChatError::UnknownUser(404));
+        }
+        let mut sends = self.sends.lock().unwrap();
+        sends.push((user, req.clone()));
+        let n = sends.len() as u64;
+        Ok(SendAck {
+            req: req.req,
+            id: 1000 + n,
+            seq: Some(n),
+            gseq: None,
+            ts: 1_700_000_000_000,
+            duplicate: false,
         })
     }
 }

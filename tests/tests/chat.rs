@@ -510,3 +510,88 @@ async fn a_dropped_push_tells_its_recipient_to_sync() {
     let ids: BTreeSet<u64> = inbox.iter().map(|m| m.id).collect();
     assert_eq!(ids, acked);
 }
+
+/// A client may send without waiting for acks: forty sends written at
+/// once, mixed with a refused one and a resend, and a sync written after
+/// them. The answers come in request order, the messages are stored in the
+/// order sent (consecutive sequences), the refusal and the resend are
+/// answered in their places, and the sync sees every send before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_sends_are_stored_and_answered_in_the_order_sent() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    directory(&db, &[11, 21]).await;
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
+    wait_linked(&s1).await;
+    let at = s1.client_addr.unwrap();
+    let mut c = ChatClient::connect(at, &token(11), "phone").await.unwrap();
+
+    // Requests 0..=39 are sends to 21; 20 goes to a user nobody knows and
+    // 30 repeats 10's req (a resend); 40 is a sync.
+    let mut expected = Vec::new();
+    for i in 0..40u64 {
+        let (req, to) = match i {
+            20 => ("to-nobody".to_string(), 999),
+            30 => ("m10".to_string(), 21),
+            _ => (format!("m{i}"), 21),
+        };
+        let body = json!({ "text": format!("#{i}") });
+        let body = if i == 30 {
+            json!({ "text": "#10" })
+        } else {
+            body
+        };
+        c.write(&iim_kit::client::Request::Send {
+            req: &req,
+            ope: Ope::Single,
+            to,
+            kind: "text",
+            body: &body,
+        })
+        .await
+        .unwrap();
+        expected.push(req);
+    }
+    c.write(&iim_kit::client::Request::Sync {
+        since: 0,
+        limit: 100,
+        group: None,
+    })
+    .await
+    .unwrap();
+
+    let mut seqs = Vec::new();
+    for (i, req) in expected.iter().enumerate() {
+        match c.next_frame(Duration::from_secs(10)).await.unwrap() {
+            Some(Frame::Ack(a)) => {
+                assert_eq!(a.req.as_str(), req, "answer {i} is for another request");
+                assert_eq!(a.duplicate, i == 30, "answer {i}: {a:?}");
+                if i == 30 {
+                    assert_eq!(a.seq, Some(11), "the resend has the original's sequence");
+                } else {
+                    seqs.push(a.seq.unwrap());
+                }
+            }
+            Some(Frame::Error(e)) => {
+                assert_eq!(i, 20, "answer {i} refused: {e:?}");
+                assert_eq!(e.req.as_deref(), Some("to-nobody"));
+            }
+            other => panic!("answer {i}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        seqs,
+        (1..=38).collect::<Vec<_>>(),
+        "stored in the order sent"
+    );
+    let Some(Frame::Sync(page)) = c.next_frame(Duration::from_secs(10)).await.unwrap() else {
+        panic!("no sync answer");
+    };
+    let texts: Vec<String> = page.messages.iter().filter_map(body_text).collect();
+    let want: Vec<String> = (0..40)
+        .filter(|i| *i != 20 && *i != 30)
+        .map(|i| format!("#{i}"))
+        .collect();
+    assert_eq!(texts, want, "the sync sees every send before it, in order");
+}

@@ -1,7 +1,12 @@
 //! One client connection's task, from upgrade to close: the auth
 //! handshake, the connection's [`Connections`] entry, its rate limit, its
 //! pings and idle timer, the pushes queued for it and its writes. Requests
-//! are handled one at a time, in order; pushes interleave with answers.
+//! are answered in order; pushes interleave with answers. Sends are
+//! pipelined: up to [`MAX_PIPELINED`] are queued for the store before the
+//! first is answered (they are stored in the order queued, so a client
+//! that sends several at once has them stored in its order, many per
+//! transaction); any other request waits until the sends before it are
+//! answered, so it sees their effect.
 //!
 //! [`Connections`]: crate::connections::Connections
 
@@ -9,7 +14,7 @@ use super::frames::{
     Hello, Parsed, Refusal, Request, error_frame, parse_hello, parse_request, peek_req,
 };
 use super::{Bucket, ChatApi, GatewayState};
-use crate::chat::{ChatError, ClientReq};
+use crate::chat::{ChatError, ClientReq, SendAck};
 use crate::codes::{AuthFailure, CloseReason, ErrorCode};
 use crate::metrics::AppMetrics;
 use crate::presence::SubscribeError;
@@ -18,6 +23,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt as _;
 use iim::token::TokenError;
 use iim::types::{ChannelId, UserId};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +34,9 @@ use tracing::{Span, debug, info, warn};
 
 /// Pushes written to the socket in one batch before flushing.
 const PUSH_BATCH: usize = 64;
+/// Sends of one connection queued for the store and not yet answered, at
+/// most; the next waits for the oldest answer.
+pub const MAX_PIPELINED: usize = 16;
 /// How long a closing handshake may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -289,9 +298,16 @@ impl<C: ChatApi> Conn<C> {
             Instant::now()
                 + Duration::from_secs(valid_until.saturating_sub(iim::types::unix_secs()))
         });
+        // Sends queued for the store, oldest first, with their `req`.
+        let mut pending: VecDeque<(ClientReq, C::Answer)> = VecDeque::new();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return End::Close(CloseReason::GoingAway),
+                answer = next_answer(&mut pending), if !pending.is_empty() => {
+                    if let Err(end) = self.write_answer(answer).await {
+                        return end;
+                    }
+                }
                 _ = tokio::time::sleep_until(self.last_rx + idle) => {
                     return End::Close(CloseReason::IdleTimeout);
                 }
@@ -321,7 +337,7 @@ impl<C: ChatApi> Conn<C> {
                         Ok(f) => f,
                         Err(end) => return end,
                     };
-                    if let Err(end) = self.handle(user, channel, frame).await {
+                    if let Err(end) = self.handle(user, channel, frame, &mut pending).await {
                         return end;
                     }
                 }
@@ -375,16 +391,20 @@ impl<C: ChatApi> Conn<C> {
         }
     }
 
-    /// Handle one frame from the authenticated client.
+    /// Handle one frame from the authenticated client: a send is queued
+    /// (answered later, in order); anything else is answered once the
+    /// sends before it are.
     async fn handle(
         &mut self,
         user: UserId,
         channel: ChannelId,
         frame: Incoming,
+        pending: &mut VecDeque<(ClientReq, C::Answer)>,
     ) -> Result<(), End> {
         let text = match frame {
             Incoming::Control => return Ok(()),
             Incoming::Binary => {
+                self.drain(pending).await?;
                 if !self.take_token() {
                     return self
                         .write_error(ErrorCode::RateLimited, None, "slow down")
@@ -402,6 +422,7 @@ impl<C: ChatApi> Conn<C> {
         };
         let max = self.st.limits.max_message_bytes;
         if !self.take_token() {
+            self.drain(pending).await?;
             let req = (text.len() <= max)
                 .then(|| peek_req(text.as_str()))
                 .flatten();
@@ -414,6 +435,7 @@ impl<C: ChatApi> Conn<C> {
                 .await;
         }
         if text.len() > max {
+            self.drain(pending).await?;
             let req = peek_req(text.as_str());
             let msg = format!("frame of {} bytes; the limit is {max}", text.len());
             return self
@@ -432,6 +454,18 @@ impl<C: ChatApi> Conn<C> {
         if let Some(op) = op_label {
             self.st.metrics.client_ops.inc(op);
         }
+        if let Ok(Request::Send(sr)) = request {
+            debug!(req = sr.req.as_str(), to = sr.to, "send");
+            while pending.len() >= MAX_PIPELINED {
+                let answer = next_answer(pending).await;
+                self.write_answer(answer).await?;
+            }
+            let req = sr.req.clone();
+            let answer = self.st.chat.send(user, channel, sr).await;
+            pending.push_back((req, answer));
+            return Ok(());
+        }
+        self.drain(pending).await?;
         let answer = match request {
             Ok(r) => self.carry_out(user, channel, r).await,
             Err(r) => Err(r),
@@ -440,6 +474,30 @@ impl<C: ChatApi> Conn<C> {
             Ok(frame) => self.write_text(frame).await,
             Err(r) => {
                 self.write_error(r.code, req.as_ref().map(ClientReq::as_str), &r.message)
+                    .await
+            }
+        }
+    }
+
+    /// Write the answers of every queued send, in order.
+    async fn drain(&mut self, pending: &mut VecDeque<(ClientReq, C::Answer)>) -> Result<(), End> {
+        while !pending.is_empty() {
+            let answer = next_answer(pending).await;
+            self.write_answer(answer).await?;
+        }
+        Ok(())
+    }
+
+    /// Write one send's answer: its ack, or why it was refused.
+    async fn write_answer(
+        &mut self,
+        (req, answer): (ClientReq, Result<SendAck, ChatError>),
+    ) -> Result<(), End> {
+        match answer {
+            Ok(ack) => self.write_text(tagged("ack", &ack)).await,
+            Err(e) => {
+                let r = Refusal::from(e);
+                self.write_error(r.code, Some(req.as_str()), &r.message)
                     .await
             }
         }
@@ -454,8 +512,8 @@ impl<C: ChatApi> Conn<C> {
     ) -> Result<String, Refusal> {
         match request {
             Request::Send(sr) => {
-                debug!(req = sr.req.as_str(), to = sr.to, "send");
-                let ack = self.st.chat.send(user, channel, sr).await?;
+                // Not reached: `handle` queues sends. Answered the same way.
+                let ack = self.st.chat.send(user, channel, sr).await.await?;
                 Ok(tagged("ack", &ack))
             }
             Request::Sync(sr) => {
@@ -588,6 +646,20 @@ impl<C: ChatApi> Conn<C> {
         })
         .await;
     }
+}
+
+/// The oldest queued send's answer, once it comes. Cancel-safe: the send
+/// stays queued until its answer is taken.
+async fn next_answer<A>(pending: &mut VecDeque<(ClientReq, A)>) -> (ClientReq, A::Output)
+where
+    A: std::future::Future + Unpin,
+{
+    let Some((_, answer)) = pending.front_mut() else {
+        return std::future::pending().await;
+    };
+    let out = answer.await;
+    let (req, _) = pending.pop_front().expect("the front was there");
+    (req, out)
 }
 
 fn presence_unavailable() -> Refusal {
