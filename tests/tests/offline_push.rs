@@ -393,3 +393,69 @@ async fn the_queue_bound_drops_the_oldest_and_counts_them() {
     assert_eq!(m.queue.get(), 0);
     db.cleanup().await;
 }
+
+/// An in-process integration: notices reach a plugin's own
+/// [`OfflinePush`] the same way (queue, batches, retries), and giving one
+/// beside a webhook URL is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_in_process_offline_push_gets_the_notices() {
+    use iim_appserver::offline::{Batch, Delivery, OfflinePush};
+
+    struct ToChannel(mpsc::UnboundedSender<Batch>);
+    impl OfflinePush for ToChannel {
+        fn deliver<'a>(&'a self, batch: &'a Batch) -> Delivery<'a> {
+            Box::pin(async move {
+                let _ = self.0.send(batch.clone());
+                Ok(())
+            })
+        }
+    }
+
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    directory(&db, &[11, 31]).await;
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let (tx, mut batches) = mpsc::unbounded_channel();
+    let extras = |sink: &mpsc::UnboundedSender<Batch>| iim_appserver::Extras {
+        offline_push: Some(Arc::new(ToChannel(sink.clone()))),
+        ..Default::default()
+    };
+    let start = |cfg, sink| {
+        iim_appserver::start_with_extras(
+            cfg,
+            ca.server(iim::types::ServerId(1)),
+            vec![],
+            sink,
+            tokio_util::sync::CancellationToken::new(),
+        )
+    };
+
+    // A webhook URL as well: which one should get the notices? Refused.
+    let rx = Receiver::start(0, None).await;
+    let mut both = appserver_config(db.url(), 1, ex.addr);
+    both.offline_push = rx.config();
+    let e = start(both, extras(&tx)).await.err().expect("refused");
+    assert!(e.to_string().contains("keep one"), "{e}");
+
+    let mut cfg = appserver_config(db.url(), 1, ex.addr);
+    cfg.offline_push.batch_wait_ms = 0;
+    let s1 = start(cfg, extras(&tx)).await.unwrap();
+    wait_linked(&s1).await;
+    let mut sender = ChatClient::connect(s1.client_addr.unwrap(), &token(11), "phone")
+        .await
+        .unwrap();
+    let a = sender.send("p1", Ope::Single, 31, "psst").await.unwrap();
+    let b = tokio::time::timeout(WAIT, batches.recv())
+        .await
+        .expect("no batch in time")
+        .unwrap();
+    let got: Vec<(u64, u64, Option<&str>)> = b
+        .notices
+        .iter()
+        .map(|n| (n.user, n.id, n.preview.as_deref()))
+        .collect();
+    assert_eq!(got, [(31, a.id, Some("psst"))]);
+    assert_eq!(b.server, 1);
+    eventually!(10, "the batch counted", s1.metrics.offline.sent.get() == 1);
+    db.cleanup().await;
+}
