@@ -418,6 +418,9 @@ pub struct OfflinePushConfig {
     /// least 32 bytes, trailing newline ignored; keep it 0600). Required
     /// with `url`.
     pub secret_file: Option<PathBuf>,
+    /// A PEM file of CA certificates trusted for the gateway's HTTPS
+    /// certificate besides the system's roots (a private CA).
+    pub ca_file: Option<PathBuf>,
     /// Most notices waiting; beyond it the oldest are dropped (counted).
     pub queue: usize,
     /// Most notices in one request.
@@ -443,6 +446,7 @@ impl Default for OfflinePushConfig {
         OfflinePushConfig {
             url: None,
             secret_file: None,
+            ca_file: None,
             queue: 10_000,
             batch_max: 100,
             batch_wait_ms: 100,
@@ -527,12 +531,28 @@ impl OfflinePushConfig {
         Ok(bytes)
     }
 
+    /// The certificates of `ca_file` (none when unset); an error when it
+    /// cannot be read or holds none.
+    pub fn extra_roots(&self) -> Result<Vec<reqwest::Certificate>, String> {
+        let Some(path) = &self.ca_file else {
+            return Ok(Vec::new());
+        };
+        let what = || format!("offline_push.ca_file {}", path.display());
+        let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read it: {e}", what()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{}: not PEM certificates: {e}", what()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: holds no certificate", what()));
+        }
+        Ok(certs)
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.parsed_url()?.is_none() {
-            if self.secret_file.is_some() {
+            if self.secret_file.is_some() || self.ca_file.is_some() {
                 return Err(
-                    "offline_push.secret_file is set but offline_push.url is not: set both to \
-                     turn offline push on"
+                    "offline_push.secret_file or ca_file is set but offline_push.url is not: \
+                     set url and secret_file to turn offline push on"
                         .into(),
                 );
             }
@@ -852,6 +872,18 @@ mod tests {
         assert!(e.contains("9 bytes"), "{e}");
         let e = Config::from_toml("[offline_push]\nsecret_file = \"/x\"").unwrap_err();
         assert!(e.contains("offline_push.url is not"), "{e}");
+        let e = Config::from_toml("[offline_push]\nca_file = \"/x\"").unwrap_err();
+        assert!(e.contains("offline_push.url is not"), "{e}");
+        // A private CA for the gateway: a file of PEM certificates.
+        let mut c = on("https://push.example.com/").unwrap().offline_push;
+        assert!(c.extra_roots().unwrap().is_empty());
+        c.ca_file = Some(dir.path().join("missing.pem"));
+        assert!(c.extra_roots().unwrap_err().contains("missing.pem"));
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "no certificate here\n").unwrap();
+        c.ca_file = Some(not_pem);
+        let e = c.extra_roots().unwrap_err();
+        assert!(e.contains("not.pem"), "{e}");
         for (text, field) in [
             ("queue = 0", "offline_push.queue"),
             ("batch_max = 0", "offline_push.batch_max"),

@@ -473,9 +473,14 @@ fn offline_sink(
         (None, Some(sink)) => Ok(Some(sink)),
         (Some(url), None) => {
             let secret = c.secret().map_err(anyhow::Error::msg)?;
-            let hook =
-                offline::Webhook::new(url.clone(), &secret, Duration::from_millis(c.timeout_ms))
-                    .map_err(anyhow::Error::msg)?;
+            let roots = c.extra_roots().map_err(anyhow::Error::msg)?;
+            let hook = offline::Webhook::new(
+                url.clone(),
+                &secret,
+                Duration::from_millis(c.timeout_ms),
+                roots,
+            )
+            .map_err(anyhow::Error::msg)?;
             // The host only: a query string may hold something private.
             info!(
                 host = url.host_str().unwrap_or_default(),

@@ -59,6 +59,15 @@ struct Receiver {
 
 impl Receiver {
     async fn start(fail_first: u32, gate: Option<Arc<Semaphore>>) -> Receiver {
+        Receiver::serve(fail_first, gate, None).await
+    }
+
+    /// `tls`: serve HTTPS with this certificate (for 127.0.0.1).
+    async fn serve(
+        fail_first: u32,
+        gate: Option<Arc<Semaphore>>,
+        tls: Option<&iim::tls::TlsMaterial>,
+    ) -> Receiver {
         // A fresh random secret per test, written where the servers read it.
         let mut secret = [0u8; 32];
         ring::rand::SystemRandom::new().fill(&mut secret).unwrap();
@@ -78,11 +87,23 @@ impl Receiver {
             .with_state(hook);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let scheme = match tls {
+            None => {
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).await;
+                });
+                "http"
+            }
+            Some(m) => {
+                let tls = TlsListener::new(listener, m);
+                tokio::spawn(async move {
+                    let _ = axum::serve(tls, app).await;
+                });
+                "https"
+            }
+        };
         Receiver {
-            url: format!("http://{addr}/push"),
+            url: format!("{scheme}://{addr}/push"),
             secret_file,
             calls,
             _dir: dir,
@@ -108,6 +129,58 @@ impl Receiver {
             preview_bytes: 8,
             ..OfflinePushConfig::default()
         }
+    }
+}
+
+/// A TLS listener for the receiver: handshakes one at a time (enough for
+/// one app server's one request in flight).
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+}
+
+impl TlsListener {
+    fn new(tcp: tokio::net::TcpListener, m: &iim::tls::TlsMaterial) -> TlsListener {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(m.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(m.key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        TlsListener {
+            tcp,
+            tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            // A client that refuses our certificate ends here; wait for
+            // the next one.
+            if let Ok(tls) = self.tls.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
     }
 }
 
@@ -457,5 +530,74 @@ async fn an_in_process_offline_push_gets_the_notices() {
     assert_eq!(got, [(31, a.id, Some("psst"))]);
     assert_eq!(b.server, 1);
     eventually!(10, "the batch counted", s1.metrics.offline.sent.get() == 1);
+    db.cleanup().await;
+}
+
+/// HTTPS to a gateway whose certificate comes from a private CA: accepted
+/// with that CA in `ca_file`, refused (never reaching the receiver, counted
+/// as failed, then dropped) with the system's roots alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn https_to_a_gateway_of_a_private_ca_given_in_ca_file() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    directory(&db, &[11, 31]).await;
+    let gateway_ca = iim::tls::dev::DevCa::new("offline push test CA").unwrap();
+    let cert = gateway_ca
+        .issue_for(&["127.0.0.1"], Duration::from_secs(3_600))
+        .unwrap();
+    let mut rx = Receiver::serve(0, None, Some(&cert)).await;
+    assert!(rx.url.starts_with("https://127.0.0.1:"), "{}", rx.url);
+    let ca_file = rx._dir.path().join("gateway-ca.pem");
+    std::fs::write(&ca_file, gateway_ca.ca_pem()).unwrap();
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let mut trusting = appserver_config(db.url(), 1, ex.addr);
+    trusting.offline_push = OfflinePushConfig {
+        ca_file: Some(ca_file),
+        ..rx.config()
+    };
+    let mut untrusting = appserver_config(db.url(), 2, ex.addr);
+    untrusting.offline_push = OfflinePushConfig {
+        max_attempts: 2,
+        ..rx.config()
+    };
+    let s1 = spawn_appserver(&ca, trusting, vec![]).await;
+    let s2 = spawn_appserver(&ca, untrusting, vec![]).await;
+    wait_linked(&s1).await;
+    wait_linked(&s2).await;
+
+    // Through the server that does not trust the gateway's CA first.
+    let mut c = ChatClient::connect(s2.client_addr.unwrap(), &token(11), "laptop")
+        .await
+        .unwrap();
+    c.send("t0", Ope::Single, 31, "unseen").await.unwrap();
+    let m2 = &s2.metrics.offline;
+    eventually!(
+        20,
+        "both attempts failed and the batch was dropped",
+        m2.dropped.get("gave_up") == 1
+    );
+    assert_eq!((m2.failed.get(), m2.sent.get()), (2, 0));
+    assert!(
+        rx.calls.try_recv().is_err(),
+        "a request reached the receiver over a certificate the server must refuse"
+    );
+
+    let mut c = ChatClient::connect(s1.client_addr.unwrap(), &token(11), "phone")
+        .await
+        .unwrap();
+    let a = c.send("t1", Ope::Single, 31, "over tls").await.unwrap();
+    let call = rx.next().await;
+    assert!(call.signed && call.status == 200, "{call:?}");
+    let n = notices(&call);
+    assert_eq!(
+        (&n[0]["id"], &n[0]["user"]),
+        (&Value::from(a.id), &Value::from(31))
+    );
+    eventually!(
+        10,
+        "the delivery counted",
+        s1.metrics.offline.sent.get() == 1
+    );
+    assert_eq!(s1.metrics.offline.failed.get(), 0);
     db.cleanup().await;
 }
