@@ -66,6 +66,9 @@ pub struct Config {
     pub limits: ClientLimits,
     pub chat: ChatConfig,
     pub presence: crate::presence::PresenceConfig,
+    /// Notifications for users with no live session (off unless `url` is
+    /// set).
+    pub offline_push: OfflinePushConfig,
 }
 
 /// The admin API (`POST /admin/send`): off unless `listen` is set, and
@@ -399,6 +402,192 @@ impl Default for ChatConfig {
     }
 }
 
+/// The built-in offline push webhook: each batch of notices for users
+/// with no live session is POSTed as JSON to `url`, signed with the secret
+/// in `secret_file` (see docs/operations.md). Off unless `url` is set.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OfflinePushConfig {
+    /// Where batches are POSTed: `https://…`, or `http://` to a loopback
+    /// host only (a gateway on the same machine).
+    pub url: Option<String>,
+    /// A file holding the HMAC-SHA256 key the requests are signed with (at
+    /// least 32 bytes, trailing newline ignored; keep it 0600). Required
+    /// with `url`.
+    pub secret_file: Option<PathBuf>,
+    /// A PEM file of CA certificates trusted for the gateway's HTTPS
+    /// certificate besides the system's roots (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// Most notices waiting; beyond it the oldest are dropped (counted).
+    pub queue: usize,
+    /// Most notices in one request.
+    pub batch_max: usize,
+    /// How long a batch gathers after its first notice before it is sent
+    /// (sooner when full).
+    pub batch_wait_ms: u64,
+    /// One request's deadline, connecting included.
+    pub timeout_ms: u64,
+    /// Requests for one batch, the first included, before it is dropped.
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubled per retry up to
+    /// `backoff_max_ms`, each jittered down by up to half.
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Longest preview of a message's text in a notice, in bytes (cut at
+    /// a character boundary); 0 sends no message content at all.
+    pub preview_bytes: usize,
+}
+
+impl Default for OfflinePushConfig {
+    fn default() -> Self {
+        OfflinePushConfig {
+            url: None,
+            secret_file: None,
+            ca_file: None,
+            queue: 10_000,
+            batch_max: 100,
+            batch_wait_ms: 100,
+            timeout_ms: 5_000,
+            max_attempts: 5,
+            backoff_min_ms: 500,
+            backoff_max_ms: 30_000,
+            preview_bytes: 100,
+        }
+    }
+}
+
+/// The most a preview may be, in bytes.
+pub const MAX_PREVIEW_BYTES: usize = 1_024;
+
+impl OfflinePushConfig {
+    /// The webhook's URL, checked: `None` when offline push is off.
+    pub fn parsed_url(&self) -> Result<Option<reqwest::Url>, String> {
+        let Some(raw) = &self.url else {
+            return Ok(None);
+        };
+        let url = reqwest::Url::parse(raw)
+            .map_err(|e| format!("offline_push.url {raw:?}: not a URL ({e})"))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(
+                "offline_push.url: no credentials in the URL; requests are authenticated by \
+                 their signature (offline_push.secret_file)"
+                    .into(),
+            );
+        }
+        let host = url.host_str().unwrap_or_default();
+        // An IPv6 host keeps its brackets here.
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = bare.eq_ignore_ascii_case("localhost")
+            || bare
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        match url.scheme() {
+            "https" => {}
+            "http" if loopback => {}
+            "http" => {
+                return Err(format!(
+                    "offline_push.url {raw:?}: plain http is accepted to a loopback host only; \
+                     use https (the notices carry who wrote to whom)"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "offline_push.url {raw:?}: scheme {other:?} is neither https nor http"
+                ));
+            }
+        }
+        if host.is_empty() {
+            return Err(format!("offline_push.url {raw:?}: no host"));
+        }
+        Ok(Some(url))
+    }
+
+    /// The signing secret from `secret_file`, without its trailing line
+    /// break; refused when shorter than [`MIN_SECRET_BYTES`].
+    pub fn secret(&self) -> Result<Vec<u8>, String> {
+        let path = self
+            .secret_file
+            .as_ref()
+            .ok_or("offline_push.secret_file is not set")?;
+        let mut bytes = std::fs::read(path).map_err(|e| {
+            format!(
+                "offline_push.secret_file {}: cannot read it: {e}",
+                path.display()
+            )
+        })?;
+        while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+            bytes.pop();
+        }
+        if bytes.len() < MIN_SECRET_BYTES {
+            return Err(format!(
+                "offline_push.secret_file {}: {} bytes; at least {MIN_SECRET_BYTES} are required",
+                path.display(),
+                bytes.len()
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// The certificates of `ca_file` (none when unset); an error when it
+    /// cannot be read or holds none.
+    pub fn extra_roots(&self) -> Result<Vec<reqwest::Certificate>, String> {
+        let Some(path) = &self.ca_file else {
+            return Ok(Vec::new());
+        };
+        let what = || format!("offline_push.ca_file {}", path.display());
+        let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read it: {e}", what()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{}: not PEM certificates: {e}", what()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: holds no certificate", what()));
+        }
+        Ok(certs)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.parsed_url()?.is_none() {
+            if self.secret_file.is_some() || self.ca_file.is_some() {
+                return Err(
+                    "offline_push.secret_file or ca_file is set but offline_push.url is not: \
+                     set url and secret_file to turn offline push on"
+                        .into(),
+                );
+            }
+        } else if self.secret_file.is_none() {
+            return Err(format!(
+                "offline_push.url is set but offline_push.secret_file is not: every request \
+                 is signed with a secret of at least {MIN_SECRET_BYTES} bytes read from a file"
+            ));
+        }
+        let ranges: [(&str, u64, u64, u64); 7] = [
+            ("queue", self.queue as u64, 1, 10_000_000),
+            ("batch_max", self.batch_max as u64, 1, 10_000),
+            ("batch_wait_ms", self.batch_wait_ms, 0, 60_000),
+            ("timeout_ms", self.timeout_ms, 100, 300_000),
+            ("max_attempts", self.max_attempts as u64, 1, 100),
+            ("backoff_min_ms", self.backoff_min_ms, 1, 3_600_000),
+            (
+                "preview_bytes",
+                self.preview_bytes as u64,
+                0,
+                MAX_PREVIEW_BYTES as u64,
+            ),
+        ];
+        for (field, v, lo, hi) in ranges {
+            if !(lo..=hi).contains(&v) {
+                return Err(format!("offline_push.{field}: {v} is outside {lo}..={hi}"));
+            }
+        }
+        if !(self.backoff_min_ms..=3_600_000).contains(&self.backoff_max_ms) {
+            return Err(format!(
+                "offline_push.backoff_max_ms: {} must be between backoff_min_ms ({}) and 3600000",
+                self.backoff_max_ms, self.backoff_min_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -430,6 +619,7 @@ impl Default for Config {
             limits: ClientLimits::default(),
             chat: ChatConfig::default(),
             presence: Default::default(),
+            offline_push: OfflinePushConfig::default(),
         }
     }
 }
@@ -492,6 +682,7 @@ impl Config {
             return Err("chat.push_queue must be 1..=1000000".into());
         }
         self.presence.validate()?;
+        self.offline_push.validate()?;
         self.quic.validate()
     }
 
@@ -626,6 +817,81 @@ mod tests {
             .key_set()
             .unwrap_err();
         assert!(missing.to_string().contains("/nonexistent/secret"));
+    }
+
+    #[test]
+    fn offline_push_is_off_by_default_and_refuses_unsafe_settings() {
+        let d = Config::default();
+        assert_eq!(d.offline_push.parsed_url().unwrap(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("push-secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let on = |url: &str| {
+            Config::from_toml(&format!(
+                "[offline_push]\nurl = {url:?}\nsecret_file = {:?}\n",
+                secret.display().to_string()
+            ))
+        };
+        for ok in [
+            "https://push.example.com/iim",
+            "http://127.0.0.1:8080/hook",
+            "http://[::1]:8080/hook",
+            "http://localhost/hook",
+        ] {
+            let c = on(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(c.offline_push.parsed_url().unwrap().unwrap().as_str(), ok);
+            assert_eq!(c.offline_push.secret().unwrap().len(), 32);
+        }
+        for (bad, why) in [
+            ("http://push.example.com/iim", "loopback"),
+            ("http://10.0.0.5/iim", "loopback"),
+            ("ftp://127.0.0.1/iim", "scheme"),
+            ("https://user:pw@push.example.com/", "credentials"),
+            ("not a url", "not a URL"),
+        ] {
+            let e = on(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        // The secret: required with the URL, at least 32 bytes.
+        let e =
+            Config::from_toml("[offline_push]\nurl = \"https://push.example.com/\"").unwrap_err();
+        assert!(e.contains("offline_push.secret_file"), "{e}");
+        std::fs::write(&secret, "too short\n").unwrap();
+        let e = on("https://push.example.com/")
+            .unwrap()
+            .offline_push
+            .secret()
+            .unwrap_err();
+        assert!(e.contains("9 bytes"), "{e}");
+        let e = Config::from_toml("[offline_push]\nsecret_file = \"/x\"").unwrap_err();
+        assert!(e.contains("offline_push.url is not"), "{e}");
+        let e = Config::from_toml("[offline_push]\nca_file = \"/x\"").unwrap_err();
+        assert!(e.contains("offline_push.url is not"), "{e}");
+        // A private CA for the gateway: a file of PEM certificates.
+        let mut c = on("https://push.example.com/").unwrap().offline_push;
+        assert!(c.extra_roots().unwrap().is_empty());
+        c.ca_file = Some(dir.path().join("missing.pem"));
+        assert!(c.extra_roots().unwrap_err().contains("missing.pem"));
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "no certificate here\n").unwrap();
+        c.ca_file = Some(not_pem);
+        let e = c.extra_roots().unwrap_err();
+        assert!(e.contains("not.pem"), "{e}");
+        for (text, field) in [
+            ("queue = 0", "offline_push.queue"),
+            ("batch_max = 0", "offline_push.batch_max"),
+            ("max_attempts = 0", "offline_push.max_attempts"),
+            ("timeout_ms = 0", "offline_push.timeout_ms"),
+            ("preview_bytes = 5000", "offline_push.preview_bytes"),
+            (
+                "backoff_min_ms = 100\nbackoff_max_ms = 10",
+                "offline_push.backoff_max_ms",
+            ),
+            ("bogus = 1", "bogus"),
+        ] {
+            let e = Config::from_toml(&format!("[offline_push]\n{text}")).unwrap_err();
+            assert!(e.contains(field), "{text:?}: {e}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod host;
 mod link;
 pub mod metrics;
+pub mod offline;
 pub mod presence;
 pub mod push;
 
@@ -149,7 +150,38 @@ pub async fn start_with(
     verifier: Option<Arc<dyn TokenVerifier>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<AppServerHandle> {
+    let extras = Extras {
+        verifier,
+        ..Extras::default()
+    };
+    start_with_extras(config, tls, plugins, extras, shutdown).await
+}
+
+/// In-process pieces a program embedding the app server may bring.
+#[derive(Default)]
+pub struct Extras {
+    /// Checks client tokens instead of HS256 with `config.auth.jwt_secret`.
+    pub verifier: Option<Arc<dyn TokenVerifier>>,
+    /// Receives offline notices instead of the webhook of
+    /// `[offline_push]` (whose queue, batching and retry settings apply;
+    /// its `url` must then be unset).
+    pub offline_push: Option<Arc<dyn offline::OfflinePush>>,
+}
+
+/// [`start`], with [`Extras`].
+pub async fn start_with_extras(
+    config: Config,
+    tls: TlsMaterial,
+    plugins: Vec<Arc<dyn Plugin>>,
+    extras: Extras,
+    shutdown: CancellationToken,
+) -> anyhow::Result<AppServerHandle> {
     config.validate().map_err(anyhow::Error::msg)?;
+    let Extras {
+        verifier,
+        offline_push,
+    } = extras;
+    let offline_sink = offline_sink(&config.offline_push, offline_push)?;
     let dev_secret = verifier.is_none() && config.auth.is_dev_secret();
     let verifier: Arc<dyn TokenVerifier> = match verifier {
         Some(v) => v,
@@ -276,6 +308,26 @@ pub async fn start_with(
     for p in &plugins {
         p.start(iim.for_plugin());
     }
+    let offline = offline_sink.map(|sink| {
+        let c = &config.offline_push;
+        offline::Offline::start(
+            sink,
+            offline::Settings {
+                queue: c.queue,
+                batch_max: c.batch_max,
+                batch_wait: Duration::from_millis(c.batch_wait_ms),
+                max_attempts: c.max_attempts,
+                backoff_min: Duration::from_millis(c.backoff_min_ms),
+                backoff_max: Duration::from_millis(c.backoff_max_ms),
+                preview_bytes: c.preview_bytes,
+            },
+            format!("{}-{epoch}", id.0),
+            id.0,
+            metrics.offline.clone(),
+            stop.clone(),
+            &tracker,
+        )
+    });
     let chat = Some(Arc::new(chat::Chat::new(
         iim::store::Store::new(&registry),
         iim.clone(),
@@ -286,6 +338,7 @@ pub async fn start_with(
             push_queue: config.chat.push_queue,
         },
         metrics.chat.clone(),
+        offline,
         stop.clone(),
         &tracker,
     )));
@@ -402,6 +455,40 @@ pub async fn start_with(
         endpoint,
         grace: Duration::from_secs(config.shutdown_grace_secs),
     })
+}
+
+/// Where offline notices go: the in-process sink if one is given, else the
+/// webhook when `[offline_push]` names a URL (its secret read now, so a
+/// missing or short one stops the start), else nowhere (off).
+fn offline_sink(
+    c: &config::OfflinePushConfig,
+    in_process: Option<Arc<dyn offline::OfflinePush>>,
+) -> anyhow::Result<Option<Arc<dyn offline::OfflinePush>>> {
+    let url = c.parsed_url().map_err(anyhow::Error::msg)?;
+    match (url, in_process) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "offline_push.url is set and an in-process offline push was given: keep one"
+        ),
+        (None, Some(sink)) => Ok(Some(sink)),
+        (Some(url), None) => {
+            let secret = c.secret().map_err(anyhow::Error::msg)?;
+            let roots = c.extra_roots().map_err(anyhow::Error::msg)?;
+            let hook = offline::Webhook::new(
+                url.clone(),
+                &secret,
+                Duration::from_millis(c.timeout_ms),
+                roots,
+            )
+            .map_err(anyhow::Error::msg)?;
+            // The host only: a query string may hold something private.
+            info!(
+                host = url.host_str().unwrap_or_default(),
+                "offline push: notices are POSTed to the webhook"
+            );
+            Ok(Some(Arc::new(hook)))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// The lowest-id exchange the registry shows up, waiting up to 30 s for one.

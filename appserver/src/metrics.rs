@@ -1,6 +1,7 @@
 //! The app server's counters, rendered at `/metrics`: the relay's and the
-//! gateway's ([`AppMetrics`]), the chat service's ([`ChatMetrics`]) and the
-//! presence service's ([`PresenceMetrics`]). Counters only: of the app
+//! gateway's ([`AppMetrics`]), the chat service's ([`ChatMetrics`]), the
+//! presence service's ([`PresenceMetrics`]) and offline push's
+//! ([`OfflineMetrics`]). Counters only: of the app
 //! server it uses nothing but the enums its label sets come from
 //! ([`crate::codes`]), so every other module may count here.
 
@@ -18,6 +19,8 @@ pub struct AppMetrics {
     pub presence: Arc<PresenceMetrics>,
     /// The link to the exchange's own counters.
     pub link: Arc<iim_core::link::LinkMetrics>,
+    /// Offline push's own counters.
+    pub offline: Arc<OfflineMetrics>,
     pub local_deliveries: Counter,
     pub missing_channels: Counter,
     pub connection_overflow: Counter,
@@ -50,6 +53,7 @@ impl Default for AppMetrics {
             chat: Default::default(),
             presence: Default::default(),
             link: Default::default(),
+            offline: Default::default(),
             local_deliveries: Counter::default(),
             missing_channels: Counter::default(),
             connection_overflow: Counter::default(),
@@ -168,6 +172,7 @@ impl Render for AppMetrics {
         page.push_str(&self.link.render());
         page.push_str(&self.chat.render());
         page.push_str(&self.presence.render());
+        page.push_str(&self.offline.render());
         page
     }
 }
@@ -305,6 +310,86 @@ impl Render for PresenceMetrics {
             "iim_presence_subscriptions_refused_total",
             "Users a presence_subscribe asked to watch who are neither friends nor colleagues.",
             &self.not_contacts,
+        );
+        p.finish()
+    }
+}
+
+/// Why notices were dropped (the `reason` of
+/// `iim_offline_push_dropped_total`).
+pub const OFFLINE_DROP_REASONS: &[&str] = &["queue_full", "gave_up", "shutdown"];
+
+/// The offline push counters, rendered with the app server's.
+#[derive(Debug)]
+pub struct OfflineMetrics {
+    /// Notices offered to the queue.
+    pub queued: Counter,
+    /// Notices in batches delivered.
+    pub sent: Counter,
+    /// Batches delivered.
+    pub batches: Counter,
+    /// Failed delivery attempts (each retry counts).
+    pub failed: Counter,
+    /// Notices dropped, by reason.
+    pub dropped: Family,
+    /// Messages for which no per-member notices were made, by reason
+    /// (`large_group`: read fan-out groups; see docs/architecture.md).
+    pub skipped: Family,
+    /// Notices waiting now.
+    pub queue: Gauge,
+}
+
+impl Default for OfflineMetrics {
+    fn default() -> Self {
+        OfflineMetrics {
+            queued: Counter::default(),
+            sent: Counter::default(),
+            batches: Counter::default(),
+            failed: Counter::default(),
+            dropped: Family::new("reason", OFFLINE_DROP_REASONS),
+            skipped: Family::new("reason", &["large_group"]),
+            queue: Gauge::default(),
+        }
+    }
+}
+
+impl Render for OfflineMetrics {
+    fn render(&self) -> String {
+        let mut p = Page::default();
+        p.counter(
+            "iim_offline_push_queued_total",
+            "Offline notices queued (one per message per recipient without a live session).",
+            &self.queued,
+        )
+        .counter(
+            "iim_offline_push_sent_total",
+            "Offline notices delivered (in batches accepted by the receiver).",
+            &self.sent,
+        )
+        .counter(
+            "iim_offline_push_batches_total",
+            "Batches of offline notices delivered.",
+            &self.batches,
+        )
+        .counter(
+            "iim_offline_push_failed_total",
+            "Failed delivery attempts of offline notice batches (each retry counts).",
+            &self.failed,
+        )
+        .family(
+            "iim_offline_push_dropped_total",
+            "Offline notices dropped: queue full (the oldest go), retries exhausted, or left queued at shutdown.",
+            &self.dropped,
+        )
+        .family(
+            "iim_offline_push_skipped_total",
+            "Messages whose offline recipients got no notices, by reason.",
+            &self.skipped,
+        )
+        .gauge(
+            "iim_offline_push_queue",
+            "Offline notices waiting to be delivered.",
+            &self.queue,
         );
         p.finish()
     }

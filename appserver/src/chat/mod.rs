@@ -9,6 +9,7 @@ pub mod types;
 pub use types::*;
 
 use crate::metrics::ChatMetrics;
+use crate::offline::{Notice, Offline};
 
 use iim::store::{Delivery, NewMessage, Store, StoreError, StoredMessage, Target};
 use iim::types::{ChannelId, ServerId, Session, UserId, now_ms};
@@ -168,6 +169,7 @@ impl Chat {
         iim: Iim,
         cfg: ChatConfig,
         metrics: Arc<ChatMetrics>,
+        offline: Option<Offline>,
         stop: CancellationToken,
         tracker: &TaskTracker,
     ) -> Chat {
@@ -181,6 +183,7 @@ impl Chat {
             push_rx,
             owed.clone(),
             metrics.clone(),
+            offline,
             stop.clone(),
         ));
         tracker.spawn(write_loop(
@@ -463,6 +466,7 @@ async fn push_loop(
     mut rx: mpsc::Receiver<PushJob>,
     owed: Arc<Owed>,
     metrics: Arc<ChatMetrics>,
+    offline: Option<Offline>,
     stop: CancellationToken,
 ) {
     let mut jobs = Vec::with_capacity(PUSH_BATCH);
@@ -524,6 +528,9 @@ async fn push_loop(
         }
         for job in jobs.drain(..) {
             let members = members(&job);
+            if let Some(offline) = &offline {
+                notify_offline(offline, &job, &members, &by_user);
+            }
             match push(&iim, &job, &members, &by_user, &metrics).await {
                 Pushed::Yes => {}
                 Pushed::Refused => owed.add(&Recipients::Users(members), &metrics),
@@ -531,6 +538,53 @@ async fn push_loop(
             }
         }
     }
+}
+
+/// Offers a notice for each recipient of a newly stored message who has no
+/// live session anywhere (`by_user` holds every session of the members,
+/// from the query the push itself uses): never for the sender, and not for
+/// a resend — the first send made its notices. A large group's members get
+/// none: one message would queue a notice per offline member (thousands),
+/// crowding out everyone else's; such groups are read from their timeline
+/// when the app next opens.
+fn notify_offline(
+    offline: &Offline,
+    job: &PushJob,
+    members: &[UserId],
+    by_user: &HashMap<UserId, Vec<Session>>,
+) {
+    let d = &job.delivery;
+    if d.duplicate {
+        return;
+    }
+    if let Recipients::Group(_) = job.recipients {
+        offline.skipped("large_group");
+        return;
+    }
+    let m = &d.message;
+    let (ope, to) = match m.target {
+        Target::User(u) => (Ope::Single, u.0),
+        Target::Group(g) => (Ope::Group, g),
+    };
+    let mut preview = None;
+    let notices: Vec<Notice> = members
+        .iter()
+        .filter(|u| **u != m.sender && !by_user.contains_key(u))
+        .map(|u| Notice {
+            user: u.0,
+            id: m.id,
+            from: m.sender.0,
+            ope: ope.into(),
+            to,
+            kind: m.kind.clone(),
+            // Made once per message, and only when someone is offline.
+            preview: preview
+                .get_or_insert_with(|| crate::offline::preview(&m.body, offline.preview_bytes()))
+                .clone(),
+            ts: m.ts_ms,
+        })
+        .collect();
+    offline.offer(notices);
 }
 
 /// Sends `sync_needed` to every connection of the users owed one. `false`
