@@ -276,6 +276,12 @@ pub async fn start_with(
     for p in &plugins {
         p.start(iim.for_plugin());
     }
+    let receipts = Arc::new(chat::receipts::Receipts::new(
+        iim::store::Store::new(&registry),
+        iim.clone(),
+        config.chat.large_group_threshold,
+        metrics.receipts.clone(),
+    ));
     let chat = Some(Arc::new(chat::Chat::new(
         iim::store::Store::new(&registry),
         iim.clone(),
@@ -329,6 +335,7 @@ pub async fn start_with(
                 connections: connections.clone(),
                 verifier,
                 presence: Some(presence.clone()),
+                receipts: Some(receipts),
                 metrics: metrics.clone(),
                 limits: config.limits.clone(),
                 admission: gateway::admission::Admission::new(
@@ -465,6 +472,17 @@ async fn demo_sink(mut a: Attached, stop: CancellationToken) {
                 id = %msg.id,
                 from = %msg.source,
                 "received sync_needed"
+            ),
+            push::Push::Receipt(r) => info!(
+                reader = r.envelope.reader,
+                to = r.envelope.to,
+                id = r.envelope.id,
+                "received read receipt"
+            ),
+            push::Push::Typing(t) => info!(
+                from = t.envelope.from,
+                to = t.envelope.to,
+                "received typing"
             ),
             push::Push::Plugin(msg) => info!(
                 id = %msg.id,
