@@ -223,8 +223,14 @@ impl Receipts {
         } else {
             self.metrics.unchanged.inc();
         }
-        if moved && let Some(id) = message {
-            self.tell(user, channel, ope, to, &conv, id, seq).await?;
+        if moved
+            && let Some(id) = message
+            && let Err(e) = self.tell(user, channel, ope, to, &conv, id, seq).await
+        {
+            // Stored all the same: the answer says so, and `read_state`
+            // gives the position to whoever missed the receipt.
+            warn!(error = %e, "receipt not pushed");
+            self.metrics.dropped.inc();
         }
         let large = matches!(conv, Conversation::Large(_));
         Ok(ReadSet {
@@ -239,7 +245,8 @@ impl Receipts {
     /// Push the receipt for message `id` to the reader's other connections
     /// and, in 1:1 and small groups, to the other members'. A relay that
     /// refuses it is counted, not an error: the position is stored and
-    /// `read_state` returns it.
+    /// `read_state` returns it. An error is a failed look-up of the
+    /// message's inboxes.
     #[allow(clippy::too_many_arguments)]
     async fn tell(
         &self,
