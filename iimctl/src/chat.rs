@@ -478,16 +478,22 @@ impl Chat {
                     (_, Some(g)) => format!("gseq {g}"),
                     (s, None) => format!("seq {}", s.unwrap_or(0)),
                 };
-                let whom = if r.reader == self.a.user {
-                    "you (another device)".to_owned()
-                } else {
-                    format!("user {}", r.reader)
+                let line = match (r.reader == self.a.user, r.ope) {
+                    (true, Ope::Group) => {
+                        format!("you read group {} up to {at} (another device)", r.to)
+                    }
+                    (true, Ope::Single) => {
+                        format!(
+                            "you read the chat with {} up to {at} (another device)",
+                            r.to
+                        )
+                    }
+                    (false, Ope::Group) => {
+                        format!("user {} read group {} up to {at}", r.reader, r.to)
+                    }
+                    (false, Ope::Single) => format!("user {} read your chat up to {at}", r.reader),
                 };
-                let conv = match r.ope {
-                    Ope::Group => format!("group {}", r.to),
-                    Ope::Single => format!("the chat with {}", r.to),
-                };
-                say(&format!("[read] {whom} read {conv} up to {at}"));
+                say(&format!("[read] {line}"));
                 None
             }
             Frame::Typing(t) => {
