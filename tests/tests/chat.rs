@@ -622,6 +622,17 @@ async fn a_read_receipt_reaches_the_other_side_and_survives_a_reconnect() {
     assert_eq!(servers[1].metrics.receipts.refused.get(), 1);
     assert_eq!(servers[1].metrics.receipts.moved.get(), 1);
     assert_eq!(servers[2].metrics.receipts.unchanged.get(), 1);
+    // And on the metrics page, with the refusals by code.
+    let page = iim::metrics::Render::render(servers[1].metrics.as_ref());
+    assert!(
+        page.contains("\niim_receipts_reads_moved_total 1\n"),
+        "{page}"
+    );
+    assert!(page.contains("\niim_receipts_refused_total 1\n"), "{page}");
+    assert!(
+        page.contains(r#"iim_appserver_client_errors_total{code="unknown_group"} 1"#),
+        "{page}"
+    );
 
     // Reconnected elsewhere, both sides still know where 21 stands.
     c21.close().await;
