@@ -48,6 +48,9 @@ words! {
         Ping => "ping",
         SetStatus => "set_status",
         PresenceSubscribe => "presence_subscribe",
+        Read => "read",
+        ReadState => "read_state",
+        Typing => "typing",
     }
 }
 

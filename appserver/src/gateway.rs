@@ -23,6 +23,7 @@ mod conn;
 mod frames;
 pub mod web;
 
+use crate::chat::receipts::Receipts;
 use crate::chat::{Chat, ChatError, SendAck, SendRequest, SyncPage, SyncRequest, Welcome};
 use crate::config::ClientLimits;
 use crate::connections::Connections;
@@ -116,6 +117,8 @@ pub struct GatewayState<C: ChatApi> {
     pub verifier: Arc<dyn TokenVerifier>,
     /// Presence (absent in gateway-only tests).
     pub presence: Option<Arc<Presence>>,
+    /// Read receipts and typing (absent in gateway-only tests).
+    pub receipts: Option<Arc<Receipts>>,
     pub metrics: Arc<AppMetrics>,
     pub limits: ClientLimits,
     /// Connection counts and caps (total, per IP, per user).
@@ -134,6 +137,7 @@ impl<C: ChatApi> Clone for GatewayState<C> {
             connections: self.connections.clone(),
             verifier: self.verifier.clone(),
             presence: self.presence.clone(),
+            receipts: self.receipts.clone(),
             metrics: self.metrics.clone(),
             limits: self.limits.clone(),
             admission: self.admission.clone(),

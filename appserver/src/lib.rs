@@ -328,6 +328,12 @@ pub async fn start_with_extras(
             &tracker,
         )
     });
+    let receipts = Arc::new(chat::receipts::Receipts::new(
+        iim::store::Store::new(&registry),
+        iim.clone(),
+        config.chat.large_group_threshold,
+        metrics.receipts.clone(),
+    ));
     let chat = Some(Arc::new(chat::Chat::new(
         iim::store::Store::new(&registry),
         iim.clone(),
@@ -381,6 +387,7 @@ pub async fn start_with_extras(
                 connections: connections.clone(),
                 verifier,
                 presence: Some(presence.clone()),
+                receipts: Some(receipts),
                 metrics: metrics.clone(),
                 limits: config.limits.clone(),
                 admission: gateway::admission::Admission::new(
@@ -551,6 +558,17 @@ async fn demo_sink(mut a: Attached, stop: CancellationToken) {
                 id = %msg.id,
                 from = %msg.source,
                 "received sync_needed"
+            ),
+            push::Push::Receipt(r) => info!(
+                reader = r.envelope.reader,
+                to = r.envelope.to,
+                id = r.envelope.id,
+                "received read receipt"
+            ),
+            push::Push::Typing(t) => info!(
+                from = t.envelope.from,
+                to = t.envelope.to,
+                "received typing"
             ),
             push::Push::Plugin(msg) => info!(
                 id = %msg.id,

@@ -17,6 +17,8 @@ pub struct AppMetrics {
     pub chat: Arc<ChatMetrics>,
     /// The presence service's own counters.
     pub presence: Arc<PresenceMetrics>,
+    /// Read receipts' and typing indicators' counters.
+    pub receipts: Arc<ReceiptMetrics>,
     /// The link to the exchange's own counters.
     pub link: Arc<iim_core::link::LinkMetrics>,
     /// Offline push's own counters.
@@ -52,6 +54,7 @@ impl Default for AppMetrics {
         AppMetrics {
             chat: Default::default(),
             presence: Default::default(),
+            receipts: Default::default(),
             link: Default::default(),
             offline: Default::default(),
             local_deliveries: Counter::default(),
@@ -173,7 +176,71 @@ impl Render for AppMetrics {
         page.push_str(&self.chat.render());
         page.push_str(&self.presence.render());
         page.push_str(&self.offline.render());
+        page.push_str(&self.receipts.render());
         page
+    }
+}
+
+/// Read receipts' and typing indicators' counters.
+#[derive(Debug, Default)]
+pub struct ReceiptMetrics {
+    /// `read` requests that moved a position forward.
+    pub moved: Counter,
+    /// `read` requests at or below the stored position.
+    pub unchanged: Counter,
+    /// Receipts handed to the relay, one per connection.
+    pub receipts: Counter,
+    /// Typing indicators handed to the relay, one per connection.
+    pub typing: Counter,
+    /// `typing` requests over the connection's typing rate.
+    pub typing_limited: Counter,
+    /// `read` and `typing` requests refused for a sequence beyond the
+    /// latest or a group too large for them.
+    pub refused: Counter,
+    /// Receipt or typing pushes lost to a failed sessions look-up or the
+    /// relay's refusal.
+    pub dropped: Counter,
+}
+
+impl Render for ReceiptMetrics {
+    fn render(&self) -> String {
+        let mut p = Page::default();
+        p.counter(
+            "iim_receipts_reads_moved_total",
+            "read requests that moved the reader's position forward.",
+            &self.moved,
+        )
+        .counter(
+            "iim_receipts_reads_unchanged_total",
+            "read requests at or below the stored position (nothing pushed).",
+            &self.unchanged,
+        )
+        .counter(
+            "iim_receipts_pushed_total",
+            "Read receipts handed to the relay, one per receiving connection.",
+            &self.receipts,
+        )
+        .counter(
+            "iim_receipts_typing_pushed_total",
+            "Typing indicators handed to the relay, one per receiving connection.",
+            &self.typing,
+        )
+        .counter(
+            "iim_receipts_typing_rate_limited_total",
+            "typing requests refused over the connection's typing rate.",
+            &self.typing_limited,
+        )
+        .counter(
+            "iim_receipts_refused_total",
+            "read and typing requests refused: a sequence beyond the latest, or a group too large.",
+            &self.refused,
+        )
+        .counter(
+            "iim_receipts_dropped_total",
+            "Receipt or typing pushes lost (sessions look-up failed, relay refused); positions stay stored.",
+            &self.dropped,
+        );
+        p.finish()
     }
 }
 

@@ -1,7 +1,7 @@
 //! What a local connection is handed: one [`Push`] per message, decoded
 //! once by the host (not once per receiving connection), and the client
 //! frame each push becomes (docs/client-protocol.md §4: `msg`, `presence`,
-//! `notice`).
+//! `notice`, `receipt`, `typing`).
 //!
 //! A chat push for a write-fan-out group carries every member's own inbox
 //! sequence. Decoding it builds a lookup from user to sequence and renders
@@ -15,7 +15,8 @@
 //! (the host does), check presence hints (the presence service does) or
 //! write to sockets (the gateway does).
 
-use crate::chat::{ChatMessage, PushEnvelope};
+use crate::chat::receipts::{ReceiptEnvelope, TYPING_EXPIRES_MS, TypingEnvelope};
+use crate::chat::{ChatMessage, Ope, PushEnvelope};
 use iim::kinds::Reserved;
 use iim::presence::{PresenceRow, Status};
 use iim::types::UserId;
@@ -38,6 +39,10 @@ pub enum Push {
     /// Chat pushes for this user were dropped at their sending server: the
     /// client is told to sync (`{"op":"sync_needed"}`).
     SyncNeeded(Arc<Message>),
+    /// A read receipt, with each recipient's sequence.
+    Receipt(Arc<ReceiptPush>),
+    /// Someone is typing.
+    Typing(Arc<TypingPush>),
     /// A message of a kind iim does not reserve: a plugin's. Clients of
     /// the gateway do not see these; other holders of a connection do.
     Plugin(Arc<Message>),
@@ -48,11 +53,14 @@ pub enum Push {
 pub enum DecodeError {
     #[error("chat push body is not a chat envelope")]
     Chat(#[source] serde_json::Error),
+    #[error("receipt or typing body is not its envelope")]
+    Receipt(#[source] serde_json::Error),
     #[error("presence hints go to the presence service, never to connections")]
     PresenceHint,
-    /// A chat envelope naming another sender than the message's source
-    /// user: the source server vouches for its own users only.
-    #[error("chat envelope from user {claimed}, but the message's source is user {source_user}")]
+    /// A chat, receipt or typing envelope naming another user than the
+    /// message's source user: the source server vouches for its own users
+    /// only.
+    #[error("envelope from user {claimed}, but the message's source is user {source_user}")]
     ForgedFrom { claimed: u64, source_user: u64 },
 }
 
@@ -64,6 +72,8 @@ impl Push {
             Some(Reserved::Notice) => Ok(Push::Notice(Arc::new(Notice::decode(msg)))),
             Some(Reserved::Presence) => Err(DecodeError::PresenceHint),
             Some(Reserved::SyncNeeded) => Ok(Push::SyncNeeded(msg.clone())),
+            Some(Reserved::Receipt) => Ok(Push::Receipt(Arc::new(ReceiptPush::decode(msg)?))),
+            Some(Reserved::Typing) => Ok(Push::Typing(Arc::new(TypingPush::decode(msg)?))),
             None => Ok(Push::Plugin(msg.clone())),
         }
     }
@@ -83,6 +93,8 @@ impl Push {
             Push::Presence(p) => Some(p.frame.clone()),
             Push::Notice(n) => Some(n.frame.clone()),
             Push::SyncNeeded(_) => Some(SYNC_NEEDED_FRAME.to_owned()),
+            Push::Receipt(r) => r.frame_for(user),
+            Push::Typing(t) => t.frame_for(user),
             Push::Plugin(_) => None,
         }
     }
@@ -93,6 +105,8 @@ impl Push {
         match self {
             Push::Chat(c) => Some(&c.message),
             Push::Notice(n) => Some(&n.message),
+            Push::Receipt(r) => Some(&r.message),
+            Push::Typing(t) => Some(&t.message),
             Push::SyncNeeded(m) | Push::Plugin(m) => Some(m),
             Push::Presence(_) => None,
         }
@@ -110,6 +124,8 @@ impl Push {
             Push::Presence(_) => Reserved::Presence.as_str(),
             Push::Notice(_) => Reserved::Notice.as_str(),
             Push::SyncNeeded(_) => Reserved::SyncNeeded.as_str(),
+            Push::Receipt(_) => Reserved::Receipt.as_str(),
+            Push::Typing(_) => Reserved::Typing.as_str(),
             Push::Plugin(_) => "plugin",
         }
     }
@@ -191,6 +207,129 @@ impl ChatPush {
         let _ = write!(f, "{{\"op\":\"msg\",\"{field}\":{n},");
         f.push_str(&self.tail);
         Some(f)
+    }
+}
+
+/// `user`'s view of a conversation someone else names: a 1:1 conversation
+/// is, for the other side, the one with that someone.
+fn seen_by(user: UserId, someone: u64, ope: Ope, to: u64) -> u64 {
+    match ope {
+        Ope::Single if user.0 != someone => someone,
+        _ => to,
+    }
+}
+
+/// A read receipt (kind [`Reserved::Receipt`]): who read which
+/// conversation up to which message, with each recipient's own sequence.
+#[derive(Debug)]
+pub struct ReceiptPush {
+    message: Arc<Message>,
+    pub envelope: ReceiptEnvelope,
+    seqs: HashMap<UserId, u64>,
+}
+
+impl ReceiptPush {
+    fn decode(message: &Arc<Message>) -> Result<ReceiptPush, DecodeError> {
+        let envelope: ReceiptEnvelope =
+            serde_json::from_slice(&message.body).map_err(DecodeError::Receipt)?;
+        if envelope.reader != message.source.user.0 {
+            return Err(DecodeError::ForgedFrom {
+                claimed: envelope.reader,
+                source_user: message.source.user.0,
+            });
+        }
+        let mut seqs = HashMap::with_capacity(envelope.seqs.len());
+        for (user, seq) in &envelope.seqs {
+            seqs.entry(UserId(*user)).or_insert(*seq);
+        }
+        Ok(ReceiptPush {
+            message: message.clone(),
+            envelope,
+            seqs,
+        })
+    }
+
+    /// `{"op":"receipt","reader":…,"ope":…,"to":…,"seq":…,"id":…}` with
+    /// `user`'s own sequence; a large group's receipt is for the reader's
+    /// devices only.
+    fn frame_for(&self, user: UserId) -> Option<String> {
+        #[derive(Serialize)]
+        struct Frame {
+            reader: u64,
+            ope: Ope,
+            to: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            seq: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            gseq: Option<u64>,
+            id: u64,
+        }
+        let e = &self.envelope;
+        let (seq, gseq) = match e.gseq {
+            Some(g) if user.0 == e.reader => (None, Some(g)),
+            Some(_) => return None,
+            None => (Some(*self.seqs.get(&user)?), None),
+        };
+        Some(tagged(
+            "receipt",
+            &Frame {
+                reader: e.reader,
+                ope: e.ope,
+                to: seen_by(user, e.reader, e.ope, e.to),
+                seq,
+                gseq,
+                id: e.id,
+            },
+        ))
+    }
+}
+
+/// A typing indicator (kind [`Reserved::Typing`]).
+#[derive(Debug)]
+pub struct TypingPush {
+    message: Arc<Message>,
+    pub envelope: TypingEnvelope,
+}
+
+impl TypingPush {
+    fn decode(message: &Arc<Message>) -> Result<TypingPush, DecodeError> {
+        let envelope: TypingEnvelope =
+            serde_json::from_slice(&message.body).map_err(DecodeError::Receipt)?;
+        if envelope.from != message.source.user.0 {
+            return Err(DecodeError::ForgedFrom {
+                claimed: envelope.from,
+                source_user: message.source.user.0,
+            });
+        }
+        Ok(TypingPush {
+            message: message.clone(),
+            envelope,
+        })
+    }
+
+    /// `{"op":"typing","from":…,"ope":…,"to":…,"expires_in":…}`; nothing
+    /// for the typist's own connections.
+    fn frame_for(&self, user: UserId) -> Option<String> {
+        #[derive(Serialize)]
+        struct Frame {
+            from: u64,
+            ope: Ope,
+            to: u64,
+            expires_in: u64,
+        }
+        let e = &self.envelope;
+        if user.0 == e.from {
+            return None;
+        }
+        Some(tagged(
+            "typing",
+            &Frame {
+                from: e.from,
+                ope: e.ope,
+                to: seen_by(user, e.from, e.ope, e.to),
+                expires_in: TYPING_EXPIRES_MS,
+            },
+        ))
     }
 }
 
@@ -449,6 +588,89 @@ mod tests {
             "clients do not see plugin kinds"
         );
         assert!(Arc::ptr_eq(plugin.message().unwrap(), &m));
+    }
+
+    #[test]
+    fn receipts_and_typing_are_rendered_in_each_recipients_own_terms() {
+        let env = ReceiptEnvelope {
+            reader: 2001,
+            ope: Ope::Single,
+            to: 1001,
+            id: 5001,
+            seqs: vec![(1001, 17), (2001, 42)],
+            gseq: None,
+        };
+        let m = message(
+            Reserved::Receipt.kind(),
+            2001,
+            serde_json::to_vec(&env).unwrap(),
+        );
+        let p = Push::decode(&m).unwrap();
+        assert_eq!(
+            p.frame_for(UserId(1001)).unwrap(),
+            r#"{"op":"receipt","reader":2001,"ope":0,"to":2001,"seq":17,"id":5001}"#,
+            "the other side sees its own sequence, in its conversation with the reader"
+        );
+        assert_eq!(
+            p.frame_for(UserId(2001)).unwrap(),
+            r#"{"op":"receipt","reader":2001,"ope":0,"to":1001,"seq":42,"id":5001}"#,
+            "the reader's devices see their own"
+        );
+        assert_eq!(p.frame_for(UserId(3001)), None);
+        let large = ReceiptEnvelope {
+            ope: Ope::Group,
+            to: 77,
+            seqs: Vec::new(),
+            gseq: Some(980),
+            ..env.clone()
+        };
+        let m = message(
+            Reserved::Receipt.kind(),
+            2001,
+            serde_json::to_vec(&large).unwrap(),
+        );
+        let p = Push::decode(&m).unwrap();
+        assert_eq!(
+            p.frame_for(UserId(2001)).unwrap(),
+            r#"{"op":"receipt","reader":2001,"ope":1,"to":77,"gseq":980,"id":5001}"#
+        );
+        assert_eq!(
+            p.frame_for(UserId(1001)),
+            None,
+            "large groups: own devices only"
+        );
+        let forged = message(
+            Reserved::Receipt.kind(),
+            2002,
+            serde_json::to_vec(&env).unwrap(),
+        );
+        assert!(matches!(
+            Push::decode(&forged),
+            Err(DecodeError::ForgedFrom {
+                claimed: 2001,
+                source_user: 2002
+            })
+        ));
+        let t = TypingEnvelope {
+            from: 2001,
+            ope: Ope::Group,
+            to: 77,
+        };
+        let m = message(
+            Reserved::Typing.kind(),
+            2001,
+            serde_json::to_vec(&t).unwrap(),
+        );
+        let p = Push::decode(&m).unwrap();
+        assert_eq!(
+            p.frame_for(UserId(1001)).unwrap(),
+            format!(
+                r#"{{"op":"typing","from":2001,"ope":1,"to":77,"expires_in":{TYPING_EXPIRES_MS}}}"#
+            )
+        );
+        assert_eq!(p.frame_for(UserId(2001)), None, "not to the typist");
+        let bad = message(Reserved::Typing.kind(), 2001, b"{}".to_vec());
+        assert!(matches!(Push::decode(&bad), Err(DecodeError::Receipt(_))));
     }
 
     #[test]

@@ -167,6 +167,7 @@ async fn spawn(limits: ClientLimits, queue: usize) -> Gw {
         connections: connections.clone(),
         verifier: Arc::new(Hs256Verifier::new(SECRET)),
         presence: None,
+        receipts: None,
         metrics: metrics.clone(),
         admission: gateway::admission::Admission::new(
             limits.max_connections,

@@ -150,7 +150,10 @@ class Chat {
     /** Reqs of own messages already held (a restored send acknowledged
      * before the page listed it must not show as pending). */
     this.ownReqs = new Set();
-    this.read = {};
+    /** Conversation key -> the position a `read` is on its way for. */
+    this.marking = new Map();
+    /** When this page last told the current conversation it types. */
+    this.typedAt = 0;
     this.scheduled = false;
     this.keepOffset = null;
 
@@ -178,6 +181,13 @@ class Chat {
       this.render();
     });
     c.on('state', (s) => this.onState(s));
+    c.on('receipt', () => this.render());
+    c.on('readstate', () => this.render());
+    c.on('typing', (t) => {
+      this.render();
+      // Drawn again once it expires (unless another one comes).
+      setTimeout(() => this.render(), t.expiresIn + 50);
+    });
     c.on('error', (e) => {
       const p = e.req && this.findPending(e.req);
       if (p) {
@@ -194,6 +204,7 @@ class Chat {
     );
     window.addEventListener('hashchange', () => this.render());
     document.addEventListener('visibilitychange', () => this.render());
+    $('text').oninput = () => this.typing();
     $('composer').onsubmit = (e) => {
       e.preventDefault();
       this.send();
@@ -214,7 +225,6 @@ class Chat {
 
   onFirstWelcome(w) {
     this.me = w.user;
-    this.read = JSON.parse(localStorage.getItem(this.readKey()) ?? '{}');
     $('me').textContent = `${this.userName(w.user)} · ${w.device}`;
     for (const g of w.large_groups) this.conv('g', g.group).large = true;
     // Sends of an earlier page of this device that still wait for their
@@ -251,10 +261,6 @@ class Chat {
       // The server refused the token: back to signing in.
       signOut(`Signed out: ${s.error.code}: ${s.error.message}`);
     }
-  }
-
-  readKey() {
-    return `iim-web.read.${this.me}`;
   }
 
   userName(id) {
@@ -388,21 +394,58 @@ class Chat {
     this.render();
   }
 
-  /** Unread: others' messages above the read position this browser keeps
-   * (the server keeps none yet). */
+  /** The library's name of conversation `c`. */
+  target(c) {
+    return { to: c.id, ope: c.kind === 'g' ? 1 : 0 };
+  }
+
+  /** Unread: others' messages above this user's read position, which the
+   * server keeps (shared by every device of the user). */
   unread(c) {
-    const upTo = this.read[c.key] ?? 0;
+    const upTo = Math.max(this.client.readPosition(this.target(c)), this.marking.get(c.key) ?? 0);
     let n = 0;
     for (const [seq, m] of c.msgs) if (seq > upTo && m.from !== this.me) n++;
     return n;
   }
 
+  /** The conversation on screen is read up to its last message: one
+   * `read` tells the server, the other side and this user's devices. */
   markRead(c) {
-    if (document.visibilityState !== 'visible' || !c.msgs.size) return;
+    if (document.visibilityState !== 'visible' || !c.msgs.size || this.client.state !== 'open') return;
     const top = Math.max(...c.msgs.keys());
-    if ((this.read[c.key] ?? 0) >= top) return;
-    this.read[c.key] = top;
-    localStorage.setItem(this.readKey(), JSON.stringify(this.read));
+    if (this.client.readPosition(this.target(c)) >= top || (this.marking.get(c.key) ?? 0) >= top) return;
+    this.marking.set(c.key, top);
+    this.client.markRead({ ...this.target(c), seq: top }).then(
+      () => this.render(),
+      (e) => {
+        this.marking.delete(c.key);
+        console.warn('iim: read:', e.code ?? '', e.message);
+      },
+    );
+  }
+
+  /** Own messages up to this inbox sequence have been read by someone
+   * else, and by how many (none for large groups). */
+  readUpTo(c) {
+    if (c.large) return [];
+    return Object.values(this.client.readBy(this.target(c)));
+  }
+
+  /** The person types in the conversation on screen: tell its other
+   * members, at most every 3 s (their indicator lasts longer). */
+  typing() {
+    const c = this.current();
+    if (!c || c.large || !$('text').value.trim() || Date.now() - this.typedAt < 3_000) return;
+    this.typedAt = Date.now();
+    this.client.typing(this.target(c)).catch((e) => console.warn('iim: typing:', e.code ?? '', e.message));
+  }
+
+  /** "typing…" for the conversation on screen, or nothing. */
+  typingText(c) {
+    const who = this.client.typers(this.target(c)).filter((u) => u !== this.me);
+    if (!who.length) return '';
+    if (c.kind === 'u') return 'typing…';
+    return `${who.map((u) => this.userName(u)).join(', ')} ${who.length > 1 ? 'are' : 'is'} typing…`;
   }
 
   /** A contact's presence; none for groups and for users who are not
@@ -456,7 +499,10 @@ class Chat {
     }
     $('title').textContent = this.title(cur);
     const p = this.presenceOf(cur);
-    $('peer-presence').textContent = p ? presenceText(p) : '';
+    const typing = this.typingText(cur);
+    $('peer-presence').textContent = typing || (p ? presenceText(p) : '');
+    $('peer-presence').dataset.typing = typing ? 'true' : 'false';
+    const reads = this.readUpTo(cur);
     const sc = $('scroller');
     const atBottom = sc.scrollHeight - sc.scrollTop - sc.clientHeight < 40;
     const held = [...cur.msgs.entries()].sort((a, b) => a[0] - b[0]).map(([, m]) => m);
@@ -466,7 +512,9 @@ class Chat {
         mine: m.from === this.me,
         from: this.userName(m.from),
         showFrom: cur.kind === 'g' && m.from !== this.me,
-        state: 'delivered',
+        state: m.from === this.me && reads.some((r) => r >= (m.gseq ?? m.seq)) ? 'read' : 'delivered',
+        readers: reads.filter((r) => r >= (m.gseq ?? m.seq)).length,
+        group: cur.kind === 'g',
       }),
     );
     for (const p of cur.pending.values()) {

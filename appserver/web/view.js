@@ -72,17 +72,24 @@ export function conversationItem(c) {
 
 /**
  * One message. Own messages carry their state: `pending` until the
- * server's ack, `delivered` once stored (the server has no read receipts
- * yet), `failed` when refused.
+ * server's ack, `delivered` once stored, `read` once the other side (in a
+ * group: `readers` members) read it, `failed` when refused.
  * @param {{m: object, mine: boolean, from: string, showFrom: boolean,
- *   state?: string, error?: string}} o
+ *   state?: string, error?: string, readers?: number, group?: boolean}} o
  */
-export function messageItem({ m, mine, from, showFrom, state, error }) {
+export function messageItem({ m, mine, from, showFrom, state, error, readers = 0, group = false }) {
   const seq = m.gseq ?? m.seq;
   let tick = null;
   if (mine) {
+    const readWords = group ? `read by ${readers}` : 'read';
     const [mark, words] =
-      state === 'delivered' ? ['✓', 'delivered'] : state === 'failed' ? ['!', `not sent: ${error}`] : ['…', 'sending'];
+      state === 'read'
+        ? ['✓✓', readWords]
+        : state === 'delivered'
+          ? ['✓', 'delivered']
+          : state === 'failed'
+            ? ['!', `not sent: ${error}`]
+            : ['…', 'sending'];
     tick = h('span', { class: 'tick', role: 'img', 'aria-label': words, title: words }, mark);
   }
   return h(

@@ -81,21 +81,24 @@ export async function openConversation(page, kind, id) {
 }
 
 /** Sends `text` in the open conversation and waits for its delivered
- * tick (the server's ack). */
+ * tick (the server's ack), or its read tick when the other side was
+ * quicker still. */
 export async function send(page, text) {
   await page.fill('#text', text);
   await page.click('#composer button[type="submit"]');
-  await waitMessage(page, text, { state: 'delivered' });
+  await waitMessage(page, text, { state: ['delivered', 'read'] });
 }
 
-/** Waits until the open conversation shows a message reading `text`. */
+/** Waits until the open conversation shows a message reading `text` (in
+ * `state`, or one of several). */
 export async function waitMessage(page, text, { state } = {}) {
+  const states = state === undefined ? null : [state].flat();
   await page.waitForFunction(
     ([t, s]) =>
       [...document.querySelectorAll('#messages li')].some(
-        (li) => li.querySelector('.text')?.textContent === t && (!s || li.dataset.state === s),
+        (li) => li.querySelector('.text')?.textContent === t && (!s || s.includes(li.dataset.state)),
       ),
-    [text, state],
+    [text, states],
     { timeout: WAIT_MS },
   );
 }

@@ -73,6 +73,11 @@ test('two pages on two app servers chat; a killed server\'s page reconnects and 
   await carol.click('#conversations button[data-conv="u1001"]');
   await waitMessage(carol, 'hello Carol, from server 1');
   await carol.waitForSelector('#conversations button[data-conv="u1001"]:not(:has(.unread))');
+  // Carol has seen it: Alice's page shows the read tick.
+  await waitMessage(alice, 'hello Carol, from server 1', { state: 'read' });
+  // Carol types: Alice's page says so, until her message arrives.
+  await carol.fill('#text', 'hi Alice');
+  await alice.waitForSelector('#peer-presence[data-typing="true"]');
   await send(carol, 'hi Alice, server 2 here');
   await waitMessage(alice, 'hi Alice, server 2 here');
 

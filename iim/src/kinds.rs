@@ -34,6 +34,14 @@ pub enum Reserved {
     /// server's push queue was full, or its sessions look-up failed): body
     /// empty; their clients see `{"op":"sync_needed"}` and sync.
     SyncNeeded = 4,
+    /// A read receipt: JSON `{reader, ope, to, id, seqs}` (or `gseq` for
+    /// a large group, to the reader's own devices only), rendered per
+    /// recipient with its own inbox sequence; clients see
+    /// `{"op":"receipt",...}`. Only the reader's server sends it.
+    Receipt = 5,
+    /// Someone is typing: JSON `{from, ope, to}`, never stored; clients see
+    /// `{"op":"typing",...}` and let it expire on their own.
+    Typing = 6,
 }
 
 /// [`Reserved::Notice`] as a number.
@@ -44,14 +52,20 @@ pub const CHAT: u16 = Reserved::Chat as u16;
 pub const PRESENCE: u16 = Reserved::Presence as u16;
 /// [`Reserved::SyncNeeded`] as a number.
 pub const SYNC_NEEDED: u16 = Reserved::SyncNeeded as u16;
+/// [`Reserved::Receipt`] as a number.
+pub const RECEIPT: u16 = Reserved::Receipt as u16;
+/// [`Reserved::Typing`] as a number.
+pub const TYPING: u16 = Reserved::Typing as u16;
 
 impl Reserved {
     /// Every reserved kind, in number order.
-    pub const ALL: [Reserved; 4] = [
+    pub const ALL: [Reserved; 6] = [
         Reserved::Notice,
         Reserved::Chat,
         Reserved::Presence,
         Reserved::SyncNeeded,
+        Reserved::Receipt,
+        Reserved::Typing,
     ];
 
     /// The kind's number on the wire.
@@ -71,6 +85,8 @@ impl Reserved {
             Reserved::Chat => "chat",
             Reserved::Presence => "presence",
             Reserved::SyncNeeded => "sync_needed",
+            Reserved::Receipt => "receipt",
+            Reserved::Typing => "typing",
         }
     }
 }
@@ -91,11 +107,11 @@ mod tests {
             assert_eq!(Reserved::of(r.kind()), Some(r));
         }
         assert_eq!(
-            [NOTICE, CHAT, PRESENCE, SYNC_NEEDED],
+            [NOTICE, CHAT, PRESENCE, SYNC_NEEDED, RECEIPT, TYPING],
             Reserved::ALL.map(Reserved::kind),
             "the constants are the table's numbers"
         );
-        for plugin_kind in [0, 5, 7, 9, 1_000, u16::MAX] {
+        for plugin_kind in [0, 7, 9, 1_000, u16::MAX] {
             assert_eq!(Reserved::of(plugin_kind), None);
         }
         assert_eq!(Reserved::Chat.to_string(), "2 (chat)");

@@ -1024,3 +1024,109 @@ async fn concurrent_batches_keep_inboxes_gap_free_and_groups_in_one_order() {
     })
     .await;
 }
+
+/// Read positions: the last message of a conversation at or below a
+/// position is found among other conversations' messages; a position only
+/// moves forward; the others' positions come back in the asking user's
+/// own inbox sequences, 1:1 and groups alike.
+#[tokio::test]
+async fn read_positions_move_forward_and_translate_between_inboxes() {
+    each_backend(|Ctx { store, .. }| async move {
+        add_users(&store, [1, 2, 3], "acme").await?;
+        let g = store
+            .create_group("team", &[UserId(1), UserId(2), UserId(3)])
+            .await?;
+        // 1's inbox: 1 (3→1), 2 (2→1), 3 (group), 4 (1→2), 5 (3→1).
+        send(&store, 3, "a", to_user(1)).await?;
+        let d21 = send(&store, 2, "b", to_user(1)).await?;
+        let dg = send(&store, 3, "c", Target::Group(g)).await?;
+        let d12 = send(&store, 1, "d", to_user(2)).await?;
+        send(&store, 3, "e", to_user(1)).await?;
+        let me = UserId(1);
+        let last = store.last_in_conversation(me, to_user(2), 5).await?;
+        ensure!(last == Some((4, d12.message.id)), "{last:?}");
+        let last = store.last_in_conversation(me, to_user(2), 3).await?;
+        ensure!(last == Some((2, d21.message.id)), "{last:?}");
+        let last = store.last_in_conversation(me, to_user(2), 1).await?;
+        ensure!(last.is_none(), "{last:?}");
+        let last = store.last_in_conversation(me, Target::Group(g), 5).await?;
+        ensure!(last == Some((3, dg.message.id)), "{last:?}");
+        let rows = store.inbox_rows_of(dg.message.id).await?;
+        ensure!(rows.len() == 3 && rows[0] == (UserId(1), 3), "{rows:?}");
+
+        // 2 reads its conversation with 1 up to its inbox seq 2 (message d).
+        let (pos, moved) = store
+            .mark_read(UserId(2), to_user(1), 2, d12.message.id)
+            .await?;
+        ensure!(moved && pos.seq == 2, "{pos:?}");
+        let (pos, moved) = store
+            .mark_read(UserId(2), to_user(1), 1, d21.message.id)
+            .await?;
+        ensure!(
+            !moved && pos.seq == 2 && pos.message_id == d12.message.id,
+            "{pos:?}"
+        );
+        // 3 reads the group.
+        store
+            .mark_read(UserId(3), Target::Group(g), 1, dg.message.id)
+            .await?;
+        let mine = store.read_positions(UserId(2)).await?;
+        ensure!(
+            mine.len() == 1 && mine[0].conversation == to_user(1),
+            "{mine:?}"
+        );
+        let mut theirs = store.others_reads(me, &[g]).await?;
+        theirs.sort_by_key(|t| t.reader);
+        ensure!(theirs.len() == 2, "{theirs:?}");
+        // 2 read message d: in 1's inbox that is seq 4.
+        ensure!(
+            theirs[0].reader == UserId(2)
+                && theirs[0].conversation == to_user(1)
+                && theirs[0].seq == 4,
+            "{theirs:?}"
+        );
+        ensure!(
+            theirs[1].reader == UserId(3)
+                && theirs[1].conversation == Target::Group(g)
+                && theirs[1].seq == 3,
+            "{theirs:?}"
+        );
+        // Without the group listed, only 1:1 positions.
+        ensure!(store.others_reads(me, &[]).await?.len() == 1);
+        Ok(())
+    })
+    .await;
+}
+
+/// Marks racing from separate pools (devices on different app servers):
+/// whatever order they commit in, the stored position ends at the highest
+/// (a lower mark never overwrites a higher one), and at least the first
+/// one says it moved it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_read_marks_keep_the_highest() {
+    each_backend(|Ctx { store, url }| async move {
+        add_users(&store, [1, 2], "acme").await?;
+        let tasks: Vec<_> = (1..=8u64)
+            .map(|seq| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let store = store_at(&url).await?;
+                    let (_, moved) = store.mark_read(UserId(1), to_user(2), seq, seq).await?;
+                    anyhow::Ok(moved)
+                })
+            })
+            .collect();
+        let mut moved = 0;
+        for t in tasks {
+            moved += usize::from(t.await??);
+        }
+        ensure!((1..=8).contains(&moved), "{moved} marks moved it");
+        let mine = store.read_positions(UserId(1)).await?;
+        ensure!(
+            mine.len() == 1 && mine[0].seq == 8 && mine[0].message_id == 8,
+            "{mine:?}"
+        );
+        Ok(())
+    })
+    .await;
+}

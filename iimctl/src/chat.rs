@@ -33,7 +33,8 @@ const TRIES: u32 = 10;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `/quit` or the end of input waits for outstanding acks.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
-const HELP: &str = "/to USER or /group GROUP, then type a line to send it; /sync; /quit";
+const HELP: &str = "/to USER or /group GROUP, then type a line to send it; \
+    /read (mark it read), /typing (tell them you are typing); /sync; /quit";
 
 #[derive(Args, Debug, Default)]
 pub(crate) struct ChatArgs {
@@ -92,6 +93,8 @@ fn down(e: ClientError) -> Down {
 /// A request of this connection awaiting its answer.
 enum Pending {
     Send,
+    /// A `read` or `typing`: answered, never resent.
+    Mark,
     /// The inbox (`None`) or a large group's timeline.
     Sync(Option<u64>),
 }
@@ -131,6 +134,9 @@ struct Chat {
     sends: u64,
     refused: usize,
     want_sync: bool,
+    /// `/read` or `/typing` asked for the current target.
+    want_read: bool,
+    want_typing: bool,
     input_done: bool,
     quit: bool,
     stop_at: Option<Instant>,
@@ -343,6 +349,11 @@ impl Chat {
                 }
                 ("to" | "group", _) => say("usage: /to USER or /group GROUP (a positive id)"),
                 ("sync", _) => self.want_sync = true,
+                ("read" | "typing", _) if self.target.is_none() => {
+                    say("no one to talk to yet: /to USER or /group GROUP first")
+                }
+                ("read", _) => self.want_read = true,
+                ("typing", _) => self.want_typing = true,
                 ("quit", _) => (self.quit, self.input_done) = (true, true),
                 _ => say(HELP),
             }
@@ -381,6 +392,31 @@ impl Chat {
             };
             client.write(&send).await.map_err(down)?;
             self.pending.push_back((Pending::Send, now));
+        }
+        if let Some((ope, to)) = self.target {
+            if std::mem::take(&mut self.want_read) {
+                // Everything held so far: the inbox, or this large group's
+                // timeline when it is one.
+                let key =
+                    Some(to).filter(|g| ope == Ope::Group && self.cursors.contains_key(&Some(*g)));
+                let seq = self.cursors.get(&key).map_or(0, |c| c.max);
+                if seq == 0 {
+                    say("nothing to mark read yet");
+                } else {
+                    client
+                        .write(&Request::Read { ope, to, seq })
+                        .await
+                        .map_err(down)?;
+                    self.pending.push_back((Pending::Mark, now));
+                }
+            }
+            if std::mem::take(&mut self.want_typing) {
+                client
+                    .write(&Request::Typing { ope, to })
+                    .await
+                    .map_err(down)?;
+                self.pending.push_back((Pending::Mark, now));
+            }
         }
         if std::mem::take(&mut self.want_sync) {
             let max = self.cursors.get(&None).map_or(0, |c| c.max);
@@ -437,7 +473,43 @@ impl Chat {
                 (None, Some(s)) => Some((None, s, Some(m))),
                 _ => None,
             },
-            Frame::Ack(_) | Frame::Sync(_) | Frame::Error(_) | Frame::Pong => {
+            Frame::Receipt(r) => {
+                let at = match (r.seq, r.gseq) {
+                    (_, Some(g)) => format!("gseq {g}"),
+                    (s, None) => format!("seq {}", s.unwrap_or(0)),
+                };
+                let line = match (r.reader == self.a.user, r.ope) {
+                    (true, Ope::Group) => {
+                        format!("you read group {} up to {at} (another device)", r.to)
+                    }
+                    (true, Ope::Single) => {
+                        format!(
+                            "you read the chat with {} up to {at} (another device)",
+                            r.to
+                        )
+                    }
+                    (false, Ope::Group) => {
+                        format!("user {} read group {} up to {at}", r.reader, r.to)
+                    }
+                    (false, Ope::Single) => format!("user {} read your chat up to {at}", r.reader),
+                };
+                say(&format!("[read] {line}"));
+                None
+            }
+            Frame::Typing(t) => {
+                let place = match t.ope {
+                    Ope::Group => format!(" in group {}", t.to),
+                    Ope::Single => String::new(),
+                };
+                say(&format!("[typing] user {} is typing{place}…", t.from));
+                None
+            }
+            Frame::Ack(_)
+            | Frame::Sync(_)
+            | Frame::Error(_)
+            | Frame::Pong
+            | Frame::ReadSet(_)
+            | Frame::TypingSent => {
                 let req = match &f {
                     Frame::Ack(a) => Some(a.req.as_str()),
                     Frame::Error(e) => e.req.as_deref(),
@@ -456,6 +528,14 @@ impl Chat {
                         say(&format!("sync failed: {why}"));
                         self.cursors.entry(key).or_default().syncing = false;
                         self.show_history();
+                        None
+                    }
+                    (_, Frame::ReadSet(r), _) => {
+                        let at = match (r.seq, r.gseq) {
+                            (_, Some(g)) => format!("gseq {g}"),
+                            (s, None) => format!("seq {}", s.unwrap_or(0)),
+                        };
+                        say(&format!("marked read up to {at}"));
                         None
                     }
                     (_, Frame::Ack(a), Some(i)) => {

@@ -28,3 +28,6 @@ GRANT SELECT, INSERT ON `${DB}`.`group_timeline` TO 'iim_app_${ID}'@'%';
 -- Presence of the users connected to it (a row back at version 0 is
 -- removed).
 GRANT SELECT, INSERT, UPDATE, DELETE ON `${DB}`.`presence` TO 'iim_app_${ID}'@'%';
+-- Read receipts: a reader's position only moves forward (updated in place),
+-- never deleted.
+GRANT SELECT, INSERT, UPDATE ON `${DB}`.`read_positions` TO 'iim_app_${ID}'@'%';

@@ -595,3 +595,279 @@ async fn pipelined_sends_are_stored_and_answered_in_the_order_sent() {
         .collect();
     assert_eq!(texts, want, "the sync sees every send before it, in order");
 }
+
+/// The next `receipt` pushed to `c` (other pushes are skipped).
+async fn next_receipt(c: &mut ChatClient) -> iim_kit::client::Receipt {
+    loop {
+        match c.next_push(Duration::from_secs(10)).await {
+            Some(Frame::Receipt(r)) => return r,
+            Some(_) => {}
+            None => panic!("user {}: no receipt within 10 s", c.user),
+        }
+    }
+}
+
+/// The next `typing` pushed to `c` (other pushes are skipped).
+async fn next_typing(c: &mut ChatClient) -> iim_kit::client::Typing {
+    loop {
+        match c.next_push(Duration::from_secs(10)).await {
+            Some(Frame::Typing(t)) => return t,
+            Some(_) => {}
+            None => panic!("user {}: no typing within 10 s", c.user),
+        }
+    }
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> String {
+    match r {
+        Err(e) => e
+            .code()
+            .unwrap_or_else(|| panic!("not a refusal: {e}"))
+            .to_owned(),
+        Ok(v) => panic!("accepted: {v:?}"),
+    }
+}
+
+/// Issue 14, receipts: a read on one device reaches the other side's
+/// device on another server, in that side's own sequences, and the
+/// reader's other device; the position only moves forward, survives a
+/// reconnect (`read_state`), and bad reads are refused with clear codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_receipt_reaches_the_other_side_and_survives_a_reconnect() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let store = directory(&db, &[11, 21, 31]).await;
+    let theirs = store
+        .create_group("not ours", &[UserId(11), UserId(31)])
+        .await
+        .unwrap();
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let mut servers = Vec::new();
+    for id in 1..=3 {
+        servers.push(spawn_appserver(&ca, appserver_config(db.url(), id, ex.addr), vec![]).await);
+    }
+    for s in &servers {
+        wait_linked(s).await;
+    }
+    let at = |i: usize| servers[i].client_addr.unwrap();
+    let mut c11 = ChatClient::connect(at(0), &token(11), "phone")
+        .await
+        .unwrap();
+    let mut c21 = ChatClient::connect(at(1), &token(21), "phone")
+        .await
+        .unwrap();
+    let mut c21b = ChatClient::connect(at(2), &token(21), "laptop")
+        .await
+        .unwrap();
+
+    // 31 writes to 11 first, so the two inboxes number the conversation
+    // differently.
+    let mut c31 = ChatClient::connect(at(2), &token(31), "phone")
+        .await
+        .unwrap();
+    c31.send("r-x", Ope::Single, 11, "elsewhere").await.unwrap();
+    let first = c21.send("r-0", Ope::Single, 11, "before").await.unwrap();
+    assert_eq!(first.seq, Some(1));
+    let a = c11.send("r-1", Ope::Single, 21, "one").await.unwrap();
+    let b = c11.send("r-2", Ope::Single, 21, "two").await.unwrap();
+    assert_eq!((a.seq, b.seq), (Some(3), Some(4)), "11's inbox");
+    // In 21's inbox: 1 "before", 2 "one", 3 "two".
+    let set = c21.read(Ope::Single, 11, 3).await.unwrap();
+    assert_eq!((set.seq, set.moved), (Some(3), true), "{set:?}");
+
+    let r = next_receipt(&mut c11).await;
+    assert_eq!(
+        (r.reader, r.ope, r.to, r.seq, r.id),
+        (21, Ope::Single, 21, Some(4), b.id),
+        "the sender sees its own seq of its last message read: {r:?}"
+    );
+    let r = next_receipt(&mut c21b).await;
+    assert_eq!(
+        (r.reader, r.to, r.seq, r.id),
+        (21, 11, Some(3), b.id),
+        "the reader's other device: {r:?}"
+    );
+
+    // Only forward: an older position is answered with the stored one.
+    let again = c21b.read(Ope::Single, 11, 2).await.unwrap();
+    assert_eq!((again.seq, again.moved), (Some(3), false), "{again:?}");
+
+    // Bad reads: refused with their codes, counted; the connection stays.
+    assert_eq!(code(c21.read(Ope::Single, 11, 99).await), "bad_request");
+    assert_eq!(code(c21.read(Ope::Single, 999, 1).await), "unknown_user");
+    assert_eq!(
+        code(c21.read(Ope::Group, 424_242, 1).await),
+        "unknown_group"
+    );
+    assert_eq!(code(c21.read(Ope::Group, theirs, 1).await), "not_member");
+    c21.send_json(&json!({"op": "read", "ope": 0, "to": 11, "seq": 0}))
+        .await
+        .unwrap();
+    assert_eq!(code(c21.answer().await), "bad_request");
+    assert_eq!(servers[1].metrics.receipts.refused.get(), 1);
+    assert_eq!(servers[1].metrics.receipts.moved.get(), 1);
+    assert_eq!(servers[2].metrics.receipts.unchanged.get(), 1);
+    // And on the metrics page, with the refusals by code.
+    let page = iim::metrics::Render::render(servers[1].metrics.as_ref());
+    assert!(
+        page.contains("\niim_receipts_reads_moved_total 1\n"),
+        "{page}"
+    );
+    assert!(page.contains("\niim_receipts_refused_total 1\n"), "{page}");
+    assert!(
+        page.contains(r#"iim_appserver_client_errors_total{code="unknown_group"} 1"#),
+        "{page}"
+    );
+
+    // Reconnected elsewhere, both sides still know where 21 stands.
+    c21.close().await;
+    let mut c21c = ChatClient::connect(at(0), &token(21), "tablet")
+        .await
+        .unwrap();
+    let state = c21c.read_state().await.unwrap();
+    assert_eq!(state.mine.len(), 1, "{state:?}");
+    assert_eq!(
+        (state.mine[0].ope, state.mine[0].to, state.mine[0].seq),
+        (Ope::Single, 11, Some(3))
+    );
+    let state = c11.read_state().await.unwrap();
+    assert!(state.mine.is_empty(), "11 read nothing: {state:?}");
+    assert_eq!(state.theirs.len(), 1, "{state:?}");
+    let t = &state.theirs[0];
+    assert_eq!((t.reader, t.ope, t.to, t.seq), (21, Ope::Single, 21, 4));
+    db.cleanup().await;
+}
+
+/// Issue 14, typing and group receipts: typing reaches the other side's
+/// connections on other servers (1:1 and a small group) and is limited per
+/// connection; a read in a small group reaches every member in its own
+/// sequence; large groups get neither from others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn typing_and_group_receipts_reach_the_other_members() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let store = directory(&db, &[11, 21, 31, 41]).await;
+    let small = store
+        .create_group("three", &[UserId(11), UserId(21), UserId(31)])
+        .await
+        .unwrap();
+    let large = store
+        .create_group("four", &[UserId(11), UserId(21), UserId(31), UserId(41)])
+        .await
+        .unwrap();
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let mut servers = Vec::new();
+    for id in 1..=3 {
+        let mut cfg = appserver_config(db.url(), id, ex.addr);
+        cfg.chat.large_group_threshold = 3;
+        servers.push(spawn_appserver(&ca, cfg, vec![]).await);
+    }
+    for s in &servers {
+        wait_linked(s).await;
+    }
+    let at = |i: usize| servers[i].client_addr.unwrap();
+    let mut c11 = ChatClient::connect(at(0), &token(11), "phone")
+        .await
+        .unwrap();
+    let mut c21 = ChatClient::connect(at(1), &token(21), "phone")
+        .await
+        .unwrap();
+    let mut c31 = ChatClient::connect(at(2), &token(31), "phone")
+        .await
+        .unwrap();
+
+    c11.typing(Ope::Single, 21).await.unwrap();
+    let t = next_typing(&mut c21).await;
+    assert_eq!((t.from, t.ope, t.to), (11, Ope::Single, 11), "{t:?}");
+    assert!(t.expires_in > 0);
+    c11.typing(Ope::Group, small).await.unwrap();
+    for c in [&mut c21, &mut c31] {
+        let t = next_typing(c).await;
+        assert_eq!((t.from, t.ope, t.to), (11, Ope::Group, small), "{t:?}");
+    }
+    assert_eq!(code(c31.typing(Ope::Group, large).await), "bad_request");
+    assert_eq!(code(c31.typing(Ope::Single, 999).await), "unknown_user");
+    // A burst of three per connection, then one a second: of a quick run,
+    // the fourth (or, on a very slow machine, the fifth) is refused.
+    let mut refused_at = None;
+    for i in 0..6 {
+        match c21.typing(Ope::Single, 11).await {
+            Ok(()) => {}
+            Err(e) => {
+                assert_eq!(e.code(), Some("rate_limited"), "{e}");
+                refused_at = Some(i);
+                break;
+            }
+        }
+    }
+    assert!(
+        matches!(refused_at, Some(3..=4)),
+        "a burst of three, then refused: {refused_at:?}"
+    );
+    assert!(servers[1].metrics.receipts.typing_limited.get() >= 1);
+
+    // A small group: 21's read reaches 11 and 31 in their own sequences.
+    let m = c11
+        .send("g-1", Ope::Group, small, "hello all")
+        .await
+        .unwrap();
+    let mut seq_of = std::collections::HashMap::new();
+    seq_of.insert(11, m.seq.unwrap());
+    for c in [&mut c21, &mut c31] {
+        let seq = loop {
+            match c.next_push(Duration::from_secs(10)).await {
+                Some(Frame::Msg(got)) if got.id == m.id => break got.seq.unwrap(),
+                Some(_) => {}
+                None => panic!("no message for {}", c.user),
+            }
+        };
+        seq_of.insert(c.user, seq);
+    }
+    c21.read(Ope::Group, small, seq_of[&21]).await.unwrap();
+    for c in [&mut c11, &mut c31] {
+        let r = next_receipt(c).await;
+        assert_eq!(
+            (r.reader, r.ope, r.to, r.seq, r.id),
+            (21, Ope::Group, small, Some(seq_of[&c.user]), m.id),
+            "{r:?}"
+        );
+    }
+    // A large group: a read is a timeline position, and nobody else hears
+    // of it (31 gets the message push, then nothing more).
+    let big = c11
+        .send("g-2", Ope::Group, large, "hello many")
+        .await
+        .unwrap();
+    let gseq = big.gseq.unwrap();
+    let set = c31.read(Ope::Group, large, gseq).await.unwrap();
+    assert_eq!((set.gseq, set.seq), (Some(gseq), None), "{set:?}");
+    assert_eq!(
+        code(c31.read(Ope::Group, large, gseq + 1).await),
+        "bad_request"
+    );
+    let state = c31.read_state().await.unwrap();
+    assert!(
+        state
+            .mine
+            .iter()
+            .any(|p| p.to == large && p.gseq == Some(gseq)),
+        "{state:?}"
+    );
+    assert!(
+        state
+            .theirs
+            .iter()
+            .any(|t| t.reader == 21 && t.to == small && t.seq == seq_of[&31]),
+        "{state:?}"
+    );
+    // 31's pushes to 11 keep their order (one source, one ordering key):
+    // had the large group's read been pushed, it would come first.
+    c31.read(Ope::Group, small, seq_of[&31]).await.unwrap();
+    let r = next_receipt(&mut c11).await;
+    assert_eq!(
+        (r.reader, r.to, r.seq),
+        (31, small, Some(seq_of[&11])),
+        "a large group's read is not pushed to others: {r:?}"
+    );
+    db.cleanup().await;
+}

@@ -139,6 +139,12 @@ async fn daemons_run_under_least_privilege_accounts_that_cannot_touch_other_serv
             .await,
         "21 sees 11 online"
     );
+    // Read receipts: a position stored, moved forward, and read back.
+    let set = c21.read(Ope::Single, 11, 1).await.unwrap();
+    assert!(set.moved, "{set:?}");
+    assert!(!c21.read(Ope::Single, 11, 1).await.unwrap().moved);
+    let state = c11.read_state().await.unwrap();
+    assert_eq!(state.theirs.len(), 1, "{state:?}");
 
     // What app server 1's account must not do.
     let a1 = app(1);

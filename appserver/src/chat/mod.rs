@@ -4,6 +4,7 @@
 //! and may be lost harmlessly, because clients sync by the highest sequence
 //! they hold.
 
+pub mod receipts;
 pub mod types;
 
 pub use types::*;

@@ -39,6 +39,11 @@ const PUSH_BATCH: usize = 64;
 pub const MAX_PIPELINED: usize = 16;
 /// How long a closing handshake may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// `typing` frames per second a connection may send, sustained, and in a
+/// burst: a client sends one every few seconds while its user types, and
+/// each one reaches every connection of the conversation's other members.
+const TYPING_PER_SEC: u32 = 1;
+const TYPING_BURST: u32 = 3;
 
 /// Why a connection task ended.
 #[derive(Debug)]
@@ -66,6 +71,7 @@ pub(super) async fn connection<C: ChatApi>(
         ws,
         st,
         bucket: None,
+        typing: None,
         last_rx: Instant::now(),
     };
     match conn.run().await {
@@ -97,6 +103,8 @@ struct Conn<C: ChatApi> {
     ws: WebSocket,
     st: GatewayState<C>,
     bucket: Option<Bucket>,
+    /// The connection's own limit on `typing`, within the one above.
+    typing: Option<Bucket>,
     /// When the client last sent anything at all.
     last_rx: Instant,
 }
@@ -292,6 +300,7 @@ impl<C: ChatApi> Conn<C> {
             limits.rate_burst,
             Instant::now(),
         ));
+        self.typing = Some(Bucket::new(TYPING_PER_SEC, TYPING_BURST, Instant::now()));
         let stop = self.st.stop.clone();
         // The connection lives no longer than its token.
         let expires = (valid_until != u64::MAX).then(|| {
@@ -552,7 +561,39 @@ impl<C: ChatApi> Conn<C> {
                 })?;
                 Ok(presence_frame(&contacts))
             }
+            Request::Read { ope, to, seq } => {
+                let r = self.receipts()?;
+                let set = r.read(user, channel, ope, to, seq).await?;
+                Ok(tagged("read_set", &set))
+            }
+            Request::ReadState => {
+                let state = self.receipts()?.read_state(user).await?;
+                Ok(tagged("read_state", &state))
+            }
+            Request::Typing { ope, to } => {
+                let r = self.receipts()?;
+                if !self.typing.as_mut().is_none_or(|b| b.take(Instant::now())) {
+                    self.st.metrics.receipts.typing_limited.inc();
+                    return Err(Refusal::new(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "typing: at most {TYPING_PER_SEC} per second (bursts of {TYPING_BURST}); dropped"
+                        ),
+                    ));
+                }
+                r.typing(user, ope, to).await?;
+                Ok(r#"{"op":"typing_sent"}"#.to_string())
+            }
         }
+    }
+
+    fn receipts(&self) -> Result<Arc<crate::chat::receipts::Receipts>, Refusal> {
+        self.st.receipts.clone().ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::Unavailable,
+                "receipts are not enabled on this server",
+            )
+        })
     }
 
     fn presence(&self) -> Result<Arc<crate::presence::Presence>, Refusal> {

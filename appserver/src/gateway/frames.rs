@@ -75,8 +75,22 @@ pub(super) enum Request {
     Send(SendRequest),
     Sync(SyncRequest),
     Ping,
-    SetStatus { status: Status, text: String },
+    SetStatus {
+        status: Status,
+        text: String,
+    },
     PresenceSubscribe(Vec<UserId>),
+    /// Mark a conversation read up to `seq`.
+    Read {
+        ope: Ope,
+        to: u64,
+        seq: u64,
+    },
+    ReadState,
+    Typing {
+        ope: Ope,
+        to: u64,
+    },
 }
 
 /// A text frame from an authenticated client, parsed once.
@@ -130,6 +144,9 @@ pub(super) fn parse_request(text: &str, user: UserId, limits: &ClientLimits) -> 
         Op::Ping => Ok(Request::Ping),
         Op::SetStatus => parse_status(&f).map(|(status, text)| Request::SetStatus { status, text }),
         Op::PresenceSubscribe => parse_subscribe(&f).map(Request::PresenceSubscribe),
+        Op::Read => parse_read(&f),
+        Op::ReadState => Ok(Request::ReadState),
+        Op::Typing => parse_conversation(&f).map(|(ope, to)| Request::Typing { ope, to }),
         Op::Auth => Err(bad("op", "already authenticated")),
     };
     Parsed {
@@ -330,6 +347,38 @@ fn parse_sync(f: &Fields<'_>, page_max: u32) -> Result<SyncRequest, Refusal> {
         since,
         limit,
     })
+}
+
+/// `ope` and `to`: a conversation, as a `send` names it.
+fn parse_conversation(f: &Fields<'_>) -> Result<(Ope, u64), Refusal> {
+    let ope = match f.u64("ope")? {
+        Some(0) => Ope::Single,
+        Some(1) => Ope::Group,
+        Some(_) => return Err(bad("ope", "must be 0 (single) or 1 (group)")),
+        None => return Err(bad("ope", "required (0 single, 1 group)")),
+    };
+    let to = match f.u64("to")? {
+        Some(0) => return Err(bad("to", "0 is not a user or group")),
+        Some(t) => t,
+        None => return Err(bad("to", "required (a user id, or a group id)")),
+    };
+    Ok((ope, to))
+}
+
+/// `read`: a conversation and the sequence it is read up to.
+fn parse_read(f: &Fields<'_>) -> Result<Request, Refusal> {
+    let (ope, to) = parse_conversation(f)?;
+    let seq = match f.u64("seq")? {
+        Some(0) => return Err(bad("seq", "must be at least 1 (the sequence read up to)")),
+        Some(s) => s,
+        None => {
+            return Err(bad(
+                "seq",
+                "required (your inbox sequence, or a large group's timeline sequence, read up to)",
+            ));
+        }
+    };
+    Ok(Request::Read { ope, to, seq })
 }
 
 /// `set_status`: a status a client may choose, and an optional text.
@@ -567,6 +616,36 @@ mod tests {
             (r#"{"op":"sync","since":0,"group":0}"#, "group"),
         ] {
             let r = sync(frame).unwrap_err();
+            assert!(r.message.starts_with(field), "{frame}: {}", r.message);
+        }
+    }
+
+    #[test]
+    fn read_and_typing_frames_name_a_conversation() {
+        match parse(r#"{"op":"read","ope":0,"to":7,"seq":42}"#).request {
+            Ok(Request::Read { ope, to, seq }) => assert_eq!((ope, to, seq), (Ope::Single, 7, 42)),
+            other => panic!("{other:?}"),
+        }
+        match parse(r#"{"op":"typing","ope":1,"to":77}"#).request {
+            Ok(Request::Typing { ope, to }) => assert_eq!((ope, to), (Ope::Group, 77)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(r#"{"op":"read_state"}"#).request,
+            Ok(Request::ReadState)
+        ));
+        for (frame, field) in [
+            (r#"{"op":"read","ope":0,"to":7}"#, "seq"),
+            (r#"{"op":"read","ope":0,"to":7,"seq":0}"#, "seq"),
+            (r#"{"op":"read","ope":0,"to":7,"seq":-1}"#, "seq"),
+            (r#"{"op":"read","ope":0,"to":7,"seq":"4"}"#, "seq"),
+            (r#"{"op":"read","ope":2,"to":7,"seq":4}"#, "ope"),
+            (r#"{"op":"read","ope":0,"seq":4}"#, "to"),
+            (r#"{"op":"typing","ope":0,"to":0}"#, "to"),
+            (r#"{"op":"typing","to":5}"#, "ope"),
+        ] {
+            let r = parse(frame).request.unwrap_err();
+            assert_eq!(r.code, ErrorCode::BadRequest, "{frame}");
             assert!(r.message.starts_with(field), "{frame}: {}", r.message);
         }
     }

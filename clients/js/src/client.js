@@ -10,6 +10,9 @@
 //   with the cursors, until its `ack`; after a reconnect (or an answer that
 //   never came) it is resent with the same `req`, byte for byte, and the
 //   server's `duplicate` makes that harmless;
+// - read positions (its own and the others', asked with `read_state` at
+//   every welcome, then kept from `receipt` pushes, highest wins) and
+//   who is typing where, each until its `expires_in` passes;
 // - reconnects with jittered exponential backoff, moving along the server
 //   list, and stops for good only when the server refuses the token.
 //
@@ -110,6 +113,13 @@ export class IimClient extends Emitter {
   #presence = new Map();
   #status = null;
   #watched = new Set();
+
+  /** Conversation key (`ope:to`) -> this user's read position. */
+  #myReads = new Map();
+  /** Conversation key -> reader -> the position (in this user's inbox). */
+  #theirReads = new Map();
+  /** Conversation key -> typist -> when its indicator expires (ms). */
+  #typing = new Map();
 
   #tick = null;
   #reconnectTimer = null;
@@ -266,6 +276,68 @@ export class IimClient extends Emitter {
       for (const u of users) this.#watched.add(u);
       return contacts;
     });
+  }
+
+  /**
+   * Marks a conversation read up to `seq` (this user's inbox sequence, or a
+   * large group's timeline sequence; default: everything held). Resolves
+   * with the position stored: `{ope, to, seq | gseq, moved}`. The other
+   * side's devices get a `receipt`; one call acknowledges everything below.
+   * @param {{to: number, ope?: 0 | 1, seq?: number}} c
+   */
+  markRead({ to, ope = 0, seq } = {}) {
+    if (!Number.isSafeInteger(to) || to <= 0) return badSend('to: a positive integer');
+    if (ope !== 0 && ope !== 1) return badSend('ope: 0 (one to one) or 1 (group)');
+    const at = seq ?? (ope === 1 && this.#cursors.has(to) ? this.#cursors.get(to).max : this.inboxMax);
+    if (!Number.isSafeInteger(at) || at <= 0) return badSend('seq: a positive integer');
+    return this.#request({ op: 'read', ope, to, seq: at }, 'read').then((r) => {
+      this.#raise(this.#myReads, convKey(ope, to), r.gseq ?? r.seq);
+      return r;
+    });
+  }
+
+  /** Asks the server where this user and the others stand (done by itself
+   * at every welcome); resolves with `{mine, theirs}`. */
+  readState() {
+    return this.#request({ op: 'read_state' }, 'read_state').then((s) => {
+      for (const m of Array.isArray(s?.mine) ? s.mine : []) {
+        this.#raise(this.#myReads, convKey(m.ope, m.to), m.gseq ?? m.seq);
+      }
+      for (const t of Array.isArray(s?.theirs) ? s.theirs : []) {
+        this.#raiseTheirs(t.ope, t.to, t.reader, t.seq);
+      }
+      this.emit('readstate', s);
+      return s;
+    });
+  }
+
+  /** This user's read position in a conversation (0: none known). */
+  readPosition({ to, ope = 0 }) {
+    return this.#myReads.get(convKey(ope, to)) ?? 0;
+  }
+
+  /** The others' read positions in a conversation, in this user's inbox
+   * sequences: `{reader: seq}`. */
+  readBy({ to, ope = 0 }) {
+    return Object.fromEntries(this.#theirReads.get(convKey(ope, to)) ?? []);
+  }
+
+  /** Tells the conversation's other members that this user is typing.
+   * Call it at most every few seconds while the user types (the server
+   * allows 3 at once, then 1 a second). */
+  typing({ to, ope = 0 }) {
+    if (!Number.isSafeInteger(to) || to <= 0) return badSend('to: a positive integer');
+    if (ope !== 0 && ope !== 1) return badSend('ope: 0 (one to one) or 1 (group)');
+    return this.#request({ op: 'typing', ope, to }, 'typing');
+  }
+
+  /** Who is typing in a conversation now (indicators not yet expired). */
+  typers({ to, ope = 0 }) {
+    const now = Date.now();
+    const m = this.#typing.get(convKey(ope, to));
+    if (!m) return [];
+    for (const [u, until] of m) if (until <= now) m.delete(u);
+    return [...m.keys()];
   }
 
   /** Round trip to the server; resolves when its `pong` arrives. */
@@ -526,6 +598,16 @@ export class IimClient extends Emitter {
       case 'sync_needed':
         // Pushes for this user were dropped at their sending server.
         return this.sync();
+      case 'read_set':
+        return this.#take('read')?.resolve(readSet(f));
+      case 'read_state':
+        return this.#take('read_state')?.resolve({ mine: f.mine ?? [], theirs: f.theirs ?? [] });
+      case 'typing_sent':
+        return this.#take('typing')?.resolve();
+      case 'receipt':
+        return this.#onReceipt(f);
+      case 'typing':
+        return this.#onTyping(f);
       default:
         return; // ops of a newer server are ignored, as the protocol allows
     }
@@ -570,13 +652,59 @@ export class IimClient extends Emitter {
       const users = [...this.#watched];
       this.#request({ op: 'presence_subscribe', users }, 'presence_subscribe').catch((e) => this.#report(e));
     }
+    // Receipts pushed while disconnected are lost: the stored positions
+    // are asked for again.
+    this.readState().catch((e) => this.#report(e));
     for (const u of this.#outbox) u.due = 0;
     this.#flush();
     this.#checkCaughtUp();
   }
 
+  #onReceipt(f) {
+    const at = f.gseq ?? f.seq;
+    if (!Number.isSafeInteger(f.reader) || !Number.isSafeInteger(f.to) || !Number.isSafeInteger(at)) return;
+    const key = convKey(f.ope, f.to);
+    // Receipts may come late, twice or out of order: the highest wins.
+    const rose =
+      f.reader === this.#user
+        ? this.#raise(this.#myReads, key, at)
+        : this.#raiseTheirs(f.ope, f.to, f.reader, at);
+    if (!rose) return;
+    const r = { reader: f.reader, ope: f.ope, to: f.to, id: f.id };
+    if (f.gseq != null) r.gseq = f.gseq;
+    else r.seq = f.seq;
+    this.emit('receipt', r);
+  }
+
+  #onTyping(f) {
+    if (!Number.isSafeInteger(f.from) || !Number.isSafeInteger(f.to)) return;
+    const ms = Math.min(Math.max(0, Number(f.expires_in) || 0), 60_000);
+    const key = convKey(f.ope, f.to);
+    let m = this.#typing.get(key);
+    if (!m) this.#typing.set(key, (m = new Map()));
+    m.set(f.from, Date.now() + ms);
+    this.emit('typing', { from: f.from, ope: f.ope, to: f.to, expiresIn: ms });
+  }
+
+  /** Sets `map[key]` to `at` if higher; true when it rose. */
+  #raise(map, key, at) {
+    if (!Number.isSafeInteger(at) || (map.get(key) ?? 0) >= at) return false;
+    map.set(key, at);
+    return true;
+  }
+
+  #raiseTheirs(ope, to, reader, at) {
+    const key = convKey(ope, to);
+    let m = this.#theirReads.get(key);
+    if (!m) this.#theirReads.set(key, (m = new Map()));
+    return this.#raise(m, reader, at);
+  }
+
   #onMsg(f) {
     const { op, ...m } = f;
+    // A message from someone typing ends their indicator there.
+    const conv = f.ope === 1 ? f.to : f.from === this.#user ? f.to : f.from;
+    this.#typing.get(convKey(f.ope, conv))?.delete(f.from);
     const large = f.gseq != null;
     const seq = large ? f.gseq : f.seq;
     if (!Number.isSafeInteger(seq) || seq <= 0) return;
@@ -810,6 +938,18 @@ export class IimClient extends Emitter {
       this.#saving = null;
     })();
   }
+}
+
+/** The key of a conversation, as this user sends to it. */
+function convKey(ope, to) {
+  return `${ope === 1 ? 1 : 0}:${to}`;
+}
+
+function readSet(f) {
+  const r = { ope: f.ope, to: f.to, moved: f.moved === true };
+  if (f.gseq != null) r.gseq = f.gseq;
+  else r.seq = f.seq;
+  return r;
 }
 
 function pick(msg) {

@@ -140,6 +140,53 @@ export interface SendOptions {
   req?: string;
 }
 
+/** A conversation, as this user sends to it. */
+export interface Conversation {
+  to: number;
+  /** Default 0 (one to one). */
+  ope?: OpeValue;
+}
+
+/** The answer to `markRead`: the position stored. */
+export interface ReadSet {
+  ope: OpeValue;
+  to: number;
+  /** This user's inbox sequence (absent for large groups). */
+  seq?: number;
+  /** The large group's timeline sequence (large groups only). */
+  gseq?: number;
+  /** False when the position was there or beyond already. */
+  moved: boolean;
+}
+
+/** `reader` has read the conversation `ope`/`to` (as this user sends to
+ * it) up to this user's `seq` (or, for its own devices in a large group,
+ * `gseq`); `id` is the last message read. */
+export interface Receipt {
+  reader: number;
+  ope: OpeValue;
+  to: number;
+  seq?: number;
+  gseq?: number;
+  id: number;
+}
+
+export interface ReadState {
+  /** This user's positions. */
+  mine: { ope: OpeValue; to: number; seq?: number; gseq?: number }[];
+  /** The others' positions, in this user's inbox sequences (1:1 and
+   * groups of at most 32 members). */
+  theirs: { reader: number; ope: OpeValue; to: number; seq: number }[];
+}
+
+export interface Typing {
+  from: number;
+  ope: OpeValue;
+  to: number;
+  /** Show it for this long unless another one comes. */
+  expiresIn: number;
+}
+
 export interface ClientEvents {
   /** Every message of the inbox and large groups, in sequence order,
    * exactly once, the client's own sends included. */
@@ -149,6 +196,13 @@ export interface ClientEvents {
   /** Contacts whose presence changed (a higher version). */
   presence: (changed: Presence[]) => void;
   notice: (n: Notice) => void;
+  /** A read position rose: another member's, or this user's on another
+   * device. */
+  receipt: (r: Receipt) => void;
+  /** `read_state` answered (at every welcome). */
+  readstate: (s: ReadState) => void;
+  /** Someone is typing. */
+  typing: (t: Typing) => void;
   state: (s: StateEvent) => void;
   /** Every stream caught up after a connect or a sync. */
   synced: (s: { inboxMax: number; groupMax: Record<number, number> }) => void;
@@ -180,6 +234,12 @@ export declare class IimClient {
   setStatus(status: Status, text?: string): Promise<{ status: Status; text: string }>;
   presenceSubscribe(users: number[]): Promise<Presence[]>;
   presence(user: number): Presence;
+  markRead(c: Conversation & { seq?: number }): Promise<ReadSet>;
+  readState(): Promise<ReadState>;
+  readPosition(c: Conversation): number;
+  readBy(c: Conversation): Record<number, number>;
+  typing(c: Conversation): Promise<void>;
+  typers(c: Conversation): number[];
   ping(): Promise<void>;
   history(options?: { group?: number; before?: number; limit?: number }): Promise<Message[]>;
   sync(): void;

@@ -1,15 +1,17 @@
 //! The chat store and the user directory: users, friendships, groups and
 //! their members; messages, per-user inboxes and large-group timelines.
 //!
-//! Owns the tables of `sql/*/0002_chat.sql` and every statement on them, for
-//! SQLite and MySQL/MariaDB, on the shared [`Db`] (the registry's). It
-//! stores and reads back; it does not push messages, authenticate anyone or
-//! decide who may talk to whom (the chat plugin does).
+//! Owns the tables of `sql/*/0002_chat.sql` and `0004_receipts.sql` and
+//! every statement on them, for SQLite and MySQL/MariaDB, on the shared
+//! [`Db`] (the registry's). It stores and reads back; it does not push
+//! messages, authenticate anyone or decide who may talk to whom (the chat
+//! plugin does).
 //!
 //! Files by role: `directory` (users, friendships, colleagues), `groups`
 //! (groups and their members), `messages` (storing a message and allocating
-//! its sequences), `batch` (storing several in one transaction), `sync` (reading inboxes and timelines back); the types
-//! and the row mapping they share are here.
+//! its sequences), `batch` (storing several in one transaction), `sync`
+//! (reading inboxes and timelines back), `receipts` (read positions); the
+//! types and the row mapping they share are here.
 //!
 //! Sequences: every user's inbox carries a gap-free sequence from 1, and
 //! `user_seq.last_seq` is the last one allocated. A sequence is allocated in
@@ -36,7 +38,10 @@ mod batch;
 mod directory;
 mod groups;
 mod messages;
+mod receipts;
 mod sync;
+
+pub use receipts::{OthersRead, READ_STATE_MAX, ReadPosition};
 
 use std::collections::HashSet;
 

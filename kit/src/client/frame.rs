@@ -2,9 +2,11 @@
 //! sends and reads them. What the server sends is decoded into the
 //! gateway's own types (`iim_appserver::chat`, `iim_appserver::presence`),
 //! so a change there shows here at compile time; the few frames the gateway
-//! renders by hand (`notice`, `status_set`, `error`) are mirrored.
+//! renders by hand (`notice`, `status_set`, `error`, `receipt`, `typing`)
+//! are mirrored.
 
 use iim::presence::Status;
+use iim_appserver::chat::receipts::{ReadSet, ReadState};
 use iim_appserver::chat::{ChatMessage, Ope, SendAck, SyncPage, Welcome};
 use iim_appserver::presence::Update;
 use serde::{Deserialize, Serialize};
@@ -40,6 +42,16 @@ pub enum Request<'a> {
     PresenceSubscribe {
         users: &'a [u64],
     },
+    Read {
+        ope: Ope,
+        to: u64,
+        seq: u64,
+    },
+    ReadState,
+    Typing {
+        ope: Ope,
+        to: u64,
+    },
 }
 
 impl Request<'_> {
@@ -66,6 +78,16 @@ pub enum Frame {
     StatusSet(StatusSet),
     /// Chat pushes for this user were dropped: sync.
     SyncNeeded,
+    /// The answer to a `read`.
+    ReadSet(ReadSet),
+    /// The answer to a `read_state`.
+    ReadState(ReadState),
+    /// The answer to a `typing`.
+    TypingSent,
+    /// Someone read a conversation, pushed.
+    Receipt(Receipt),
+    /// Someone is typing, pushed.
+    Typing(Typing),
     /// A refused request (or a refused connection, before it closes).
     Error(ErrorFrame),
     Pong,
@@ -77,6 +99,29 @@ pub enum Frame {
 pub struct Notice {
     pub from: u64,
     pub text: String,
+}
+
+/// `{"op":"receipt",...}`: `reader` has read the conversation `ope`/`to`
+/// (as this user sends to it) up to this user's `seq` (or `gseq`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Receipt {
+    pub reader: u64,
+    pub ope: Ope,
+    pub to: u64,
+    #[serde(default)]
+    pub seq: Option<u64>,
+    #[serde(default)]
+    pub gseq: Option<u64>,
+    pub id: u64,
+}
+
+/// `{"op":"typing",...}`: `from` is typing in `ope`/`to`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Typing {
+    pub from: u64,
+    pub ope: Ope,
+    pub to: u64,
+    pub expires_in: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -120,6 +165,11 @@ impl Frame {
             "error" => Frame::Error(serde_json::from_str(text)?),
             "pong" => Frame::Pong,
             "sync_needed" => Frame::SyncNeeded,
+            "read_set" => Frame::ReadSet(serde_json::from_str(text)?),
+            "read_state" => Frame::ReadState(serde_json::from_str(text)?),
+            "typing_sent" => Frame::TypingSent,
+            "receipt" => Frame::Receipt(serde_json::from_str(text)?),
+            "typing" => Frame::Typing(serde_json::from_str(text)?),
             _ => Frame::Other(serde_json::from_str(text)?),
         })
     }
@@ -137,6 +187,11 @@ impl Frame {
             Frame::Error(_) => "error",
             Frame::Pong => "pong",
             Frame::SyncNeeded => "sync_needed",
+            Frame::ReadSet(_) => "read_set",
+            Frame::ReadState(_) => "read_state",
+            Frame::TypingSent => "typing_sent",
+            Frame::Receipt(_) => "receipt",
+            Frame::Typing(_) => "typing",
             Frame::Other(v) => v["op"].as_str().unwrap_or(""),
         }
     }
@@ -145,7 +200,12 @@ impl Frame {
     pub fn is_push(&self) -> bool {
         matches!(
             self,
-            Frame::Msg(_) | Frame::Notice(_) | Frame::Presence(_) | Frame::SyncNeeded
+            Frame::Msg(_)
+                | Frame::Notice(_)
+                | Frame::Presence(_)
+                | Frame::SyncNeeded
+                | Frame::Receipt(_)
+                | Frame::Typing(_)
         )
     }
 }

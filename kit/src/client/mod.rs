@@ -11,7 +11,8 @@ mod device;
 pub mod frame;
 
 pub use device::Device;
-pub use frame::{ErrorFrame, Frame, Notice, Request, StatusSet, body_text};
+pub use frame::{ErrorFrame, Frame, Notice, Receipt, Request, StatusSet, Typing, body_text};
+pub use iim_appserver::chat::receipts::{MyRead, ReadSet, ReadState, TheirRead};
 pub use iim_appserver::chat::{ChatMessage, LargeGroup, Ope, SendAck, SyncPage, Welcome};
 pub use iim_appserver::presence::Update;
 
@@ -347,6 +348,34 @@ impl ChatClient {
                 return Ok(out);
             }
         }
+    }
+
+    /// Mark the conversation `ope`/`to` read up to `seq` (this user's inbox
+    /// sequence, or a large group's timeline sequence).
+    pub async fn read(&mut self, ope: Ope, to: u64, seq: u64) -> Result<ReadSet, ClientError> {
+        self.ask(&Request::Read { ope, to, seq }, "read_set", |f| match f {
+            Frame::ReadSet(s) => Ok(s),
+            f => Err(Box::new(f)),
+        })
+        .await
+    }
+
+    /// Where this user and the others stand in this user's conversations.
+    pub async fn read_state(&mut self) -> Result<ReadState, ClientError> {
+        self.ask(&Request::ReadState, "read_state", |f| match f {
+            Frame::ReadState(s) => Ok(s),
+            f => Err(Box::new(f)),
+        })
+        .await
+    }
+
+    /// Tell the conversation's other members this user is typing.
+    pub async fn typing(&mut self, ope: Ope, to: u64) -> Result<(), ClientError> {
+        self.ask(&Request::Typing { ope, to }, "typing_sent", |f| match f {
+            Frame::TypingSent => Ok(()),
+            f => Err(Box::new(f)),
+        })
+        .await
     }
 
     /// Set this connection's status.
