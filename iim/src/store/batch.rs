@@ -29,10 +29,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use sqlx::AssertSqlSafe;
 
 use super::{
-    Delivery, ID_CHUNK, NewMessage, OPE_GROUP, OPE_USER, ROW_CHUNK, Store, StoreError,
-    StoredMessage, Target, group_param, missing_users, positive,
+    Delivery, NewMessage, OPE_GROUP, OPE_USER, ROW_CHUNK, Store, StoreError, StoredMessage, Target,
+    group_param, missing_users, positive,
 };
-use crate::db::{Tx, bad_row, bind_all, col, placeholders, rollback, rows, user_param};
+use crate::db::{Tx, bad_row, col, rollback, rows, user_param};
 use crate::types::UserId;
 
 /// Rows per multi-row `INSERT INTO messages` (eight values each).
@@ -205,27 +205,10 @@ impl Store {
             .flatten()
             .collect();
         let fan: Vec<i64> = fan.into_iter().collect();
-        let mut last: HashMap<i64, i64> = HashMap::with_capacity(fan.len());
-        for chunk in fan.chunks(ID_CHUNK) {
-            let sql = format!(
-                "SELECT user_id, last_seq FROM user_seq{} WHERE user_id IN ({}){}",
-                self.backend().force_primary(),
-                placeholders(chunk.len()),
-                self.backend().for_update()
-            );
-            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
-            for row in query.fetch_all(&mut **tx).await? {
-                let seq: i64 = col(&row, "last_seq")?;
-                if seq < 0 {
-                    return Err(bad_row(format!("user_seq.last_seq: negative {seq}")).into());
-                }
-                last.insert(col::<i64>(&row, "user_id")?, seq);
-            }
-        }
-        if last.len() < fan.len() {
-            let missing = fan.iter().copied().filter(|u| !last.contains_key(u));
-            return Ok(Attempt::NeedSeqRows(missing.collect()));
-        }
+        let mut last = match self.lock_seq_rows(tx, &fan).await? {
+            Ok(last) => last,
+            Err(missing) => return Ok(Attempt::NeedSeqRows(missing)),
+        };
 
         // The messages themselves, then their ids by `(sender, req)`.
         let written: Vec<usize> = (0..msgs.len())

@@ -180,31 +180,10 @@ impl Store {
         m: &NewMessage<'_>,
         users: &[i64],
     ) -> Result<Attempt, StoreError> {
-        let mut last = HashMap::with_capacity(users.len());
-        for chunk in users.chunks(ID_CHUNK) {
-            let sql = format!(
-                "SELECT user_id, last_seq FROM user_seq{} WHERE user_id IN ({}){}",
-                self.backend().force_primary(),
-                placeholders(chunk.len()),
-                self.backend().for_update()
-            );
-            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
-            for row in query.fetch_all(&mut **tx).await? {
-                let seq: i64 = col(&row, "last_seq")?;
-                if seq < 0 {
-                    return Err(bad_row(format!("user_seq.last_seq: negative {seq}")).into());
-                }
-                last.insert(col::<i64>(&row, "user_id")?, seq);
-            }
-        }
-        if last.len() < users.len() {
-            let missing = users
-                .iter()
-                .copied()
-                .filter(|u| !last.contains_key(u))
-                .collect();
-            return Ok(Attempt::NeedSeqRows(missing));
-        }
+        let last = match self.lock_seq_rows(tx, users).await? {
+            Ok(last) => last,
+            Err(missing) => return Ok(Attempt::NeedSeqRows(missing)),
+        };
 
         let id = self.insert_message(tx, m).await?;
         let mut next = Vec::with_capacity(users.len());
@@ -256,6 +235,38 @@ impl Store {
             inbox,
             duplicate: false,
         }))
+    }
+
+    /// Locks the `user_seq` rows of `users` (sorted, distinct), ascending,
+    /// and returns each one's last sequence — or the users that have no row
+    /// yet (to be created outside the transaction, see [`Attempt`]).
+    pub(super) async fn lock_seq_rows(
+        &self,
+        tx: &mut Tx,
+        users: &[i64],
+    ) -> Result<Result<HashMap<i64, i64>, Vec<i64>>, StoreError> {
+        let mut last = HashMap::with_capacity(users.len());
+        for chunk in users.chunks(ID_CHUNK) {
+            let sql = format!(
+                "SELECT user_id, last_seq FROM user_seq{} WHERE user_id IN ({}){}",
+                self.backend().force_primary(),
+                placeholders(chunk.len()),
+                self.backend().for_update()
+            );
+            let query = bind_all(sqlx::query(AssertSqlSafe(sql)), chunk);
+            for row in query.fetch_all(&mut **tx).await? {
+                let seq: i64 = col(&row, "last_seq")?;
+                if seq < 0 {
+                    return Err(bad_row(format!("user_seq.last_seq: negative {seq}")).into());
+                }
+                last.insert(col::<i64>(&row, "user_id")?, seq);
+            }
+        }
+        if last.len() < users.len() {
+            let missing = users.iter().copied().filter(|u| !last.contains_key(u));
+            return Ok(Err(missing.collect()));
+        }
+        Ok(Ok(last))
     }
 
     async fn insert_message(&self, tx: &mut Tx, m: &NewMessage<'_>) -> Result<i64, StoreError> {
