@@ -414,7 +414,7 @@ impl Default for OfflineMetrics {
             batches: Counter::default(),
             failed: Counter::default(),
             dropped: Family::new("reason", OFFLINE_DROP_REASONS),
-            skipped: Family::new("reason", &["large_group"]),
+            skipped: Family::new("reason", &["large_group", "push_queue_full"]),
             queue: Gauge::default(),
         }
     }

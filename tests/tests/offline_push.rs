@@ -601,3 +601,71 @@ async fn https_to_a_gateway_of_a_private_ca_given_in_ca_file() {
     assert_eq!(s1.metrics.offline.failed.get(), 0);
     db.cleanup().await;
 }
+
+/// Pushes dropped because the push queue is full still make their offline
+/// recipients' notices: forty senders write to an offline user at once
+/// through a push queue of one, and the receiver gets exactly one notice
+/// per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_push_dropped_at_the_full_queue_still_notifies_its_offline_recipient() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let senders: Vec<u64> = (101..=140).collect();
+    let mut users = senders.clone();
+    users.push(31);
+    directory(&db, &users).await;
+    let mut rx = Receiver::start(0, None).await;
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let mut cfg = appserver_config(db.url(), 1, ex.addr);
+    cfg.chat.push_queue = 1;
+    cfg.offline_push = rx.config();
+    let s1 = spawn_appserver(&ca, cfg, vec![]).await;
+    wait_linked(&s1).await;
+
+    let at = s1.client_addr.unwrap();
+    let tasks: Vec<_> = senders
+        .iter()
+        .map(|&u| {
+            tokio::spawn(async move {
+                let mut c = ChatClient::connect(at, &token(u), "phone").await.unwrap();
+                let mut ids = Vec::new();
+                for i in 0..3 {
+                    let a = c
+                        .send(&format!("m{i}"), Ope::Single, 31, &format!("{u} #{i}"))
+                        .await
+                        .unwrap_or_else(|e| panic!("not acknowledged: {e}"));
+                    ids.push(a.id);
+                }
+                c.close().await;
+                ids
+            })
+        })
+        .collect();
+    let mut acked = std::collections::BTreeSet::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert_eq!(acked.len(), 120);
+    assert!(
+        s1.metrics.chat.pushes_dropped.get() > 0,
+        "the push queue never overflowed"
+    );
+
+    let mut notified = Vec::new();
+    while notified.len() < acked.len() {
+        let call = rx.next().await;
+        assert!(call.signed && call.status == 200, "{call:?}");
+        for n in notices(&call) {
+            assert_eq!(n["user"], 31, "{n}");
+            notified.push(n["id"].as_u64().unwrap());
+        }
+    }
+    notified.sort_unstable();
+    assert_eq!(
+        notified,
+        acked.into_iter().collect::<Vec<_>>(),
+        "one notice per message, dropped push or not"
+    );
+    assert_eq!(s1.metrics.offline.skipped.get("push_queue_full"), 0);
+    db.cleanup().await;
+}

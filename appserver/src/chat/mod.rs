@@ -40,6 +40,9 @@ pub struct ChatConfig {
 /// Most users owed a `sync_needed` at once; beyond it more are counted
 /// (`iim_chat_sync_needed_lost_total`) but not remembered.
 const MAX_OWED: usize = 65_536;
+/// Most dropped pushes kept for their offline notices (offline push on);
+/// beyond it they are counted as skipped (`push_queue_full`).
+const MAX_KEPT_FOR_NOTICES: usize = 1_024;
 /// Bound of the queue of sends waiting for a writer; a client's send waits
 /// for room (its connection reads no further meanwhile).
 const WRITE_QUEUE: usize = 4_096;
@@ -115,19 +118,24 @@ struct Owed {
     state: std::sync::Mutex<OwedSets>,
     /// Wakes the push task when it has nothing queued.
     wake: tokio::sync::Notify,
+    /// Offline push, when on: dropped pushes are kept (bounded) so that
+    /// their offline recipients still get their notices.
+    offline: Option<Offline>,
 }
 
 #[derive(Default)]
 struct OwedSets {
     users: HashSet<UserId>,
     groups: HashSet<u64>,
+    /// Dropped pushes whose offline recipients are owed a notice.
+    dropped: Vec<PushJob>,
 }
 
 impl Owed {
     fn add(&self, recipients: &Recipients, metrics: &ChatMetrics) {
         {
             let mut sets = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let OwedSets { users, groups } = &mut *sets;
+            let OwedSets { users, groups, .. } = &mut *sets;
             match recipients {
                 Recipients::Users(us) => {
                     for u in us {
@@ -148,6 +156,24 @@ impl Owed {
             }
         }
         self.wake.notify_one();
+    }
+
+    /// A push dropped at the full queue: its recipients are owed a
+    /// `sync_needed`, and, with offline push on, its offline ones a notice.
+    fn dropped(&self, job: PushJob, metrics: &ChatMetrics) {
+        self.add(&job.recipients, metrics);
+        let Some(offline) = &self.offline else {
+            return;
+        };
+        if job.delivery.duplicate {
+            return;
+        }
+        let mut sets = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if sets.dropped.len() < MAX_KEPT_FOR_NOTICES {
+            sets.dropped.push(job);
+        } else {
+            offline.skipped("push_queue_full");
+        }
     }
 
     fn take(&self) -> OwedSets {
@@ -177,7 +203,10 @@ impl Chat {
         let (push_tx, push_rx) = mpsc::channel(cfg.push_queue.max(1));
         let (write_tx, write_rx) = mpsc::channel(WRITE_QUEUE);
         let server = iim.server();
-        let owed = Arc::new(Owed::default());
+        let owed = Arc::new(Owed {
+            offline: offline.clone(),
+            ..Owed::default()
+        });
         tracker.spawn(push_loop(
             iim,
             store.clone(),
@@ -401,7 +430,7 @@ async fn write_loop(
                 && let Err(e) = pushes.try_send(push)
             {
                 metrics.pushes_dropped.inc();
-                owed.add(&e.into_inner().recipients, &metrics);
+                owed.dropped(e.into_inner(), &metrics);
             }
             // The client may have gone meanwhile; its message is stored.
             let _ = job.reply.send(answer);
@@ -474,7 +503,7 @@ async fn push_loop(
     loop {
         // Dropped pushes first: their hints are owed since before anything
         // now queued.
-        if !tell_to_sync(&iim, &store, &owed, &metrics).await {
+        if !tell_to_sync(&iim, &store, &owed, offline.as_ref(), &metrics).await {
             return;
         }
         jobs.clear();
@@ -591,8 +620,18 @@ fn notify_offline(
 /// Sends `sync_needed` to every connection of the users owed one. `false`
 /// when the relay is shutting down. A failed look-up keeps them owed (the
 /// next round tries again).
-async fn tell_to_sync(iim: &Iim, store: &Store, owed: &Owed, metrics: &ChatMetrics) -> bool {
-    let OwedSets { users, groups } = owed.take();
+async fn tell_to_sync(
+    iim: &Iim,
+    store: &Store,
+    owed: &Owed,
+    offline: Option<&Offline>,
+    metrics: &ChatMetrics,
+) -> bool {
+    let OwedSets {
+        users,
+        groups,
+        dropped,
+    } = owed.take();
     if users.is_empty() && groups.is_empty() {
         return true;
     }
@@ -614,9 +653,27 @@ async fn tell_to_sync(iim: &Iim, store: &Store, owed: &Owed, metrics: &ChatMetri
         Err(e) => {
             warn!(error = %e, users = all.len(), "cannot look up the sessions owed a sync_needed");
             owed.add(&Recipients::Users(all), metrics);
+            // The dropped pushes' notices wait for the next look-up.
+            let mut sets = owed.state.lock().unwrap_or_else(|e| e.into_inner());
+            sets.dropped.extend(dropped);
             return true;
         }
     };
+    if let Some(offline) = offline
+        && !dropped.is_empty()
+    {
+        let mut by_user: HashMap<UserId, Vec<Session>> = HashMap::new();
+        for s in &sessions {
+            by_user.entry(s.user).or_default().push(s.clone());
+        }
+        for job in &dropped {
+            if let Recipients::Users(members) = &job.recipients {
+                notify_offline(offline, job, members, &by_user);
+            } else {
+                offline.skipped("large_group");
+            }
+        }
+    }
     if sessions.is_empty() {
         return true;
     }
