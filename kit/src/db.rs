@@ -69,6 +69,26 @@ impl TestDb {
         }
     }
 
+    /// A store on this database with `users` in its directory (named
+    /// `user<id>`, all in one organisation, so all colleagues).
+    pub async fn directory(&self, users: &[u64]) -> iim::store::Store {
+        let reg = iim::registry::Registry::connect(self.url())
+            .await
+            .expect("registry");
+        let store = iim::store::Store::new(&reg);
+        for u in users {
+            store
+                .add_user(&iim::store::User {
+                    id: iim::types::UserId(*u),
+                    name: format!("user{u}"),
+                    org: "acme".into(),
+                })
+                .await
+                .expect("add user");
+        }
+        store
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }

@@ -2,7 +2,6 @@
 //! real QUIC + mTLS, real WebSocket clients, the registry and message store
 //! on MariaDB in CI (issue 3 tests 1, 4 and 5).
 
-use iim::store::{Store, User};
 use iim::types::UserId;
 use iim_kit::client::{ChatClient, ClientError, Device, Frame, Ope, body_text};
 use iim_kit::{
@@ -12,22 +11,6 @@ use iim_kit::{
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::time::Duration;
-
-async fn directory(db: &TestDb, users: &[u64]) -> Store {
-    let reg = iim::registry::Registry::connect(db.url()).await.unwrap();
-    let store = Store::new(&reg);
-    for u in users {
-        store
-            .add_user(&User {
-                id: UserId(*u),
-                name: format!("user{u}"),
-                org: "acme".into(),
-            })
-            .await
-            .unwrap();
-    }
-    store
-}
 
 fn no_repeats(ids: &[u64]) -> bool {
     ids.iter().collect::<BTreeSet<_>>().len() == ids.len()
@@ -42,7 +25,7 @@ fn no_repeats(ids: &[u64]) -> bool {
 async fn three_servers_one_to_one_small_and_large_groups() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    let store = directory(&db, &[11, 21, 31]).await;
+    let store = db.directory(&[11, 21, 31]).await;
     let small = store
         .create_group("pair", &[UserId(11), UserId(21)])
         .await
@@ -178,7 +161,7 @@ async fn three_servers_one_to_one_small_and_large_groups() {
 async fn a_device_offline_during_a_burst_catches_up_identically() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    directory(&db, &[11, 21]).await;
+    db.directory(&[11, 21]).await;
     let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
     let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
     let s2 = spawn_appserver(&ca, appserver_config(db.url(), 2, ex.addr), vec![]).await;
@@ -229,7 +212,7 @@ async fn a_device_offline_during_a_burst_catches_up_identically() {
 async fn bad_client_input_gets_clear_errors_and_harms_no_one() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    directory(&db, &[11, 21]).await;
+    db.directory(&[11, 21]).await;
     let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
     let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
     let s2 = spawn_appserver(&ca, appserver_config(db.url(), 2, ex.addr), vec![]).await;
@@ -334,7 +317,7 @@ async fn bad_client_input_gets_clear_errors_and_harms_no_one() {
 async fn a_req_reused_for_another_target_is_refused_and_pushed_to_nobody() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    let store = directory(&db, &[11, 21, 31, 41]).await;
+    let store = db.directory(&[11, 21, 31, 41]).await;
     let outsiders = store
         .create_group("others", &[UserId(31), UserId(41)])
         .await
@@ -391,7 +374,7 @@ async fn a_req_reused_for_another_target_is_refused_and_pushed_to_nobody() {
 async fn a_chat_envelope_with_a_forged_sender_is_not_delivered() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    directory(&db, &[11, 21, 99]).await;
+    db.directory(&[11, 21, 99]).await;
     let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
     let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
     let s2 = spawn_appserver(&ca, appserver_config(db.url(), 2, ex.addr), vec![]).await;
@@ -453,7 +436,7 @@ async fn a_dropped_push_tells_its_recipient_to_sync() {
     let senders: Vec<u64> = (101..=140).collect();
     let mut users = senders.clone();
     users.push(21);
-    directory(&db, &users).await;
+    db.directory(&users).await;
     let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
     let mut cfg = appserver_config(db.url(), 1, ex.addr);
     // One stored message may wait for its push; the rest of a batch cannot.
@@ -468,28 +451,7 @@ async fn a_dropped_push_tells_its_recipient_to_sync() {
 
     // Forty senders on server 1 write to 21 at once, three messages each.
     let at = s1.client_addr.unwrap();
-    let tasks: Vec<_> = senders
-        .iter()
-        .map(|&u| {
-            tokio::spawn(async move {
-                let mut c = ChatClient::connect(at, &token(u), "phone").await.unwrap();
-                let mut ids = Vec::new();
-                for i in 0..3 {
-                    let a = c
-                        .send(&format!("m{i}"), Ope::Single, 21, &format!("{u} #{i}"))
-                        .await
-                        .unwrap_or_else(|e| panic!("not acknowledged: {e}"));
-                    ids.push(a.id);
-                }
-                c.close().await;
-                ids
-            })
-        })
-        .collect();
-    let mut acked = BTreeSet::new();
-    for t in tasks {
-        acked.extend(t.await.unwrap());
-    }
+    let acked = iim_kit::client::burst(at, &senders, 21, 3).await;
     assert_eq!(acked.len(), 120);
     let dropped = s1.metrics.chat.pushes_dropped.get();
     assert!(dropped > 0, "the push queue never overflowed");
@@ -520,7 +482,7 @@ async fn a_dropped_push_tells_its_recipient_to_sync() {
 async fn pipelined_sends_are_stored_and_answered_in_the_order_sent() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    directory(&db, &[11, 21]).await;
+    db.directory(&[11, 21]).await;
     let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
     let s1 = spawn_appserver(&ca, appserver_config(db.url(), 1, ex.addr), vec![]).await;
     wait_linked(&s1).await;
@@ -636,7 +598,7 @@ fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> String {
 async fn a_read_receipt_reaches_the_other_side_and_survives_a_reconnect() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    let store = directory(&db, &[11, 21, 31]).await;
+    let store = db.directory(&[11, 21, 31]).await;
     let theirs = store
         .create_group("not ours", &[UserId(11), UserId(31)])
         .await
@@ -746,7 +708,7 @@ async fn a_read_receipt_reaches_the_other_side_and_survives_a_reconnect() {
 async fn typing_and_group_receipts_reach_the_other_members() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    let store = directory(&db, &[11, 21, 31, 41]).await;
+    let store = db.directory(&[11, 21, 31, 41]).await;
     let small = store
         .create_group("three", &[UserId(11), UserId(21), UserId(31)])
         .await

@@ -5,7 +5,6 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use iim::store::{Store, User};
 use iim::types::UserId;
 use iim_appserver::config::OfflinePushConfig;
 use iim_kit::client::{ChatClient, Ope};
@@ -253,22 +252,6 @@ fn notices(call: &Call) -> Vec<&Value> {
     call.body["notices"].as_array().unwrap().iter().collect()
 }
 
-async fn directory(db: &TestDb, users: &[u64]) -> Store {
-    let reg = iim::registry::Registry::connect(db.url()).await.unwrap();
-    let store = Store::new(&reg);
-    for u in users {
-        store
-            .add_user(&User {
-                id: UserId(*u),
-                name: format!("user{u}"),
-                org: "acme".into(),
-            })
-            .await
-            .unwrap();
-    }
-    store
-}
-
 /// An offline recipient gets exactly one signed notice per message; an
 /// online recipient (on another server) and the sender get none; a resend
 /// recognised as a duplicate makes none; a large group's members get none
@@ -277,7 +260,7 @@ async fn directory(db: &TestDb, users: &[u64]) -> Store {
 async fn one_notice_per_message_per_offline_user_and_none_for_online_ones() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    let store = directory(&db, &[11, 21, 31, 41]).await;
+    let store = db.directory(&[11, 21, 31, 41]).await;
     let small = store
         .create_group("three", &[UserId(11), UserId(21), UserId(31)])
         .await
@@ -380,7 +363,7 @@ async fn one_notice_per_message_per_offline_user_and_none_for_online_ones() {
 async fn a_failing_receiver_gets_the_batch_after_a_retry() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    directory(&db, &[11, 31]).await;
+    db.directory(&[11, 31]).await;
     let mut rx = Receiver::start(2, None).await;
     let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
     let mut cfg = appserver_config(db.url(), 1, ex.addr);
@@ -422,7 +405,7 @@ async fn a_failing_receiver_gets_the_batch_after_a_retry() {
 async fn the_queue_bound_drops_the_oldest_and_counts_them() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    directory(&db, &[11, 31]).await;
+    db.directory(&[11, 31]).await;
     let gate = Arc::new(Semaphore::new(0));
     let mut rx = Receiver::start(0, Some(gate.clone())).await;
     let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
@@ -486,7 +469,7 @@ async fn an_in_process_offline_push_gets_the_notices() {
 
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    directory(&db, &[11, 31]).await;
+    db.directory(&[11, 31]).await;
     let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
     let (tx, mut batches) = mpsc::unbounded_channel();
     let extras = |sink: &mpsc::UnboundedSender<Batch>| iim_appserver::Extras {
@@ -540,7 +523,7 @@ async fn an_in_process_offline_push_gets_the_notices() {
 async fn https_to_a_gateway_of_a_private_ca_given_in_ca_file() {
     let db = TestDb::new().await;
     let ca = TestCa::new();
-    directory(&db, &[11, 31]).await;
+    db.directory(&[11, 31]).await;
     let gateway_ca = iim::tls::dev::DevCa::new("offline push test CA").unwrap();
     let cert = gateway_ca
         .issue_for(&["127.0.0.1"], Duration::from_secs(3_600))
@@ -613,7 +596,7 @@ async fn a_push_dropped_at_the_full_queue_still_notifies_its_offline_recipient()
     let senders: Vec<u64> = (101..=140).collect();
     let mut users = senders.clone();
     users.push(31);
-    directory(&db, &users).await;
+    db.directory(&users).await;
     let mut rx = Receiver::start(0, None).await;
     let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
     let mut cfg = appserver_config(db.url(), 1, ex.addr);
@@ -623,28 +606,7 @@ async fn a_push_dropped_at_the_full_queue_still_notifies_its_offline_recipient()
     wait_linked(&s1).await;
 
     let at = s1.client_addr.unwrap();
-    let tasks: Vec<_> = senders
-        .iter()
-        .map(|&u| {
-            tokio::spawn(async move {
-                let mut c = ChatClient::connect(at, &token(u), "phone").await.unwrap();
-                let mut ids = Vec::new();
-                for i in 0..3 {
-                    let a = c
-                        .send(&format!("m{i}"), Ope::Single, 31, &format!("{u} #{i}"))
-                        .await
-                        .unwrap_or_else(|e| panic!("not acknowledged: {e}"));
-                    ids.push(a.id);
-                }
-                c.close().await;
-                ids
-            })
-        })
-        .collect();
-    let mut acked = std::collections::BTreeSet::new();
-    for t in tasks {
-        acked.extend(t.await.unwrap());
-    }
+    let acked = iim_kit::client::burst(at, &senders, 31, 3).await;
     assert_eq!(acked.len(), 120);
     assert!(
         s1.metrics.chat.pushes_dropped.get() > 0,

@@ -28,11 +28,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sqlx::AssertSqlSafe;
 
+use super::messages::{Attempt, settle};
 use super::{
     Delivery, NewMessage, OPE_GROUP, OPE_USER, ROW_CHUNK, Store, StoreError, StoredMessage, Target,
     group_param, missing_users, positive,
 };
-use crate::db::{Tx, bad_row, col, rollback, rows, user_param};
+use crate::db::{Tx, bad_row, col, rows, user_param};
 use crate::types::UserId;
 
 /// Rows per multi-row `INSERT INTO messages` (eight values each).
@@ -50,12 +51,8 @@ enum Plan {
     Timeline(u64),
 }
 
-/// What one attempt of the batch transaction came to.
-enum Attempt {
-    Done(Vec<Result<Delivery, StoreError>>),
-    /// Users without a `user_seq` row: created outside, then again.
-    NeedSeqRows(Vec<i64>),
-}
+/// One result per message of a batch.
+type Results = Vec<Result<Delivery, StoreError>>;
 
 impl Store {
     /// Stores `msgs` as [`Store::store_message`] would store each, in one
@@ -155,14 +152,14 @@ impl Store {
         &self,
         msgs: &[NewMessage<'_>],
         threshold: usize,
-    ) -> Result<Vec<Result<Delivery, StoreError>>, StoreError> {
+    ) -> Result<Results, StoreError> {
         let users = match self.try_batch(msgs, threshold).await? {
-            Attempt::Done(results) => return Ok(results),
+            Attempt::Stored(results) => return Ok(results),
             Attempt::NeedSeqRows(users) => users,
         };
         self.create_seq_rows(&users).await?;
         match self.try_batch(msgs, threshold).await? {
-            Attempt::Done(results) => Ok(results),
+            Attempt::Stored(results) => Ok(results),
             Attempt::NeedSeqRows(_) => {
                 Err(bad_row("user_seq rows missing after creating them").into())
             }
@@ -173,18 +170,10 @@ impl Store {
         &self,
         msgs: &[NewMessage<'_>],
         threshold: usize,
-    ) -> Result<Attempt, StoreError> {
+    ) -> Result<Attempt<Results>, StoreError> {
         let mut tx = self.db.begin_write().await?;
-        match self.batch_in(&mut tx, msgs, threshold).await {
-            Ok(Attempt::Done(results)) => {
-                tx.commit().await?;
-                Ok(Attempt::Done(results))
-            }
-            other => {
-                rollback(tx).await;
-                other
-            }
-        }
+        let attempt = self.batch_in(&mut tx, msgs, threshold).await;
+        settle(tx, attempt).await
     }
 
     async fn batch_in(
@@ -192,7 +181,7 @@ impl Store {
         tx: &mut Tx,
         msgs: &[NewMessage<'_>],
         threshold: usize,
-    ) -> Result<Attempt, StoreError> {
+    ) -> Result<Attempt<Results>, StoreError> {
         let (mut plans, mut timelines) = self.plan(tx, msgs, threshold).await?;
 
         // Lock every inbox's `user_seq` row, ascending, after the groups.
@@ -321,7 +310,7 @@ impl Store {
                 .execute(&mut **tx)
                 .await?;
         }
-        Ok(Attempt::Done(results))
+        Ok(Attempt::Stored(results))
     }
 
     /// Checks every message and locks its groups (ascending): where each

@@ -18,9 +18,10 @@ use crate::db::{
 };
 use crate::types::UserId;
 
-/// What one attempt of [`Store::store_message`] came to.
-enum Attempt {
-    Stored(Delivery),
+/// What one attempt of a storing transaction came to ([`Store::store_message`]:
+/// a [`Delivery`]; [`Store::store_messages`]: one result per message).
+pub(super) enum Attempt<T> {
+    Stored(T),
     /// These users have no `user_seq` row yet: create them outside the
     /// transaction and go again (inserting them inside, after the rows that
     /// exist were locked, would take locks out of ascending order, and on
@@ -75,18 +76,14 @@ impl Store {
         }
     }
 
-    async fn try_store(&self, m: &NewMessage<'_>, threshold: usize) -> Result<Attempt, StoreError> {
+    async fn try_store(
+        &self,
+        m: &NewMessage<'_>,
+        threshold: usize,
+    ) -> Result<Attempt<Delivery>, StoreError> {
         let mut tx = self.db.begin_write().await?;
-        match self.store_in(&mut tx, m, threshold).await {
-            Ok(Attempt::Stored(delivery)) => {
-                tx.commit().await?;
-                Ok(Attempt::Stored(delivery))
-            }
-            other => {
-                rollback(tx).await;
-                other
-            }
-        }
+        let attempt = self.store_in(&mut tx, m, threshold).await;
+        settle(tx, attempt).await
     }
 
     async fn store_in(
@@ -94,7 +91,7 @@ impl Store {
         tx: &mut Tx,
         m: &NewMessage<'_>,
         threshold: usize,
-    ) -> Result<Attempt, StoreError> {
+    ) -> Result<Attempt<Delivery>, StoreError> {
         let sender = user_param(m.sender);
         match m.target {
             Target::User(to) => {
@@ -179,7 +176,7 @@ impl Store {
         tx: &mut Tx,
         m: &NewMessage<'_>,
         users: &[i64],
-    ) -> Result<Attempt, StoreError> {
+    ) -> Result<Attempt<Delivery>, StoreError> {
         let last = match self.lock_seq_rows(tx, users).await? {
             Ok(last) => last,
             Err(missing) => return Ok(Attempt::NeedSeqRows(missing)),
@@ -352,6 +349,24 @@ impl Store {
             inbox,
             duplicate: true,
         }))
+    }
+}
+
+/// Commits the transaction of an attempt that stored, rolls it back
+/// otherwise.
+pub(super) async fn settle<T>(
+    tx: Tx,
+    attempt: Result<Attempt<T>, StoreError>,
+) -> Result<Attempt<T>, StoreError> {
+    match attempt {
+        Ok(Attempt::Stored(done)) => {
+            tx.commit().await?;
+            Ok(Attempt::Stored(done))
+        }
+        other => {
+            rollback(tx).await;
+            other
+        }
     }
 }
 

@@ -469,3 +469,39 @@ impl ChatClient {
         .await;
     }
 }
+
+/// Each of `senders` connects to `at` and sends `each` text messages to
+/// user `to`, all senders at once; the ids of every acknowledged message
+/// (a send that is not acknowledged panics).
+pub async fn burst(
+    at: SocketAddr,
+    senders: &[u64],
+    to: u64,
+    each: usize,
+) -> std::collections::BTreeSet<u64> {
+    let tasks: Vec<_> = senders
+        .iter()
+        .map(|&u| {
+            tokio::spawn(async move {
+                let mut c = ChatClient::connect(at, &crate::token(u), "phone")
+                    .await
+                    .unwrap();
+                let mut ids = Vec::new();
+                for i in 0..each {
+                    let a = c
+                        .send(&format!("m{i}"), Ope::Single, to, &format!("{u} #{i}"))
+                        .await
+                        .unwrap_or_else(|e| panic!("not acknowledged: {e}"));
+                    ids.push(a.id);
+                }
+                c.close().await;
+                ids
+            })
+        })
+        .collect();
+    let mut acked = std::collections::BTreeSet::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    acked
+}
