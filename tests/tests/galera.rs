@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 
 const BURST: usize = 400;
 
+/// The tests of this file take turns: one kills and restarts node 1, which
+/// would disturb the other's connections to the cluster.
+static CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn galera_url() -> Option<String> {
     match std::env::var("IIM_TEST_GALERA_URL") {
         Ok(u) if !u.is_empty() => Some(u),
@@ -83,6 +87,7 @@ async fn send_until_acked(dep: &TestDeployment, sender: &mut ChatClient, i: usiz
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_galera_node_loses_no_acknowledged_message() {
     let Some(server) = galera_url() else { return };
+    let _turn = CLUSTER.lock().await;
     let db = TestDb::on(server).await;
     let dep = TestDeployment::start_on(db, &[(11, "acme"), (21, "acme")], 3, "").await;
     let mut sender = dep.client(1, 11, "phone").await.unwrap();
@@ -109,8 +114,23 @@ async fn a_killed_galera_node_loses_no_acknowledged_message() {
             "{name} did not move off the killed node:\n{log}"
         );
     }
-    // The node comes back and catches up (IST) for whatever runs next.
+    // The node comes back and catches up (IST); every daemon moves back to
+    // it, the first node of the list, so they write through one node again.
     cluster(&["start-node", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for name in ["exchange", "server-1", "server-2"] {
+        loop {
+            let log = std::fs::read_to_string(dep.log(name)).unwrap_or_default();
+            if log.contains("an earlier database node of the list answers again") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not move back to node 1 within 30 s of its return:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
     recipient.sync().await.unwrap();
     recipient.assert_holds_burst(BURST);
@@ -123,27 +143,55 @@ async fn a_killed_galera_node_loses_no_acknowledged_message() {
     dep.db.cleanup().await;
 }
 
-/// Writers on different nodes race for the same rows: Galera lets both
-/// commit locally, then fails one at certification (reported as a
-/// deadlock), and the registry runs that transaction again. 2 × 40
-/// `begin_epoch`s of one server, half on node 2 and half on node 3, give
-/// 80 distinct epochs ending at 80: no increment lost.
+/// Two writers bump one server's epoch 40 times each. Through one node
+/// (what the daemons do: they all use the first node of the list that
+/// answers) InnoDB's row lock serialises them: 80 distinct epochs ending at
+/// 80. Through two nodes Galera lets both commit locally and fails one at
+/// certification (reported as a deadlock), and the registry runs that
+/// transaction again: no call fails. That no increment is lost is *not*
+/// asserted there: Galera may lose an update made on two nodes at once
+/// (docs/operations.md), which is why the daemons write through one node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn writers_on_two_nodes_lose_no_update() {
-    use iim::registry::{Registry, Role, ServerState, node_urls};
+async fn writers_on_one_node_lose_no_update_and_on_two_nodes_are_retried() {
+    use iim::registry::{Registry, node_urls};
     use iim::types::ServerId;
     let Some(server) = galera_url() else { return };
+    let _turn = CLUSTER.lock().await;
     let db = TestDb::on(server).await;
     let nodes = node_urls(db.url());
     assert_eq!(nodes.len(), 3);
+    let one = bump_epochs(ServerId(7), [&nodes[2], &nodes[2]]).await;
+    let mut all: Vec<u64> = one.into_iter().flatten().collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=80).collect::<Vec<u64>>());
+    let reg = Registry::connect(&nodes[2]).await.unwrap();
+    assert_eq!(reg.server(ServerId(7)).await.unwrap().unwrap().epoch, 80);
+
+    let two = bump_epochs(ServerId(8), [&nodes[1], &nodes[2]]).await;
+    let mut all: Vec<u64> = two.into_iter().flatten().collect();
+    all.sort_unstable();
+    let issued = all.len();
+    all.dedup();
+    eprintln!(
+        "galera: 80 epochs bumped through two nodes: {} distinct ({} lost updates)",
+        all.len(),
+        issued - all.len()
+    );
+    db.cleanup().await;
+}
+
+/// 40 `begin_epoch`s of `id` through each of two node urls at once; each
+/// writer's epochs.
+async fn bump_epochs(id: iim::types::ServerId, urls: [&String; 2]) -> Vec<Vec<u64>> {
+    use iim::registry::{Registry, Role, ServerState};
     let mut tasks = Vec::new();
-    for url in &nodes[1..] {
+    for url in urls {
         let reg = Registry::connect(url).await.unwrap();
         tasks.push(tokio::spawn(async move {
             let mut epochs = Vec::new();
             for i in 0..40 {
                 epochs.push(
-                    reg.begin_epoch(ServerId(7), Role::App, "a", ServerState::Down, i)
+                    reg.begin_epoch(id, Role::App, "a", ServerState::Down, i)
                         .await
                         .unwrap(),
                 );
@@ -153,12 +201,7 @@ async fn writers_on_two_nodes_lose_no_update() {
     }
     let mut all = Vec::new();
     for t in tasks {
-        all.extend(t.await.unwrap());
+        all.push(t.await.unwrap());
     }
-    all.sort_unstable();
-    assert_eq!(all, (1..=80).collect::<Vec<u64>>());
-    // Node 1 may be down meanwhile (the other test kills it).
-    let reg = Registry::connect(&nodes[2]).await.unwrap();
-    assert_eq!(reg.server(ServerId(7)).await.unwrap().unwrap().epoch, 80);
-    db.cleanup().await;
+    all
 }

@@ -202,19 +202,42 @@ async fn connect_mysql_nodes(url: &str) -> Result<(Vec<AnyPool>, usize), Connect
 
 /// Every `WATCH_EVERY` while a [`Db`] on a cluster exists: if the active
 /// node does not answer, the next one (in url order) that does becomes
-/// active. Ends when the last `Db` is dropped.
+/// active; and while the active node is not the first of the url, an
+/// earlier node that has answered `RETURN_AFTER` checks in a row becomes
+/// active again. Every daemon is given the same list, so they all converge
+/// on the first node that answers: two nodes writing the same row at once
+/// is what Galera may get wrong (a lost update, see docs/operations.md),
+/// and that then happens only in the seconds around a fail-over. Ends when
+/// the last `Db` is dropped.
 async fn watch_nodes(nodes: std::sync::Weak<Nodes>) {
     let mut tick = tokio::time::interval(WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut all_down = false;
+    let mut back = Return::default();
     loop {
         tick.tick().await;
         let Some(n) = nodes.upgrade() else { return };
         let active = n.active.load(Ordering::Relaxed);
         if answers(&n.pools[active]).await {
             all_down = false;
+            let mut earliest = None;
+            for i in 0..active {
+                if answers(&n.pools[i]).await {
+                    earliest = Some(i);
+                    break;
+                }
+            }
+            if let Some(i) = back.observe(earliest) {
+                n.active.store(i, Ordering::Relaxed);
+                tracing::warn!(
+                    from = %n.names[active],
+                    to = %n.names[i],
+                    "an earlier database node of the list answers again; using it"
+                );
+            }
             continue;
         }
+        back = Return::default();
         let len = n.pools.len();
         let mut moved = false;
         for i in (1..len).map(|k| (active + k) % len) {
@@ -233,6 +256,37 @@ async fn watch_nodes(nodes: std::sync::Weak<Nodes>) {
             tracing::error!("no database node answers; retrying");
         }
         all_down = !moved;
+    }
+}
+
+/// How many checks in a row an earlier node of the list must answer before
+/// the watcher moves back to it: a node that has just rejoined is given a
+/// few seconds, so a node that flaps does not drag every daemon with it.
+const RETURN_AFTER: u32 = 6;
+
+/// The watcher's count of an earlier node answering in a row.
+#[derive(Debug, Default)]
+struct Return {
+    node: Option<usize>,
+    streak: u32,
+}
+
+impl Return {
+    /// One check's result: the earliest node before the active one that
+    /// answered, if any. Returns the node to move to once it has answered
+    /// `RETURN_AFTER` checks in a row.
+    fn observe(&mut self, earliest: Option<usize>) -> Option<usize> {
+        if earliest.is_none() || earliest != self.node {
+            self.node = earliest;
+            self.streak = u32::from(earliest.is_some());
+        } else {
+            self.streak += 1;
+        }
+        if self.streak >= RETURN_AFTER {
+            *self = Return::default();
+            return earliest;
+        }
+        None
     }
 }
 
@@ -515,7 +569,28 @@ async fn connect_mysql(url: &str, several: bool, lazy: bool) -> Result<AnyPool, 
 
 #[cfg(test)]
 mod tests {
-    use super::{Transport, mysql_transport, node_name, node_urls};
+    use super::{RETURN_AFTER, Return, Transport, mysql_transport, node_name, node_urls};
+
+    /// The watcher moves back only after the same earlier node answered
+    /// `RETURN_AFTER` checks in a row; a miss or another node starts over.
+    #[test]
+    fn an_earlier_node_is_used_again_after_answering_in_a_row() {
+        let mut back = Return::default();
+        for _ in 1..RETURN_AFTER {
+            assert_eq!(back.observe(Some(0)), None);
+        }
+        assert_eq!(back.observe(None), None);
+        for _ in 1..RETURN_AFTER {
+            assert_eq!(back.observe(Some(0)), None);
+        }
+        assert_eq!(back.observe(Some(1)), None);
+        for _ in 1..RETURN_AFTER {
+            assert_eq!(back.observe(Some(0)), None);
+        }
+        assert_eq!(back.observe(Some(0)), Some(0));
+        // And counts afresh after a move.
+        assert_eq!(back.observe(Some(0)), None);
+    }
 
     #[test]
     fn a_url_may_name_every_node_of_a_cluster() {
