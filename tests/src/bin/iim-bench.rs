@@ -46,7 +46,9 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const EXCHANGE_ID: u32 = 100;
+/// Above every app server id the bench uses (targets are 2..=k + 1, idle
+/// servers 201 and up), so k may go to 256 and beyond.
+const EXCHANGE_ID: u32 = 100_000;
 const ORIGIN: u32 = 1;
 
 #[derive(Parser, Debug, Clone)]

@@ -13,8 +13,9 @@
 //! - **1:1.** `--pairs` sender/receiver pairs; senders on A, receivers on B,
 //!   so every message is stored (one transaction, two inbox rows), then
 //!   pushed by A's push task through the exchange to B.
-//! - **Group.** One group of `--group-size` members (write fan-out: below
-//!   the large-group threshold), half on A and half on B;
+//! - **Group.** One group of `--group-size` members (write fan-out up to
+//!   the app servers' large-group threshold, 500; read fan-out above it),
+//!   half on A and half on B;
 //!   `--group-senders` of them (alternately on A and on B) send to it. Each
 //!   message is pushed to every member but the sending connection.
 //!

@@ -53,10 +53,11 @@ pub fn report(
         2 * args.pairs
     );
     println!(
-        "group: {} members ({} on A, {} on B; write fan-out), {} senders, {} in flight per sender at saturation ({} pushes per message)",
+        "group: {} members ({} on A, {} on B; {}), {} senders, {} in flight per sender at saturation ({} pushes per message)",
         args.group_size,
         args.group_size.div_ceil(2),
         args.group_size / 2,
+        fan_out(args.group_size),
         args.group_senders.min(args.group_size),
         args.group_window,
         args.group_size.saturating_sub(1)
@@ -200,5 +201,16 @@ pub fn report(
         for n in notes {
             println!("note: {n}");
         }
+    }
+}
+
+/// How the app servers (default configuration) store a message to a group
+/// of `members`: copied to every inbox, or once to the group's timeline.
+fn fan_out(members: usize) -> &'static str {
+    let threshold = iim_appserver::config::ChatConfig::default().large_group_threshold;
+    if members > threshold {
+        "read fan-out: one timeline row"
+    } else {
+        "write fan-out: one inbox row per member"
     }
 }
