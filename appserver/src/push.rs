@@ -423,6 +423,24 @@ pub(crate) fn presence_frame(contacts: &[Update]) -> String {
     tagged("presence", &Frame { contacts })
 }
 
+/// The answer to `presence_subscribe`: a `presence` frame with the users
+/// now watched (`subscribed`), which tells it from a presence push.
+pub(crate) fn presence_answer(subscribed: &[UserId], contacts: &[Update]) -> String {
+    #[derive(Serialize)]
+    struct Frame<'a> {
+        subscribed: Vec<u64>,
+        contacts: &'a [Update],
+    }
+    let subscribed = subscribed.iter().map(|u| u.0).collect();
+    tagged(
+        "presence",
+        &Frame {
+            subscribed,
+            contacts,
+        },
+    )
+}
+
 /// `value`'s JSON object with `"op"` put first: `{"op":"ack",...}`. Every
 /// server frame is written this way.
 pub(crate) fn tagged(op: &str, value: &impl Serialize) -> String {

@@ -626,6 +626,30 @@ async fn requests_over_the_rate_are_dropped_and_the_connection_stays() {
     assert_eq!(next_json(&mut ws).await["op"], "pong");
 }
 
+/// Every answer carries its request's `req` when the request had one (an
+/// ack always has it); without one the answer is as before.
+#[tokio::test]
+async fn answers_echo_the_req_of_their_request() {
+    let gw = spawn(limits(), 16).await;
+    let mut ws = authed(&gw, 1001, "phone").await;
+    send(&mut ws, json!({"op": "ping", "req": "p-1"})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"op": "pong", "req": "p-1"})
+    );
+    send(&mut ws, json!({"op": "sync", "req": "s-1", "since": 0})).await;
+    let page = next_json(&mut ws).await;
+    assert_eq!(
+        (page["op"].as_str(), page["req"].as_str()),
+        (Some("sync"), Some("s-1"))
+    );
+    send(&mut ws, json!({"op": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"op": "pong"}));
+    // A refused request carried it already.
+    send(&mut ws, json!({"op": "sync", "req": "s-2", "since": -1})).await;
+    assert_eq!(expect_error(&mut ws, "bad_request").await["req"], "s-2");
+}
+
 #[tokio::test]
 async fn the_server_pings_and_a_client_that_answers_stays_connected() {
     let gw = spawn(

@@ -401,10 +401,16 @@ async fn only_friends_and_colleagues_can_be_watched() {
         refused + 1
     );
 
-    // A colleague alone is fine: its presence arrives.
-    c31.write(&Request::PresenceSubscribe { users: &[21] })
+    // A colleague alone is fine: the answer names who is watched now (so
+    // it cannot be taken for a push), and its presence arrives.
+    match c31
+        .request(&Request::PresenceSubscribe { users: &[21] })
         .await
-        .unwrap();
+        .unwrap()
+    {
+        Frame::Subscribed { users, .. } => assert_eq!(users, [21]),
+        other => panic!("expected the subscription's answer, got {other:?}"),
+    }
     let truth = w.truth(21).await;
     assert_eq!(truth.0, "online");
     assert!(

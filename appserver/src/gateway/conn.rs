@@ -18,7 +18,7 @@ use crate::chat::{ChatError, ClientReq, SendAck};
 use crate::codes::{AuthFailure, CloseReason, ErrorCode};
 use crate::metrics::AppMetrics;
 use crate::presence::SubscribeError;
-use crate::push::{Push, presence_frame, tagged};
+use crate::push::{Push, presence_answer, presence_frame, tagged};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt as _;
 use iim::token::TokenError;
@@ -480,7 +480,13 @@ impl<C: ChatApi> Conn<C> {
             Err(r) => Err(r),
         };
         match answer {
-            Ok(frame) => self.write_text(frame).await,
+            Ok(frame) => {
+                let frame = match &req {
+                    Some(r) => with_req(frame, r.as_str()),
+                    None => frame,
+                };
+                self.write_text(frame).await
+            }
             Err(r) => {
                 self.write_error(r.code, req.as_ref().map(ClientReq::as_str), &r.message)
                     .await
@@ -559,7 +565,7 @@ impl<C: ChatApi> Conn<C> {
                         presence_unavailable()
                     }
                 })?;
-                Ok(presence_frame(&contacts))
+                Ok(presence_answer(&users, &contacts))
             }
             Request::Read { ope, to, seq } => {
                 let r = self.receipts()?;
@@ -726,4 +732,44 @@ fn frame_too_large(e: &axum::Error) -> bool {
         e.source().and_then(|s| s.downcast_ref::<WsError>()),
         Some(WsError::Capacity(CapacityError::MessageTooLong { .. }))
     )
+}
+
+/// `frame` (`{"op":"name",...}`) with `"req":<req>` right after its op: a
+/// request that carries a `req` gets it back on its answer, so a client can
+/// match answers to requests by `req` as well as by their order.
+fn with_req(frame: String, req: &str) -> String {
+    const HEAD: &str = "{\"op\":\"";
+    let Some(end) = frame.get(HEAD.len()..).and_then(|rest| rest.find('"')) else {
+        return frame;
+    };
+    if !frame.starts_with(HEAD) {
+        return frame;
+    }
+    let at = HEAD.len() + end + 1;
+    let req = serde_json::to_string(req).unwrap_or_default();
+    let mut out = String::with_capacity(frame.len() + req.len() + 7);
+    out.push_str(&frame[..at]);
+    out.push_str(",\"req\":");
+    out.push_str(&req);
+    out.push_str(&frame[at..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_req;
+
+    #[test]
+    fn an_answer_gets_its_request_s_req_after_its_op() {
+        assert_eq!(
+            with_req(r#"{"op":"typing_sent"}"#.into(), "t-1"),
+            r#"{"op":"typing_sent","req":"t-1"}"#
+        );
+        assert_eq!(
+            with_req(r#"{"op":"sync","messages":[],"max":0}"#.into(), "s\"2"),
+            r#"{"op":"sync","req":"s\"2","messages":[],"max":0}"#
+        );
+        // Not an op-first object: left as it is.
+        assert_eq!(with_req("[]".into(), "x"), "[]");
+    }
 }

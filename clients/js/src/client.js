@@ -566,6 +566,12 @@ export class IimClient extends Emitter {
     return i < 0 ? undefined : this.#pending.splice(i, 1)[0];
   }
 
+  /** The pending request an answer is for: by the `req` the server echoes,
+   * else (an older server) the first pending one of `kind`. */
+  #answered(f, kind) {
+    return typeof f.req === 'string' ? this.#takeReq(f.req) : this.#take(kind);
+  }
+
   // ---- Frames ------------------------------------------------------------
 
   async #frame(data) {
@@ -588,9 +594,9 @@ export class IimClient extends Emitter {
       case 'error':
         return this.#onError(f);
       case 'pong':
-        return this.#take('ping')?.resolve();
+        return this.#answered(f, 'ping')?.resolve();
       case 'status_set':
-        return this.#take('set_status')?.resolve({ status: f.status, text: f.text });
+        return this.#answered(f, 'set_status')?.resolve({ status: f.status, text: f.text });
       case 'presence':
         return this.#onPresence(f);
       case 'notice':
@@ -599,11 +605,11 @@ export class IimClient extends Emitter {
         // Pushes for this user were dropped at their sending server.
         return this.sync();
       case 'read_set':
-        return this.#take('read')?.resolve(readSet(f));
+        return this.#answered(f, 'read')?.resolve(readSet(f));
       case 'read_state':
-        return this.#take('read_state')?.resolve({ mine: f.mine ?? [], theirs: f.theirs ?? [] });
+        return this.#answered(f, 'read_state')?.resolve({ mine: f.mine ?? [], theirs: f.theirs ?? [] });
       case 'typing_sent':
-        return this.#take('typing')?.resolve();
+        return this.#answered(f, 'typing')?.resolve();
       case 'receipt':
         return this.#onReceipt(f);
       case 'typing':
@@ -735,7 +741,7 @@ export class IimClient extends Emitter {
   }
 
   #onSync(page) {
-    const p = this.#take('sync');
+    const p = this.#answered(page, 'sync');
     if (!p) return;
     const messages = Array.isArray(page.messages) ? page.messages : [];
     if (p.history) {
@@ -817,12 +823,13 @@ export class IimClient extends Emitter {
       this.#presence.set(c.user, entry);
       changed.push(entry);
     }
-    // The answer to `presence_subscribe` is a `presence` frame too, which
-    // cannot be told from a push: the first one resolves the request, with
-    // what is held of the users it named (a push that came first gives
-    // what was known then; the real answer is applied when it follows).
-    const p = this.#take('presence_subscribe');
-    p?.resolve((p.users ?? []).map((u) => this.presence(u)));
+    // The answer to `presence_subscribe` is the `presence` frame that
+    // names the users it now watches (`subscribed`, and our `req`); a push
+    // has neither.
+    if (Array.isArray(f.subscribed) || typeof f.req === 'string') {
+      const p = this.#answered(f, 'presence_subscribe');
+      p?.resolve((p.users ?? []).map((u) => this.presence(u)));
+    }
     if (changed.length) this.emit('presence', changed);
   }
 

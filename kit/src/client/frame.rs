@@ -74,6 +74,12 @@ pub enum Frame {
     Notice(Notice),
     /// Contacts' presence: a snapshot or an update.
     Presence(Vec<Update>),
+    /// The answer to a `presence_subscribe`: the users now watched and
+    /// their presence.
+    Subscribed {
+        users: Vec<u64>,
+        contacts: Vec<Update>,
+    },
     /// The answer to a `set_status`.
     StatusSet(StatusSet),
     /// Chat pushes for this user were dropped: sync.
@@ -150,6 +156,7 @@ impl Frame {
         #[derive(Deserialize)]
         struct Contacts {
             contacts: Vec<Update>,
+            subscribed: Option<Vec<u64>>,
         }
         // Two passes: the gateway's types hold raw JSON (`body`), which
         // serde's tagged enums cannot buffer.
@@ -160,7 +167,13 @@ impl Frame {
             "sync" => Frame::Sync(serde_json::from_str(text)?),
             "msg" => Frame::Msg(serde_json::from_str(text)?),
             "notice" => Frame::Notice(serde_json::from_str(text)?),
-            "presence" => Frame::Presence(serde_json::from_str::<Contacts>(text)?.contacts),
+            "presence" => match serde_json::from_str::<Contacts>(text)? {
+                Contacts {
+                    contacts,
+                    subscribed: Some(users),
+                } => Frame::Subscribed { users, contacts },
+                Contacts { contacts, .. } => Frame::Presence(contacts),
+            },
             "status_set" => Frame::StatusSet(serde_json::from_str(text)?),
             "error" => Frame::Error(serde_json::from_str(text)?),
             "pong" => Frame::Pong,
@@ -182,7 +195,7 @@ impl Frame {
             Frame::Sync(_) => "sync",
             Frame::Msg(_) => "msg",
             Frame::Notice(_) => "notice",
-            Frame::Presence(_) => "presence",
+            Frame::Presence(_) | Frame::Subscribed { .. } => "presence",
             Frame::StatusSet(_) => "status_set",
             Frame::Error(_) => "error",
             Frame::Pong => "pong",

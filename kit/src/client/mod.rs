@@ -231,7 +231,7 @@ impl ChatClient {
                 text: text.to_string(),
                 source,
             })?;
-            if let Frame::Presence(contacts) = &frame {
+            if let Frame::Presence(contacts) | Frame::Subscribed { contacts, .. } = &frame {
                 self.apply_presence(contacts);
             }
             return Ok(frame);
