@@ -235,7 +235,10 @@ async fn answer(registry: &Registry, exchange: iim::ServerId, query: Query) -> A
                 .record_registration(server, epoch, exchange, now_ms())
                 .await
                 .map(|r| match r {
-                    RegistryVerdict::Accepted => Registration::Accepted,
+                    // One exchange today: the attach epoch is not yet
+                    // carried into the core (docs/architecture.md,
+                    // "Several exchanges").
+                    RegistryVerdict::Accepted { .. } => Registration::Accepted,
                     RegistryVerdict::StaleEpoch { current } => Registration::StaleEpoch { current },
                     RegistryVerdict::Unknown => Registration::Unknown,
                     RegistryVerdict::WrongRole => Registration::WrongRole,

@@ -23,9 +23,9 @@ use sqlx::{AnyConnection, AssertSqlSafe};
 use crate::aggregate::{PresenceRow, Status, recompute_in};
 pub use crate::db::{Backend, Db, ParseNameError, node_urls};
 use crate::db::{
-    ConnectError, DbError, TRANSACTION, bind_all, col, database_error, finish, nonnegative_col,
-    parse_col, placeholders, required_server_col, retry, server_col, server_param, u64_param,
-    user_col, user_param,
+    ConnectError, DbError, TRANSACTION, bad_row, bind_all, col, database_error, finish,
+    nonnegative_col, parse_col, placeholders, required_server_col, retry, server_col, server_param,
+    u64_param, user_col, user_param,
 };
 use crate::types::{ChannelId, ServerId, Session, UserId};
 
@@ -36,7 +36,7 @@ const CHUNK: usize = 1000;
 const RESTORE_CHUNK: usize = 100;
 
 const SERVER_COLUMNS: &str =
-    "id, role, address, epoch, state, exchange_id, registered_at, last_seen";
+    "id, role, address, epoch, state, exchange_id, attach_epoch, registered_at, last_seen";
 
 /// A fieldless enum stored as a short lowercase name: `as_str`, `Display`
 /// and `FromStr` from one table.
@@ -95,6 +95,9 @@ pub struct ServerRecord {
     pub state: ServerState,
     /// For an app server: the exchange it is attached to.
     pub exchange: Option<ServerId>,
+    /// For an app server: how many registrations exchanges have recorded
+    /// for it; the fence of the attachment (see [`Registration::Accepted`]).
+    pub attach_epoch: u64,
     pub registered_at_ms: i64,
     pub last_seen_ms: i64,
 }
@@ -102,7 +105,16 @@ pub struct ServerRecord {
 /// Outcome of [`Registry::record_registration`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Registration {
-    Accepted,
+    /// Recorded: the server is `up` and attached to the recording exchange,
+    /// under a new `attach_epoch` (the old one plus one). `previous` is the
+    /// exchange it was attached to before (the same one after a reconnect;
+    /// none for a server never attached). Writes about the server that name
+    /// an older attach epoch ([`Registry::mark_down_attached`]) now change
+    /// nothing.
+    Accepted {
+        attach_epoch: u64,
+        previous: Option<ServerId>,
+    },
     /// The claimed epoch is not the one the registry holds for this server.
     StaleEpoch {
         current: u64,
@@ -272,7 +284,11 @@ impl Registry {
     }
 
     /// The exchange accepting an app server's registration. Only the epoch
-    /// the registry issued last is accepted; any other claim is stale.
+    /// the registry issued last is accepted; any other claim is stale. An
+    /// accepted one sets `state = up`, `exchange_id`, `registered_at`,
+    /// `last_seen` and bumps `attach_epoch`, in one transaction with the
+    /// row locked, so two exchanges recording the same server at once get
+    /// distinct attach epochs and the later one wins.
     pub async fn record_registration(
         &self,
         id: ServerId,
@@ -280,27 +296,28 @@ impl Registry {
         exchange: ServerId,
         now_ms: i64,
     ) -> Result<Registration, RegistryError> {
-        let mut current = epoch;
-        // A second pass only happens when the row appeared or changed between
-        // the guarded update and the read that classifies its failure.
-        for _ in 0..3 {
-            let done = sqlx::query(
-                "UPDATE servers SET state = 'up', exchange_id = ?, registered_at = ?, last_seen = ? \
-                 WHERE id = ? AND epoch = ? AND role = 'app'",
-            )
-            .bind(server_param(exchange))
-            .bind(now_ms)
-            .bind(now_ms)
-            .bind(server_param(id))
-            .bind(u64_param(epoch))
-            .execute(self.db.pool())
-            .await?;
-            if done.rows_affected() > 0 {
-                return Ok(Registration::Accepted);
-            }
-            let Some(row) = sqlx::query("SELECT role, epoch FROM servers WHERE id = ?")
+        retry("record_registration", TRANSACTION, || {
+            self.try_record_registration(id, epoch, exchange, now_ms)
+        })
+        .await
+    }
+
+    async fn try_record_registration(
+        &self,
+        id: ServerId,
+        epoch: u64,
+        exchange: ServerId,
+        now_ms: i64,
+    ) -> Result<Registration, RegistryError> {
+        let sql = format!(
+            "SELECT role, epoch, exchange_id, attach_epoch FROM servers WHERE id = ?{}",
+            self.db.backend().for_update()
+        );
+        let mut tx = self.db.begin_write().await?;
+        let result = async {
+            let Some(row) = sqlx::query(AssertSqlSafe(sql))
                 .bind(server_param(id))
-                .fetch_optional(self.db.pool())
+                .fetch_optional(&mut *tx)
                 .await?
             else {
                 return Ok(Registration::Unknown);
@@ -308,12 +325,33 @@ impl Registry {
             if parse_col::<Role>(&row, "role")? != Role::App {
                 return Ok(Registration::WrongRole);
             }
-            current = nonnegative_col(&row, "epoch")?;
+            let current = nonnegative_col(&row, "epoch")?;
             if current != epoch {
                 return Ok(Registration::StaleEpoch { current });
             }
+            let previous = server_col(&row, "exchange_id")?;
+            let attach_epoch = nonnegative_col(&row, "attach_epoch")?
+                .checked_add(1)
+                .ok_or_else(|| bad_row("attach_epoch at its maximum"))?;
+            sqlx::query(
+                "UPDATE servers SET state = 'up', exchange_id = ?, attach_epoch = ?, \
+                 registered_at = ?, last_seen = ? WHERE id = ? AND epoch = ?",
+            )
+            .bind(server_param(exchange))
+            .bind(u64_param(attach_epoch))
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(server_param(id))
+            .bind(u64_param(epoch))
+            .execute(&mut *tx)
+            .await?;
+            Ok(Registration::Accepted {
+                attach_epoch,
+                previous,
+            })
         }
-        Ok(Registration::StaleEpoch { current })
+        .await;
+        finish(tx, result).await
     }
 
     /// Sets the state (and last_seen) only if the row's epoch is still
@@ -351,7 +389,25 @@ impl Registry {
         now_ms: i64,
     ) -> Result<bool, RegistryError> {
         retry("mark_down", TRANSACTION, || {
-            self.try_mark_down(id, epoch, now_ms)
+            self.try_mark_down(id, epoch, None, now_ms)
+        })
+        .await
+    }
+
+    /// [`Registry::mark_down`] by the exchange the server is attached to:
+    /// only if the row still holds `attach_epoch` as well, so an exchange
+    /// the server has since registered with elsewhere (a newer attach
+    /// epoch) cannot mark it down or delete its sessions. Returns whether
+    /// the row matched.
+    pub async fn mark_down_attached(
+        &self,
+        id: ServerId,
+        epoch: u64,
+        attach_epoch: u64,
+        now_ms: i64,
+    ) -> Result<bool, RegistryError> {
+        retry("mark_down", TRANSACTION, || {
+            self.try_mark_down(id, epoch, Some(attach_epoch), now_ms)
         })
         .await
     }
@@ -360,18 +416,26 @@ impl Registry {
         &self,
         id: ServerId,
         epoch: u64,
+        attach_epoch: Option<u64>,
         now_ms: i64,
     ) -> Result<bool, RegistryError> {
+        let sql = match attach_epoch {
+            None => "UPDATE servers SET state = 'down', last_seen = ? WHERE id = ? AND epoch = ?",
+            Some(_) => {
+                "UPDATE servers SET state = 'down', last_seen = ? \
+                 WHERE id = ? AND epoch = ? AND attach_epoch = ?"
+            }
+        };
         let mut tx = self.db.begin_write().await?;
         let result = async {
-            let done = sqlx::query(
-                "UPDATE servers SET state = 'down', last_seen = ? WHERE id = ? AND epoch = ?",
-            )
-            .bind(now_ms)
-            .bind(server_param(id))
-            .bind(u64_param(epoch))
-            .execute(&mut *tx)
-            .await?;
+            let mut query = sqlx::query(sql)
+                .bind(now_ms)
+                .bind(server_param(id))
+                .bind(u64_param(epoch));
+            if let Some(a) = attach_epoch {
+                query = query.bind(u64_param(a));
+            }
+            let done = query.execute(&mut *tx).await?;
             if done.rows_affected() == 0 {
                 return Ok(false);
             }
@@ -665,6 +729,7 @@ fn server_from_row(row: &AnyRow) -> Result<ServerRecord, DbError> {
         epoch: nonnegative_col(row, "epoch")?,
         state: parse_col(row, "state")?,
         exchange: server_col(row, "exchange_id")?,
+        attach_epoch: nonnegative_col(row, "attach_epoch")?,
         registered_at_ms: col(row, "registered_at")?,
         last_seen_ms: col(row, "last_seen")?,
     })

@@ -110,6 +110,93 @@ async fn concurrent_begin_epoch_yields_distinct_consecutive_epochs() {
     .await;
 }
 
+/// An app server moving from one exchange to another: each registration
+/// bumps the attach epoch and names the exchange before it, and the
+/// exchange it left can no longer mark it down or delete its sessions;
+/// the one it is attached to can.
+#[tokio::test]
+async fn a_newer_attachment_fences_the_exchange_it_left() {
+    each_backend(|Ctx { reg, .. }| async move {
+        let (app, x, y) = (ServerId(3), ServerId(1), ServerId(2));
+        for ex in [x, y] {
+            reg.begin_epoch(ex, Role::Exchange, "ex", ServerState::Up, T0)
+                .await?;
+        }
+        let epoch = reg
+            .begin_epoch(app, Role::App, "app:3", ServerState::Down, T0)
+            .await?;
+        reg.add_session(&session(1, "phone", 3, 10), epoch, T0)
+            .await?;
+        let at_x = match reg.record_registration(app, epoch, x, T0 + 1).await? {
+            Registration::Accepted {
+                attach_epoch,
+                previous: None,
+            } => attach_epoch,
+            r => anyhow::bail!("first registration: {r:?}"),
+        };
+        let at_y = match reg.record_registration(app, epoch, y, T0 + 2).await? {
+            Registration::Accepted {
+                attach_epoch,
+                previous: Some(p),
+            } if p == x => attach_epoch,
+            r => anyhow::bail!("moving to y: {r:?}"),
+        };
+        ensure!(at_y > at_x, "{at_x} then {at_y}");
+        let rec = reg.server(app).await?.context("row")?;
+        ensure!(rec.exchange == Some(y) && rec.attach_epoch == at_y);
+
+        // X's lease on the server ran out: too late, it is y's now.
+        ensure!(!reg.mark_down_attached(app, epoch, at_x, T0 + 3).await?);
+        let rec = reg.server(app).await?.context("row")?;
+        ensure!(rec.state == ServerState::Up, "{rec:?}");
+        ensure!(reg.sessions_of(&[UserId(1)]).await?.len() == 1);
+
+        // Y's lease ran out: down, sessions gone.
+        ensure!(reg.mark_down_attached(app, epoch, at_y, T0 + 4).await?);
+        let rec = reg.server(app).await?.context("row")?;
+        ensure!(rec.state == ServerState::Down, "{rec:?}");
+        ensure!(reg.sessions_of(&[UserId(1)]).await?.is_empty());
+        Ok(())
+    })
+    .await;
+}
+
+/// Two exchanges recording the same server's registration at once (two
+/// handles, as two exchange processes would have) get distinct attach
+/// epochs, and the row ends with the higher one.
+#[tokio::test]
+async fn concurrent_registrations_get_distinct_attach_epochs() {
+    each_backend(|Ctx { reg, url }| async move {
+        let app = ServerId(5);
+        let epoch = reg
+            .begin_epoch(app, Role::App, "app:5", ServerState::Down, T0)
+            .await?;
+        let other = Registry::connect(&url).await?;
+        let mut tasks = Vec::new();
+        for (handle, ex) in [(reg.clone(), ServerId(1)), (other, ServerId(2))] {
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..20 {
+                    match handle.record_registration(app, epoch, ex, T0 + i).await? {
+                        Registration::Accepted { attach_epoch, .. } => got.push(attach_epoch),
+                        r => anyhow::bail!("{r:?}"),
+                    }
+                }
+                Ok(got)
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        all.sort_unstable();
+        ensure!(all == (1..=40).collect::<Vec<u64>>(), "{all:?}");
+        ensure!(reg.server(app).await?.context("row")?.attach_epoch == 40);
+        Ok(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn record_registration_outcomes() {
     each_backend(|Ctx { reg, .. }| async move {
@@ -124,13 +211,27 @@ async fn record_registration_outcomes() {
         ensure!(epoch == 2);
 
         let r = reg.record_registration(app, 2, ex, T0 + 100).await?;
-        ensure!(r == Registration::Accepted, "{r:?}");
+        ensure!(
+            r == Registration::Accepted {
+                attach_epoch: 1,
+                previous: None
+            },
+            "{r:?}"
+        );
         let rec = reg.server(app).await?.context("row")?;
         ensure!(rec.state == ServerState::Up && rec.exchange == Some(ex));
+        ensure!(rec.attach_epoch == 1);
         ensure!(rec.registered_at_ms == T0 + 100 && rec.last_seen_ms == T0 + 100);
-        // Registering again with the same epoch is idempotent.
+        // Registering again with the same epoch (a reconnect) is accepted
+        // again, as a newer attachment.
         let r = reg.record_registration(app, 2, ex, T0 + 100).await?;
-        ensure!(r == Registration::Accepted, "repeat: {r:?}");
+        ensure!(
+            r == Registration::Accepted {
+                attach_epoch: 2,
+                previous: Some(ex)
+            },
+            "repeat: {r:?}"
+        );
 
         let r = reg.record_registration(app, 1, ex, T0 + 200).await?;
         ensure!(r == Registration::StaleEpoch { current: 2 }, "older: {r:?}");
@@ -405,7 +506,11 @@ async fn servers_are_ordered_and_round_trip_every_field() {
         )
         .await?;
         ensure!(
-            reg.record_registration(ServerId(30), 2, ex, T0 + 4).await? == Registration::Accepted
+            reg.record_registration(ServerId(30), 2, ex, T0 + 4).await?
+                == Registration::Accepted {
+                    attach_epoch: 1,
+                    previous: None
+                }
         );
 
         let want = vec![
@@ -416,6 +521,7 @@ async fn servers_are_ordered_and_round_trip_every_field() {
                 epoch: 1,
                 state: ServerState::Up,
                 exchange: None,
+                attach_epoch: 0,
                 registered_at_ms: T0 + 1,
                 last_seen_ms: T0 + 1,
             },
@@ -426,6 +532,7 @@ async fn servers_are_ordered_and_round_trip_every_field() {
                 epoch: 2,
                 state: ServerState::Up,
                 exchange: Some(ex),
+                attach_epoch: 1,
                 registered_at_ms: T0 + 4,
                 last_seen_ms: T0 + 4,
             },
@@ -436,6 +543,7 @@ async fn servers_are_ordered_and_round_trip_every_field() {
                 epoch: 1,
                 state: ServerState::Draining,
                 exchange: None,
+                attach_epoch: 0,
                 registered_at_ms: T0 + 2,
                 last_seen_ms: T0 + 2,
             },

@@ -264,6 +264,7 @@ mod tests {
             epoch: 1,
             state,
             exchange,
+            attach_epoch: 1,
             registered_at_ms: 0,
             last_seen_ms: 1_000,
         };
