@@ -85,6 +85,28 @@ named_enum!(
     ServerState, "server state", { Up => "up", Draining => "draining", Down => "down" }
 );
 
+/// A live exchange and the number of app servers attached to it that are
+/// `up` ([`Registry::exchange_loads`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeLoad {
+    pub id: ServerId,
+    pub address: String,
+    pub epoch: u64,
+    pub attached: u64,
+}
+
+/// The exchange an app server attaches to: `preferred` if it is among the
+/// live ones, else the one with the fewest attached servers (ties: the
+/// lowest id). `None` when no exchange is live.
+pub fn choose_exchange(
+    live: &[ExchangeLoad],
+    preferred: Option<ServerId>,
+) -> Option<&ExchangeLoad> {
+    preferred
+        .and_then(|p| live.iter().find(|e| e.id == p))
+        .or_else(|| live.iter().min_by_key(|e| (e.attached, e.id)))
+}
+
 /// One row of `servers`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerRecord {
@@ -521,6 +543,30 @@ impl Registry {
             .fetch_optional(self.db.pool())
             .await?;
         Ok(row.as_ref().map(server_from_row).transpose()?)
+    }
+
+    /// Every exchange in state `up`, with how many app servers in state
+    /// `up` are attached to it, ordered by id: what an app server chooses
+    /// its exchange from ([`choose_exchange`]).
+    pub async fn exchange_loads(&self) -> Result<Vec<ExchangeLoad>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT e.id, e.address, e.epoch, \
+             (SELECT COUNT(*) FROM servers a WHERE a.role = 'app' AND a.state = 'up' \
+              AND a.exchange_id = e.id) AS attached \
+             FROM servers e WHERE e.role = 'exchange' AND e.state = 'up' ORDER BY e.id",
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push(ExchangeLoad {
+                id: required_server_col(row, "id")?,
+                address: col(row, "address")?,
+                epoch: nonnegative_col(row, "epoch")?,
+                attached: nonnegative_col(row, "attached")?,
+            });
+        }
+        Ok(out)
     }
 
     /// Every server, ordered by id.

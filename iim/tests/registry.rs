@@ -161,6 +161,43 @@ async fn a_newer_attachment_fences_the_exchange_it_left() {
     .await;
 }
 
+/// Live exchanges with their load, and the choice an app server makes
+/// from them: the preferred one while it is up, else the least attached.
+#[tokio::test]
+async fn app_servers_choose_the_preferred_or_the_least_attached_exchange() {
+    use iim::registry::choose_exchange;
+    each_backend(|Ctx { reg, .. }| async move {
+        let (x, y, z) = (ServerId(1), ServerId(2), ServerId(9));
+        for ex in [x, y, z] {
+            reg.begin_epoch(ex, Role::Exchange, "ex", ServerState::Up, T0)
+                .await?;
+        }
+        // z is draining: not a candidate.
+        reg.set_state(z, 1, ServerState::Draining, T0).await?;
+        // Two app servers up on x, one on y, one on y that is down.
+        for (app, ex, up) in [(10, x, true), (11, x, true), (12, y, true), (13, y, false)] {
+            let epoch = reg
+                .begin_epoch(ServerId(app), Role::App, "app", ServerState::Down, T0)
+                .await?;
+            reg.record_registration(ServerId(app), epoch, ex, T0)
+                .await?;
+            if !up {
+                reg.mark_down(ServerId(app), epoch, T0).await?;
+            }
+        }
+        let live = reg.exchange_loads().await?;
+        let seen: Vec<(u32, u64)> = live.iter().map(|e| (e.id.0, e.attached)).collect();
+        ensure!(seen == [(1, 2), (2, 1)], "{seen:?}");
+        ensure!(choose_exchange(&live, None).map(|e| e.id) == Some(y));
+        ensure!(choose_exchange(&live, Some(x)).map(|e| e.id) == Some(x));
+        // A preferred exchange that is not live is passed over.
+        ensure!(choose_exchange(&live, Some(z)).map(|e| e.id) == Some(y));
+        ensure!(choose_exchange(&[], Some(x)).is_none());
+        Ok(())
+    })
+    .await;
+}
+
 /// Two exchanges recording the same server's registration at once (two
 /// handles, as two exchange processes would have) get distinct attach
 /// epochs, and the row ends with the higher one.
