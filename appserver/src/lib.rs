@@ -245,6 +245,7 @@ pub async fn start_with_extras(
         .await?;
     let metrics = Arc::new(AppMetrics::default());
     metrics.certificate_not_after.set(cert_not_after);
+    let _ = metrics.database.set(registry.as_ref().clone());
     let connections = Arc::new(Connections::new(
         id,
         epoch,

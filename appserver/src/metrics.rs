@@ -41,6 +41,8 @@ pub struct AppMetrics {
     /// When this server's certificate expires, Unix seconds (0: unknown);
     /// rendered as the seconds left.
     pub certificate_not_after: Gauge,
+    /// The registry's database, for its node metrics (set at start).
+    pub database: std::sync::OnceLock<iim::registry::Db>,
     pub auth_failures: Family,
     pub client_errors: Family,
     pub client_ops: Family,
@@ -68,6 +70,7 @@ impl Default for AppMetrics {
             connections: Gauge::default(),
             ws_connections: Gauge::default(),
             certificate_not_after: Gauge::default(),
+            database: std::sync::OnceLock::new(),
             auth_failures: Family::new("reason", AuthFailure::LABELS),
             client_errors: Family::new("code", ErrorCode::LABELS),
             client_ops: Family::new("op", Op::LABELS),
@@ -172,6 +175,9 @@ impl Render for AppMetrics {
             );
         }
         let mut page = p.finish();
+        if let Some(db) = self.database.get() {
+            page.push_str(&db.render_metrics("iim_appserver"));
+        }
         page.push_str(&self.link.render());
         page.push_str(&self.chat.render());
         page.push_str(&self.presence.render());

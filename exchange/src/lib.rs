@@ -76,6 +76,8 @@ impl ExchangeHandle {
 /// exchange's certificate has left.
 struct Exposition {
     core: Arc<ExchangeMetrics>,
+    /// The registry's database, for its node metrics.
+    db: iim::registry::Db,
     /// When this exchange's certificate expires, Unix seconds.
     cert_not_after: i64,
 }
@@ -92,6 +94,7 @@ impl Render for Exposition {
             &left,
         );
         page.push_str(&p.finish());
+        page.push_str(&self.db.render_metrics("iim_exchange"));
         page
     }
 }
@@ -193,6 +196,7 @@ pub async fn start(
             }
             let router = iim_http::server::metrics_router(Arc::new(Exposition {
                 core: metrics.clone(),
+                db: registry.as_ref().clone(),
                 cert_not_after,
             }));
             let token = shutdown.clone();

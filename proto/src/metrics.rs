@@ -117,6 +117,26 @@ impl Page {
         self
     }
 
+    /// A gauge of 1 labelled with a value known only at run time (an
+    /// "info" metric: which node, which version). Quotes, backslashes and
+    /// line breaks in the value are escaped.
+    pub fn info(&mut self, name: &str, help: &str, label: &str, value: &str) -> &mut Self {
+        let mut escaped = String::with_capacity(value.len());
+        for ch in value.chars() {
+            match ch {
+                '\\' => escaped.push_str("\\\\"),
+                '"' => escaped.push_str("\\\""),
+                '\n' => escaped.push_str("\\n"),
+                c => escaped.push(c),
+            }
+        }
+        let _ = writeln!(
+            self.0,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{label}=\"{escaped}\"}} 1"
+        );
+        self
+    }
+
     pub fn finish(self) -> String {
         self.0
     }
@@ -146,5 +166,15 @@ mod tests {
         assert!(s.contains("y_total{reason=\"b\"} 1\n"));
         assert!(s.contains("y_total{reason=\"other\"} 1\n"));
         assert_eq!(f.get("zzz"), 1);
+    }
+
+    #[test]
+    fn an_info_gauge_escapes_its_label_value() {
+        let mut p = Page::default();
+        p.info("db_node", "Node.", "node", "h\"1\\x:3306");
+        assert!(
+            p.finish()
+                .ends_with("# TYPE db_node gauge\ndb_node{node=\"h\\\"1\\\\x:3306\"} 1\n")
+        );
     }
 }

@@ -131,6 +131,34 @@ async fn a_killed_galera_node_loses_no_acknowledged_message() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // And their metrics say so: on node 1, after two moves (away, back).
+    let node1 = iim::registry::node_urls(dep.db.url())[0].clone();
+    let node1 = node1
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .unwrap()
+        .to_owned();
+    for (name, http, prefix) in [
+        ("exchange", dep.exchange_http(), "iim_exchange"),
+        ("server-1", dep.server(1).http, "iim_appserver"),
+        ("server-2", dep.server(2).http, "iim_appserver"),
+    ] {
+        let client =
+            iim_http::client::Client::new(&http.to_string(), Duration::from_secs(10)).unwrap();
+        let page = client.metrics().await.unwrap();
+        assert!(
+            page.contains(&format!(
+                "{prefix}_database_active_node{{node=\"{node1}\"}} 1"
+            )),
+            "{name} does not say it is on {node1}:\n{page}"
+        );
+        let switches = iim_http::client::metric_value(
+            &page,
+            &format!("{prefix}_database_node_switches_total"),
+        )
+        .unwrap_or_else(|| panic!("{name}: no switch count:\n{page}"));
+        assert!(switches >= 2.0, "{name}: {switches} switches");
+    }
 
     recipient.sync().await.unwrap();
     recipient.assert_holds_burst(BURST);

@@ -12,7 +12,7 @@
 //! committed write, which the cluster holds on every node.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
@@ -42,6 +42,8 @@ struct Nodes {
     /// `host:port` of each, for logs.
     names: Vec<String>,
     active: AtomicUsize,
+    /// How many times the watcher moved to another node.
+    switches: AtomicU64,
 }
 
 /// How often the watcher checks the active node of a cluster.
@@ -80,8 +82,12 @@ pub fn node_urls(url: &str) -> Vec<String> {
         .collect()
 }
 
-/// `host:port` of a single-node url, for logs (never the password).
+/// `host:port` of a single-node url, for logs (never the password);
+/// `sqlite` for a SQLite database.
 fn node_name(url: &str) -> String {
+    if url.starts_with("sqlite:") {
+        return "sqlite".to_owned();
+    }
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let authority = &rest[..end];
@@ -139,6 +145,7 @@ impl Db {
             pools,
             names,
             active: AtomicUsize::new(active),
+            switches: AtomicU64::new(0),
         });
         if nodes.pools.len() > 1 {
             tokio::spawn(watch_nodes(Arc::downgrade(&nodes)));
@@ -158,6 +165,28 @@ impl Db {
     /// url names a cluster).
     pub fn active_node(&self) -> &str {
         &self.nodes.names[self.nodes.active.load(Ordering::Relaxed)]
+    }
+
+    /// The database lines of a daemon's `/metrics` page, named
+    /// `<prefix>_database_…`: the node statements go to now (an info gauge,
+    /// `node="host:port"`, `node="sqlite"` for SQLite) and how many times the
+    /// watcher has moved to another node of a cluster.
+    pub fn render_metrics(&self, prefix: &str) -> String {
+        let switches = iim_proto::metrics::Counter::default();
+        switches.add(self.nodes.switches.load(Ordering::Relaxed));
+        let mut p = iim_proto::metrics::Page::default();
+        p.info(
+            &format!("{prefix}_database_active_node"),
+            "The database node this daemon's statements go to.",
+            "node",
+            self.active_node(),
+        )
+        .counter(
+            &format!("{prefix}_database_node_switches_total"),
+            "Times this daemon moved to another node of its database cluster.",
+            &switches,
+        );
+        p.finish()
     }
 
     /// A write transaction in the dialect's way ([`Backend::begin_write`]).
@@ -229,6 +258,7 @@ async fn watch_nodes(nodes: std::sync::Weak<Nodes>) {
             }
             if let Some(i) = back.observe(earliest) {
                 n.active.store(i, Ordering::Relaxed);
+                n.switches.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     from = %n.names[active],
                     to = %n.names[i],
@@ -243,6 +273,7 @@ async fn watch_nodes(nodes: std::sync::Weak<Nodes>) {
         for i in (1..len).map(|k| (active + k) % len) {
             if answers(&n.pools[i]).await {
                 n.active.store(i, Ordering::Relaxed);
+                n.switches.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     from = %n.names[active],
                     to = %n.names[i],
@@ -613,6 +644,7 @@ mod tests {
             assert_eq!(node_urls(single), vec![single]);
         }
         assert_eq!(node_name("mysql://iim:secret@db1:3306/iim?x=1"), "db1:3306");
+        assert_eq!(node_name("sqlite:///var/lib/iim/registry.db"), "sqlite");
     }
 
     #[test]
