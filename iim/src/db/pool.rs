@@ -46,6 +46,15 @@ struct Nodes {
     switches: AtomicU64,
 }
 
+impl Nodes {
+    /// Statements go to node `to` from now on (logged with `why`, counted).
+    fn switch(&self, from: usize, to: usize, why: &str) {
+        self.active.store(to, Ordering::Relaxed);
+        self.switches.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(from = %self.names[from], to = %self.names[to], "{why}");
+    }
+}
+
 /// How often the watcher checks the active node of a cluster.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
 /// How long a statement waits for a connection to a node of a cluster: a
@@ -257,12 +266,10 @@ async fn watch_nodes(nodes: std::sync::Weak<Nodes>) {
                 }
             }
             if let Some(i) = back.observe(earliest) {
-                n.active.store(i, Ordering::Relaxed);
-                n.switches.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    from = %n.names[active],
-                    to = %n.names[i],
-                    "an earlier database node of the list answers again; using it"
+                n.switch(
+                    active,
+                    i,
+                    "an earlier database node of the list answers again; using it",
                 );
             }
             continue;
@@ -272,12 +279,10 @@ async fn watch_nodes(nodes: std::sync::Weak<Nodes>) {
         let mut moved = false;
         for i in (1..len).map(|k| (active + k) % len) {
             if answers(&n.pools[i]).await {
-                n.active.store(i, Ordering::Relaxed);
-                n.switches.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    from = %n.names[active],
-                    to = %n.names[i],
-                    "database node does not answer; using another node of the cluster"
+                n.switch(
+                    active,
+                    i,
+                    "database node does not answer; using another node of the cluster",
                 );
                 moved = true;
                 break;
