@@ -69,7 +69,12 @@ pub fn servers_table(servers: &[ServerRecord], now_ms: i64) -> String {
                 s.state.to_string(),
                 s.epoch.to_string(),
                 s.address.clone(),
-                s.exchange.map_or_else(|| "-".to_owned(), |e| e.to_string()),
+                match s.exchange {
+                    // The attachment and its fence: "100 #3" is the third
+                    // registration an exchange recorded, by exchange 100.
+                    Some(e) => format!("{e} #{}", s.attach_epoch),
+                    None => "-".to_owned(),
+                },
                 utc(s.registered_at_ms),
                 age(now_ms - s.last_seen_ms),
             ]
@@ -82,7 +87,7 @@ pub fn servers_table(servers: &[ServerRecord], now_ms: i64) -> String {
             "STATE",
             "EPOCH",
             "ADDRESS",
-            "EXCHANGE",
+            "EXCHANGE #ATTACH",
             "REGISTERED (UTC)",
             "LAST SEEN",
         ],
@@ -99,6 +104,7 @@ pub struct ServerJson {
     pub epoch: u64,
     pub address: String,
     pub exchange: Option<u32>,
+    pub attach_epoch: u64,
     pub registered_at: String,
     pub registered_at_ms: i64,
     pub last_seen_ms: i64,
@@ -114,6 +120,7 @@ pub fn servers_json(servers: &[ServerRecord]) -> Vec<ServerJson> {
             epoch: s.epoch,
             address: s.address.clone(),
             exchange: s.exchange.map(|e| e.0),
+            attach_epoch: s.attach_epoch,
             registered_at: utc(s.registered_at_ms),
             registered_at_ms: s.registered_at_ms,
             last_seen_ms: s.last_seen_ms,
@@ -279,6 +286,7 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("ID   ROLE      STATE"));
         assert!(lines[1].starts_with("1    app       up"));
+        assert!(lines[1].contains("127.0.0.1:9001  100 #1"), "{}", lines[1]);
         assert!(lines[1].ends_with("1970-01-01T00:00:00Z  3s ago"));
         assert!(lines[2].contains("exchange  up     1      127.0.0.1:9100  -"));
     }
