@@ -175,6 +175,9 @@ pub async fn serve<C: ChatApi>(
     .await
 }
 
+/// Bytes of a connection's WebSocket read buffer.
+const READ_BUFFER: usize = 4 * 1024;
+
 async fn upgrade<C: ChatApi>(
     State(st): State<GatewayState<C>>,
     ext: Extensions,
@@ -184,6 +187,12 @@ async fn upgrade<C: ChatApi>(
     let hard = st.limits.max_message_bytes.saturating_mul(4);
     ws.max_message_size(hard)
         .max_frame_size(hard)
+        // tungstenite allocates its read buffer whole for every connection
+        // (128 KiB by default), and an idle connection holds it for its
+        // whole life: with 4 KiB a connection costs a fraction of that
+        // (`conn-bench`, docs/benchmarks.md). Larger frames are read in
+        // several steps.
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| {
             // Upgraded: the handshake deadline no longer applies (the
             // auth timeout does).
