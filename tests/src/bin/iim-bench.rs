@@ -97,6 +97,12 @@ struct Args {
     /// The nats-server binary.
     #[arg(long, default_value = "/usr/sbin/nats-server")]
     nats_server: PathBuf,
+    /// At k = 1, also run the transport floor with iim's return path
+    /// (`quic-floor --ack --ack-every 1`, next to this binary) right after
+    /// each iim run, with the same frames and window, and print iim beside
+    /// it.
+    #[arg(long)]
+    floor: bool,
 }
 
 // ---------------------------------------------------------------------------
@@ -394,9 +400,62 @@ struct Row {
     nats_dps: Option<f64>,
     nats_cpu_us: Option<f64>,
     nats_bench_cpu_us: Option<f64>,
+    /// The floor right after (`--floor`, k = 1).
+    floor: Option<Floor>,
     lat: Vec<(u32, Latency)>,
     /// NATS at the same offered loads: (latency, sender lateness, missing).
     nats_lat: Vec<(Histogram<u64>, Histogram<u64>, u64)>,
+}
+
+/// One run of the transport floor (`quic-floor`).
+struct Floor {
+    fps: f64,
+    relay_us: f64,
+    bench_us: f64,
+}
+
+/// `quic-floor` with iim's return path for `frames` frames of `size`
+/// bytes and `window` in flight; its result line.
+async fn floor_run(dir: &Path, size: usize, frames: usize, window: usize) -> Result<Floor> {
+    let out = tokio::process::Command::new(dir.join("quic-floor"))
+        .args([
+            "--sizes",
+            &size.to_string(),
+            "--runs",
+            "1",
+            "--frames",
+            &frames.to_string(),
+            "--window",
+            &window.to_string(),
+            "--ack",
+            "--ack-every",
+            "1",
+            "--result-lines",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .context("run quic-floor (build it with the other release binaries)")?;
+    if !out.status.success() {
+        bail!("quic-floor failed: {}", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("floor "))
+        .context("quic-floor printed no result line")?;
+    let field = |name: &str| -> Result<f64> {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .context(format!("quic-floor result line without {name}: {line}"))?
+            .parse()
+            .context(format!("quic-floor {name}"))
+    };
+    Ok(Floor {
+        fps: field("frames_per_sec")?,
+        relay_us: field("relay_us")?,
+        bench_us: field("bench_us")?,
+    })
 }
 
 fn fmt_opt(v: Option<f64>, prec: usize) -> String {
@@ -537,6 +596,7 @@ async fn run(mut args: Args) -> Result<()> {
                 nats_dps: None,
                 nats_cpu_us: None,
                 nats_bench_cpu_us: None,
+                floor: None,
                 lat: Vec::new(),
                 nats_lat: Vec::new(),
             };
@@ -560,6 +620,14 @@ async fn run(mut args: Args) -> Result<()> {
                 row.nats_dps = Some(dps);
                 row.nats_cpu_us = Some(cpu_us / got.max(1) as f64);
                 row.nats_bench_cpu_us = Some(bench_cpu / got.max(1) as f64);
+            }
+            if args.floor && k == 1 {
+                let f = floor_run(bins.dir(), size, messages, args.window).await?;
+                eprintln!(
+                    "floor k=1  size={size:<5} {:.0} frames/s, relay {:.2} µs/frame, bench {:.2} µs/frame",
+                    f.fps, f.relay_us, f.bench_us
+                );
+                row.floor = Some(f);
             }
             if !args.no_latency {
                 for pct in [25u32, 50, 80] {
@@ -650,6 +718,32 @@ async fn run(mut args: Args) -> Result<()> {
             r.bench_cpu_us,
             fmt_opt(r.nats_bench_cpu_us, 2),
         );
+    }
+    if rows.iter().any(|r| r.floor.is_some()) {
+        println!();
+        println!(
+            "k = 1 beside the transport floor with the return path (`quic-floor --ack --ack-every 1`, run right after each iim run, same frames and window)"
+        );
+        println!();
+        println!(
+            "| payload | iim deliveries/s | floor frames/s | iim/floor | exchange / floor relay CPU µs | bench process iim / floor ends CPU µs |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for r in &rows {
+            if let Some(f) = &r.floor {
+                println!(
+                    "| {} B | {:.0} | {:.0} | {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
+                    r.size,
+                    r.iim_dps,
+                    f.fps,
+                    r.iim_dps / f.fps,
+                    r.iim_cpu_us,
+                    f.relay_us,
+                    r.bench_cpu_us,
+                    f.bench_us
+                );
+            }
+        }
     }
     if rows.iter().any(|r| !r.lat.is_empty()) {
         println!();

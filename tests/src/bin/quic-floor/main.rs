@@ -185,6 +185,10 @@ struct BenchArgs {
     /// Seconds per latency run.
     #[arg(long, default_value_t = 4.0)]
     latency_secs: f64,
+    /// Also print one line per run on stdout, `floor size=… frames_per_sec=…
+    /// relay_us=… bench_us=…`, for `iim-bench --floor` to read.
+    #[arg(long)]
+    result_lines: bool,
 }
 
 /// iim's QUIC settings, with the largest UDP payload overridden if asked.
@@ -300,6 +304,14 @@ async fn bench(a: BenchArgs) -> Result<()> {
                     r.bench_us * r.fps() / 1e6,
                     r.others_cores
                 );
+                if a.result_lines {
+                    println!(
+                        "floor size={size} frames_per_sec={:.0} relay_us={:.3} bench_us={:.3}",
+                        r.fps(),
+                        r.relay_us,
+                        r.bench_us
+                    );
+                }
                 if let Some(n) = nats.as_ref().filter(|_| mode == first_mode) {
                     let x = nats_run(n, &a, size, setup.tck)
                         .await
