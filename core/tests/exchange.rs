@@ -26,6 +26,8 @@ struct T {
     ex: Exchange,
     now: Instant,
     outputs: Vec<Output>,
+    /// The registry's attach epochs: one more per recorded registration.
+    attachments: u64,
 }
 
 fn config(queue_max_frames: usize) -> Config {
@@ -59,6 +61,7 @@ impl T {
             ex,
             now,
             outputs: vec![],
+            attachments: 0,
         };
         // The first sweep asks for the app servers: none yet.
         t.ex.handle_timeout(now);
@@ -113,9 +116,12 @@ impl T {
                 epoch,
             }
         });
+        self.attachments += 1;
         self.ex.handle_answer(
             id,
-            Answer::Registration(Ok(Registration::Accepted)),
+            Answer::Registration(Ok(Registration::Accepted {
+                attach_epoch: self.attachments,
+            })),
             self.now,
         );
         let mut frames = self.frames_to(conn);
@@ -297,14 +303,19 @@ fn a_lost_link_keeps_its_queue_for_the_lease_then_reports_server_down() {
     t.advance(LEASE / 2);
     let again = t.register(3, 2, 1);
     assert!(matches!(again.as_slice(), [Frame::Deliver(d)] if d.id == id && d.no == 1));
-    // Gone for longer than the lease: marked down, the 906 reported.
+    // Gone for longer than the lease: marked down, the 906 reported. The
+    // mark-down names the attachment of its last registration (the third
+    // the registry recorded), so it would change nothing had the server
+    // registered again meanwhile.
     t.ex.handle_end(ConnId(3), LinkEnd::Finished, t.now);
     t.advance(LEASE);
     assert_eq!(t.ex.route_state(ServerId(2)), Some(RouteState::Down));
+    assert_eq!(t.attachments, 3);
     let ask = t.take_ask(|q| {
         *q == Query::MarkDown {
             server: ServerId(2),
             epoch: 1,
+            attach_epoch: Some(3),
         }
     });
     t.ex.handle_answer(ask, Answer::Done(Ok(())), t.now);
@@ -515,6 +526,23 @@ fn servers_served_before_a_restart_get_a_lease_to_come_back() {
     assert_eq!(ex.route_state(ServerId(2)), Some(RouteState::Down));
     ex.handle_timeout(now + LEASE);
     assert_eq!(ex.route_state(ServerId(1)), Some(RouteState::Down));
+    // Its attach epoch is not known from a read at start (which may be
+    // behind): the mark-down asks the registry to check that the server is
+    // still attached to this exchange instead.
+    let mut asked = Vec::new();
+    while let Some(o) = ex.poll_output() {
+        if let Output::Ask { query, .. } = o {
+            asked.push(query);
+        }
+    }
+    assert!(
+        asked.contains(&Query::MarkDown {
+            server: ServerId(1),
+            epoch: 3,
+            attach_epoch: None
+        }),
+        "{asked:?}"
+    );
 }
 
 #[test]

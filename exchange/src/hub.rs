@@ -235,23 +235,34 @@ async fn answer(registry: &Registry, exchange: iim::ServerId, query: Query) -> A
                 .record_registration(server, epoch, exchange, now_ms())
                 .await
                 .map(|r| match r {
-                    // One exchange today: the attach epoch is not yet
-                    // carried into the core (docs/architecture.md,
-                    // "Several exchanges").
-                    RegistryVerdict::Accepted { .. } => Registration::Accepted,
+                    RegistryVerdict::Accepted { attach_epoch, .. } => {
+                        Registration::Accepted { attach_epoch }
+                    }
                     RegistryVerdict::StaleEpoch { current } => Registration::StaleEpoch { current },
                     RegistryVerdict::Unknown => Registration::Unknown,
                     RegistryVerdict::WrongRole => Registration::WrongRole,
                 })
                 .map_err(failed),
         ),
-        Query::MarkDown { server, epoch } => Answer::Done(
-            registry
-                .mark_down(server, epoch, now_ms())
-                .await
-                .map(|_| ())
-                .map_err(failed),
-        ),
+        Query::MarkDown {
+            server,
+            epoch,
+            attach_epoch,
+        } => {
+            let done = match attach_epoch {
+                Some(a) => {
+                    registry
+                        .mark_down_attached(server, epoch, a, now_ms())
+                        .await
+                }
+                None => {
+                    registry
+                        .mark_down_from(server, epoch, exchange, now_ms())
+                        .await
+                }
+            };
+            Answer::Done(done.map(|_| ()).map_err(failed))
+        }
         Query::AppServers => {
             Answer::AppServers(registry.servers().await.map(app_rows).map_err(failed))
         }

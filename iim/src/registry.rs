@@ -107,6 +107,14 @@ pub fn choose_exchange(
         .or_else(|| live.iter().min_by_key(|e| (e.attached, e.id)))
 }
 
+/// What else a mark-down requires of the row besides its epoch.
+#[derive(Clone, Copy, Debug)]
+enum Guard {
+    None,
+    Attach(u64),
+    Exchange(ServerId),
+}
+
 /// One row of `servers`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerRecord {
@@ -411,7 +419,7 @@ impl Registry {
         now_ms: i64,
     ) -> Result<bool, RegistryError> {
         retry("mark_down", TRANSACTION, || {
-            self.try_mark_down(id, epoch, None, now_ms)
+            self.try_mark_down(id, epoch, Guard::None, now_ms)
         })
         .await
     }
@@ -429,7 +437,24 @@ impl Registry {
         now_ms: i64,
     ) -> Result<bool, RegistryError> {
         retry("mark_down", TRANSACTION, || {
-            self.try_mark_down(id, epoch, Some(attach_epoch), now_ms)
+            self.try_mark_down(id, epoch, Guard::Attach(attach_epoch), now_ms)
+        })
+        .await
+    }
+
+    /// [`Registry::mark_down`] by an exchange that knows the server is
+    /// attached to it but not under which attach epoch (it read the row at
+    /// start, and that read may be behind): only while the row names
+    /// `exchange` as the server's exchange. Returns whether the row matched.
+    pub async fn mark_down_from(
+        &self,
+        id: ServerId,
+        epoch: u64,
+        exchange: ServerId,
+        now_ms: i64,
+    ) -> Result<bool, RegistryError> {
+        retry("mark_down", TRANSACTION, || {
+            self.try_mark_down(id, epoch, Guard::Exchange(exchange), now_ms)
         })
         .await
     }
@@ -438,24 +463,26 @@ impl Registry {
         &self,
         id: ServerId,
         epoch: u64,
-        attach_epoch: Option<u64>,
+        guard: Guard,
         now_ms: i64,
     ) -> Result<bool, RegistryError> {
-        let sql = match attach_epoch {
-            None => "UPDATE servers SET state = 'down', last_seen = ? WHERE id = ? AND epoch = ?",
-            Some(_) => {
-                "UPDATE servers SET state = 'down', last_seen = ? \
-                 WHERE id = ? AND epoch = ? AND attach_epoch = ?"
-            }
+        const SET: &str =
+            "UPDATE servers SET state = 'down', last_seen = ? WHERE id = ? AND epoch = ?";
+        let sql = match guard {
+            Guard::None => SET.to_owned(),
+            Guard::Attach(_) => format!("{SET} AND attach_epoch = ?"),
+            Guard::Exchange(_) => format!("{SET} AND exchange_id = ?"),
         };
         let mut tx = self.db.begin_write().await?;
         let result = async {
-            let mut query = sqlx::query(sql)
+            let mut query = sqlx::query(AssertSqlSafe(sql))
                 .bind(now_ms)
                 .bind(server_param(id))
                 .bind(u64_param(epoch));
-            if let Some(a) = attach_epoch {
-                query = query.bind(u64_param(a));
+            match guard {
+                Guard::None => {}
+                Guard::Attach(a) => query = query.bind(u64_param(a)),
+                Guard::Exchange(x) => query = query.bind(server_param(x)),
             }
             let done = query.execute(&mut *tx).await?;
             if done.rows_affected() == 0 {

@@ -145,13 +145,17 @@ async fn a_newer_attachment_fences_the_exchange_it_left() {
         let rec = reg.server(app).await?.context("row")?;
         ensure!(rec.exchange == Some(y) && rec.attach_epoch == at_y);
 
-        // X's lease on the server ran out: too late, it is y's now.
+        // X's lease on the server ran out: too late, it is y's now — by
+        // the attach epoch X recorded, and by the exchange the row names
+        // (what an exchange that only read the row at start checks).
         ensure!(!reg.mark_down_attached(app, epoch, at_x, T0 + 3).await?);
+        ensure!(!reg.mark_down_from(app, epoch, x, T0 + 3).await?);
         let rec = reg.server(app).await?.context("row")?;
         ensure!(rec.state == ServerState::Up, "{rec:?}");
         ensure!(reg.sessions_of(&[UserId(1)]).await?.len() == 1);
 
-        // Y's lease ran out: down, sessions gone.
+        // Y's lease ran out: down, sessions gone (by either guard).
+        ensure!(reg.mark_down_from(app, epoch, y, T0 + 4).await?);
         ensure!(reg.mark_down_attached(app, epoch, at_y, T0 + 4).await?);
         let rec = reg.server(app).await?.context("row")?;
         ensure!(rec.state == ServerState::Down, "{rec:?}");

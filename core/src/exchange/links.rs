@@ -183,7 +183,14 @@ impl Exchange {
         };
         let (server, epoch, max_frame) = (*server, *epoch, *max_frame);
         match r {
-            Ok(Registration::Accepted) => self.attach(conn, server, epoch, max_frame),
+            Ok(Registration::Accepted { attach_epoch }) => {
+                self.attach(conn, server, epoch, max_frame);
+                if let Some(route) = self.routes.get_mut(&server)
+                    && route.epoch == epoch
+                {
+                    route.attach_epoch = Some(attach_epoch);
+                }
+            }
             Ok(Registration::StaleEpoch { current }) => self.refuse(
                 conn,
                 "stale_epoch",

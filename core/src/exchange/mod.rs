@@ -124,11 +124,12 @@ pub struct AppServerRow {
 /// The registry's verdict on a registration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Registration {
-    Accepted,
+    /// Recorded, under this attach epoch (bumped by every recorded
+    /// registration): a later mark-down naming it changes nothing once the
+    /// server has registered again, here or elsewhere.
+    Accepted { attach_epoch: u64 },
     /// The claimed epoch is not the registry's current one.
-    StaleEpoch {
-        current: u64,
-    },
+    StaleEpoch { current: u64 },
     /// No such server.
     Unknown,
     /// The server is not an app server.
@@ -142,9 +143,18 @@ pub enum Query {
     /// exchange (state up, attached here); answered by
     /// [`Answer::Registration`].
     RecordRegistration { server: ServerId, epoch: u64 },
-    /// The incarnation is gone: mark it down and delete its sessions.
-    /// Answered by [`Answer::Done`].
-    MarkDown { server: ServerId, epoch: u64 },
+    /// The incarnation is gone: mark it down and delete its sessions, but
+    /// only while it is still attached here — under `attach_epoch` when
+    /// this exchange recorded the attachment itself, else (a route rebuilt
+    /// from the registry at start, whose read may be behind) while the
+    /// registry names this exchange. A server that has since registered
+    /// again, here or with another exchange, is left alone. Answered by
+    /// [`Answer::Done`].
+    MarkDown {
+        server: ServerId,
+        epoch: u64,
+        attach_epoch: Option<u64>,
+    },
     /// Every app server the registry knows; answered by
     /// [`Answer::AppServers`].
     AppServers,
@@ -219,6 +229,9 @@ struct Route {
     /// Bumped whenever the lease starts or stops, so that a stale lease
     /// timer finds a different number and does nothing.
     lease_gen: u64,
+    /// The attach epoch of the last registration this exchange recorded
+    /// for it (none for a route rebuilt from the registry at start).
+    attach_epoch: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -347,6 +360,7 @@ impl Exchange {
             reports: Vec::new(),
             refused: Refusals::default(),
             lease_gen: 0,
+            attach_epoch: None,
         }
     }
 

@@ -261,12 +261,17 @@ impl Exchange {
         self.metrics.reports_dropped.add(route.reports.len() as u64);
         route.reports = Vec::new();
         let epoch = route.epoch;
+        let attach_epoch = route.attach_epoch;
         let left = route.queue.drain();
         let failed = left.len();
         self.metrics.queued.add(-(failed as i64));
         self.report_dropped(left, server, DeliveryStatus::ServerDown);
         self.metrics.marked_down.inc();
-        let id = self.ask(Query::MarkDown { server, epoch });
+        let id = self.ask(Query::MarkDown {
+            server,
+            epoch,
+            attach_epoch,
+        });
         self.asked.insert(
             id,
             Asked::MarkDown {

@@ -218,6 +218,8 @@ struct RegRow {
     epoch: u64,
     state: RegState,
     exchange: Option<ServerId>,
+    /// Bumped by every recorded registration.
+    attach_epoch: u64,
     address: String,
 }
 
@@ -385,6 +387,7 @@ impl World {
                 epoch: 0,
                 state: RegState::Down,
                 exchange: None,
+                attach_epoch: 0,
                 address: String::new(),
             },
         );

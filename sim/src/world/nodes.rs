@@ -85,6 +85,7 @@ impl World {
             epoch: 0,
             state: RegState::Down,
             exchange: None,
+            attach_epoch: 0,
             address: String::new(),
         });
         row.epoch += 1;

@@ -68,24 +68,36 @@ impl World {
                     Some(row) => {
                         row.state = RegState::Up;
                         row.exchange = Some(EXCHANGE);
-                        Registration::Accepted
+                        row.attach_epoch += 1;
+                        Registration::Accepted {
+                            attach_epoch: row.attach_epoch,
+                        }
                     }
                 };
-                if r == Registration::Accepted {
+                if matches!(r, Registration::Accepted { .. }) {
                     self.rejoining.remove(&server);
                 }
                 Answer::Registration(Ok(r))
             }
-            Query::MarkDown { server, epoch } => {
+            Query::MarkDown {
+                server,
+                epoch,
+                attach_epoch,
+            } => {
                 if failing {
                     return Answer::Done(Err(fail()));
                 }
+                // As `Registry::mark_down_attached` / `mark_down_from`.
                 if let Some(row) = self.reg.get_mut(&server)
                     && row.epoch == epoch
+                    && match attach_epoch {
+                        Some(a) => row.attach_epoch == a,
+                        None => row.exchange == Some(EXCHANGE),
+                    }
                 {
                     row.state = RegState::Down;
+                    self.spurious_mark_down(server, epoch);
                 }
-                self.spurious_mark_down(server, epoch);
                 Answer::Done(Ok(()))
             }
             Query::AppServers => {
