@@ -131,7 +131,47 @@ impl ChatClient {
                 url: url.to_owned(),
                 source,
             })?;
-        Ok(ChatClient {
+        Ok(ChatClient::over(ws))
+    }
+
+    /// Connect to `ws://addr/ws` from `local` (a source address chosen by
+    /// the caller, e.g. one of several 127.0.0.x when one address's
+    /// ephemeral ports would not do) with WebSocket settings `config`,
+    /// without authenticating. Nagle is off.
+    pub async fn raw_from(
+        local: std::net::IpAddr,
+        addr: SocketAddr,
+        config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+    ) -> Result<ChatClient, ClientError> {
+        let url = ws_url(addr);
+        let io = |e: std::io::Error| ClientError::Connect {
+            url: url.clone(),
+            source: e.into(),
+        };
+        let socket = match local {
+            std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .map_err(io)?;
+        socket.bind(SocketAddr::new(local, 0)).map_err(io)?;
+        let stream = socket.connect(addr).await.map_err(io)?;
+        stream.set_nodelay(true).map_err(io)?;
+        let (ws, _) = tokio_tungstenite::client_async_with_config(
+            url.as_str(),
+            MaybeTlsStream::Plain(stream),
+            Some(config),
+        )
+        .await
+        .map_err(|source| ClientError::Connect {
+            url: url.clone(),
+            source,
+        })?;
+        Ok(ChatClient::over(ws))
+    }
+
+    /// A client over an open WebSocket that has not authenticated yet.
+    fn over(ws: Socket) -> ChatClient {
+        ChatClient {
             ws,
             user: 0,
             welcome: None,
@@ -139,7 +179,7 @@ impl ChatClient {
             ended: false,
             presence: BTreeMap::new(),
             presence_frames: 0,
-        })
+        }
     }
 
     /// Connect and authenticate; fails unless the server welcomes us.
@@ -158,11 +198,18 @@ impl ChatClient {
         device: &str,
     ) -> Result<ChatClient, ClientError> {
         let mut c = ChatClient::raw_url(url).await?;
-        match c.request(&Request::Auth { token, device }).await? {
+        c.authenticate(token, device).await?;
+        Ok(c)
+    }
+
+    /// Send `auth` on a connection opened with [`ChatClient::raw`] or
+    /// [`ChatClient::raw_from`]; fails unless the server welcomes us.
+    pub async fn authenticate(&mut self, token: &str, device: &str) -> Result<(), ClientError> {
+        match self.request(&Request::Auth { token, device }).await? {
             Frame::Welcome(w) => {
-                c.user = w.user;
-                c.welcome = Some(w);
-                Ok(c)
+                self.user = w.user;
+                self.welcome = Some(w);
+                Ok(())
             }
             got => Err(ClientError::Unexpected {
                 expected: "welcome",
