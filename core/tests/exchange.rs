@@ -67,6 +67,8 @@ impl T {
         t.ex.handle_timeout(now);
         let id = t.take_ask(|q| *q == Query::AppServers);
         t.ex.handle_answer(id, Answer::AppServers(Ok(vec![])), now);
+        let id = t.take_ask(|q| *q == Query::Exchanges);
+        t.ex.handle_answer(id, Answer::Exchanges(Ok(vec![])), now);
         let id = t.take_ask(|q| matches!(q, Query::Touch(_)));
         t.ex.handle_answer(id, Answer::Done(Ok(())), now);
         t.drain();
@@ -303,13 +305,17 @@ fn a_lost_link_keeps_its_queue_for_the_lease_then_reports_server_down() {
     t.advance(LEASE / 2);
     let again = t.register(3, 2, 1);
     assert!(matches!(again.as_slice(), [Frame::Deliver(d)] if d.id == id && d.no == 1));
-    // Gone for longer than the lease: marked down, the 906 reported. The
-    // mark-down names the attachment of its last registration (the third
-    // the registry recorded), so it would change nothing had the server
-    // registered again meanwhile.
+    // Gone for longer than the lease: the registry is asked to mark it
+    // down, naming the attachment of its last registration (the third the
+    // registry recorded), so it would change nothing had the server
+    // registered again meanwhile. Until the registry agrees it is not down
+    // (it may have attached to another exchange).
     t.ex.handle_end(ConnId(3), LinkEnd::Finished, t.now);
     t.advance(LEASE);
-    assert_eq!(t.ex.route_state(ServerId(2)), Some(RouteState::Down));
+    assert_eq!(
+        t.ex.route_state(ServerId(2)),
+        Some(RouteState::Disconnected)
+    );
     assert_eq!(t.attachments, 3);
     let ask = t.take_ask(|q| {
         *q == Query::MarkDown {
@@ -318,7 +324,9 @@ fn a_lost_link_keeps_its_queue_for_the_lease_then_reports_server_down() {
             attach_epoch: Some(3),
         }
     });
-    t.ex.handle_answer(ask, Answer::Done(Ok(())), t.now);
+    assert!(t.reports_to(1).is_empty());
+    t.ex.handle_answer(ask, Answer::MarkedDown(Ok(true)), t.now);
+    assert_eq!(t.ex.route_state(ServerId(2)), Some(RouteState::Down));
     assert_eq!(
         t.reports_to(1),
         vec![ReportEntry {
@@ -512,20 +520,22 @@ fn servers_served_before_a_restart_get_a_lease_to_come_back() {
             id: ServerId(1),
             epoch: 3,
             exchange: Some(EX),
+            attach_epoch: 4,
             down: false,
         },
         AppServerRow {
             id: ServerId(2),
             epoch: 1,
             exchange: Some(ServerId(101)),
+            attach_epoch: 2,
             down: false,
         },
     ];
     let mut ex = Exchange::new(config(10), known, Arc::new(ExchangeMetrics::default()), now);
     assert_eq!(ex.route_state(ServerId(1)), Some(RouteState::Disconnected));
-    assert_eq!(ex.route_state(ServerId(2)), Some(RouteState::Down));
+    assert_eq!(ex.route_state(ServerId(2)), Some(RouteState::Elsewhere));
+    assert_eq!(ex.route_place(ServerId(2)), Some((ServerId(101), Some(2))));
     ex.handle_timeout(now + LEASE);
-    assert_eq!(ex.route_state(ServerId(1)), Some(RouteState::Down));
     // Its attach epoch is not known from a read at start (which may be
     // behind): the mark-down asks the registry to check that the server is
     // still attached to this exchange instead.
@@ -543,6 +553,7 @@ fn servers_served_before_a_restart_get_a_lease_to_come_back() {
         }),
         "{asked:?}"
     );
+    assert_eq!(ex.route_state(ServerId(1)), Some(RouteState::Disconnected));
 }
 
 #[test]

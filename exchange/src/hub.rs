@@ -13,7 +13,8 @@ use iim::registry::{Registration as RegistryVerdict, Registry, Role, ServerRecor
 use iim::types::now_ms;
 use iim::wire::{Frame, Register};
 use iim_core::exchange::{
-    Answer, AppServerRow, Exchange, LinkEnd, Output, Query, Registration, RegistryFailure,
+    Answer, AppServerRow, Exchange, ExchangeRow, LinkEnd, Output, Query, Registration,
+    RegistryFailure,
 };
 use iim_core::{AskId, ConnId};
 use std::collections::HashMap;
@@ -175,6 +176,7 @@ impl Hub {
                     }
                 }
                 Output::Ask { id, query } => self.ask(id, query),
+                Output::Dial { peer, address } => self.dial(peer, address),
                 Output::Stopped => return true,
             }
         }
@@ -207,6 +209,11 @@ impl Hub {
             // The writer died with its connection; its reader says how.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+
+    fn dial(&mut self, peer: iim::ServerId, address: String) {
+        tracing::warn!(peer = peer.0, %address, "peer links are not carried by this shell yet");
+        self.core.dial_failed(peer, now());
     }
 
     fn ask(&self, id: AskId, query: Query) {
@@ -261,10 +268,13 @@ async fn answer(registry: &Registry, exchange: iim::ServerId, query: Query) -> A
                         .await
                 }
             };
-            Answer::Done(done.map(|_| ()).map_err(failed))
+            Answer::MarkedDown(done.map_err(failed))
         }
         Query::AppServers => {
             Answer::AppServers(registry.servers().await.map(app_rows).map_err(failed))
+        }
+        Query::Exchanges => {
+            Answer::Exchanges(registry.servers().await.map(exchange_rows).map_err(failed))
         }
         Query::Touch(list) => Answer::Done(registry.touch(&list, now_ms()).await.map_err(failed)),
     }
@@ -279,7 +289,22 @@ pub fn app_rows(servers: Vec<ServerRecord>) -> Vec<AppServerRow> {
             id: s.id,
             epoch: s.epoch,
             exchange: s.exchange,
+            attach_epoch: s.attach_epoch,
             down: s.state == ServerState::Down,
+        })
+        .collect()
+}
+
+/// The registry's exchanges, as the core knows them.
+pub fn exchange_rows(servers: Vec<ServerRecord>) -> Vec<ExchangeRow> {
+    servers
+        .into_iter()
+        .filter(|s| s.role == Role::Exchange)
+        .map(|s| ExchangeRow {
+            id: s.id,
+            epoch: s.epoch,
+            up: s.state == ServerState::Up,
+            address: s.address,
         })
         .collect()
 }

@@ -17,9 +17,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use iim::types::{Address, ChannelId, MessageId, ServerId, UserId};
 use iim::wire::{
-    self, Ack906, DEFAULT_MAX_FRAME, Deliver906, DeliveryStatus, ErrorCode, ErrorFrame, Forward905,
-    Frame, HEADER_LEN, Heartbeat, MAX_NESTING, Message, Register, Registered, Report, ReportEntry,
-    ServerRow, Timing, UserRow, VERSION, WireError,
+    self, Ack906, Attached, DEFAULT_MAX_FRAME, Deliver906, DeliveryStatus, ErrorCode, ErrorFrame,
+    Forward905, Frame, HEADER_LEN, Heartbeat, MAX_NESTING, Message, PeerHello, Register,
+    Registered, Report, ReportEntry, ServerRow, Timing, UserRow, VERSION, WireError,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -394,6 +394,17 @@ fn golden_frame_variant_indices_match_kinds() {
             code: ErrorCode::Protocol,
             detail: String::new(),
         }),
+        Frame::PeerHello(PeerHello {
+            exchange: ServerId(101),
+            epoch: 2,
+            max_frame: 1 << 20,
+        }),
+        Frame::Attached(Attached {
+            server: ServerId(7),
+            epoch: 3,
+            exchange: ServerId(101),
+            attach_epoch: 9,
+        }),
     ];
     for (index, frame) in frames.iter().enumerate() {
         let bytes = wire::encode_to_bytes(frame, DEFAULT_MAX_FRAME).unwrap();
@@ -578,8 +589,26 @@ fn frame() -> impl Strategy<Value = Frame> {
     let report = vec(entry, 0..8).prop_map(|entries| Frame::Report(Report { entries }));
     let error = (error_code(), "\\PC{0,40}")
         .prop_map(|(code, detail)| Frame::Error(ErrorFrame { code, detail }));
+    let hello =
+        (server_id(), varint_u64(), any::<u32>()).prop_map(|(exchange, epoch, max_frame)| {
+            Frame::PeerHello(PeerHello {
+                exchange,
+                epoch,
+                max_frame,
+            })
+        });
+    let attached = (server_id(), varint_u64(), server_id(), varint_u64()).prop_map(
+        |(server, epoch, exchange, attach_epoch)| {
+            Frame::Attached(Attached {
+                server,
+                epoch,
+                exchange,
+                attach_epoch,
+            })
+        },
+    );
     prop_oneof![
-        register, registered, heartbeat, forward, deliver, ack, report, error
+        register, registered, heartbeat, forward, deliver, ack, report, error, hello, attached
     ]
 }
 

@@ -481,6 +481,31 @@ pub struct ErrorFrame {
     pub detail: String,
 }
 
+/// Exchange → exchange, the first frame each way on a peer link: "I am
+/// exchange `exchange`, incarnation `epoch`". Checked against the peer's
+/// certificate (`exchange-N.iim`) like `Register`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHello {
+    pub exchange: ServerId,
+    pub epoch: u64,
+    /// Largest frame body the sender accepts.
+    pub max_frame: u32,
+}
+
+/// Exchange → exchange: app server `server` (incarnation `epoch`) is
+/// attached to `exchange` under `attach_epoch`. Sent by the exchange that
+/// recorded the registration to every peer at once, and as the answer to a
+/// relayed 905 row for a server that is no longer attached to the receiver
+/// (*not here*). A higher `attach_epoch` always wins; the registry is the
+/// truth when peers disagree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attached {
+    pub server: ServerId,
+    pub epoch: u64,
+    pub exchange: ServerId,
+    pub attach_epoch: u64,
+}
+
 /// Everything that travels on a link. Append new variants at the end only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
@@ -492,6 +517,8 @@ pub enum Frame {
     Ack(Ack906),
     Report(Report),
     Error(ErrorFrame),
+    PeerHello(PeerHello),
+    Attached(Attached),
 }
 
 impl Frame {
@@ -506,11 +533,13 @@ impl Frame {
             Frame::Ack(_) => "ack906",
             Frame::Report(_) => "report",
             Frame::Error(_) => "error",
+            Frame::PeerHello(_) => "peer_hello",
+            Frame::Attached(_) => "attached",
         }
     }
 
     /// All labels `kind` can return, for pre-registering metrics.
-    pub const KINDS: [&'static str; 8] = [
+    pub const KINDS: [&'static str; 10] = [
         "register",
         "registered",
         "heartbeat",
@@ -519,6 +548,8 @@ impl Frame {
         "ack906",
         "report",
         "error",
+        "peer_hello",
+        "attached",
     ];
 }
 

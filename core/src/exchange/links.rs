@@ -130,13 +130,26 @@ impl Exchange {
                     why,
                     failed,
                 },
-                Answer::Done(r),
-            ) => match r {
-                Ok(()) => info!(server = server.0, epoch, why, failed, "server marked down"),
-                Err(e) => {
-                    error!(server = server.0, error = %e.0, why, "could not mark server down in the registry")
+                Answer::MarkedDown(r),
+            ) => {
+                match &r {
+                    Ok(true) => info!(server = server.0, epoch, why, ?failed, "server marked down"),
+                    Ok(false) => {
+                        info!(
+                            server = server.0,
+                            epoch, why, "registry: registered again since; not marked down"
+                        )
+                    }
+                    Err(e) => {
+                        error!(server = server.0, error = %e.0, why, "could not mark server down in the registry")
+                    }
                 }
-            },
+                if failed.is_none() {
+                    // An unanswerable registry does not keep a dead server
+                    // up: down here as before.
+                    self.marked_down(server, epoch, r.unwrap_or(true));
+                }
+            }
             (Asked::Sweep, Answer::AppServers(r)) => {
                 self.sweeping = false;
                 match r {
@@ -144,6 +157,10 @@ impl Exchange {
                     Err(e) => warn!(error = %e.0, "registry unavailable for the sweep"),
                 }
             }
+            (Asked::Exchanges, Answer::Exchanges(r)) => match r {
+                Ok(rows) => self.exchanges_swept(rows),
+                Err(e) => warn!(error = %e.0, "registry unavailable for the exchanges"),
+            },
             (Asked::Touch, Answer::Done(r)) => {
                 if let Err(e) = r {
                     warn!(error = %e.0, "could not refresh last_seen");
@@ -167,7 +184,13 @@ impl Exchange {
                 "registry unavailable",
             ),
             Asked::Sweep => self.sweeping = false,
-            Asked::MarkDown { .. } | Asked::Touch => {}
+            Asked::MarkDown {
+                server,
+                epoch,
+                failed: None,
+                ..
+            } => self.marked_down(server, epoch, true),
+            Asked::MarkDown { .. } | Asked::Exchanges | Asked::Touch => {}
         }
     }
 
@@ -184,12 +207,7 @@ impl Exchange {
         let (server, epoch, max_frame) = (*server, *epoch, *max_frame);
         match r {
             Ok(Registration::Accepted { attach_epoch }) => {
-                self.attach(conn, server, epoch, max_frame);
-                if let Some(route) = self.routes.get_mut(&server)
-                    && route.epoch == epoch
-                {
-                    route.attach_epoch = Some(attach_epoch);
-                }
+                self.attach(conn, server, epoch, max_frame, attach_epoch);
             }
             Ok(Registration::StaleEpoch { current }) => self.refuse(
                 conn,
@@ -221,7 +239,14 @@ impl Exchange {
         }
     }
 
-    pub(super) fn attach(&mut self, conn: ConnId, server: ServerId, epoch: u64, max_frame: usize) {
+    pub(super) fn attach(
+        &mut self,
+        conn: ConnId,
+        server: ServerId,
+        epoch: u64,
+        max_frame: usize,
+        attach_epoch: u64,
+    ) {
         if self.draining.is_some() {
             return self.close(
                 conn,
@@ -244,17 +269,17 @@ impl Exchange {
             );
         }
         if epoch > route.epoch {
-            // A new incarnation: what was owed to the old one is
-            // undeliverable (its connections are gone).
-            let old = route.queue.drain();
+            // A new incarnation: what was owed to the old one (here or
+            // relayed for it) is undeliverable (its connections are gone),
+            // and reports owed to it mean nothing to this one.
             route.epoch = epoch;
-            // Reports owed to the old incarnation mean nothing to this one.
-            self.metrics.reports_dropped.add(route.reports.len() as u64);
-            route.reports = Vec::new();
-            self.metrics.queued.add(-(old.len() as i64));
-            self.report_dropped(old, server, DeliveryStatus::ServerDown);
+            self.incarnation_gone(server);
         }
         let route = self.routes.get_mut(&server).expect("route exists");
+        route.attach_epoch = Some(attach_epoch);
+        route.newest_attach = route.newest_attach.max(attach_epoch);
+        route.at = None;
+        route.marking = false;
         match route.conn.take() {
             Some(old) => self.close(
                 old,
@@ -308,7 +333,14 @@ impl Exchange {
             link.pending.add(&b);
         }
         self.flag(conn);
-        info!(server = server.0, epoch, queued, "server attached");
+        info!(
+            server = server.0,
+            epoch, queued, attach_epoch, "server attached"
+        );
+        // What was on its way to it through other exchanges comes here,
+        // ahead of anything newer; and the peers learn where it is.
+        self.rehome(server);
+        self.announce(server, epoch, attach_epoch);
         if !early.is_empty() {
             self.attached_frames(conn, server, epoch, early);
         }
@@ -354,9 +386,17 @@ impl Exchange {
         let Some(link) = self.links.remove(&conn) else {
             return;
         };
-        let LinkState::Attached { server, .. } = link.state else {
-            self.maybe_stopped(false);
-            return;
+        let server = match link.state {
+            LinkState::Attached { server, .. } => server,
+            LinkState::Peer { peer } => {
+                self.peer_lost(conn, peer);
+                self.maybe_stopped(false);
+                return;
+            }
+            _ => {
+                self.maybe_stopped(false);
+                return;
+            }
         };
         let lease = self.cfg.lease;
         if let Some(route) = self.routes.get_mut(&server)

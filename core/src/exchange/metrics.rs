@@ -43,6 +43,13 @@ pub struct ExchangeMetrics {
     pub marked_down: Counter,
     pub repeated_refusals: Counter,
     pub address_retries: Counter,
+    pub peer_links: Gauge,
+    pub relays_out: Counter,
+    pub relays_in: Counter,
+    pub relays_not_here: Counter,
+    pub relays_moved: Counter,
+    pub relay_outcomes_stale: Counter,
+    pub attachments_learnt: Counter,
 }
 
 impl Default for ExchangeMetrics {
@@ -61,6 +68,13 @@ impl Default for ExchangeMetrics {
             marked_down: Counter::default(),
             repeated_refusals: Counter::default(),
             address_retries: Counter::default(),
+            peer_links: Gauge::default(),
+            relays_out: Counter::default(),
+            relays_in: Counter::default(),
+            relays_not_here: Counter::default(),
+            relays_moved: Counter::default(),
+            relay_outcomes_stale: Counter::default(),
+            attachments_learnt: Counter::default(),
         }
     }
 }
@@ -132,6 +146,41 @@ impl Render for ExchangeMetrics {
             "iim_exchange_address_retries_total",
             "Connection attempts sent a QUIC Retry to validate their address (many handshakes in progress).",
             &self.address_retries,
+        )
+        .gauge(
+            "iim_exchange_peer_links",
+            "Links to other exchanges up now.",
+            &self.peer_links,
+        )
+        .counter(
+            "iim_exchange_relays_out_total",
+            "906s relayed to the exchange their target is attached to.",
+            &self.relays_out,
+        )
+        .counter(
+            "iim_exchange_relays_in_total",
+            "905s relayed here by another exchange.",
+            &self.relays_in,
+        )
+        .counter(
+            "iim_exchange_relays_not_here_total",
+            "Relayed 906s answered with where their target is attached now.",
+            &self.relays_not_here,
+        )
+        .counter(
+            "iim_exchange_relays_moved_total",
+            "906s moved with their target to the exchange it attached to.",
+            &self.relays_moved,
+        )
+        .counter(
+            "iim_exchange_relay_outcomes_stale_total",
+            "Outcomes from a peer for relays already answered or moved.",
+            &self.relay_outcomes_stale,
+        )
+        .counter(
+            "iim_exchange_attachments_learnt_total",
+            "App servers learnt to be attached to another exchange.",
+            &self.attachments_learnt,
         );
         p.finish()
     }

@@ -24,6 +24,7 @@
 
 mod links;
 pub mod metrics;
+mod peers;
 pub mod queue;
 pub mod refusals;
 mod routes;
@@ -41,6 +42,7 @@ use iim_proto::wire::{
     CLOSE_GOING_AWAY, Deliver906, DeliveryStatus, ErrorCode, ErrorFrame, Forward905, Frame,
     Register, Registered, Report, ReportEntry, WireError,
 };
+use peers::Peer;
 use queue::{DeliveryQueue, Dropped, PushError};
 use refusals::Refusals;
 use split::SplitLimits;
@@ -117,8 +119,22 @@ pub struct AppServerRow {
     pub epoch: u64,
     /// The exchange it is attached to, if any.
     pub exchange: Option<ServerId>,
+    /// The fence of that attachment (bumped by every recorded
+    /// registration).
+    pub attach_epoch: u64,
     /// Its state is `down`.
     pub down: bool,
+}
+
+/// What the registry says of one exchange (this one included).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeRow {
+    pub id: ServerId,
+    pub epoch: u64,
+    /// Its state is `up`.
+    pub up: bool,
+    /// Where it listens (for the shell; the core only passes it on).
+    pub address: String,
 }
 
 /// The registry's verdict on a registration.
@@ -149,7 +165,7 @@ pub enum Query {
     /// from the registry at start, whose read may be behind) while the
     /// registry names this exchange. A server that has since registered
     /// again, here or with another exchange, is left alone. Answered by
-    /// [`Answer::Done`].
+    /// [`Answer::MarkedDown`].
     MarkDown {
         server: ServerId,
         epoch: u64,
@@ -158,6 +174,8 @@ pub enum Query {
     /// Every app server the registry knows; answered by
     /// [`Answer::AppServers`].
     AppServers,
+    /// Every exchange the registry knows; answered by [`Answer::Exchanges`].
+    Exchanges,
     /// Refresh `last_seen` of these incarnations (this exchange's first);
     /// answered by [`Answer::Done`].
     Touch(Vec<(ServerId, u64)>),
@@ -168,6 +186,10 @@ pub enum Query {
 pub enum Answer {
     Registration(Result<Registration, RegistryFailure>),
     AppServers(Result<Vec<AppServerRow>, RegistryFailure>),
+    Exchanges(Result<Vec<ExchangeRow>, RegistryFailure>),
+    /// Whether the mark-down changed the row (false: the server has a newer
+    /// incarnation or attachment than the one named).
+    MarkedDown(Result<bool, RegistryFailure>),
     Done(Result<(), RegistryFailure>),
 }
 
@@ -200,6 +222,10 @@ pub enum Output {
     },
     /// Ask the registry; hand the answer to [`Exchange::handle_answer`].
     Ask { id: AskId, query: Query },
+    /// Open a peer link to exchange `peer` at `address` (this exchange has
+    /// the lower id), then call [`Exchange::peer_dialed`] with the new
+    /// connection, or [`Exchange::dial_failed`].
+    Dial { peer: ServerId, address: String },
     /// Shutdown is complete: every link is closed.
     Stopped,
 }
@@ -212,6 +238,8 @@ pub enum RouteState {
     Disconnected,
     /// Gone: sends to it are answered `server_down` at once.
     Down,
+    /// Attached to another exchange: its 906s are relayed there.
+    Elsewhere,
 }
 
 /// One app server as the exchange knows it.
@@ -229,9 +257,21 @@ struct Route {
     /// Bumped whenever the lease starts or stops, so that a stale lease
     /// timer finds a different number and does nothing.
     lease_gen: u64,
-    /// The attach epoch of the last registration this exchange recorded
-    /// for it (none for a route rebuilt from the registry at start).
+    /// The newest attach epoch this exchange knows for it: of the last
+    /// registration it recorded itself, or learnt from a peer or the
+    /// registry (none for a route rebuilt from the registry at start).
     attach_epoch: Option<u64>,
+    /// The exchange it is attached to, when that is another one (state
+    /// `Elsewhere`).
+    at: Option<ServerId>,
+    /// Its lease ended and the registry was asked to mark it down; until
+    /// the answer, it is still routable (a server that moved to another
+    /// exchange is not down).
+    marking: bool,
+    /// The highest attach epoch seen for it from any source (the registry
+    /// at start, a sweep, a peer, a registration): a claim about where it
+    /// is attached is believed only above this.
+    newest_attach: u64,
 }
 
 #[derive(Debug)]
@@ -248,6 +288,15 @@ enum LinkState {
     Attached {
         server: ServerId,
         epoch: u64,
+    },
+    /// A peer link this exchange dialled, waiting for the peer's
+    /// `PeerHello`.
+    PeerDialed {
+        peer: ServerId,
+    },
+    /// A peer link (either direction) after both hellos.
+    Peer {
+        peer: ServerId,
     },
 }
 
@@ -268,9 +317,12 @@ enum Asked {
         server: ServerId,
         epoch: u64,
         why: &'static str,
-        failed: usize,
+        /// The route went down when asked (a clean close), with this many
+        /// 906s failed; else it goes down only if the registry agrees.
+        failed: Option<usize>,
     },
     Sweep,
+    Exchanges,
     Touch,
 }
 
@@ -281,6 +333,8 @@ enum Timer {
     Ask(AskId),
     Sweep,
     Drain,
+    /// A dial not reported back in time.
+    Dial(ServerId),
 }
 
 /// The exchange core. See the module documentation.
@@ -288,6 +342,11 @@ pub struct Exchange {
     cfg: Config,
     routes: Map<ServerId, Route>,
     links: Map<ConnId, Link>,
+    /// The other exchanges: their links and what is relayed to them.
+    peers: Map<ServerId, Peer>,
+    /// 906s queued here that a peer relayed: the peer their outcome goes
+    /// back to, by (message, target).
+    relayed: Map<(MessageId, ServerId), ServerId>,
     /// Links attached to a route.
     attached: usize,
     /// Refusals remembered over every route (none: no look-up per 905).
@@ -320,6 +379,8 @@ impl Exchange {
             cfg,
             routes: Map::default(),
             links: Map::default(),
+            peers: Map::default(),
+            relayed: Map::default(),
             attached: 0,
             refusals: 0,
             asked: Map::default(),
@@ -334,8 +395,14 @@ impl Exchange {
         };
         for s in known {
             let ours = s.exchange == Some(ex.cfg.id) && !s.down;
+            let elsewhere = s.exchange.filter(|x| *x != ex.cfg.id && !s.down);
             let route = ex.new_route(s.epoch);
             let route = ex.routes.entry(s.id).or_insert(route);
+            route.newest_attach = s.attach_epoch;
+            if let Some(at) = elsewhere {
+                route.state = RouteState::Elsewhere;
+                route.at = Some(at);
+            }
             if ours {
                 route.state = RouteState::Disconnected;
                 route.lease_gen += 1;
@@ -361,6 +428,9 @@ impl Exchange {
             refused: Refusals::default(),
             lease_gen: 0,
             attach_epoch: None,
+            at: None,
+            marking: false,
+            newest_attach: 0,
         }
     }
 
@@ -375,6 +445,18 @@ impl Exchange {
     /// The state of `server`'s route, if the exchange knows it.
     pub fn route_state(&self, server: ServerId) -> Option<RouteState> {
         self.routes.get(&server).map(|r| r.state)
+    }
+
+    /// The exchange `server` is attached to, as this one believes, and the
+    /// attach epoch that belief rests on: this exchange's own id while the
+    /// route is here (up or disconnected).
+    pub fn route_place(&self, server: ServerId) -> Option<(ServerId, Option<u64>)> {
+        let r = self.routes.get(&server)?;
+        match r.state {
+            RouteState::Up | RouteState::Disconnected => Some((self.cfg.id, r.attach_epoch)),
+            RouteState::Elsewhere => r.at.map(|x| (x, Some(r.newest_attach))),
+            RouteState::Down => None,
+        }
     }
 
     /// The incarnation the exchange holds for `server`.
@@ -465,8 +547,13 @@ impl Exchange {
         };
         link.flagged = false;
         let mut out = link.pending.take();
-        let LinkState::Attached { server, .. } = link.state else {
-            return out;
+        let server = match link.state {
+            LinkState::Attached { server, .. } => server,
+            LinkState::Peer { peer } => {
+                self.peer_transmit(conn, peer, max_bytes, &mut out);
+                return out;
+            }
+            _ => return out,
         };
         let Some(route) = self
             .routes
@@ -510,16 +597,15 @@ impl Exchange {
                     if let Some(r) = self.routes.get(&server)
                         && r.state == RouteState::Disconnected
                         && r.lease_gen == generation
+                        && !r.marking
                     {
-                        self.mark_down(server, "lease expired");
+                        self.lease_ended(server);
                     }
                 }
                 Timer::Handshake(conn) => {
-                    if self
-                        .links
-                        .get(&conn)
-                        .is_some_and(|l| !matches!(l.state, LinkState::Attached { .. }))
-                    {
+                    if self.links.get(&conn).is_some_and(|l| {
+                        !matches!(l.state, LinkState::Attached { .. } | LinkState::Peer { .. })
+                    }) {
                         warn!(conn = conn.0, "no registration in time");
                         self.refuse(
                             conn,
@@ -544,14 +630,11 @@ impl Exchange {
                         self.refusals -= expired;
                     }
                     if self.draining.is_none() {
-                        if !self.sweeping {
-                            self.sweeping = true;
-                            let id = self.ask(Query::AppServers);
-                            self.asked.insert(id, Asked::Sweep);
-                        }
+                        self.sweep_now();
                         self.timers.add(now + self.cfg.sweep_period, Timer::Sweep);
                     }
                 }
+                Timer::Dial(peer) => self.dial_timed_out(peer),
                 Timer::Drain => {
                     let conns: Vec<ConnId> = self.links.keys().copied().collect();
                     for conn in conns {
@@ -600,6 +683,18 @@ impl Exchange {
             .add(self.now + self.cfg.ask_timeout, Timer::Ask(id));
         self.outputs.push_back(Output::Ask { id, query });
         id
+    }
+
+    /// Ask the registry for every app server and exchange now (unless a
+    /// sweep is in flight).
+    fn sweep_now(&mut self) {
+        if !self.sweeping {
+            self.sweeping = true;
+            let id = self.ask(Query::AppServers);
+            self.asked.insert(id, Asked::Sweep);
+            let id = self.ask(Query::Exchanges);
+            self.asked.insert(id, Asked::Exchanges);
+        }
     }
 
     fn flag(&mut self, conn: ConnId) {

@@ -295,6 +295,28 @@ impl DeliveryQueue {
             .collect()
     }
 
+    /// Take every queued 906 out, in order, whole again (their target is
+    /// attached to another exchange now).
+    pub fn take_all(&mut self) -> Vec<Deliver906> {
+        self.unsent = 0;
+        self.bytes = 0;
+        self.shares.clear();
+        let limit = self.max_frame;
+        self.entries
+            .drain(..)
+            .filter_map(|e| {
+                let mut buf = BytesMut::with_capacity(e.len());
+                buf.extend_from_slice(e.head.as_slice());
+                buf.extend_from_slice(&e.message);
+                match wire::decode(&mut buf, limit) {
+                    Ok(Some(wire::Frame::Deliver(d))) => Some(d),
+                    // Encoded here a moment ago: cannot happen.
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
     /// Concatenate a transmit into one buffer (for writers that take one).
     pub fn concat(t: &Transmit) -> Bytes {
         let mut b = BytesMut::with_capacity(t.bytes);

@@ -4,6 +4,7 @@
 //! and the end of a drain.
 
 use super::*;
+use iim_proto::wire::Attached;
 
 impl Exchange {
     /// Frames the link sent (after `Register`, or instead of it).
@@ -14,6 +15,9 @@ impl Exchange {
         };
         let (server, epoch) = match &mut link.state {
             LinkState::Attached { server, epoch } => (*server, *epoch),
+            LinkState::PeerDialed { .. } | LinkState::Peer { .. } => {
+                return self.peer_frames(conn, frames);
+            }
             LinkState::Registering { early, .. } => {
                 if early.len() + frames.len() > MAX_EARLY_FRAMES {
                     return self.protocol_error(conn, "too many frames before registration");
@@ -200,14 +204,18 @@ impl Exchange {
         );
     }
 
-    /// Queue one 906 for its target. The status to report at once when it
-    /// cannot be queued.
+    /// Queue one 906 for its target (here, or relayed to the exchange it
+    /// is attached to). The status to report at once when it cannot be
+    /// queued.
     pub(super) fn offer(&mut self, target: ServerId, d: Deliver906) -> Option<DeliveryStatus> {
         let Some(route) = self.routes.get_mut(&target) else {
             return Some(DeliveryStatus::UnknownServer);
         };
-        if route.state == RouteState::Down {
-            return Some(DeliveryStatus::ServerDown);
+        match (route.state, route.at) {
+            (RouteState::Down, _) => return Some(DeliveryStatus::ServerDown),
+            (RouteState::Elsewhere, Some(at)) => return self.relay(at, target, d),
+            (RouteState::Elsewhere, None) => return Some(DeliveryStatus::ServerDown),
+            _ => {}
         }
         match route.queue.push(d) {
             Ok(_) => {
@@ -251,22 +259,29 @@ impl Exchange {
         }
     }
 
+    /// The server left on purpose: down now, and in the registry.
     pub(super) fn mark_down(&mut self, server: ServerId, why: &'static str) {
-        let Some(route) = self.routes.get_mut(&server) else {
+        let Some(failed) = self.go_down(server) else {
             return;
         };
-        route.state = RouteState::Down;
-        route.lease_gen += 1;
-        // Reports it was owed as an origin go nowhere now.
-        self.metrics.reports_dropped.add(route.reports.len() as u64);
-        route.reports = Vec::new();
-        let epoch = route.epoch;
-        let attach_epoch = route.attach_epoch;
-        let left = route.queue.drain();
-        let failed = left.len();
-        self.metrics.queued.add(-(failed as i64));
-        self.report_dropped(left, server, DeliveryStatus::ServerDown);
-        self.metrics.marked_down.inc();
+        self.ask_mark_down(server, why, Some(failed));
+    }
+
+    /// Its lease ended: ask the registry to mark it down, and take it down
+    /// here only if the registry agrees (or cannot say). A server that
+    /// registered with another exchange meanwhile is not down.
+    pub(super) fn lease_ended(&mut self, server: ServerId) {
+        if let Some(route) = self.routes.get_mut(&server) {
+            route.marking = true;
+            self.ask_mark_down(server, "lease expired", None);
+        }
+    }
+
+    fn ask_mark_down(&mut self, server: ServerId, why: &'static str, failed: Option<usize>) {
+        let Some(route) = self.routes.get(&server) else {
+            return;
+        };
+        let (epoch, attach_epoch) = (route.epoch, route.attach_epoch);
         let id = self.ask(Query::MarkDown {
             server,
             epoch,
@@ -283,10 +298,71 @@ impl Exchange {
         );
     }
 
+    /// The registry answered a mark-down asked when a lease ended.
+    pub(super) fn marked_down(&mut self, server: ServerId, epoch: u64, applied: bool) {
+        let Some(route) = self.routes.get_mut(&server) else {
+            return;
+        };
+        if !route.marking || route.epoch != epoch || route.state != RouteState::Disconnected {
+            return;
+        }
+        route.marking = false;
+        if applied {
+            self.go_down(server);
+            return;
+        }
+        // A newer incarnation or attachment exists: find out which, and
+        // keep the deliveries until then (the lease runs again meanwhile).
+        info!(
+            server = server.0,
+            epoch, "not marked down: registered again since; asking where"
+        );
+        route.lease_gen += 1;
+        let generation = route.lease_gen;
+        self.timers
+            .add(self.now + self.cfg.lease, Timer::Lease(server, generation));
+        self.sweep_now();
+    }
+
+    /// Take the route down: what it was owed fails `server_down`. The
+    /// number of 906s failed (none if it was down already).
+    pub(super) fn go_down(&mut self, server: ServerId) -> Option<usize> {
+        let route = self.routes.get_mut(&server)?;
+        if route.state == RouteState::Down {
+            return None;
+        }
+        route.state = RouteState::Down;
+        route.marking = false;
+        route.lease_gen += 1;
+        // Reports it was owed as an origin go nowhere now.
+        self.metrics.reports_dropped.add(route.reports.len() as u64);
+        route.reports = Vec::new();
+        let left = route.queue.drain();
+        let failed = left.len();
+        self.metrics.queued.add(-(failed as i64));
+        self.report_dropped(left, server, DeliveryStatus::ServerDown);
+        self.metrics.marked_down.inc();
+        Some(failed)
+    }
+
     /// Send report entries to their origins. An origin that is not
     /// connected or not keeping up loses them; it retransmits the 905 or
     /// reports a timeout, so nothing is lost silently.
-    pub(super) fn report(&mut self, entries: Vec<ReportEntry>) {
+    pub(super) fn report(&mut self, mut entries: Vec<ReportEntry>) {
+        if !self.relayed.is_empty() {
+            // Outcomes of 906s a peer relayed go back to that peer.
+            let mut to_peers: BTreeMap<ServerId, Vec<ReportEntry>> = BTreeMap::new();
+            entries.retain(|e| match self.relayed.remove(&(e.id, e.server)) {
+                Some(peer) => {
+                    to_peers.entry(peer).or_default().push(*e);
+                    false
+                }
+                None => true,
+            });
+            for (peer, list) in to_peers {
+                self.report_to_peer(peer, list);
+            }
+        }
         let Some(first) = entries.first() else {
             return;
         };
@@ -322,13 +398,68 @@ impl Exchange {
     }
 
     pub(super) fn swept(&mut self, rows: Vec<AppServerRow>) {
-        let mut touch = vec![(self.cfg.id, self.cfg.epoch)];
+        let me = self.cfg.id;
+        let mut touch = vec![(me, self.cfg.epoch)];
         for s in rows {
+            let elsewhere = s.exchange.filter(|x| *x != me && !s.down);
             match self.routes.get(&s.id) {
-                Some(r) if r.state == RouteState::Up => touch.push((s.id, s.epoch)),
-                Some(_) => {}
+                Some(r) => {
+                    if r.state == RouteState::Up {
+                        touch.push((s.id, s.epoch));
+                    }
+                    let (state, epoch, newest) = (r.state, r.epoch, r.newest_attach);
+                    let mine = r.attach_epoch;
+                    if s.exchange == Some(me)
+                        && !s.down
+                        && s.epoch == epoch
+                        && matches!(state, RouteState::Up | RouteState::Disconnected)
+                        && mine.is_some_and(|a| a < s.attach_epoch)
+                    {
+                        // A registration this exchange recorded but never
+                        // heard the answer to (a link that died meanwhile):
+                        // the attachment is still this exchange's, and its
+                        // mark-down must name the registry's number.
+                        if let Some(r) = self.routes.get_mut(&s.id) {
+                            r.attach_epoch = Some(s.attach_epoch);
+                            r.newest_attach = r.newest_attach.max(s.attach_epoch);
+                        }
+                    }
+                    if let Some(at) = elsewhere {
+                        self.learn_attached(Attached {
+                            server: s.id,
+                            epoch: s.epoch,
+                            exchange: at,
+                            attach_epoch: s.attach_epoch,
+                        });
+                    } else if s.down
+                        && state == RouteState::Elsewhere
+                        && (s.epoch > epoch || s.attach_epoch >= newest)
+                    {
+                        // Marked down by the exchange it was attached to.
+                        if let Some(r) = self.routes.get_mut(&s.id) {
+                            r.state = RouteState::Down;
+                            r.at = None;
+                            r.epoch = r.epoch.max(s.epoch);
+                            r.newest_attach = r.newest_attach.max(s.attach_epoch);
+                        }
+                        self.fail_relays_for(s.id, DeliveryStatus::ServerDown);
+                    } else if s.epoch > epoch && state == RouteState::Disconnected {
+                        // Restarted and not back here yet: the incarnation
+                        // this exchange held deliveries for is gone.
+                        self.incarnation_gone(s.id);
+                        self.go_down(s.id);
+                        if let Some(r) = self.routes.get_mut(&s.id) {
+                            r.epoch = s.epoch;
+                        }
+                    }
+                }
                 None => {
-                    let route = self.new_route(s.epoch);
+                    let mut route = self.new_route(s.epoch);
+                    route.newest_attach = s.attach_epoch;
+                    if let Some(at) = elsewhere {
+                        route.state = RouteState::Elsewhere;
+                        route.at = Some(at);
+                    }
                     self.routes.insert(s.id, route);
                 }
             }
@@ -355,8 +486,37 @@ impl Exchange {
     }
 
     pub(super) fn maybe_stopped(&mut self, deadline_passed: bool) {
-        if self.stopped || self.draining.is_none() || !self.links.is_empty() {
+        if self.stopped || self.draining.is_none() {
             return;
+        }
+        let peer_link = |l: &Link| {
+            matches!(
+                l.state,
+                LinkState::Peer { .. } | LinkState::PeerDialed { .. }
+            )
+        };
+        if self.links.values().any(|l| !peer_link(l)) {
+            return;
+        }
+        if !self.links.is_empty() {
+            // Only peer links are left: they go once what was relayed is
+            // answered (or at the deadline).
+            if self.relays_unanswered() > 0 && !deadline_passed {
+                return;
+            }
+            let conns: Vec<ConnId> = self.links.keys().copied().collect();
+            for conn in conns {
+                if let Some(link) = self.links.remove(&conn) {
+                    if let LinkState::Peer { peer } = link.state {
+                        self.peer_lost(conn, peer);
+                    }
+                    self.outputs.push_back(Output::Close {
+                        conn,
+                        code: CLOSE_GOING_AWAY,
+                        reason: "exchange shutting down".into(),
+                    });
+                }
+            }
         }
         let undelivered: usize = self.routes.values().map(|r| r.queue.len()).sum();
         if undelivered > 0 && !deadline_passed {

@@ -125,6 +125,38 @@ pub fn validate(
     Ok(())
 }
 
+/// Check a 905 relayed by a peer exchange to `exchange`: addressed to it,
+/// its source the origin the id names, and rows it can deliver.
+pub fn validate_relay(
+    fwd: &Forward905,
+    exchange: ServerId,
+    limits: &SplitLimits,
+) -> Result<(), Reject> {
+    if fwd.source.server != fwd.id.origin {
+        return Err(Reject::Malformed(
+            "relay source is not the message's origin",
+        ));
+    }
+    if fwd.target != Address::new(exchange, UserId::NONE) {
+        return Err(Reject::WrongTarget(fwd.target));
+    }
+    if fwd.rows.is_empty() || fwd.rows.len() > limits.max_rows {
+        return Err(Reject::Malformed("relay rows"));
+    }
+    for (i, row) in fwd.rows.iter().enumerate() {
+        if row.server == fwd.id.origin || row.server == ServerId::NONE || row.server == exchange {
+            return Err(Reject::Malformed("relay target is not an app server"));
+        }
+        if row.users.is_empty() || row.users.len() > limits.max_users_per_row {
+            return Err(Reject::Malformed("relay row users"));
+        }
+        if fwd.rows[..i].iter().any(|r| r.server == row.server) {
+            return Err(Reject::Malformed("server listed twice"));
+        }
+    }
+    Ok(())
+}
+
 /// Split a validated 905 into its 906s, in row order. Delivery numbers are
 /// assigned later by each target's queue (`no` is 0 here).
 pub fn split(fwd: Forward905) -> impl Iterator<Item = (ServerId, Deliver906)> {

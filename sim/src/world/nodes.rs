@@ -166,6 +166,10 @@ impl World {
                     }
                 }
                 exchange::Output::Ask { id, query } => self.ask_registry(life, id, query),
+                exchange::Output::Dial { peer, .. } => {
+                    // One exchange per run: its own row is the only one.
+                    self.fail(format!("the only exchange dialled a peer {peer}"));
+                }
                 exchange::Output::Stopped => {
                     self.log(|| "exchange stopped (drained)".to_string());
                     self.exchange_ends();

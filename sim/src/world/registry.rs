@@ -85,9 +85,10 @@ impl World {
                 attach_epoch,
             } => {
                 if failing {
-                    return Answer::Done(Err(fail()));
+                    return Answer::MarkedDown(Err(fail()));
                 }
                 // As `Registry::mark_down_attached` / `mark_down_from`.
+                let mut applied = false;
                 if let Some(row) = self.reg.get_mut(&server)
                     && row.epoch == epoch
                     && match attach_epoch {
@@ -96,9 +97,30 @@ impl World {
                     }
                 {
                     row.state = RegState::Down;
+                    applied = true;
                     self.spurious_mark_down(server, epoch);
                 }
-                Answer::Done(Ok(()))
+                Answer::MarkedDown(Ok(applied))
+            }
+            Query::Exchanges => {
+                if failing {
+                    return Answer::Exchanges(Err(fail()));
+                }
+                let table = if self.reg_mode == RegMode::Stale {
+                    &self.reg_stale
+                } else {
+                    &self.reg
+                };
+                Answer::Exchanges(Ok(table
+                    .iter()
+                    .filter(|(_, r)| !r.app)
+                    .map(|(id, r)| exchange::ExchangeRow {
+                        id: *id,
+                        epoch: r.epoch,
+                        up: r.state == RegState::Up,
+                        address: r.address.clone(),
+                    })
+                    .collect()))
             }
             Query::AppServers => {
                 if failing {
@@ -144,6 +166,7 @@ pub(super) fn rows_of(table: &BTreeMap<ServerId, RegRow>) -> Vec<AppServerRow> {
             id: *id,
             epoch: r.epoch,
             exchange: r.exchange,
+            attach_epoch: r.attach_epoch,
             down: r.state == RegState::Down,
         })
         .collect()

@@ -1,0 +1,856 @@
+//! Several exchanges: peer links, relaying 906s to the exchange a target is
+//! attached to, and learning where app servers are attached.
+//!
+//! Every exchange keeps one link to every other live exchange (the lower
+//! id dials, both sides say `PeerHello`). A 905's rows for targets attached
+//! elsewhere go into that exchange's [`RelayOutbox`] and leave as one
+//! `Forward` frame per peer per 905 (the message once, that peer's rows
+//! only); the peer splits it into 906s for its own targets and answers each
+//! (message, target) with a `Report` entry, which goes on to the origin.
+//! An entry stays in the outbox until answered: a lost peer link sends it
+//! again, and when its target turns out to be attached somewhere else (an
+//! `Attached` from a peer or the registry, with a higher attach epoch),
+//! every entry for that target moves there, in order, before anything
+//! newer — the same way an origin's outbox keeps per (origin, target)
+//! order across a reconnect. See "Several exchanges" in
+//! `docs/architecture.md`.
+
+use super::*;
+use iim_proto::types::UserId;
+use iim_proto::wire::{Attached, PeerHello, ServerRow, UserRow};
+use std::collections::BTreeMap as OrderedMap;
+
+/// One (message, target) relayed to a peer, not answered yet.
+#[derive(Debug)]
+pub(super) struct Relayed {
+    pub id: MessageId,
+    pub target: ServerId,
+    pub seq: u64,
+    pub users: Vec<UserRow>,
+    pub message: Bytes,
+}
+
+impl Relayed {
+    fn size(&self) -> usize {
+        self.message.len() + 48 + 20 * self.users.len()
+    }
+
+    fn deliver(self) -> Deliver906 {
+        Deliver906 {
+            no: 0,
+            id: self.id,
+            seq: self.seq,
+            users: self.users,
+            message: self.message,
+        }
+    }
+}
+
+/// What this exchange relayed to one peer and has not heard the outcome
+/// of, in the order it was relayed. Bounded like a delivery queue.
+#[derive(Debug)]
+pub(super) struct RelayOutbox {
+    entries: OrderedMap<u64, Relayed>,
+    index: Map<(MessageId, ServerId), u64>,
+    next: u64,
+    /// Entries from this key on have not been written on the current link.
+    unsent_from: u64,
+    bytes: usize,
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+impl RelayOutbox {
+    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+        RelayOutbox {
+            entries: OrderedMap::new(),
+            index: Map::default(),
+            next: 1,
+            unsent_from: 1,
+            bytes: 0,
+            max_entries,
+            max_bytes,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn has_unsent(&self) -> bool {
+        self.entries.range(self.unsent_from..).next().is_some()
+    }
+
+    /// Add an entry at the end. `Ok(false)` when the same (message,
+    /// target) is already waiting (an origin's resend): its outcome will
+    /// answer both.
+    pub fn push(&mut self, r: Relayed) -> Result<bool, PushError> {
+        if self.index.contains_key(&(r.id, r.target)) {
+            return Ok(false);
+        }
+        let size = r.size();
+        if self.entries.len() >= self.max_entries
+            || (self.bytes + size > self.max_bytes && !self.entries.is_empty())
+        {
+            return Err(PushError::Full);
+        }
+        let key = self.next;
+        self.next += 1;
+        self.bytes += size;
+        self.index.insert((r.id, r.target), key);
+        self.entries.insert(key, r);
+        Ok(true)
+    }
+
+    pub fn remove(&mut self, id: MessageId, target: ServerId) -> Option<Relayed> {
+        let key = self.index.remove(&(id, target))?;
+        let r = self.entries.remove(&key)?;
+        self.bytes -= r.size();
+        Some(r)
+    }
+
+    /// Every entry for `target`, in order, taken out.
+    pub fn take_for(&mut self, target: ServerId) -> Vec<Relayed> {
+        let keys: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, r)| r.target == target)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| {
+                let r = self.entries.remove(&k)?;
+                self.index.remove(&(r.id, r.target));
+                self.bytes -= r.size();
+                Some(r)
+            })
+            .collect()
+    }
+
+    /// The link is gone: everything goes out again on the next one.
+    pub fn on_disconnect(&mut self) {
+        self.unsent_from = 0;
+    }
+
+    /// `Forward` frames for the unsent entries, one per run of entries of
+    /// the same message, up to about `max_bytes`. Returns how many entries
+    /// they carry. An entry that cannot be framed (larger than the peer
+    /// accepts) is taken out and returned in `too_big`.
+    pub fn poll(
+        &mut self,
+        peer: ServerId,
+        max_frame: usize,
+        max_bytes: usize,
+        out: &mut Vec<Bytes>,
+        too_big: &mut Vec<Relayed>,
+    ) -> usize {
+        let mut written = 0usize;
+        let mut entries = 0;
+        let keys: Vec<u64> = self
+            .entries
+            .range(self.unsent_from..)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut i = 0;
+        while i < keys.len() && (written == 0 || written < max_bytes) {
+            let first = &self.entries[&keys[i]];
+            let (id, message) = (first.id, first.message.clone());
+            let mut rows = Vec::new();
+            let mut j = i;
+            while j < keys.len() && self.entries[&keys[j]].id == id {
+                let r = &self.entries[&keys[j]];
+                rows.push(ServerRow {
+                    server: r.target,
+                    via: peer,
+                    seq: r.seq,
+                    users: r.users.clone(),
+                });
+                j += 1;
+            }
+            let f = Frame::Forward(Forward905 {
+                id,
+                source: Address::new(id.origin, UserId::NONE),
+                target: Address::new(peer, UserId::NONE),
+                rows,
+                message,
+            });
+            match frame_bytes(&f, max_frame) {
+                Some(b) => {
+                    written += b.len();
+                    out.push(b);
+                    entries += j - i;
+                }
+                None => {
+                    for k in &keys[i..j] {
+                        if let Some(r) = self.entries.remove(k) {
+                            self.index.remove(&(r.id, r.target));
+                            self.bytes -= r.size();
+                            too_big.push(r);
+                        }
+                    }
+                }
+            }
+            self.unsent_from = keys[j - 1] + 1;
+            i = j;
+        }
+        entries
+    }
+}
+
+/// Another exchange, as this one knows it.
+#[derive(Debug)]
+pub(super) struct Peer {
+    pub epoch: u64,
+    pub address: String,
+    /// The registry says it is up.
+    pub up: bool,
+    /// Its link, once both hellos were exchanged.
+    pub conn: Option<ConnId>,
+    /// A `Dial` was given and not reported back yet.
+    pub dialing: bool,
+    pub max_frame: usize,
+    pub outbox: RelayOutbox,
+    /// Outcomes of what it relayed here, to write to it.
+    pub reports: Vec<ReportEntry>,
+    /// Attachments to tell it.
+    pub notes: Vec<Attached>,
+}
+
+use iim_proto::types::Address;
+
+impl Exchange {
+    fn peer_entry(&mut self, peer: ServerId) -> &mut Peer {
+        let (frames, bytes, max_frame) = (
+            self.cfg.queue_max_frames,
+            self.cfg.queue_max_bytes,
+            self.cfg.max_frame,
+        );
+        self.peers.entry(peer).or_insert_with(|| Peer {
+            epoch: 0,
+            address: String::new(),
+            up: false,
+            conn: None,
+            dialing: false,
+            max_frame,
+            outbox: RelayOutbox::new(frames, bytes),
+            reports: Vec::new(),
+            notes: Vec::new(),
+        })
+    }
+
+    /// Peers with a link up now.
+    pub fn peer_links(&self) -> usize {
+        self.peers.values().filter(|p| p.conn.is_some()).count()
+    }
+
+    /// Entries relayed to `peer` and not answered yet.
+    pub fn relays_pending(&self, peer: ServerId) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.outbox.len())
+    }
+
+    /// The peer link to `peer`, if up.
+    pub fn peer_link(&self, peer: ServerId) -> Option<ConnId> {
+        self.peers.get(&peer).and_then(|p| p.conn)
+    }
+
+    /// The registry's exchanges: learn peers' incarnations and addresses,
+    /// and dial those this exchange should (it has the lower id).
+    pub(super) fn exchanges_swept(&mut self, rows: Vec<ExchangeRow>) {
+        let me = self.cfg.id;
+        let draining = self.draining.is_some();
+        for row in rows {
+            if row.id == me {
+                continue;
+            }
+            let peer = self.peer_entry(row.id);
+            let stale_link = if row.epoch > peer.epoch {
+                peer.epoch = row.epoch;
+                peer.conn
+            } else {
+                None
+            };
+            peer.address = row.address;
+            peer.up = row.up;
+            if let Some(conn) = stale_link {
+                self.close(conn, CLOSE_GOING_AWAY, "peer restarted");
+            }
+            let peer = self.peers.get_mut(&row.id).expect("entry above");
+            if row.up && me < row.id && peer.conn.is_none() && !peer.dialing && !draining {
+                peer.dialing = true;
+                let address = peer.address.clone();
+                self.timers
+                    .add(self.now + self.cfg.handshake_timeout, Timer::Dial(row.id));
+                self.outputs.push_back(Output::Dial {
+                    peer: row.id,
+                    address,
+                });
+            }
+        }
+    }
+
+    /// The dial to `peer` connected as `conn`: say hello and wait for the
+    /// peer's.
+    pub fn peer_dialed(&mut self, conn: ConnId, peer: ServerId, now: Instant) {
+        self.now = now;
+        self.peer_entry(peer).dialing = false;
+        let mut link = Link {
+            state: LinkState::PeerDialed { peer },
+            pending: Coalescer::default(),
+            flagged: false,
+        };
+        if let Some(b) = frame_bytes(&self.hello(), self.cfg.max_frame) {
+            link.pending.add(&b);
+        }
+        self.links.insert(conn, link);
+        self.timers
+            .add(now + self.cfg.handshake_timeout, Timer::Handshake(conn));
+        self.flag(conn);
+    }
+
+    /// The dial to `peer` failed; the next sweep tries again.
+    pub fn dial_failed(&mut self, peer: ServerId, now: Instant) {
+        self.now = now;
+        self.peer_entry(peer).dialing = false;
+    }
+
+    pub(super) fn dial_timed_out(&mut self, peer: ServerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.dialing = false;
+        }
+    }
+
+    fn hello(&self) -> Frame {
+        Frame::PeerHello(PeerHello {
+            exchange: self.cfg.id,
+            epoch: self.cfg.epoch,
+            max_frame: self.cfg.max_frame as u32,
+        })
+    }
+
+    /// An accepted connection's first frame is `PeerHello`: another
+    /// exchange. `identity` says whether its certificate names the exchange
+    /// it claims to be.
+    pub fn handle_peer_hello(
+        &mut self,
+        conn: ConnId,
+        hello: PeerHello,
+        identity: Result<(), String>,
+        now: Instant,
+    ) {
+        self.now = now;
+        self.metrics.frames_in.inc("peer_hello");
+        let Some(link) = self.links.get(&conn) else {
+            return;
+        };
+        if !matches!(link.state, LinkState::Handshake) {
+            return self.protocol_error(conn, "unexpected peer hello");
+        }
+        if let Err(e) = identity {
+            return self.refuse(
+                conn,
+                "identity_mismatch",
+                ErrorCode::IdentityMismatch,
+                &format!("certificate does not name exchange {}: {e}", hello.exchange),
+            );
+        }
+        if hello.exchange == self.cfg.id {
+            return self.refuse(
+                conn,
+                "identity_mismatch",
+                ErrorCode::IdentityMismatch,
+                "a peer claims this exchange's own id",
+            );
+        }
+        if self.draining.is_some() {
+            return self.close(
+                conn,
+                ErrorCode::ShuttingDown.close_code(),
+                "exchange is stopping",
+            );
+        }
+        let known = self.peer_entry(hello.exchange).epoch;
+        if hello.epoch < known {
+            return self.refuse(
+                conn,
+                "stale_epoch",
+                ErrorCode::StaleEpoch,
+                &format!(
+                    "exchange {} epoch {} is older than {known}",
+                    hello.exchange, hello.epoch
+                ),
+            );
+        }
+        if let Some(b) = frame_bytes(&self.hello(), self.cfg.max_frame)
+            && let Some(link) = self.links.get_mut(&conn)
+        {
+            link.pending.add(&b);
+        }
+        self.peer_up(conn, hello);
+    }
+
+    /// Both hellos said: the link carries relays from now on.
+    fn peer_up(&mut self, conn: ConnId, hello: PeerHello) {
+        let peer = hello.exchange;
+        if let Some(link) = self.links.get_mut(&conn) {
+            link.state = LinkState::Peer { peer };
+        }
+        let me = self.cfg.id;
+        // Everything attached here, so the peer need not wait for a sweep.
+        let notes: Vec<Attached> = self
+            .routes
+            .iter()
+            .filter(|(_, r)| matches!(r.state, RouteState::Up | RouteState::Disconnected))
+            .filter_map(|(s, r)| {
+                r.attach_epoch.map(|a| Attached {
+                    server: *s,
+                    epoch: r.epoch,
+                    exchange: me,
+                    attach_epoch: a,
+                })
+            })
+            .collect();
+        let max_frame = (hello.max_frame as usize).clamp(1_024, self.cfg.max_frame);
+        let p = self.peer_entry(peer);
+        let old = p.conn.replace(conn);
+        p.epoch = p.epoch.max(hello.epoch);
+        p.max_frame = max_frame;
+        p.dialing = false;
+        p.outbox.on_disconnect();
+        p.notes = notes;
+        p.notes.sort_by_key(|n| n.server);
+        p.reports.clear();
+        if old.is_none() {
+            self.metrics.peer_links.add(1);
+        }
+        if let Some(old) = old.filter(|o| *o != conn) {
+            self.close(
+                old,
+                ErrorCode::Protocol.close_code(),
+                "replaced by a newer peer link",
+            );
+        }
+        info!(peer = peer.0, epoch = hello.epoch, "peer link up");
+        self.flag(conn);
+    }
+
+    /// A peer link is gone (its `Link` already removed).
+    pub(super) fn peer_lost(&mut self, conn: ConnId, peer: ServerId) {
+        if let Some(p) = self.peers.get_mut(&peer)
+            && p.conn == Some(conn)
+        {
+            p.conn = None;
+            p.outbox.on_disconnect();
+            p.reports.clear();
+            p.notes.clear();
+            self.metrics.peer_links.add(-1);
+            info!(peer = peer.0, unanswered = p.outbox.len(), "peer link lost");
+        }
+    }
+
+    /// Frames on a peer link.
+    pub(super) fn peer_frames(&mut self, conn: ConnId, frames: Vec<Frame>) {
+        for frame in frames {
+            self.metrics.frames_in.inc(frame.kind());
+            let Some(link) = self.links.get(&conn) else {
+                return;
+            };
+            match (&link.state, frame) {
+                (LinkState::PeerDialed { peer }, Frame::PeerHello(h)) if h.exchange == *peer => {
+                    self.peer_up(conn, h);
+                }
+                (LinkState::PeerDialed { .. }, _) => {
+                    return self.protocol_error(conn, "the first frame must be peer_hello");
+                }
+                (LinkState::Peer { peer }, Frame::Forward(fwd)) => {
+                    let peer = *peer;
+                    self.relay_in(conn, peer, fwd);
+                }
+                (LinkState::Peer { peer }, Frame::Report(r)) => {
+                    let peer = *peer;
+                    self.relay_outcomes(peer, r.entries);
+                }
+                (LinkState::Peer { .. }, Frame::Attached(a)) => {
+                    self.learn_attached(a);
+                }
+                (LinkState::Peer { .. }, Frame::Heartbeat(_)) => {}
+                (LinkState::Peer { peer }, Frame::Error(e)) => {
+                    warn!(peer = peer.0, code = ?e.code, detail = %e.detail, "error frame from a peer")
+                }
+                (_, other) => {
+                    let detail = format!("unexpected {} frame from a peer exchange", other.kind());
+                    return self.protocol_error(conn, &detail);
+                }
+            }
+        }
+    }
+
+    /// A peer relayed a 905's rows for servers it believes attached here.
+    fn relay_in(&mut self, conn: ConnId, peer: ServerId, fwd: Forward905) {
+        if let Err(r) = split::validate_relay(&fwd, self.cfg.id, &self.cfg.split) {
+            // A peer is an exchange of this deployment: a malformed relay
+            // is a bug there, not a message to answer row by row.
+            self.metrics.rejections.inc(r.kind());
+            return self.protocol_error(conn, &format!("relay refused: {r}"));
+        }
+        self.metrics.relays_in.inc();
+        let id = fwd.id;
+        let mut outcomes = Vec::new();
+        for (target, d) in split::split(fwd) {
+            if let Some(status) = self.deliver_relayed(peer, target, d) {
+                outcomes.push(ReportEntry {
+                    id,
+                    server: target,
+                    status,
+                });
+            }
+        }
+        self.report_to_peer(peer, outcomes);
+    }
+
+    /// Queue a relayed 906 for a target attached here; the status to
+    /// answer at once otherwise (none when the answer is where the target
+    /// is instead).
+    fn deliver_relayed(
+        &mut self,
+        peer: ServerId,
+        target: ServerId,
+        d: Deliver906,
+    ) -> Option<DeliveryStatus> {
+        let Some(route) = self.routes.get_mut(&target) else {
+            return Some(DeliveryStatus::UnknownServer);
+        };
+        match route.state {
+            RouteState::Down => Some(DeliveryStatus::ServerDown),
+            RouteState::Elsewhere => {
+                // Not here: say where, and the peer moves everything it
+                // holds for the target there.
+                let note = route.at.map(|at| Attached {
+                    server: target,
+                    epoch: route.epoch,
+                    exchange: at,
+                    attach_epoch: route.newest_attach,
+                });
+                if let Some(note) = note {
+                    self.note_to_peer(peer, note);
+                }
+                self.metrics.relays_not_here.inc();
+                None
+            }
+            RouteState::Up | RouteState::Disconnected => {
+                let key = (d.id, target);
+                if self.relayed.contains_key(&key) {
+                    // Relayed again after a lost peer link: still queued.
+                    return None;
+                }
+                match route.queue.push(d) {
+                    Ok(_) => {
+                        self.metrics.queued.add(1);
+                        self.relayed.insert(key, peer);
+                        if let Some(conn) = route.conn {
+                            self.flag(conn);
+                        }
+                        None
+                    }
+                    Err(e) => {
+                        self.metrics.rejections.inc(match e {
+                            PushError::Full => "overloaded",
+                            PushError::OverShare => "over_share",
+                            PushError::Oversized => "oversized_frame",
+                        });
+                        Some(DeliveryStatus::Overloaded)
+                    }
+                }
+            }
+        }
+    }
+
+    /// A peer answered relayed entries: each goes on to its origin, and a
+    /// refusal is remembered like one of this exchange's own.
+    fn relay_outcomes(&mut self, peer: ServerId, entries: Vec<ReportEntry>) {
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let Some(p) = self.peers.get_mut(&peer) else {
+                return;
+            };
+            match p.outbox.remove(e.id, e.server) {
+                Some(r) => {
+                    if e.status != DeliveryStatus::Delivered {
+                        self.remember_refusal(e.id, e.server, r.seq, e.status);
+                    }
+                    out.push(e);
+                }
+                // Answered already, or moved to where the target is now.
+                None => self.metrics.relay_outcomes_stale.inc(),
+            }
+        }
+        self.report(out);
+    }
+
+    pub(super) fn report_to_peer(&mut self, peer: ServerId, mut entries: Vec<ReportEntry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        match p.conn {
+            // Lost otherwise: the peer relays the entry again on its next
+            // link, and is answered then.
+            Some(conn) if p.reports.len() + entries.len() <= MAX_PENDING_REPORTS => {
+                p.reports.append(&mut entries);
+                self.flag(conn);
+            }
+            _ => self.metrics.reports_dropped.add(entries.len() as u64),
+        }
+    }
+
+    fn note_to_peer(&mut self, peer: ServerId, note: Attached) {
+        if let Some(p) = self.peers.get_mut(&peer)
+            && let Some(conn) = p.conn
+        {
+            if p.notes.len() < MAX_PENDING_REPORTS {
+                p.notes.push(note);
+            }
+            self.flag(conn);
+        }
+    }
+
+    /// Tell every peer that `server` is attached here now.
+    pub(super) fn announce(&mut self, server: ServerId, epoch: u64, attach_epoch: u64) {
+        let note = Attached {
+            server,
+            epoch,
+            exchange: self.cfg.id,
+            attach_epoch,
+        };
+        let peers: Vec<ServerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.conn.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in peers {
+            self.note_to_peer(peer, note);
+        }
+    }
+
+    /// A claim that `a.server` is attached to `a.exchange`: believed when
+    /// its attach epoch is the highest seen; then everything this exchange
+    /// holds for the server moves there.
+    pub(super) fn learn_attached(&mut self, a: Attached) {
+        if a.exchange == self.cfg.id {
+            // This exchange records its own attachments.
+            return;
+        }
+        let fresh = self.new_route(a.epoch);
+        let route = self.routes.entry(a.server).or_insert(fresh);
+        if a.attach_epoch <= route.newest_attach || a.epoch < route.epoch {
+            return;
+        }
+        route.newest_attach = a.attach_epoch;
+        let new_incarnation = a.epoch > route.epoch;
+        route.epoch = a.epoch;
+        let old_conn = route.conn.take();
+        let was_up = old_conn.is_some();
+        route.state = RouteState::Elsewhere;
+        route.at = Some(a.exchange);
+        route.marking = false;
+        route.lease_gen += 1;
+        if was_up {
+            self.attached -= 1;
+            self.metrics.links.add(-1);
+        }
+        if let Some(conn) = old_conn {
+            // The server registered elsewhere since: this link is stale.
+            self.close(conn, CLOSE_GOING_AWAY, "attached to another exchange");
+        }
+        self.metrics.attachments_learnt.inc();
+        debug!(
+            server = a.server.0,
+            at = a.exchange.0,
+            attach_epoch = a.attach_epoch,
+            "server attached elsewhere"
+        );
+        if new_incarnation {
+            self.incarnation_gone(a.server);
+        }
+        self.rehome(a.server);
+    }
+
+    /// What is held for a server's previous incarnation is undeliverable:
+    /// report it `server_down`.
+    pub(super) fn incarnation_gone(&mut self, server: ServerId) {
+        let Some(route) = self.routes.get_mut(&server) else {
+            return;
+        };
+        let old = route.queue.drain();
+        self.metrics.queued.add(-(old.len() as i64));
+        self.metrics.reports_dropped.add(route.reports.len() as u64);
+        route.reports = Vec::new();
+        self.report_dropped(old, server, DeliveryStatus::ServerDown);
+        self.fail_relays_for(server, DeliveryStatus::ServerDown);
+    }
+
+    /// Answer every relay held for `server` with `status`.
+    pub(super) fn fail_relays_for(&mut self, server: ServerId, status: DeliveryStatus) {
+        let mut failed = Vec::new();
+        for p in self.peers.values_mut() {
+            failed.extend(p.outbox.take_for(server));
+        }
+        for r in &failed {
+            self.remember_refusal(r.id, server, r.seq, status);
+        }
+        self.report(
+            failed
+                .into_iter()
+                .map(|r| ReportEntry {
+                    id: r.id,
+                    server,
+                    status,
+                })
+                .collect(),
+        );
+    }
+
+    /// Move everything held for `server` (its local queue, other peers'
+    /// outboxes) to where its route says it is now, in order.
+    pub(super) fn rehome(&mut self, server: ServerId) {
+        let Some(route) = self.routes.get_mut(&server) else {
+            return;
+        };
+        let here = matches!(route.state, RouteState::Up | RouteState::Disconnected);
+        let at = route.at.filter(|_| route.state == RouteState::Elsewhere);
+        let (epoch, attach) = (route.epoch, route.newest_attach);
+        let mut moving: Vec<Deliver906> = Vec::new();
+        if !here {
+            let queued = route.queue.take_all();
+            self.metrics.queued.add(-(queued.len() as i64));
+            for d in queued {
+                match self.relayed.remove(&(d.id, server)) {
+                    // Relayed here by a peer: it moves what it holds itself.
+                    Some(peer) => {
+                        if let Some(at) = at {
+                            self.note_to_peer(
+                                peer,
+                                Attached {
+                                    server,
+                                    epoch,
+                                    exchange: at,
+                                    attach_epoch: attach,
+                                },
+                            );
+                        }
+                    }
+                    None => moving.push(d),
+                }
+            }
+        }
+        let mut peers: Vec<ServerId> = self.peers.keys().copied().collect();
+        peers.sort();
+        for peer in peers {
+            if Some(peer) == at {
+                continue;
+            }
+            let p = self.peers.get_mut(&peer).expect("listed");
+            moving.extend(p.outbox.take_for(server).into_iter().map(Relayed::deliver));
+        }
+        if moving.is_empty() {
+            return;
+        }
+        debug!(
+            server = server.0,
+            count = moving.len(),
+            "deliveries moved with their target"
+        );
+        self.metrics.relays_moved.add(moving.len() as u64);
+        // Per origin the order is kept: each source above is in order, and
+        // one origin's entries for the server are in one source at a time.
+        for d in moving {
+            let (id, seq) = (d.id, d.seq);
+            if let Some(status) = self.offer(server, d) {
+                self.remember_refusal(id, server, seq, status);
+                self.report(vec![ReportEntry { id, server, status }]);
+            }
+        }
+    }
+
+    /// Queue a 906 for a target attached to another exchange.
+    pub(super) fn relay(
+        &mut self,
+        peer: ServerId,
+        target: ServerId,
+        d: Deliver906,
+    ) -> Option<DeliveryStatus> {
+        let entry = Relayed {
+            id: d.id,
+            target,
+            seq: d.seq,
+            users: d.users,
+            message: d.message,
+        };
+        if entry.size() > self.cfg.max_frame {
+            self.metrics.rejections.inc("oversized_frame");
+            return Some(DeliveryStatus::Overloaded);
+        }
+        let p = self.peer_entry(peer);
+        match p.outbox.push(entry) {
+            Ok(_) => {
+                self.metrics.relays_out.inc();
+                if let Some(conn) = self.peers.get(&peer).and_then(|p| p.conn) {
+                    self.flag(conn);
+                }
+                None
+            }
+            Err(_) => {
+                self.metrics.rejections.inc("overloaded");
+                Some(DeliveryStatus::Overloaded)
+            }
+        }
+    }
+
+    /// The bytes for a peer link: attachments, outcomes, then relays.
+    pub(super) fn peer_transmit(
+        &mut self,
+        conn: ConnId,
+        peer: ServerId,
+        max_bytes: usize,
+        out: &mut Vec<Bytes>,
+    ) {
+        let Some(p) = self.peers.get_mut(&peer).filter(|p| p.conn == Some(conn)) else {
+            return;
+        };
+        let max_frame = p.max_frame;
+        for note in std::mem::take(&mut p.notes) {
+            out.extend(frame_bytes(&Frame::Attached(note), max_frame));
+        }
+        if !p.reports.is_empty() {
+            let entries = std::mem::take(&mut p.reports);
+            for chunk in entries.chunks((max_frame / 32).max(1)) {
+                let f = Frame::Report(Report {
+                    entries: chunk.to_vec(),
+                });
+                out.extend(frame_bytes(&f, max_frame));
+            }
+        }
+        let mut too_big = Vec::new();
+        p.outbox.poll(peer, max_frame, max_bytes, out, &mut too_big);
+        let more = p.outbox.has_unsent();
+        for r in too_big {
+            self.metrics.rejections.inc("oversized_frame");
+            self.remember_refusal(r.id, r.target, r.seq, DeliveryStatus::Overloaded);
+            self.report(vec![ReportEntry {
+                id: r.id,
+                server: r.target,
+                status: DeliveryStatus::Overloaded,
+            }]);
+        }
+        if more {
+            self.flag(conn);
+        }
+    }
+
+    /// Relays not answered yet, over every peer.
+    pub(super) fn relays_unanswered(&self) -> usize {
+        self.peers.values().map(|p| p.outbox.len()).sum()
+    }
+}
