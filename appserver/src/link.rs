@@ -371,19 +371,37 @@ fn down_of(e: &ReadError) -> LinkDown {
     }
 }
 
+/// An exchange whose row was not refreshed for this long is taken for
+/// dead (exchanges refresh theirs every third of a lease; leases are at
+/// most a few seconds).
+const EXCHANGE_STALE_MS: i64 = 10_000;
+
 /// The exchanges the registry knows.
 async fn exchanges(registry: &Registry) -> Result<Vec<ExchangeRow>, RegistryFailure> {
     let servers = registry
         .servers()
         .await
         .map_err(|e| RegistryFailure(e.to_string()))?;
+    let now = iim::types::now_ms();
+    let mut attached: std::collections::HashMap<ServerId, u64> = Default::default();
+    for s in &servers {
+        if s.role == Role::App
+            && s.state == ServerState::Up
+            && let Some(x) = s.exchange
+        {
+            *attached.entry(x).or_default() += 1;
+        }
+    }
     Ok(servers
         .into_iter()
         .filter(|s| s.role == Role::Exchange)
         .map(|s| ExchangeRow {
             id: s.id,
+            // A killed exchange's row still says up: it must also have
+            // refreshed its row (every sweep, a third of its lease) lately.
+            up: s.state == ServerState::Up && now - s.last_seen_ms < EXCHANGE_STALE_MS,
+            attached: attached.get(&s.id).copied().unwrap_or(0),
             address: s.address,
-            up: s.state == ServerState::Up,
         })
         .collect())
 }

@@ -228,6 +228,7 @@ fn the_registry_names_the_exchange_and_a_failed_look_up_backs_off() {
         id: EX,
         address: "127.0.0.1:4433".into(),
         up: true,
+        attached: 0,
     }];
     t.link.handle_exchanges(ask, Ok(rows), t.now);
     t.connect_asked();

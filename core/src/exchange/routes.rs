@@ -4,6 +4,7 @@
 //! and the end of a drain.
 
 use super::*;
+use iim_proto::types::UserId;
 use iim_proto::wire::Attached;
 
 impl Exchange {
@@ -97,7 +98,17 @@ impl Exchange {
             // exchange it reaches next.
             return true;
         }
-        if let Err(r) = split::validate(&fwd, server, epoch, self.cfg.id, &self.cfg.split) {
+        // A 905 addressed to another exchange of the deployment is taken
+        // too: an origin that moved resends its outbox as it was encoded.
+        let me = self.cfg.id;
+        let to = fwd.target.server;
+        let addressed =
+            if to != me && fwd.target.user == UserId::NONE && self.peers.contains_key(&to) {
+                to
+            } else {
+                me
+            };
+        if let Err(r) = split::validate(&fwd, server, epoch, addressed, &self.cfg.split) {
             if r.is_forgery() {
                 let code = ErrorCode::ForgedSource;
                 let detail = r.to_string();

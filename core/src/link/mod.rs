@@ -49,10 +49,13 @@ pub const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 pub struct Config {
     pub server: ServerId,
     pub epoch: u64,
-    /// The exchange this server's 905s are addressed to.
+    /// The exchange this server prefers (its 905s are addressed to it).
+    /// Located in the registry, another live exchange is taken while this
+    /// one is not up there (see [`choose_exchange`]); any exchange of the
+    /// deployment accepts a 905 addressed to another one.
     pub exchange: ServerId,
-    /// Its address, when configured; else the registry is asked at every
-    /// attempt.
+    /// Its address, when configured: then only this exchange is used.
+    /// Else the registry is asked at every attempt.
     pub address: Option<SocketAddr>,
     /// The largest frame body this server accepts and sends.
     pub max_frame: usize,
@@ -88,8 +91,34 @@ impl<R> From<outbox::Done<R>> for Output<R> {
 pub struct ExchangeRow {
     pub id: ServerId,
     pub address: String,
-    /// Its state is `up`.
+    /// Its state is `up` and it refreshed its row recently (a killed
+    /// exchange's row still says `up` until it is seen stale).
     pub up: bool,
+    /// App servers attached to it now.
+    pub attached: u64,
+}
+
+/// The exchange to attach to: the one just lost while a reconnect to it
+/// is still worth trying (`stay`), else the preferred one if it is up,
+/// else the live one with the fewest attached servers (ties by id),
+/// avoiding the one just lost (`avoid`) while any other is up.
+pub fn choose_exchange(
+    rows: &[ExchangeRow],
+    preferred: ServerId,
+    stay: Option<ServerId>,
+    avoid: Option<ServerId>,
+) -> Option<&ExchangeRow> {
+    let up = || rows.iter().filter(|r| r.up);
+    if let Some(s) = stay
+        && let Some(r) = up().find(|r| r.id == s)
+    {
+        return Some(r);
+    }
+    let others = || up().filter(|r| Some(r.id) != avoid);
+    others()
+        .find(|r| r.id == preferred)
+        .or_else(|| others().min_by_key(|r| (r.attached, r.id)))
+        .or_else(|| up().min_by_key(|r| (r.attached, r.id)))
 }
 
 /// How a connection to the exchange ended or failed.
@@ -195,6 +224,11 @@ pub struct Link<R> {
     fatal: Option<String>,
     outputs: VecDeque<Output<R>>,
     metrics: Arc<LinkMetrics>,
+    /// The exchange of the last registration, and until when a reconnect
+    /// goes back to it (a quarter of the lease after the link was lost:
+    /// a blip must not move the server, a dead exchange must not hold it).
+    last_exchange: Option<ServerId>,
+    stay_until: Option<Instant>,
 }
 
 impl<R> Link<R> {
@@ -214,6 +248,8 @@ impl<R> Link<R> {
             started: now,
             fatal: None,
             outputs: VecDeque::new(),
+            last_exchange: None,
+            stay_until: None,
             metrics,
             cfg,
         }
@@ -352,20 +388,23 @@ impl<R> Link<R> {
         if !matches!(self.state, State::Locating { ask: a, .. } if a == ask) {
             return;
         }
-        let expected = self.cfg.exchange;
+        let stay = self
+            .last_exchange
+            .filter(|_| self.stay_until.is_none_or(|t| now < t));
+        let avoid = self.last_exchange.filter(|_| stay.is_none());
         let found = rows
             .map_err(|e| format!("registry: {}", e.0))
             .and_then(|rows| {
-                let ex = rows
-                    .iter()
-                    .find(|r| r.id == expected && r.up)
-                    .ok_or_else(|| format!("exchange {expected} is not up in the registry"))?;
-                ex.address
+                let ex = choose_exchange(&rows, self.cfg.exchange, stay, avoid)
+                    .ok_or_else(|| "no exchange is up in the registry".to_string())?;
+                let addr = ex
+                    .address
                     .parse::<SocketAddr>()
-                    .map_err(|_| format!("exchange {} has address {:?}", ex.id, ex.address))
+                    .map_err(|_| format!("exchange {} has address {:?}", ex.id, ex.address))?;
+                Ok((ex.id, addr))
             });
         match found {
-            Ok(addr) => self.connect(expected, addr, now),
+            Ok((id, addr)) => self.connect(id, addr, now),
             Err(why) => self.retry_later(&why, now),
         }
     }
@@ -406,6 +445,7 @@ impl<R> Link<R> {
         }
         match (&self.state, down) {
             (State::Up { .. }, down) => {
+                self.stay_until = Some(now + self.lease.unwrap_or(self.cfg.register_timeout) / 4);
                 self.metrics.link_up.set(0);
                 warn!(
                     outstanding = self.outbox.len(),
@@ -604,6 +644,8 @@ impl<R> Link<R> {
 
     fn registered(&mut self, conn: ConnId, r: &Registered, now: Instant) {
         let exchange = r.exchange;
+        self.last_exchange = Some(exchange);
+        self.stay_until = None;
         let exchange_max = r.max_frame as usize;
         self.registrations += 1;
         self.lease = Some(Duration::from_millis(u64::from(r.lease_ms)));
@@ -717,5 +759,46 @@ impl<R> Link<R> {
         self.state = State::Fatal;
         self.fatal = Some(reason.clone());
         self.outputs.push_back(Output::Fatal(reason));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: u32, up: bool, attached: u64) -> ExchangeRow {
+        ExchangeRow {
+            id: ServerId(id),
+            address: format!("127.0.0.1:{id}"),
+            up,
+            attached,
+        }
+    }
+
+    #[test]
+    fn an_exchange_is_chosen_from_the_registry() {
+        let rows = [
+            row(100, true, 5),
+            row(101, true, 1),
+            row(102, true, 1),
+            row(103, false, 0),
+        ];
+        let pick =
+            |pref, stay, avoid| choose_exchange(&rows, ServerId(pref), stay, avoid).map(|r| r.id.0);
+        // The preferred one while it is up; else the least attached, ties by id.
+        assert_eq!(pick(100, None, None), Some(100));
+        assert_eq!(pick(103, None, None), Some(101));
+        // Back to the one just lost while that is worth a try.
+        assert_eq!(pick(100, Some(ServerId(102)), None), Some(102));
+        // Then away from it, even when it is the preferred one.
+        assert_eq!(pick(100, None, Some(ServerId(100))), Some(101));
+        assert_eq!(pick(103, None, Some(ServerId(101))), Some(102));
+        // Unless nothing else is up.
+        let alone = [row(100, true, 3), row(101, false, 0)];
+        assert_eq!(
+            choose_exchange(&alone, ServerId(101), None, Some(ServerId(100))).map(|r| r.id.0),
+            Some(100)
+        );
+        assert!(choose_exchange(&[row(100, false, 0)], ServerId(100), None, None).is_none());
     }
 }

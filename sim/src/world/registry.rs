@@ -152,6 +152,10 @@ impl World {
                 id: *id,
                 address: r.address.clone(),
                 up: r.state == RegState::Up,
+                attached: table
+                    .values()
+                    .filter(|a| a.app && a.state == RegState::Up && a.exchange == Some(*id))
+                    .count() as u64,
             })
             .collect())
     }
