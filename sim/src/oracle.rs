@@ -34,6 +34,10 @@ pub struct SendRec {
     /// When the origin gives up on it (`timed_out`).
     pub deadline: std::time::Instant,
     pub outcome: Option<Vec<(ServerId, DeliveryStatus)>>,
+    /// When the outcome came: before the deadline, a `timed_out` in it was
+    /// reported by the relay (a copy may or may not have arrived), not
+    /// given by the origin's clock.
+    pub completed_at: Option<std::time::Instant>,
     /// The origin sent it on more than one connection.
     pub resent: bool,
 }
@@ -145,6 +149,7 @@ impl Oracle {
         incarnation: u64,
         results: &[ReportEntry],
         resent: bool,
+        now: std::time::Instant,
     ) -> Result<(), String> {
         let rec = self
             .sends
@@ -205,6 +210,7 @@ impl Oracle {
             *self.outcomes.entry(r.status.as_str()).or_insert(0) += 1;
         }
         rec.outcome = Some(results.iter().map(|r| (r.server, r.status)).collect());
+        rec.completed_at = Some(now);
         rec.resent = resent;
         Ok(())
     }

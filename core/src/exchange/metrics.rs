@@ -49,6 +49,7 @@ pub struct ExchangeMetrics {
     pub relays_not_here: Counter,
     pub relays_moved: Counter,
     pub relay_outcomes_stale: Counter,
+    pub relays_held: Counter,
     pub attachments_learnt: Counter,
 }
 
@@ -74,6 +75,7 @@ impl Default for ExchangeMetrics {
             relays_not_here: Counter::default(),
             relays_moved: Counter::default(),
             relay_outcomes_stale: Counter::default(),
+            relays_held: Counter::default(),
             attachments_learnt: Counter::default(),
         }
     }
@@ -176,6 +178,11 @@ impl Render for ExchangeMetrics {
             "iim_exchange_relay_outcomes_stale_total",
             "Outcomes from a peer for relays already answered or moved.",
             &self.relay_outcomes_stale,
+        )
+        .counter(
+            "iim_exchange_relays_held_total",
+            "Times a peer answered that a target is not attached to it and the relays for that target were held back until the next sweep.",
+            &self.relays_held,
         )
         .counter(
             "iim_exchange_attachments_learnt_total",

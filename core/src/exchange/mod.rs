@@ -272,6 +272,10 @@ struct Route {
     /// at start, a sweep, a peer, a registration): a claim about where it
     /// is attached is believed only above this.
     newest_attach: u64,
+    /// `newest_attach` when this exchange last took it down: a read that
+    /// still shows it attached here under that number is behind, not a
+    /// registration this exchange missed.
+    down_attach: u64,
 }
 
 #[derive(Debug)]
@@ -431,6 +435,7 @@ impl Exchange {
             at: None,
             marking: false,
             newest_attach: 0,
+            down_attach: 0,
         }
     }
 

@@ -19,6 +19,7 @@ use super::*;
 use iim_proto::types::UserId;
 use iim_proto::wire::{Attached, PeerHello, ServerRow, UserRow};
 use std::collections::BTreeMap as OrderedMap;
+use std::collections::BTreeSet;
 
 /// One (message, target) relayed to a peer, not answered yet.
 #[derive(Debug)]
@@ -28,6 +29,12 @@ pub(super) struct Relayed {
     pub seq: u64,
     pub users: Vec<UserRow>,
     pub message: Bytes,
+    /// A copy may have reached the target already (written on a link
+    /// since lost, or moved here from another place): a refusal now does
+    /// not mean it was never handed over.
+    pub maybe_handed: bool,
+    /// Written on the current link.
+    pub sent: bool,
 }
 
 impl Relayed {
@@ -47,15 +54,23 @@ impl Relayed {
 }
 
 /// What this exchange relayed to one peer and has not heard the outcome
-/// of, in the order it was relayed. Bounded like a delivery queue.
+/// of, in the order it was relayed. Bounded per target like the delivery
+/// queue the peer keeps for it.
 #[derive(Debug)]
 pub(super) struct RelayOutbox {
     entries: OrderedMap<u64, Relayed>,
     index: Map<(MessageId, ServerId), u64>,
     next: u64,
-    /// Entries from this key on have not been written on the current link.
+    /// Every entry below this key has been written on the current link
+    /// (a hint: entries above it may be written too).
     unsent_from: u64,
-    bytes: usize,
+    /// Targets whose entries are held back: the peer said the target is
+    /// not attached to it, and this exchange does not know better yet.
+    /// Newer entries must not overtake older ones, so none of the target's
+    /// go out until the next sweep says where it is.
+    blocked: BTreeSet<ServerId>,
+    /// Entries and bytes held per target.
+    held: Map<ServerId, (usize, usize)>,
     max_entries: usize,
     max_bytes: usize,
 }
@@ -67,7 +82,8 @@ impl RelayOutbox {
             index: Map::default(),
             next: 1,
             unsent_from: 1,
-            bytes: 0,
+            blocked: BTreeSet::new(),
+            held: Map::default(),
             max_entries,
             max_bytes,
         }
@@ -77,35 +93,66 @@ impl RelayOutbox {
         self.entries.len()
     }
 
-    pub fn has_unsent(&self) -> bool {
-        self.entries.range(self.unsent_from..).next().is_some()
+    /// Hold back every entry for `target` (those written already go out
+    /// again when released).
+    pub fn block(&mut self, target: ServerId) {
+        self.blocked.insert(target);
+        for (k, r) in self.entries.iter_mut() {
+            if r.target == target && r.sent {
+                r.sent = false;
+                r.maybe_handed = true;
+                self.unsent_from = self.unsent_from.min(*k);
+            }
+        }
+    }
+
+    /// Let held-back entries go out again. True if there were any.
+    pub fn release_blocked(&mut self) -> bool {
+        let any = !std::mem::take(&mut self.blocked).is_empty();
+        if any {
+            self.unsent_from = 0;
+        }
+        any
     }
 
     /// Add an entry at the end. `Ok(false)` when the same (message,
     /// target) is already waiting (an origin's resend): its outcome will
-    /// answer both.
+    /// answer both. An entry that moved here with its target is taken
+    /// whatever the room (see [`DeliveryQueue::push_moved`]).
     pub fn push(&mut self, r: Relayed) -> Result<bool, PushError> {
         if self.index.contains_key(&(r.id, r.target)) {
             return Ok(false);
         }
         let size = r.size();
-        if self.entries.len() >= self.max_entries
-            || (self.bytes + size > self.max_bytes && !self.entries.is_empty())
-        {
+        let (n, bytes) = self.held.get(&r.target).copied().unwrap_or((0, 0));
+        let full = n >= self.max_entries || (bytes + size > self.max_bytes && n > 0);
+        if full && !r.maybe_handed {
             return Err(PushError::Full);
         }
         let key = self.next;
         self.next += 1;
-        self.bytes += size;
+        let held = self.held.entry(r.target).or_default();
+        held.0 += 1;
+        held.1 += size;
         self.index.insert((r.id, r.target), key);
         self.entries.insert(key, r);
         Ok(true)
     }
 
+    fn release(&mut self, r: &Relayed) {
+        if let Some(held) = self.held.get_mut(&r.target) {
+            held.0 -= 1;
+            held.1 -= r.size();
+            if held.0 == 0 {
+                self.held.remove(&r.target);
+            }
+        }
+    }
+
     pub fn remove(&mut self, id: MessageId, target: ServerId) -> Option<Relayed> {
         let key = self.index.remove(&(id, target))?;
         let r = self.entries.remove(&key)?;
-        self.bytes -= r.size();
+        self.release(&r);
         Some(r)
     }
 
@@ -121,7 +168,7 @@ impl RelayOutbox {
             .filter_map(|k| {
                 let r = self.entries.remove(&k)?;
                 self.index.remove(&(r.id, r.target));
-                self.bytes -= r.size();
+                self.release(&r);
                 Some(r)
             })
             .collect()
@@ -129,13 +176,19 @@ impl RelayOutbox {
 
     /// The link is gone: everything goes out again on the next one.
     pub fn on_disconnect(&mut self) {
+        for r in self.entries.values_mut() {
+            if r.sent {
+                r.sent = false;
+                r.maybe_handed = true;
+            }
+        }
         self.unsent_from = 0;
     }
 
-    /// `Forward` frames for the unsent entries, one per run of entries of
-    /// the same message, up to about `max_bytes`. Returns how many entries
-    /// they carry. An entry that cannot be framed (larger than the peer
-    /// accepts) is taken out and returned in `too_big`.
+    /// `Forward` frames for the unsent entries (not held back), one per
+    /// run of entries of the same message, up to about `max_bytes`. An
+    /// entry that cannot be framed (larger than the peer accepts) is taken
+    /// out and returned in `too_big`. True when entries remain to write.
     pub fn poll(
         &mut self,
         peer: ServerId,
@@ -143,22 +196,33 @@ impl RelayOutbox {
         max_bytes: usize,
         out: &mut Vec<Bytes>,
         too_big: &mut Vec<Relayed>,
-    ) -> usize {
+    ) -> bool {
         let mut written = 0usize;
-        let mut entries = 0;
-        let keys: Vec<u64> = self
-            .entries
-            .range(self.unsent_from..)
-            .map(|(k, _)| *k)
-            .collect();
+        let mut first_held = None;
+        let mut ready: Vec<u64> = Vec::new();
+        let mut more = false;
+        for (k, r) in self.entries.range(self.unsent_from..) {
+            if r.sent {
+                continue;
+            }
+            if self.blocked.contains(&r.target) {
+                first_held.get_or_insert(*k);
+                continue;
+            }
+            ready.push(*k);
+        }
         let mut i = 0;
-        while i < keys.len() && (written == 0 || written < max_bytes) {
-            let first = &self.entries[&keys[i]];
+        while i < ready.len() {
+            if written > 0 && written >= max_bytes {
+                more = true;
+                break;
+            }
+            let first = &self.entries[&ready[i]];
             let (id, message) = (first.id, first.message.clone());
             let mut rows = Vec::new();
             let mut j = i;
-            while j < keys.len() && self.entries[&keys[j]].id == id {
-                let r = &self.entries[&keys[j]];
+            while j < ready.len() && self.entries[&ready[j]].id == id {
+                let r = &self.entries[&ready[j]];
                 rows.push(ServerRow {
                     server: r.target,
                     via: peer,
@@ -178,22 +242,30 @@ impl RelayOutbox {
                 Some(b) => {
                     written += b.len();
                     out.push(b);
-                    entries += j - i;
+                    for k in &ready[i..j] {
+                        if let Some(r) = self.entries.get_mut(k) {
+                            r.sent = true;
+                        }
+                    }
                 }
                 None => {
-                    for k in &keys[i..j] {
+                    for k in &ready[i..j] {
                         if let Some(r) = self.entries.remove(k) {
                             self.index.remove(&(r.id, r.target));
-                            self.bytes -= r.size();
+                            self.release(&r);
                             too_big.push(r);
                         }
                     }
                 }
             }
-            self.unsent_from = keys[j - 1] + 1;
             i = j;
         }
-        entries
+        let next_unsent = if more { ready.get(i).copied() } else { None };
+        self.unsent_from = match (first_held, next_unsent) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(self.next),
+        };
+        more
     }
 }
 
@@ -246,6 +318,21 @@ impl Exchange {
     /// Entries relayed to `peer` and not answered yet.
     pub fn relays_pending(&self, peer: ServerId) -> usize {
         self.peers.get(&peer).map_or(0, |p| p.outbox.len())
+    }
+
+    /// The (message, target) pairs relayed to `peer` and not answered, in
+    /// relay order.
+    pub fn relays_to(&self, peer: ServerId) -> Vec<(MessageId, ServerId)> {
+        self.peers
+            .get(&peer)
+            .map(|p| {
+                p.outbox
+                    .entries
+                    .values()
+                    .map(|r| (r.id, r.target))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The peer link to `peer`, if up.
@@ -469,8 +556,9 @@ impl Exchange {
                     let peer = *peer;
                     self.relay_outcomes(peer, r.entries);
                 }
-                (LinkState::Peer { .. }, Frame::Attached(a)) => {
-                    self.learn_attached(a);
+                (LinkState::Peer { peer }, Frame::Attached(a)) => {
+                    let peer = *peer;
+                    self.heard_attached(peer, a);
                 }
                 (LinkState::Peer { .. }, Frame::Heartbeat(_)) => {}
                 (LinkState::Peer { peer }, Frame::Error(e)) => {
@@ -496,7 +584,20 @@ impl Exchange {
         let id = fwd.id;
         let mut outcomes = Vec::new();
         for (target, d) in split::split(fwd) {
-            if let Some(status) = self.deliver_relayed(peer, target, d) {
+            let seq = d.seq;
+            // Relayed again (a lost peer link, an origin that moved): the
+            // answer the first copy got, so a refused 906 never arrives
+            // later behind newer ones.
+            let status = match self.refused_before(id.origin, id, target, seq) {
+                Some(first) => {
+                    self.metrics.repeated_refusals.inc();
+                    Some(first)
+                }
+                None => self.deliver_relayed(peer, target, d).inspect(|status| {
+                    self.remember_refusal(id, target, seq, *status);
+                }),
+            };
+            if let Some(status) = status {
                 outcomes.push(ReportEntry {
                     id,
                     server: target,
@@ -537,6 +638,7 @@ impl Exchange {
                 None
             }
             RouteState::Up | RouteState::Disconnected => {
+                debug!(ex = self.cfg.id.0, id = %d.id, target = target.0, peer = peer.0, "relayed here");
                 let key = (d.id, target);
                 if self.relayed.contains_key(&key) {
                     // Relayed again after a lost peer link: still queued.
@@ -572,8 +674,13 @@ impl Exchange {
             let Some(p) = self.peers.get_mut(&peer) else {
                 return;
             };
+            debug!(ex = self.cfg.id.0, id = %e.id, target = e.server.0, peer = peer.0, status = e.status.as_str(), "relay outcome");
             match p.outbox.remove(e.id, e.server) {
                 Some(r) => {
+                    let e = ReportEntry {
+                        status: uncertain(e.status, r.maybe_handed),
+                        ..e
+                    };
                     if e.status != DeliveryStatus::Delivered {
                         self.remember_refusal(e.id, e.server, r.seq, e.status);
                     }
@@ -634,18 +741,54 @@ impl Exchange {
         }
     }
 
+    /// A peer said where `a.server` is attached: an announcement (at the
+    /// peer), or the answer to a relay (not at the peer). A "not here" this
+    /// exchange cannot act on — it knows nothing newer than the peer, or
+    /// the peer names this exchange, which has no link of the server —
+    /// holds back the server's relays to that peer until the next sweep:
+    /// sending newer ones meanwhile could put them ahead of these.
+    fn heard_attached(&mut self, peer: ServerId, a: Attached) {
+        if self.learn_attached(a) || a.exchange == peer {
+            return;
+        }
+        let routed_there = self
+            .routes
+            .get(&a.server)
+            .is_some_and(|r| r.state == RouteState::Elsewhere && r.at == Some(peer));
+        if routed_there && let Some(p) = self.peers.get_mut(&peer) {
+            p.outbox.block(a.server);
+            self.metrics.relays_held.inc();
+        }
+    }
+
+    /// Every relay held back goes out again (after a sweep, which has
+    /// moved what it could).
+    pub(super) fn release_relays(&mut self) {
+        let mut flag = Vec::new();
+        for p in self.peers.values_mut() {
+            if p.outbox.release_blocked()
+                && let Some(conn) = p.conn
+            {
+                flag.push(conn);
+            }
+        }
+        for conn in flag {
+            self.flag(conn);
+        }
+    }
+
     /// A claim that `a.server` is attached to `a.exchange`: believed when
     /// its attach epoch is the highest seen; then everything this exchange
-    /// holds for the server moves there.
-    pub(super) fn learn_attached(&mut self, a: Attached) {
+    /// holds for the server moves there. True when believed.
+    pub(super) fn learn_attached(&mut self, a: Attached) -> bool {
         if a.exchange == self.cfg.id {
             // This exchange records its own attachments.
-            return;
+            return false;
         }
         let fresh = self.new_route(a.epoch);
         let route = self.routes.entry(a.server).or_insert(fresh);
         if a.attach_epoch <= route.newest_attach || a.epoch < route.epoch {
-            return;
+            return false;
         }
         route.newest_attach = a.attach_epoch;
         let new_incarnation = a.epoch > route.epoch;
@@ -666,6 +809,7 @@ impl Exchange {
         }
         self.metrics.attachments_learnt.inc();
         debug!(
+            ex = self.cfg.id.0,
             server = a.server.0,
             at = a.exchange.0,
             attach_epoch = a.attach_epoch,
@@ -675,6 +819,7 @@ impl Exchange {
             self.incarnation_gone(a.server);
         }
         self.rehome(a.server);
+        true
     }
 
     /// What is held for a server's previous incarnation is undeliverable:
@@ -758,6 +903,7 @@ impl Exchange {
             return;
         }
         debug!(
+            ex = self.cfg.id.0,
             server = server.0,
             count = moving.len(),
             "deliveries moved with their target"
@@ -765,12 +911,38 @@ impl Exchange {
         self.metrics.relays_moved.add(moving.len() as u64);
         // Per origin the order is kept: each source above is in order, and
         // one origin's entries for the server are in one source at a time.
+        // Each may have reached the server already where it was.
         for d in moving {
             let (id, seq) = (d.id, d.seq);
-            if let Some(status) = self.offer(server, d) {
+            if let Some(status) = self.offer_moved(server, d) {
+                let status = uncertain(status, true);
                 self.remember_refusal(id, server, seq, status);
                 self.report(vec![ReportEntry { id, server, status }]);
             }
+        }
+    }
+
+    /// [`Exchange::offer`] for a 906 moved with its target: relayed
+    /// onwards marked as possibly handed over already, or queued here
+    /// whatever the room.
+    fn offer_moved(&mut self, target: ServerId, d: Deliver906) -> Option<DeliveryStatus> {
+        let route = self.routes.get_mut(&target)?;
+        match (route.state, route.at) {
+            (RouteState::Elsewhere, Some(at)) => self.relay_entry(at, target, d, true),
+            (RouteState::Up | RouteState::Disconnected, _) => match route.queue.push_moved(d) {
+                Ok(_) => {
+                    self.metrics.queued.add(1);
+                    if let Some(conn) = route.conn {
+                        self.flag(conn);
+                    }
+                    None
+                }
+                Err(_) => {
+                    self.metrics.rejections.inc("oversized_frame");
+                    Some(DeliveryStatus::Overloaded)
+                }
+            },
+            _ => self.offer(target, d),
         }
     }
 
@@ -781,17 +953,30 @@ impl Exchange {
         target: ServerId,
         d: Deliver906,
     ) -> Option<DeliveryStatus> {
+        self.relay_entry(peer, target, d, false)
+    }
+
+    fn relay_entry(
+        &mut self,
+        peer: ServerId,
+        target: ServerId,
+        d: Deliver906,
+        maybe_handed: bool,
+    ) -> Option<DeliveryStatus> {
         let entry = Relayed {
             id: d.id,
             target,
             seq: d.seq,
             users: d.users,
             message: d.message,
+            maybe_handed,
+            sent: false,
         };
         if entry.size() > self.cfg.max_frame {
             self.metrics.rejections.inc("oversized_frame");
             return Some(DeliveryStatus::Overloaded);
         }
+        debug!(ex = self.cfg.id.0, id = %entry.id, target = target.0, peer = peer.0, maybe_handed, "relay queued");
         let p = self.peer_entry(peer);
         match p.outbox.push(entry) {
             Ok(_) => {
@@ -833,15 +1018,15 @@ impl Exchange {
             }
         }
         let mut too_big = Vec::new();
-        p.outbox.poll(peer, max_frame, max_bytes, out, &mut too_big);
-        let more = p.outbox.has_unsent();
+        let more = p.outbox.poll(peer, max_frame, max_bytes, out, &mut too_big);
         for r in too_big {
             self.metrics.rejections.inc("oversized_frame");
-            self.remember_refusal(r.id, r.target, r.seq, DeliveryStatus::Overloaded);
+            let status = uncertain(DeliveryStatus::Overloaded, r.maybe_handed);
+            self.remember_refusal(r.id, r.target, r.seq, status);
             self.report(vec![ReportEntry {
                 id: r.id,
                 server: r.target,
-                status: DeliveryStatus::Overloaded,
+                status,
             }]);
         }
         if more {
@@ -852,5 +1037,20 @@ impl Exchange {
     /// Relays not answered yet, over every peer.
     pub(super) fn relays_unanswered(&self) -> usize {
         self.peers.values().map(|p| p.outbox.len()).sum()
+    }
+}
+
+/// The status to report for a 906 that may have reached its target already:
+/// a refusal now says nothing about the copy that may have arrived, so the
+/// outcome is not known (`timed_out`, as an origin reports a refusal of a
+/// 905 it sent twice).
+fn uncertain(status: DeliveryStatus, maybe_handed: bool) -> DeliveryStatus {
+    match status {
+        DeliveryStatus::Overloaded | DeliveryStatus::UnknownServer | DeliveryStatus::Refused
+            if maybe_handed =>
+        {
+            DeliveryStatus::TimedOut
+        }
+        s => s,
     }
 }

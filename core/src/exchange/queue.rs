@@ -200,17 +200,30 @@ impl DeliveryQueue {
 
     /// Queue a 906; assigns its delivery number.
     pub fn push(&mut self, d: Deliver906) -> Result<u64, PushError> {
-        if self.entries.len() >= self.max_entries {
+        self.push_inner(d, false)
+    }
+
+    /// Queue a 906 that moved here with its target from another exchange's
+    /// keeping, whatever the room: moving never adds to what the exchange
+    /// holds, and refusing it would leave its outcome unknown. A queue thus
+    /// holds at most its bounds of new 906s plus what moved in (each
+    /// peer's relay outbox is bounded the same way).
+    pub fn push_moved(&mut self, d: Deliver906) -> Result<u64, PushError> {
+        self.push_inner(d, true)
+    }
+
+    fn push_inner(&mut self, d: Deliver906, moved: bool) -> Result<u64, PushError> {
+        if self.entries.len() >= self.max_entries && !moved {
             return Err(PushError::Full);
         }
         let no = self.next_no;
         let head = wire::Head906::new(no, d.id, d.seq, &d.users, d.message.len(), self.max_frame)
             .map_err(|_| PushError::Oversized)?;
         let len = head.len() + d.message.len();
-        if self.bytes + len > self.max_bytes && !self.entries.is_empty() {
+        if self.bytes + len > self.max_bytes && !self.entries.is_empty() && !moved {
             return Err(PushError::Full);
         }
-        if !self.within_share(d.id.origin, len) {
+        if !moved && !self.within_share(d.id.origin, len) {
             return Err(PushError::OverShare);
         }
         self.add_share(d.id.origin, len);

@@ -78,7 +78,7 @@ impl Exchange {
         }
         if !failures.is_empty() {
             for f in &failures {
-                debug!(id = %f.id, target = f.server.0, status = f.status.as_str(), "905 target refused");
+                debug!(ex = self.cfg.id.0, id = %f.id, target = f.server.0, status = f.status.as_str(), "905 target refused");
             }
             self.report(failures);
         }
@@ -98,16 +98,21 @@ impl Exchange {
             // exchange it reaches next.
             return true;
         }
-        // A 905 addressed to another exchange of the deployment is taken
-        // too: an origin that moved resends its outbox as it was encoded.
+        // A 905 addressed to another exchange is taken too: any exchange of
+        // the deployment serves, and an origin that moved resends its
+        // outbox as it was encoded. (This one may not know every other
+        // exchange yet: anything not an app server counts as one.)
         let me = self.cfg.id;
-        let to = fwd.target.server;
-        let addressed =
-            if to != me && fwd.target.user == UserId::NONE && self.peers.contains_key(&to) {
-                to
-            } else {
-                me
-            };
+        let to = fwd.target;
+        let addressed = if to.server != me
+            && to.user == UserId::NONE
+            && to.server != ServerId::NONE
+            && !self.routes.contains_key(&to.server)
+        {
+            to.server
+        } else {
+            me
+        };
         if let Err(r) = split::validate(&fwd, server, epoch, addressed, &self.cfg.split) {
             if r.is_forgery() {
                 let code = ErrorCode::ForgedSource;
@@ -139,7 +144,7 @@ impl Exchange {
             return true;
         }
         self.metrics.forwards_in.inc();
-        debug!(id = %fwd.id, rows = fwd.rows.len(), "905 in");
+        debug!(ex = self.cfg.id.0, id = %fwd.id, rows = fwd.rows.len(), "905 in");
         let id = fwd.id;
         for (target, d) in split::split(fwd) {
             let seq = d.seq;
@@ -203,7 +208,7 @@ impl Exchange {
         for d in &dropped {
             self.remember_refusal(d.id, target, d.seq, status);
         }
-        self.report(
+        self.report_queued(
             dropped
                 .into_iter()
                 .map(|d| ReportEntry {
@@ -237,7 +242,7 @@ impl Exchange {
                 None
             }
             Err(e) => {
-                debug!(target = target.0, error = %e, queued = route.queue.len(), max_frame = route.queue.max_frame(), "906 not queued");
+                debug!(ex = self.cfg.id.0, target = target.0, error = %e, queued = route.queue.len(), max_frame = route.queue.max_frame(), "906 not queued");
                 self.metrics.rejections.inc(match e {
                     PushError::Full => "overloaded",
                     PushError::OverShare => "over_share",
@@ -260,7 +265,7 @@ impl Exchange {
             Ok(ids) => {
                 self.metrics.acks_in.add(ids.len() as u64);
                 self.metrics.queued.add(-(ids.len() as i64));
-                self.report(entries(ids, server, DeliveryStatus::Delivered));
+                self.report_queued(entries(ids, server, DeliveryStatus::Delivered));
                 self.check_drained(server);
             }
             Err(e) => {
@@ -268,6 +273,34 @@ impl Exchange {
                 self.refuse(conn, "protocol", ErrorCode::Protocol, &e.to_string());
             }
         }
+    }
+
+    /// A server the registry shows attached here without a link here: its
+    /// lease starts now.
+    fn orphan_attachment(&mut self, server: ServerId, epoch: u64, attach_epoch: u64) {
+        let lease = self.cfg.lease;
+        let now = self.now;
+        if self.routes.get(&server).is_some_and(|r| r.epoch < epoch) {
+            self.incarnation_gone(server);
+        }
+        let Some(route) = self.routes.get_mut(&server) else {
+            return;
+        };
+        info!(
+            server = server.0,
+            epoch, attach_epoch, "attached here in the registry without a link; lease running"
+        );
+        route.epoch = epoch;
+        route.state = RouteState::Disconnected;
+        route.at = None;
+        route.marking = false;
+        route.attach_epoch = Some(attach_epoch);
+        route.newest_attach = route.newest_attach.max(attach_epoch);
+        route.lease_gen += 1;
+        let generation = route.lease_gen;
+        self.timers
+            .add(now + lease, Timer::Lease(server, generation));
+        self.rehome(server);
     }
 
     /// The server left on purpose: down now, and in the registry.
@@ -345,6 +378,7 @@ impl Exchange {
         route.state = RouteState::Down;
         route.marking = false;
         route.lease_gen += 1;
+        route.down_attach = route.newest_attach;
         // Reports it was owed as an origin go nowhere now.
         self.metrics.reports_dropped.add(route.reports.len() as u64);
         route.reports = Vec::new();
@@ -356,10 +390,9 @@ impl Exchange {
         Some(failed)
     }
 
-    /// Send report entries to their origins. An origin that is not
-    /// connected or not keeping up loses them; it retransmits the 905 or
-    /// reports a timeout, so nothing is lost silently.
-    pub(super) fn report(&mut self, mut entries: Vec<ReportEntry>) {
+    /// Outcomes of 906s that were in a target's queue: those a peer
+    /// relayed go back to that peer, the rest to their origins.
+    pub(super) fn report_queued(&mut self, mut entries: Vec<ReportEntry>) {
         if !self.relayed.is_empty() {
             // Outcomes of 906s a peer relayed go back to that peer.
             let mut to_peers: BTreeMap<ServerId, Vec<ReportEntry>> = BTreeMap::new();
@@ -374,6 +407,13 @@ impl Exchange {
                 self.report_to_peer(peer, list);
             }
         }
+        self.report(entries);
+    }
+
+    /// Send report entries to their origins. An origin that is not
+    /// connected or not keeping up loses them; it retransmits the 905 or
+    /// reports a timeout, so nothing is lost silently.
+    pub(super) fn report(&mut self, entries: Vec<ReportEntry>) {
         let Some(first) = entries.first() else {
             return;
         };
@@ -420,6 +460,7 @@ impl Exchange {
                     }
                     let (state, epoch, newest) = (r.state, r.epoch, r.newest_attach);
                     let mine = r.attach_epoch;
+                    let down_attach = r.down_attach;
                     if s.exchange == Some(me)
                         && !s.down
                         && s.epoch == epoch
@@ -434,9 +475,32 @@ impl Exchange {
                             r.attach_epoch = Some(s.attach_epoch);
                             r.newest_attach = r.newest_attach.max(s.attach_epoch);
                         }
+                    } else if s.exchange == Some(me)
+                        && !s.down
+                        && s.epoch >= epoch
+                        && s.attach_epoch >= newest
+                        && s.attach_epoch > down_attach
+                        && matches!(state, RouteState::Down | RouteState::Elsewhere)
+                    {
+                        // The registry says it is attached here and up, but
+                        // no link of it is (a registration recorded whose
+                        // answer never came, so the link was refused). It
+                        // is this exchange's to mark down: a lease, as for
+                        // a lost link, under the registry's attach epoch.
+                        self.orphan_attachment(s.id, s.epoch, s.attach_epoch);
+                    } else if s.exchange == Some(me)
+                        && !s.down
+                        && s.epoch == epoch
+                        && s.attach_epoch == down_attach
+                        && state == RouteState::Down
+                    {
+                        // Taken down here when the registry could not say
+                        // (an error, no answer): write it again. A read
+                        // that is merely behind makes this a no-op.
+                        self.ask_mark_down(s.id, "still up in the registry", Some(0));
                     }
                     if let Some(at) = elsewhere {
-                        self.learn_attached(Attached {
+                        let _ = self.learn_attached(Attached {
                             server: s.id,
                             epoch: s.epoch,
                             exchange: at,
@@ -475,6 +539,7 @@ impl Exchange {
                 }
             }
         }
+        self.release_relays();
         let id = self.ask(Query::Touch(touch));
         self.asked.insert(id, Asked::Touch);
     }

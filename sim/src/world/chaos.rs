@@ -23,6 +23,7 @@ impl World {
             55..=64 => self.drain_app(),
             65..=74 => self.crash_exchange(),
             75..=81 => self.drain_exchange(),
+            82..=85 if self.exs.len() > 1 => self.cut_peers(),
             _ => {
                 self.reg_mode = match self.rng.below(3) {
                     0 => RegMode::Slow,
@@ -35,8 +36,10 @@ impl World {
                 self.count("registry_trouble");
                 let mode = self.reg_mode;
                 self.log(|| format!("registry in trouble: {mode:?}"));
-                for r in self.rejoining.values_mut() {
-                    r.excused = true;
+                for slot in &mut self.exs {
+                    for r in slot.rejoining.values_mut() {
+                        r.excused = true;
+                    }
                 }
                 let d = self.rng.millis(300, 4_000);
                 self.schedule(d, Ev::RegistryNormal);
@@ -57,8 +60,10 @@ impl World {
         self.count("cut");
         self.apps[a].partitioned = true;
         let id = self.apps[a].id;
-        if let Some(r) = self.rejoining.get_mut(&id) {
-            r.excused = true;
+        for slot in &mut self.exs {
+            if let Some(r) = slot.rejoining.get_mut(&id) {
+                r.excused = true;
+            }
         }
         self.log(|| format!("server {} cut off", self.apps[a].id));
         let idle = self.p.idle;
@@ -159,9 +164,9 @@ impl World {
         self.schedule(d, Ev::RestartApp { app: a });
     }
 
-    /// The exchange incarnation ends: tell the oracle what it refused.
-    pub(super) fn exchange_ends(&mut self) {
-        if let Some(ex) = self.ex.as_ref() {
+    /// An exchange incarnation ends: tell the oracle what it refused.
+    pub(super) fn exchange_ends(&mut self, x: usize) {
+        if let Some(ex) = self.exs[x].node.as_ref() {
             let origins: Vec<ServerId> = self.apps.iter().map(|a| a.id).collect();
             let refused: Vec<(MessageId, ServerId)> = origins
                 .into_iter()
@@ -176,20 +181,36 @@ impl World {
         }
     }
 
+    fn live_exchanges(&self) -> Vec<usize> {
+        (0..self.exs.len())
+            .filter(|&x| self.exs[x].node.is_some())
+            .collect()
+    }
+
     pub(super) fn crash_exchange(&mut self) {
-        self.exchange_ends();
-        let Some(ex) = self.ex.take() else { return };
+        let live = self.live_exchanges();
+        if live.is_empty() {
+            return;
+        }
+        let x = live[self.rng.below(live.len())];
+        self.exchange_ends(x);
+        let Some(ex) = self.exs[x].node.take() else {
+            return;
+        };
         self.count("crash_exchange");
-        self.log(|| "exchange crashes".to_string());
+        self.log(|| format!("exchange {} crashes", self.exs[x].id));
         self.orphan_conns(&ex);
         let d = self.rng.millis(100, 3_000);
-        self.schedule(d, Ev::RestartEx);
+        self.schedule(d, Ev::RestartEx { x });
     }
 
     /// The exchange process is gone: its connections that the app servers
     /// still hold end for them at the idle timeout.
     pub(super) fn orphan_conns(&mut self, ex: &ExNode) {
         let idle = self.p.idle;
+        for (pc, end) in ex.peer_conns.values().copied().collect::<BTreeSet<_>>() {
+            self.peer_end_gone(pc, end);
+        }
         for sc in sorted(ex.conns.values().copied().collect()) {
             if let Some(c) = self.conns.get_mut(&sc) {
                 c.ex_open = false;
@@ -203,15 +224,26 @@ impl World {
 
     pub(super) fn drain_exchange(&mut self) {
         let now = self.now;
-        if self.ex.as_ref().is_none_or(|e| e.core.is_draining()) {
+        let live: Vec<usize> = self
+            .live_exchanges()
+            .into_iter()
+            .filter(|&x| {
+                self.exs[x]
+                    .node
+                    .as_ref()
+                    .is_some_and(|e| !e.core.is_draining())
+            })
+            .collect();
+        if live.is_empty() {
             return;
         }
+        let x = live[self.rng.below(live.len())];
         self.count("drain_exchange");
-        self.log(|| "exchange drains".to_string());
-        if let Some(ex) = self.ex.as_mut() {
+        self.log(|| format!("exchange {} drains", self.exs[x].id));
+        if let Some(ex) = self.exs[x].node.as_mut() {
             ex.core.shutdown(now);
         }
-        self.pump_ex();
+        self.pump_ex(x);
     }
 
     pub(super) fn random_send(&mut self) {
@@ -303,9 +335,10 @@ impl World {
         let remote = rows
             .iter()
             .flat_map(|(s, us)| us.iter().map(move |u| (*s, *u)));
+        let exchange = inc.link.config().exchange;
         let fwd = match inc
             .origin
-            .forward(&mut msg, remote, EXCHANGE, inc.send_limit)
+            .forward(&mut msg, remote, exchange, inc.send_limit)
         {
             Ok(f) => f,
             // Refused to the caller as too large: nothing to follow.
@@ -321,6 +354,7 @@ impl World {
             body,
             deadline: now + self.p.send_timeout,
             outcome: None,
+            completed_at: None,
             resent: false,
         });
         self.stats.sends += 1;

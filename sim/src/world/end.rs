@@ -23,8 +23,11 @@ impl World {
             self.apps[a].gone = true;
             self.kill_app(a);
         }
-        if self.ex.is_none() {
-            self.start_exchange();
+        self.peer_cuts.clear();
+        for x in 0..self.exs.len() {
+            if self.exs[x].node.is_none() {
+                self.start_exchange(x);
+            }
         }
         for a in 0..self.apps.len() {
             if self.apps[a].inc.is_none() && !self.apps[a].gone {
@@ -74,9 +77,13 @@ impl World {
             .iter()
             .filter_map(|a| a.inc.as_ref().map(|i| i.life))
             .collect();
+        // (A `timed_out` reported before the deadline is the relay saying
+        // the outcome is unknown — a 906 refused after a copy may have
+        // reached the target — not a send left hanging.)
         let stuck = self.oracle.sends.iter().find(|s| {
             live.contains(&s.incarnation)
                 && s.deadline >= recovered_by
+                && s.completed_at.is_none_or(|t| t >= s.deadline)
                 && s.outcome
                     .as_ref()
                     .is_some_and(|o| o.iter().any(|(_, st)| *st == DeliveryStatus::TimedOut))
@@ -90,29 +97,43 @@ impl World {
             );
             return self.fail(what);
         }
-        // The server that stopped for good is forgotten by the exchange.
-        let ex = self.ex.as_ref().expect("restarted in quiet()");
-        for a in self.apps.iter().filter(|a| a.gone) {
-            let state = ex.core.route_state(a.id);
-            let queued = ex.core.queued(a.id);
-            if state.is_some_and(|s| s != RouteState::Down)
-                || queued != (0, 0)
-                || ex.core.reports_held(a.id) != 0
-                || ex.core.attached_link(a.id).is_some()
-            {
+        // The server that stopped for good is forgotten by every exchange,
+        // and every exchange is linked to every other.
+        let mut links = 0;
+        let n = self.exs.len();
+        for slot in &self.exs {
+            let ex = slot.node.as_ref().expect("restarted in quiet()");
+            for a in self.apps.iter().filter(|a| a.gone) {
+                let state = ex.core.route_state(a.id);
+                let queued = ex.core.queued(a.id);
+                if state.is_some_and(|s| s != RouteState::Down)
+                    || queued != (0, 0)
+                    || ex.core.reports_held(a.id) != 0
+                    || ex.core.attached_link(a.id).is_some()
+                {
+                    return self.fail(format!(
+                        "exchange {} still holds state for server {} which is gone: {state:?}, queued {queued:?}, {} reports, link {:?}",
+                        slot.id,
+                        a.id,
+                        ex.core.reports_held(a.id),
+                        ex.core.attached_link(a.id)
+                    ));
+                }
+            }
+            if ex.core.peer_links() != n - 1 {
                 return self.fail(format!(
-                    "the exchange still holds state for server {} which is gone: {state:?}, queued {queued:?}, {} reports, link {:?}",
-                    a.id,
-                    ex.core.reports_held(a.id),
-                    ex.core.attached_link(a.id)
+                    "exchange {} has {} peer links, {} other exchanges run",
+                    slot.id,
+                    ex.core.peer_links(),
+                    n - 1
                 ));
             }
+            links += ex.core.link_count() - ex.core.peer_links();
         }
         let live = self.live_apps();
-        if ex.core.link_count() != live.len() {
+        if links != live.len() {
             return self.fail(format!(
-                "the exchange holds {} links for {} live servers",
-                ex.core.link_count(),
+                "the exchanges hold {links} links for {} live servers",
                 live.len()
             ));
         }
@@ -131,6 +152,21 @@ impl World {
     }
 
     pub(super) fn check_end(&mut self) {
+        for slot in &self.exs {
+            let Some(ex) = slot.node.as_ref() else {
+                continue;
+            };
+            for peer in &self.exs {
+                let left = ex.core.relays_to(peer.id);
+                if !left.is_empty() {
+                    let what = format!(
+                        "exchange {} still holds relays to {} at the end: {left:?}",
+                        slot.id, peer.id
+                    );
+                    return self.fail(what);
+                }
+            }
+        }
         let gone: Vec<ServerId> = self.apps.iter().filter(|a| a.gone).map(|a| a.id).collect();
         for &n in &self.final_round.clone() {
             let rec = &self.oracle.sends[n as usize];
@@ -145,13 +181,31 @@ impl World {
                 };
                 if *status != want {
                     let id = rec.id;
-                    let detail = self.ex.as_ref().map(|e| {
-                        (
-                            e.core.route_state(*server),
-                            e.core.queued(*server),
-                            e.core.attached_link(*server),
-                        )
-                    });
+                    let detail: Vec<_> = self
+                        .exs
+                        .iter()
+                        .filter_map(|s| s.node.as_ref())
+                        .map(|e| {
+                            (
+                                e.core.route_state(*server),
+                                e.core.queued(*server),
+                                e.core.attached_link(*server),
+                            )
+                        })
+                        .collect();
+                    let stuck: Vec<_> = self
+                        .exs
+                        .iter()
+                        .filter_map(|s| s.node.as_ref())
+                        .flat_map(|e| {
+                            self.exs
+                                .iter()
+                                .map(|p| (p.id, e.core.relays_to(p.id)))
+                                .filter(|(_, v)| !v.is_empty())
+                                .collect::<Vec<_>>()
+                        })
+                        .collect();
+                    self.log(|| format!("unanswered relays: {stuck:?}"));
                     return self.fail(format!(
                         "final send {id} to {server}: {}, expected {} in a healed deployment (route, queue, link: {detail:?})",
                         status.as_str(),
@@ -164,7 +218,44 @@ impl World {
 
     /// Bounds and bookkeeping that must hold after every step.
     pub(super) fn check_step(&mut self) {
-        if let Some(ex) = self.ex.as_mut() {
+        for x in 0..self.exs.len() {
+            self.check_exchange(x);
+            if self.violation.is_some() {
+                return;
+            }
+        }
+        for a in &self.apps {
+            if let Some(inc) = &a.inc
+                && inc.link.outstanding() > self.p.max_outstanding
+            {
+                let (id, n) = (a.id, inc.link.outstanding());
+                return self.fail(format!(
+                    "server {id} has {n} 905s outstanding: over its bound"
+                ));
+            }
+        }
+    }
+
+    fn check_exchange(&mut self, x: usize) {
+        if self.trace
+            && let Some(ex) = self.exs[x].node.as_mut()
+        {
+            let mut changes = Vec::new();
+            for s in ex.core.servers().collect::<Vec<_>>() {
+                let now = (
+                    ex.core.route_state(s).expect("listed"),
+                    ex.core.route_place(s),
+                );
+                if ex.states.insert(s, now) != Some(now) {
+                    changes.push((s, now));
+                }
+            }
+            let me = self.exs[x].id;
+            for (s, (state, place)) in changes {
+                self.log(|| format!("exchange {me}: route {s} {state:?} {place:?}"));
+            }
+        }
+        if let Some(ex) = self.exs[x].node.as_mut() {
             // A new incarnation attached in this step starts with nothing
             // that was queued for the old one (answered `server_down`).
             let mut fresh = None;
@@ -181,14 +272,17 @@ impl World {
                 ));
             }
         }
-        if let Some(ex) = self.ex.as_ref() {
+        if let Some(ex) = self.exs[x].node.as_ref() {
             let core = &ex.core;
             let mut queued = 0usize;
-            let byte_bound = self.p.queue_max_bytes + self.p.ex_max_frame + HEADER_LEN;
+            // What moves in with a target (from each peer's relay outbox)
+            // comes on top of a queue's own bound.
+            let places = self.exs.len();
+            let byte_bound = (self.p.queue_max_bytes + self.p.ex_max_frame + HEADER_LEN) * places;
             for s in core.servers().collect::<Vec<_>>() {
                 let (frames, bytes) = core.queued(s);
                 queued += frames;
-                if frames > self.p.queue_max_frames || bytes > byte_bound {
+                if frames > self.p.queue_max_frames * places || bytes > byte_bound {
                     return self.fail(format!(
                         "queue for {s} holds {frames} frames, {bytes} bytes: over its bound"
                     ));
@@ -216,20 +310,10 @@ impl World {
                 ));
             }
             if core.asks_in_flight() > 1_000 || core.timers_pending() > 100_000 {
-                return self.fail(format!(
+                self.fail(format!(
                     "exchange state grows: {} asks, {} timers",
                     core.asks_in_flight(),
                     core.timers_pending()
-                ));
-            }
-        }
-        for a in &self.apps {
-            if let Some(inc) = &a.inc
-                && inc.link.outstanding() > self.p.max_outstanding
-            {
-                let (id, n) = (a.id, inc.link.outstanding());
-                return self.fail(format!(
-                    "server {id} has {n} 905s outstanding: over its bound"
                 ));
             }
         }

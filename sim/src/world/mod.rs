@@ -1,6 +1,7 @@
-//! The simulated deployment: one exchange core and N app-server link cores
-//! on a virtual clock, joined by a network of ordered byte pipes, a model
-//! of the registry, and a seeded schedule of sends and faults.
+//! The simulated deployment: one to three exchange cores and N app-server
+//! link cores on a virtual clock, joined by a network of ordered byte
+//! pipes (app server to exchange, exchange to exchange), a model of the
+//! registry, and a seeded schedule of sends and faults.
 //!
 //! Everything the daemons' IO shells do is done here instead, in memory:
 //! bytes a core hands out are delivered to the other side after a latency
@@ -15,6 +16,7 @@ mod chaos;
 mod end;
 mod net;
 mod nodes;
+mod peers;
 mod registry;
 
 use crate::oracle::{Oracle, SendRec};
@@ -31,13 +33,16 @@ use iim_proto::wire::{
     self, CLOSE_GOING_AWAY, DeliveryStatus, Frame, HEADER_LEN, Message, Timing, UserRow,
 };
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The exchange's id in every run.
+/// The first exchange's id in every run (the others follow it).
 pub const EXCHANGE: ServerId = ServerId(100);
+/// An exchange row not refreshed for this long is taken for a dead
+/// exchange's (as the app server's shell does).
+const EXCHANGE_STALE: Duration = Duration::from_secs(10);
 /// A server id no registry row has.
 const STRANGER: ServerId = ServerId(99);
 
@@ -45,6 +50,8 @@ const STRANGER: ServerId = ServerId(99);
 #[derive(Clone, Debug)]
 pub struct Params {
     pub servers: usize,
+    /// Exchanges; app server `i` prefers exchange `i % exchanges`.
+    pub exchanges: usize,
     pub lease: Duration,
     /// QUIC's idle timeout: how long each side takes to notice a dead
     /// connection.
@@ -75,8 +82,14 @@ impl Params {
     pub fn draw(rng: &mut Rng) -> Params {
         let servers = rng.range(2, 6) as usize;
         let small_queues = rng.chance(0.25);
+        let exchanges = if rng.chance(0.4) {
+            1
+        } else {
+            rng.range(2, 4) as usize
+        };
         Params {
             servers,
+            exchanges,
             lease: rng.millis(800, 3_000),
             idle: rng.millis(300, 1_200),
             latency_ms: (1, rng.range(2, 30)),
@@ -96,7 +109,7 @@ impl Params {
             app_max_frame: (0..servers)
                 .map(|_| if rng.chance(0.15) { 1_500 } else { 1 << 20 })
                 .collect(),
-            fixed_address: rng.chance(0.3),
+            fixed_address: exchanges == 1 && rng.chance(0.3),
             chaos: rng.millis(5_000, 20_000),
             send_gap_ms: rng.range(5, 60),
             fault_gap_ms: rng.range(300, 3_000),
@@ -153,6 +166,7 @@ enum Ev {
         app: usize,
         life: u64,
         link: ConnId,
+        x: usize,
     },
     ConnectFailed {
         app: usize,
@@ -160,6 +174,7 @@ enum Ev {
         link: ConnId,
     },
     ExAnswer {
+        x: usize,
         life: u64,
         id: AskId,
         query: Query,
@@ -170,13 +185,44 @@ enum Ev {
         ask: AskId,
     },
     Writable {
+        x: usize,
         life: u64,
         conn: ConnId,
     },
     RestartApp {
         app: usize,
     },
-    RestartEx,
+    RestartEx {
+        x: usize,
+    },
+    /// A dial from exchange `x` reached exchange `to`.
+    PeerConnected {
+        x: usize,
+        life: u64,
+        to: usize,
+        to_life: u64,
+    },
+    PeerDialFailed {
+        x: usize,
+        life: u64,
+        peer: ServerId,
+    },
+    /// Bytes arrive at end `end` (0: the dialer) of peer connection `pc`.
+    ToPeer {
+        pc: u64,
+        end: usize,
+        bytes: Bytes,
+    },
+    /// End `end` of `pc` learns the connection is gone (closed by the
+    /// other side, or silent for the idle timeout).
+    PeerDown {
+        pc: u64,
+        end: usize,
+    },
+    /// A cut between two exchanges heals.
+    PeerHeal {
+        pair: (usize, usize),
+    },
     Heal {
         app: usize,
     },
@@ -249,8 +295,45 @@ struct ExNode {
     port: u16,
     /// Exchange-side connection id -> simulated connection.
     conns: HashMap<ConnId, u64>,
+    /// Exchange-side connection id -> peer connection and this side's end.
+    peer_conns: HashMap<ConnId, (u64, usize)>,
     /// Each route's incarnation as last checked.
     epochs: BTreeMap<ServerId, u64>,
+    /// Each route's state as last checked (for the trace).
+    states: BTreeMap<ServerId, RouteSeen>,
+}
+
+/// A route's state and place (exchange, attach epoch) as last traced.
+type RouteSeen = (RouteState, Option<(ServerId, Option<u64>)>);
+
+/// One exchange of the deployment, running or not.
+struct ExSlot {
+    id: ServerId,
+    node: Option<ExNode>,
+    /// The servers its running incarnation gave the rejoin lease (it
+    /// served them before it restarted) and that have not registered with
+    /// it yet: epoch, and whether a fault since the start excuses a late
+    /// return.
+    rejoining: BTreeMap<ServerId, Rejoin>,
+}
+
+/// One end of a connection between two exchanges.
+struct PeerEnd {
+    x: usize,
+    life: u64,
+    conn: ConnId,
+    open: bool,
+    rx: BytesMut,
+    /// When the last bytes sent towards this end arrive.
+    last: Instant,
+    /// The first frame (the acceptor's: a `PeerHello`) is still to come.
+    first: bool,
+}
+
+/// A connection between two exchanges: end 0 dialled, end 1 accepted.
+struct PeerConn {
+    ends: [PeerEnd; 2],
+    cut: bool,
 }
 
 struct AppInc {
@@ -273,6 +356,8 @@ struct AppNode {
 }
 
 struct SimConn {
+    /// The exchange it connects to.
+    x: usize,
     app: usize,
     app_gen: u64,
     link: ConnId,
@@ -321,13 +406,13 @@ pub struct World {
     reg_mode: RegMode,
     /// The table as a lagging replica still sees it.
     reg_stale: BTreeMap<ServerId, RegRow>,
-    ex: Option<ExNode>,
+    exs: Vec<ExSlot>,
     ex_gens: u64,
-    ex_metrics: Option<Arc<ExchangeMetrics>>,
-    /// The servers the running exchange gave the rejoin lease (it served
-    /// them before it restarted) and that have not registered with it yet:
-    /// epoch, and whether a fault since the start excuses a late return.
-    rejoining: BTreeMap<ServerId, Rejoin>,
+    /// When each exchange last refreshed its row.
+    last_seen: BTreeMap<ServerId, Instant>,
+    peer_conns: BTreeMap<u64, PeerConn>,
+    /// Pairs of exchanges that cannot reach each other now.
+    peer_cuts: BTreeSet<(usize, usize)>,
     /// When the registry's latest trouble ended (answers drawn slow before
     /// may still be on their way for a while).
     registry_calm_since: Instant,
@@ -362,11 +447,12 @@ impl World {
             reg: BTreeMap::new(),
             reg_mode: RegMode::Normal,
             reg_stale: BTreeMap::new(),
-            ex: None,
+            exs: Vec::new(),
             ex_gens: 0,
-            rejoining: BTreeMap::new(),
+            last_seen: BTreeMap::new(),
+            peer_conns: BTreeMap::new(),
+            peer_cuts: BTreeSet::new(),
             registry_calm_since: base,
-            ex_metrics: None,
             apps: Vec::new(),
             gens: 0,
             conns: HashMap::new(),
@@ -380,17 +466,25 @@ impl World {
             violation: None,
             p,
         };
-        w.reg.insert(
-            EXCHANGE,
-            RegRow {
-                app: false,
-                epoch: 0,
-                state: RegState::Down,
-                exchange: None,
-                attach_epoch: 0,
-                address: String::new(),
-            },
-        );
+        for x in 0..w.p.exchanges {
+            let id = ServerId(EXCHANGE.0 + x as u32);
+            w.reg.insert(
+                id,
+                RegRow {
+                    app: false,
+                    epoch: 0,
+                    state: RegState::Down,
+                    exchange: None,
+                    attach_epoch: 0,
+                    address: String::new(),
+                },
+            );
+            w.exs.push(ExSlot {
+                id,
+                node: None,
+                rejoining: BTreeMap::new(),
+            });
+        }
         for i in 0..w.p.servers {
             let id = ServerId(i as u32 + 1);
             w.apps.push(AppNode {
@@ -400,7 +494,9 @@ impl World {
                 gone: false,
             });
         }
-        w.start_exchange();
+        for x in 0..w.p.exchanges {
+            w.start_exchange(x);
+        }
         for a in 0..w.p.servers {
             w.start_app(a);
         }
@@ -494,7 +590,11 @@ impl World {
     }
 
     fn next_timer(&self) -> Option<Instant> {
-        let ex = self.ex.as_ref().and_then(|e| e.core.poll_timeout());
+        let ex = self
+            .exs
+            .iter()
+            .filter_map(|s| s.node.as_ref().and_then(|e| e.core.poll_timeout()))
+            .min();
         let apps = self
             .apps
             .iter()
@@ -508,11 +608,13 @@ impl World {
 
     fn fire_timers(&mut self) {
         let now = self.now;
-        if let Some(ex) = self.ex.as_mut()
-            && ex.core.poll_timeout().is_some_and(|t| t <= now)
-        {
-            ex.core.handle_timeout(now);
-            self.pump_ex();
+        for x in 0..self.exs.len() {
+            if let Some(ex) = self.exs[x].node.as_mut()
+                && ex.core.poll_timeout().is_some_and(|t| t <= now)
+            {
+                ex.core.handle_timeout(now);
+                self.pump_ex(x);
+            }
         }
         for a in 0..self.apps.len() {
             if let Some(inc) = self.apps[a].inc.as_mut()
@@ -558,15 +660,15 @@ impl World {
             Ev::ToEx { conn, bytes } => self.deliver_to_exchange(conn, bytes),
             Ev::ToApp { conn, bytes } => self.deliver_to_app(conn, bytes),
             Ev::CloseToEx { conn, clean } => {
-                if let Some((ex_conn, _)) = self.ex_side(conn) {
+                if let Some((x, ex_conn)) = self.ex_side(conn) {
                     self.conns.get_mut(&conn).expect("live").ex_open = false;
-                    if let Some(ex) = self.ex.as_mut() {
+                    if let Some(ex) = self.exs[x].node.as_mut() {
                         ex.conns.remove(&ex_conn);
                         let detail = "closed by the server".to_string();
                         ex.core
                             .handle_end(ex_conn, LinkEnd::Closed { clean, detail }, now);
                     }
-                    self.pump_ex();
+                    self.pump_ex(x);
                 }
             }
             Ev::CloseToApp { conn, code, reason } => {
@@ -581,9 +683,9 @@ impl World {
                 }
             }
             Ev::IdleEx { conn } => {
-                if let Some((ex_conn, _)) = self.ex_side(conn) {
+                if let Some((x, ex_conn)) = self.ex_side(conn) {
                     self.conns.get_mut(&conn).expect("live").ex_open = false;
-                    if let Some(ex) = self.ex.as_mut() {
+                    if let Some(ex) = self.exs[x].node.as_mut() {
                         ex.conns.remove(&ex_conn);
                         let end = LinkEnd::Closed {
                             clean: false,
@@ -591,7 +693,7 @@ impl World {
                         };
                         ex.core.handle_end(ex_conn, end, now);
                     }
-                    self.pump_ex();
+                    self.pump_ex(x);
                 }
             }
             Ev::IdleApp { conn } => {
@@ -605,7 +707,7 @@ impl World {
                     self.pump_app(a);
                 }
             }
-            Ev::Connected { app, life, link } => self.connected(app, life, link),
+            Ev::Connected { app, life, link, x } => self.connected(app, life, link, x),
             Ev::ConnectFailed { app, life, link } => {
                 if let Some(inc) = self.apps[app].inc.as_mut()
                     && inc.life == life
@@ -615,13 +717,13 @@ impl World {
                     self.pump_app(app);
                 }
             }
-            Ev::ExAnswer { life, id, query } => {
-                if self.ex.as_ref().is_some_and(|e| e.life == life) {
-                    let answer = self.registry_answer(query);
-                    if let Some(ex) = self.ex.as_mut() {
+            Ev::ExAnswer { x, life, id, query } => {
+                if self.ex_life(x) == Some(life) {
+                    let answer = self.registry_answer(x, query);
+                    if let Some(ex) = self.exs[x].node.as_mut() {
                         ex.core.handle_answer(id, answer, now);
                     }
-                    self.pump_ex();
+                    self.pump_ex(x);
                 }
             }
             Ev::AppAnswer { app, life, ask } => {
@@ -643,9 +745,9 @@ impl World {
                     self.pump_app(app);
                 }
             }
-            Ev::Writable { life, conn } => {
-                if self.ex.as_ref().is_some_and(|e| e.life == life) {
-                    self.ex_transmit(conn);
+            Ev::Writable { x, life, conn } => {
+                if self.ex_life(x) == Some(life) {
+                    self.ex_transmit(x, conn);
                 }
             }
             Ev::RestartApp { app } => {
@@ -653,10 +755,30 @@ impl World {
                     self.start_app(app);
                 }
             }
-            Ev::RestartEx => {
-                if self.ex.is_none() {
-                    self.start_exchange();
+            Ev::RestartEx { x } => {
+                if self.exs[x].node.is_none() {
+                    self.start_exchange(x);
                 }
+            }
+            Ev::PeerConnected {
+                x,
+                life,
+                to,
+                to_life,
+            } => self.peer_connected(x, life, to, to_life),
+            Ev::PeerDialFailed { x, life, peer } => {
+                if self.ex_life(x) == Some(life) {
+                    if let Some(ex) = self.exs[x].node.as_mut() {
+                        ex.core.dial_failed(peer, now);
+                    }
+                    self.pump_ex(x);
+                }
+            }
+            Ev::ToPeer { pc, end, bytes } => self.deliver_to_peer(pc, end, bytes),
+            Ev::PeerDown { pc, end } => self.peer_down(pc, end),
+            Ev::PeerHeal { pair } => {
+                self.log(|| format!("exchanges {pair:?} reach each other again"));
+                self.peer_cuts.remove(&pair);
             }
             Ev::Heal { app } => {
                 if self.apps[app].partitioned {

@@ -48,11 +48,12 @@ impl World {
         }
     }
 
-    /// The exchange end of `conn`, if it is open on the running exchange.
-    pub(super) fn ex_side(&self, conn: u64) -> Option<(ConnId, u64)> {
+    /// The exchange end of `conn` (which exchange, its connection id), if
+    /// it is open on that exchange's running incarnation.
+    pub(super) fn ex_side(&self, conn: u64) -> Option<(usize, ConnId)> {
         let c = self.conns.get(&conn)?;
-        let ex = self.ex.as_ref()?;
-        (c.ex_open && ex.life == c.ex_gen).then_some((c.ex_conn, ex.life))
+        let ex = self.exs[c.x].node.as_ref()?;
+        (c.ex_open && ex.life == c.ex_gen).then_some((c.x, c.ex_conn))
     }
 
     /// The app server end of `conn`, if that incarnation still holds it.
@@ -62,7 +63,7 @@ impl World {
         (c.app_open && inc.life == c.app_gen).then_some((c.app, c.link))
     }
 
-    pub(super) fn connected(&mut self, a: usize, life: u64, link: ConnId) {
+    pub(super) fn connected(&mut self, a: usize, life: u64, link: ConnId, x: usize) {
         let now = self.now;
         let holds = self.apps[a]
             .inc
@@ -71,7 +72,7 @@ impl World {
         if !holds {
             return;
         }
-        let ex_alive = self.ex.is_some() && !self.apps[a].partitioned;
+        let ex_alive = self.exs[x].node.is_some() && !self.apps[a].partitioned;
         if !ex_alive {
             if let Some(inc) = self.apps[a].inc.as_mut() {
                 inc.link
@@ -82,13 +83,36 @@ impl World {
         let sc = self.next_conn;
         self.next_conn += 1;
         let ex_conn = ConnId(sc);
-        self.log(|| format!("server {} connected: conn {sc}", self.apps[a].id));
-        let ex = self.ex.as_mut().expect("checked");
+        self.log(|| {
+            format!(
+                "server {} connected to {}: conn {sc}",
+                self.apps[a].id, self.exs[x].id
+            )
+        });
+        // What other exchanges refused of this origin's 905s it did not
+        // hear may now come through this one, late (as after a restart).
+        let origin = self.apps[a].id;
+        let refused: Vec<(MessageId, ServerId)> = self
+            .exs
+            .iter()
+            .enumerate()
+            .filter(|(y, _)| *y != x)
+            .filter_map(|(_, s)| s.node.as_ref())
+            .flat_map(|e| {
+                e.core
+                    .refusals_of(origin)
+                    .map(|(id, t, _)| (id, t))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        self.oracle.exchange_refused(refused);
+        let ex = self.exs[x].node.as_mut().expect("checked");
         ex.conns.insert(ex_conn, sc);
         let ex_gen = ex.life;
         self.conns.insert(
             sc,
             SimConn {
+                x,
                 app: a,
                 app_gen: life,
                 link,
@@ -107,7 +131,7 @@ impl World {
             },
         );
         ex.core.accept(ex_conn, now);
-        self.pump_ex();
+        self.pump_ex(x);
         if let Some(inc) = self.apps[a].inc.as_mut() {
             inc.conns.insert(link, sc);
             inc.link.handle_connected(link, now);
@@ -117,7 +141,7 @@ impl World {
 
     pub(super) fn deliver_to_exchange(&mut self, sc: u64, bytes: Bytes) {
         let now = self.now;
-        let Some((ex_conn, _)) = self.ex_side(sc) else {
+        let Some((x, ex_conn)) = self.ex_side(sc) else {
             return;
         };
         let c = self.conns.get_mut(&sc).expect("live");
@@ -142,7 +166,7 @@ impl World {
         if first {
             c.ex_first = false;
         }
-        let ex = self.ex.as_mut().expect("ex_side checked");
+        let ex = self.exs[x].node.as_mut().expect("ex_side checked");
         if first
             && matches!(frames.first(), Some(Frame::Register(_)))
             && let Frame::Register(reg) = frames.remove(0)
@@ -155,7 +179,7 @@ impl World {
         if let Some(e) = bad {
             ex.core.handle_end(ex_conn, LinkEnd::Malformed(e), now);
         }
-        self.pump_ex();
+        self.pump_ex(x);
     }
 
     pub(super) fn deliver_to_app(&mut self, sc: u64, bytes: Bytes) {

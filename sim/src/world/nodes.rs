@@ -4,9 +4,15 @@
 use super::*;
 
 impl World {
-    pub(super) fn start_exchange(&mut self) {
+    /// The running incarnation of exchange `x`, if any.
+    pub(super) fn ex_life(&self, x: usize) -> Option<u64> {
+        self.exs[x].node.as_ref().map(|e| e.life)
+    }
+
+    pub(super) fn start_exchange(&mut self, x: usize) {
         self.ex_gens += 1;
         let life = self.ex_gens;
+        let me = self.exs[x].id;
         // A configured address stays the same across restarts; one found
         // in the registry may change.
         let port = if self.p.fixed_address {
@@ -14,11 +20,12 @@ impl World {
         } else {
             4_000 + life as u16
         };
-        let row = self.reg.get_mut(&EXCHANGE).expect("exchange row");
+        let row = self.reg.get_mut(&me).expect("exchange row");
         row.epoch += 1;
         row.state = RegState::Up;
-        row.address = format!("10.0.0.1:{port}");
+        row.address = format!("10.0.0.{}:{port}", x + 1);
         let epoch = row.epoch;
+        self.last_seen.insert(me, self.now);
         let known = self.app_rows();
         // A server alive and reachable, with the registry healthy, must be
         // back before its rejoin lease ends: it must never be marked down
@@ -27,9 +34,9 @@ impl World {
             || self.p.registry_drop > 0.0
             || self.now
                 < self.registry_calm_since + Duration::from_millis(registry::SLOWEST_ANSWER_MS);
-        self.rejoining = known
+        self.exs[x].rejoining = known
             .iter()
-            .filter(|r| r.exchange == Some(EXCHANGE) && !r.down)
+            .filter(|r| r.exchange == Some(me) && !r.down)
             .map(|r| {
                 let cut = self.apps.iter().any(|a| a.id == r.id && a.partitioned);
                 (
@@ -41,13 +48,12 @@ impl World {
                 )
             })
             .collect();
-        let rejoining = self.rejoining.clone();
-        self.log(|| format!("rejoin lease for {rejoining:?}"));
+        let rejoining = self.exs[x].rejoining.clone();
+        self.log(|| format!("exchange {me}: rejoin lease for {rejoining:?}"));
         let metrics = Arc::new(ExchangeMetrics::default());
-        self.ex_metrics = Some(metrics.clone());
         let core = Exchange::new(
             exchange::Config {
-                id: EXCHANGE,
+                id: me,
                 epoch,
                 lease: self.p.lease,
                 rejoin: exchange::Config::rejoin_for(self.p.lease, self.p.idle),
@@ -65,15 +71,17 @@ impl World {
             metrics,
             self.now,
         );
-        self.log(|| format!("exchange starts, epoch {epoch}, port {port}"));
-        self.ex = Some(ExNode {
+        self.log(|| format!("exchange {me} starts, epoch {epoch}, port {port}"));
+        self.exs[x].node = Some(ExNode {
             core,
             life,
             port,
             conns: HashMap::new(),
+            peer_conns: HashMap::new(),
             epochs: BTreeMap::new(),
+            states: BTreeMap::new(),
         });
-        self.pump_ex();
+        self.pump_ex(x);
     }
 
     pub(super) fn start_app(&mut self, a: usize) {
@@ -96,10 +104,11 @@ impl World {
             .fixed_address
             .then(|| SocketAddr::from(([10, 0, 0, 1], 4_001)));
         let max_frame = self.p.app_max_frame[a];
+        let preferred = self.exs[a % self.exs.len()].id;
         let cfg = link::Config {
             server: id,
             epoch,
-            exchange: EXCHANGE,
+            exchange: preferred,
             address,
             max_frame,
             send_timeout: self.p.send_timeout,
@@ -126,9 +135,12 @@ impl World {
         registry::rows_of(&self.reg)
     }
 
-    pub(super) fn pump_ex(&mut self) {
+    pub(super) fn pump_ex(&mut self, x: usize) {
+        let me = self.exs[x].id;
         loop {
-            let Some(ex) = self.ex.as_mut() else { return };
+            let Some(ex) = self.exs[x].node.as_mut() else {
+                return;
+            };
             let Some(out) = ex.core.poll_output() else {
                 return;
             };
@@ -138,16 +150,29 @@ impl World {
                     if self.rng.chance(0.05) {
                         // A writer that is momentarily full.
                         let d = self.rng.millis(1, 40);
-                        self.schedule(d, Ev::Writable { life, conn });
+                        self.schedule(d, Ev::Writable { x, life, conn });
                     } else {
-                        self.ex_transmit(conn);
+                        self.ex_transmit(x, conn);
                     }
                 }
                 exchange::Output::Close { conn, code, reason } => {
-                    let Some(sc) = self.ex.as_mut().and_then(|e| e.conns.remove(&conn)) else {
+                    if let Some((pc, end)) = self.exs[x]
+                        .node
+                        .as_mut()
+                        .and_then(|e| e.peer_conns.remove(&conn))
+                    {
+                        self.log(|| format!("exchange {me} closes peer conn {pc}: {reason}"));
+                        self.close_peer_end(pc, end);
+                        continue;
+                    }
+                    let Some(sc) = self.exs[x]
+                        .node
+                        .as_mut()
+                        .and_then(|e| e.conns.remove(&conn))
+                    else {
                         continue;
                     };
-                    self.log(|| format!("exchange closes conn {sc}: {code} {reason}"));
+                    self.log(|| format!("exchange {me} closes conn {sc}: {code} {reason}"));
                     let lat = self.latency();
                     if let Some(c) = self.conns.get_mut(&sc) {
                         c.ex_open = false;
@@ -165,33 +190,39 @@ impl World {
                         }
                     }
                 }
-                exchange::Output::Ask { id, query } => self.ask_registry(life, id, query),
-                exchange::Output::Dial { peer, .. } => {
-                    // One exchange per run: its own row is the only one.
-                    self.fail(format!("the only exchange dialled a peer {peer}"));
-                }
+                exchange::Output::Ask { id, query } => self.ask_registry(x, life, id, query),
+                exchange::Output::Dial { peer, address } => self.dial(x, life, peer, address),
                 exchange::Output::Stopped => {
-                    self.log(|| "exchange stopped (drained)".to_string());
-                    self.exchange_ends();
+                    self.log(|| format!("exchange {me} stopped (drained)"));
+                    self.exchange_ends(x);
                     // What it did not close (a link accepted while it
                     // drained) ends for the app server at the idle timeout.
-                    if let Some(ex) = self.ex.take() {
+                    if let Some(ex) = self.exs[x].node.take() {
                         self.orphan_conns(&ex);
                     }
-                    if let Some(r) = self.reg.get_mut(&EXCHANGE) {
+                    if let Some(r) = self.reg.get_mut(&me) {
                         r.state = RegState::Down;
                     }
                     let d = self.rng.millis(100, 1_500);
-                    self.schedule(d, Ev::RestartEx);
+                    self.schedule(d, Ev::RestartEx { x });
                     return;
                 }
             }
         }
     }
 
-    pub(super) fn ex_transmit(&mut self, conn: ConnId) {
-        let Some(ex) = self.ex.as_mut() else { return };
+    pub(super) fn ex_transmit(&mut self, x: usize, conn: ConnId) {
+        let Some(ex) = self.exs[x].node.as_mut() else {
+            return;
+        };
         let chunks = ex.core.poll_transmit(conn, 256 * 1024);
+        if let Some(&(pc, end)) = ex.peer_conns.get(&conn) {
+            let bytes = concat(chunks);
+            if !bytes.is_empty() {
+                self.peer_pipe(pc, 1 - end, bytes);
+            }
+            return;
+        }
         let Some(&sc) = ex.conns.get(&conn) else {
             return;
         };
@@ -230,9 +261,14 @@ impl World {
                     exchange,
                     addr,
                 } => {
+                    let x = self.exs.iter().position(|s| s.id == exchange);
                     let reachable = !self.apps[a].partitioned
-                        && exchange == EXCHANGE
-                        && self.ex.as_ref().is_some_and(|e| e.port == addr.port());
+                        && x.is_some_and(|x| {
+                            self.exs[x]
+                                .node
+                                .as_ref()
+                                .is_some_and(|e| e.port == addr.port())
+                        });
                     self.log(|| {
                         format!(
                             "server {id} dials {addr} (conn {}): {}",
@@ -248,6 +284,7 @@ impl World {
                                 app: a,
                                 life,
                                 link: conn,
+                                x: x.expect("reachable"),
                             },
                         );
                     } else {
@@ -308,7 +345,10 @@ impl World {
                                 .collect::<Vec<_>>()
                         )
                     });
-                    if let Err(e) = self.oracle.completed(reply, life, &results, resent) {
+                    if let Err(e) = self
+                        .oracle
+                        .completed(reply, life, &results, resent, self.now)
+                    {
                         self.fail(e);
                     }
                 }

@@ -18,8 +18,8 @@ impl World {
     /// when that incarnation still lives and was given the rejoin lease by
     /// the running exchange with nothing since to excuse a late return:
     /// its clients would lose their sessions although nothing failed.
-    fn spurious_mark_down(&mut self, server: ServerId, epoch: u64) {
-        let Some(r) = self.rejoining.get(&server).copied() else {
+    fn spurious_mark_down(&mut self, x: usize, server: ServerId, epoch: u64) {
+        let Some(r) = self.exs[x].rejoining.get(&server).copied() else {
             return;
         };
         let alive = self.apps.iter().any(|a| {
@@ -36,20 +36,22 @@ impl World {
         }
     }
 
-    pub(super) fn ask_registry(&mut self, life: u64, id: AskId, query: Query) {
+    pub(super) fn ask_registry(&mut self, x: usize, life: u64, id: AskId, query: Query) {
         let d = self.registry_delay();
         if self.rng.chance(self.p.registry_drop) {
             // The answer is lost; the change may still have been made.
             if self.rng.chance(0.5) {
-                let _ = self.registry_answer(query);
+                let _ = self.registry_answer(x, query);
             }
             return;
         }
-        self.schedule(d, Ev::ExAnswer { life, id, query });
+        self.schedule(d, Ev::ExAnswer { x, life, id, query });
     }
 
-    /// Carry out `query` on the model of the `servers` table.
-    pub(super) fn registry_answer(&mut self, query: Query) -> Answer {
+    /// Carry out exchange `x`'s `query` on the model of the `servers`
+    /// table.
+    pub(super) fn registry_answer(&mut self, x: usize, query: Query) -> Answer {
+        let me = self.exs[x].id;
         let failing = self.reg_mode == RegMode::Failing && self.rng.chance(0.7);
         let fail = || RegistryFailure("registry unavailable (simulated)".into());
         match query {
@@ -67,7 +69,7 @@ impl World {
                     }
                     Some(row) => {
                         row.state = RegState::Up;
-                        row.exchange = Some(EXCHANGE);
+                        row.exchange = Some(me);
                         row.attach_epoch += 1;
                         Registration::Accepted {
                             attach_epoch: row.attach_epoch,
@@ -75,7 +77,7 @@ impl World {
                     }
                 };
                 if matches!(r, Registration::Accepted { .. }) {
-                    self.rejoining.remove(&server);
+                    self.exs[x].rejoining.remove(&server);
                 }
                 Answer::Registration(Ok(r))
             }
@@ -93,12 +95,12 @@ impl World {
                     && row.epoch == epoch
                     && match attach_epoch {
                         Some(a) => row.attach_epoch == a,
-                        None => row.exchange == Some(EXCHANGE),
+                        None => row.exchange == Some(me),
                     }
                 {
                     row.state = RegState::Down;
                     applied = true;
-                    self.spurious_mark_down(server, epoch);
+                    self.spurious_mark_down(x, server, epoch);
                 }
                 Answer::MarkedDown(Ok(applied))
             }
@@ -132,7 +134,13 @@ impl World {
                 }
                 Answer::AppServers(Ok(rows_of(&self.reg)))
             }
-            Query::Touch(_) => Answer::Done(if failing { Err(fail()) } else { Ok(()) }),
+            Query::Touch(_) => {
+                if failing {
+                    return Answer::Done(Err(fail()));
+                }
+                self.last_seen.insert(me, self.now);
+                Answer::Done(Ok(()))
+            }
         }
     }
 
@@ -151,7 +159,11 @@ impl World {
             .map(|(id, r)| ExchangeRow {
                 id: *id,
                 address: r.address.clone(),
-                up: r.state == RegState::Up,
+                up: r.state == RegState::Up
+                    && self
+                        .last_seen
+                        .get(id)
+                        .is_some_and(|t| self.now < *t + EXCHANGE_STALE),
                 attached: table
                     .values()
                     .filter(|a| a.app && a.state == RegState::Up && a.exchange == Some(*id))
