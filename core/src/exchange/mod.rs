@@ -348,9 +348,10 @@ pub struct Exchange {
     links: Map<ConnId, Link>,
     /// The other exchanges: their links and what is relayed to them.
     peers: Map<ServerId, Peer>,
-    /// 906s queued here that a peer relayed: the peer their outcome goes
-    /// back to, by (message, target).
-    relayed: Map<(MessageId, ServerId), ServerId>,
+    /// 906s queued here that peers relayed: the peers their outcome goes
+    /// back to (usually one; more when an origin moved and its new exchange
+    /// relayed the message again), by (message, target).
+    relayed: Map<(MessageId, ServerId), Vec<ServerId>>,
     /// Links attached to a route.
     attached: usize,
     /// Refusals remembered over every route (none: no look-up per 905).

@@ -640,14 +640,19 @@ impl Exchange {
             RouteState::Up | RouteState::Disconnected => {
                 debug!(ex = self.cfg.id.0, id = %d.id, target = target.0, peer = peer.0, "relayed here");
                 let key = (d.id, target);
-                if self.relayed.contains_key(&key) {
-                    // Relayed again after a lost peer link: still queued.
+                if let Some(from) = self.relayed.get_mut(&key) {
+                    // Relayed again (a lost peer link, or by the new
+                    // exchange of an origin that moved): still queued; its
+                    // outcome goes to each peer that asked.
+                    if !from.contains(&peer) {
+                        from.push(peer);
+                    }
                     return None;
                 }
                 match route.queue.push(d) {
                     Ok(_) => {
                         self.metrics.queued.add(1);
-                        self.relayed.insert(key, peer);
+                        self.relayed.insert(key, vec![peer]);
                         if let Some(conn) = route.conn {
                             self.flag(conn);
                         }
@@ -872,18 +877,20 @@ impl Exchange {
             self.metrics.queued.add(-(queued.len() as i64));
             for d in queued {
                 match self.relayed.remove(&(d.id, server)) {
-                    // Relayed here by a peer: it moves what it holds itself.
-                    Some(peer) => {
+                    // Relayed here by peers: each moves what it holds itself.
+                    Some(from) => {
                         if let Some(at) = at {
-                            self.note_to_peer(
-                                peer,
-                                Attached {
-                                    server,
-                                    epoch,
-                                    exchange: at,
-                                    attach_epoch: attach,
-                                },
-                            );
+                            for peer in from {
+                                self.note_to_peer(
+                                    peer,
+                                    Attached {
+                                        server,
+                                        epoch,
+                                        exchange: at,
+                                        attach_epoch: attach,
+                                    },
+                                );
+                            }
                         }
                     }
                     None => moving.push(d),

@@ -397,8 +397,10 @@ impl Exchange {
             // Outcomes of 906s a peer relayed go back to that peer.
             let mut to_peers: BTreeMap<ServerId, Vec<ReportEntry>> = BTreeMap::new();
             entries.retain(|e| match self.relayed.remove(&(e.id, e.server)) {
-                Some(peer) => {
-                    to_peers.entry(peer).or_default().push(*e);
+                Some(from) => {
+                    for peer in from {
+                        to_peers.entry(peer).or_default().push(*e);
+                    }
                     false
                 }
                 None => true,
