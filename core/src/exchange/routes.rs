@@ -303,6 +303,30 @@ impl Exchange {
         self.rehome(server);
     }
 
+    /// The registry says another exchange marked the server down under an
+    /// attachment at least as new as any this one knows: down here too,
+    /// without writing anything.
+    fn learnt_down(&mut self, server: ServerId, epoch: u64, attach_epoch: u64) {
+        let Some(route) = self.routes.get_mut(&server) else {
+            return;
+        };
+        let stale_link = route.conn;
+        route.epoch = route.epoch.max(epoch);
+        route.newest_attach = route.newest_attach.max(attach_epoch);
+        route.at = None;
+        if let Some(conn) = stale_link {
+            self.close(conn, CLOSE_GOING_AWAY, "marked down by another exchange");
+        }
+        if let Some(route) = self.routes.get_mut(&server)
+            && route.state == RouteState::Elsewhere
+        {
+            // Nothing queued here: go_down would find nothing to drain.
+            route.state = RouteState::Disconnected;
+        }
+        self.go_down(server);
+        self.fail_relays_for(server, DeliveryStatus::ServerDown);
+    }
+
     /// The server left on purpose: down now, and in the registry.
     pub(super) fn mark_down(&mut self, server: ServerId, why: &'static str) {
         let Some(failed) = self.go_down(server) else {
@@ -509,17 +533,15 @@ impl Exchange {
                             attach_epoch: s.attach_epoch,
                         });
                     } else if s.down
-                        && state == RouteState::Elsewhere
-                        && (s.epoch > epoch || s.attach_epoch >= newest)
+                        && ((state == RouteState::Elsewhere
+                            && (s.epoch > epoch || s.attach_epoch >= newest))
+                            || (matches!(state, RouteState::Up | RouteState::Disconnected)
+                                && (s.epoch > epoch || s.attach_epoch > newest)))
                     {
-                        // Marked down by the exchange it was attached to.
-                        if let Some(r) = self.routes.get_mut(&s.id) {
-                            r.state = RouteState::Down;
-                            r.at = None;
-                            r.epoch = r.epoch.max(s.epoch);
-                            r.newest_attach = r.newest_attach.max(s.attach_epoch);
-                        }
-                        self.fail_relays_for(s.id, DeliveryStatus::ServerDown);
+                        // Marked down by the exchange it was attached to
+                        // (last, if that was not this one: it moved away
+                        // unnoticed, then died).
+                        self.learnt_down(s.id, s.epoch, s.attach_epoch);
                     } else if s.epoch > epoch && state == RouteState::Disconnected {
                         // Restarted and not back here yet: the incarnation
                         // this exchange held deliveries for is gone.

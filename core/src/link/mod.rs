@@ -101,24 +101,29 @@ pub struct ExchangeRow {
 /// The exchange to attach to: the one just lost while a reconnect to it
 /// is still worth trying (`stay`), else the preferred one if it is up,
 /// else the live one with the fewest attached servers (ties by id),
-/// avoiding the one just lost (`avoid`) while any other is up.
-pub fn choose_exchange(
-    rows: &[ExchangeRow],
+/// avoiding those in `avoid` (the one just lost, then the one an attempt
+/// just failed at: the last named is avoided longest) while any other is
+/// up.
+pub fn choose_exchange<'a>(
+    rows: &'a [ExchangeRow],
     preferred: ServerId,
     stay: Option<ServerId>,
-    avoid: Option<ServerId>,
-) -> Option<&ExchangeRow> {
+    avoid: &[ServerId],
+) -> Option<&'a ExchangeRow> {
     let up = || rows.iter().filter(|r| r.up);
     if let Some(s) = stay
         && let Some(r) = up().find(|r| r.id == s)
     {
         return Some(r);
     }
-    let others = || up().filter(|r| Some(r.id) != avoid);
-    others()
-        .find(|r| r.id == preferred)
-        .or_else(|| others().min_by_key(|r| (r.attached, r.id)))
-        .or_else(|| up().min_by_key(|r| (r.attached, r.id)))
+    // Avoid them all if another is up; else avoid those named last (the
+    // latest failure) only; else take any.
+    (0..=avoid.len()).find_map(|skip| {
+        let avoided = &avoid[skip..];
+        let ok = || up().filter(|r| !avoided.contains(&r.id));
+        ok().find(|r| r.id == preferred)
+            .or_else(|| ok().min_by_key(|r| (r.attached, r.id)))
+    })
 }
 
 /// How a connection to the exchange ended or failed.
@@ -229,6 +234,8 @@ pub struct Link<R> {
     /// a blip must not move the server, a dead exchange must not hold it).
     last_exchange: Option<ServerId>,
     stay_until: Option<Instant>,
+    /// The exchange the latest attempt failed at (until one succeeds).
+    failed_exchange: Option<ServerId>,
 }
 
 impl<R> Link<R> {
@@ -250,6 +257,7 @@ impl<R> Link<R> {
             outputs: VecDeque::new(),
             last_exchange: None,
             stay_until: None,
+            failed_exchange: None,
             metrics,
             cfg,
         }
@@ -391,11 +399,16 @@ impl<R> Link<R> {
         let stay = self
             .last_exchange
             .filter(|_| self.stay_until.is_none_or(|t| now < t));
-        let avoid = self.last_exchange.filter(|_| stay.is_none());
+        let avoid: Vec<ServerId> = self
+            .last_exchange
+            .filter(|_| stay.is_none())
+            .into_iter()
+            .chain(self.failed_exchange)
+            .collect();
         let found = rows
             .map_err(|e| format!("registry: {}", e.0))
             .and_then(|rows| {
-                let ex = choose_exchange(&rows, self.cfg.exchange, stay, avoid)
+                let ex = choose_exchange(&rows, self.cfg.exchange, stay, &avoid)
                     .ok_or_else(|| "no exchange is up in the registry".to_string())?;
                 let addr = ex
                     .address
@@ -646,6 +659,7 @@ impl<R> Link<R> {
         let exchange = r.exchange;
         self.last_exchange = Some(exchange);
         self.stay_until = None;
+        self.failed_exchange = None;
         let exchange_max = r.max_frame as usize;
         self.registrations += 1;
         self.lease = Some(Duration::from_millis(u64::from(r.lease_ms)));
@@ -745,6 +759,10 @@ impl<R> Link<R> {
             "cannot reach the exchange"
         );
         self.out.clear();
+        if let State::Connecting { exchange, .. } | State::Registering { exchange, .. } = self.state
+        {
+            self.failed_exchange = Some(exchange);
+        }
         self.state = State::Idle {
             at: now + self.backoff,
         };
@@ -783,8 +801,10 @@ mod tests {
             row(102, true, 1),
             row(103, false, 0),
         ];
-        let pick =
-            |pref, stay, avoid| choose_exchange(&rows, ServerId(pref), stay, avoid).map(|r| r.id.0);
+        let pick = |pref, stay, avoid: Option<ServerId>| {
+            let avoid: Vec<ServerId> = avoid.into_iter().collect();
+            choose_exchange(&rows, ServerId(pref), stay, &avoid).map(|r| r.id.0)
+        };
         // The preferred one while it is up; else the least attached, ties by id.
         assert_eq!(pick(100, None, None), Some(100));
         assert_eq!(pick(103, None, None), Some(101));
@@ -796,9 +816,15 @@ mod tests {
         // Unless nothing else is up.
         let alone = [row(100, true, 3), row(101, false, 0)];
         assert_eq!(
-            choose_exchange(&alone, ServerId(101), None, Some(ServerId(100))).map(|r| r.id.0),
+            choose_exchange(&alone, ServerId(101), None, &[ServerId(100)]).map(|r| r.id.0),
             Some(100)
         );
-        assert!(choose_exchange(&[row(100, false, 0)], ServerId(100), None, None).is_none());
+        assert!(choose_exchange(&[row(100, false, 0)], ServerId(100), None, &[]).is_none());
+        // Away from both the one lost and the one an attempt failed at.
+        assert_eq!(
+            choose_exchange(&rows, ServerId(100), None, &[ServerId(100), ServerId(101)])
+                .map(|r| r.id.0),
+            Some(102)
+        );
     }
 }
