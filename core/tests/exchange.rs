@@ -536,9 +536,10 @@ fn servers_served_before_a_restart_get_a_lease_to_come_back() {
     assert_eq!(ex.route_state(ServerId(2)), Some(RouteState::Elsewhere));
     assert_eq!(ex.route_place(ServerId(2)), Some((ServerId(101), Some(2))));
     ex.handle_timeout(now + LEASE);
-    // Its attach epoch is not known from a read at start (which may be
-    // behind): the mark-down asks the registry to check that the server is
-    // still attached to this exchange instead.
+    // The mark-down names the attachment read at start: had the server
+    // registered again meanwhile (here or elsewhere), it changes nothing.
+    // (A read that was behind makes it fail; the sweep then reads the row
+    // again.)
     let mut asked = Vec::new();
     while let Some(o) = ex.poll_output() {
         if let Output::Ask { query, .. } = o {
@@ -549,7 +550,7 @@ fn servers_served_before_a_restart_get_a_lease_to_come_back() {
         asked.contains(&Query::MarkDown {
             server: ServerId(1),
             epoch: 3,
-            attach_epoch: None
+            attach_epoch: Some(4)
         }),
         "{asked:?}"
     );

@@ -160,11 +160,12 @@ pub enum Query {
     /// [`Answer::Registration`].
     RecordRegistration { server: ServerId, epoch: u64 },
     /// The incarnation is gone: mark it down and delete its sessions, but
-    /// only while it is still attached here — under `attach_epoch` when
-    /// this exchange recorded the attachment itself, else (a route rebuilt
-    /// from the registry at start, whose read may be behind) while the
-    /// registry names this exchange. A server that has since registered
-    /// again, here or with another exchange, is left alone. Answered by
+    /// only while it is still attached here under `attach_epoch` (the
+    /// attachment this exchange recorded, or read at start or in a sweep).
+    /// A server that has since registered again, here or with another
+    /// exchange, is left alone. (`None`, guarded only by the row naming
+    /// this exchange, is not asked by the core any more: it cannot tell a
+    /// new attachment here from the old one.) Answered by
     /// [`Answer::MarkedDown`].
     MarkDown {
         server: ServerId,
@@ -409,6 +410,10 @@ impl Exchange {
                 route.at = Some(at);
             }
             if ours {
+                // The attachment as read at start (a read that may be
+                // behind: then the mark-down fails the fence, the sweep
+                // reads the row again and the next one names it right).
+                route.attach_epoch = Some(s.attach_epoch);
                 route.state = RouteState::Disconnected;
                 route.lease_gen += 1;
                 ex.timers
