@@ -559,3 +559,82 @@ fn a_resent_905_leaves_out_reported_targets_and_says_it_was_resent() {
         .collect();
     assert_eq!(done, vec![(7, true), (8, false)]);
 }
+
+/// Locate through the registry: answer the link's question with `rows`
+/// and take the connection it asks for.
+fn locate(t: &mut T, rows: Vec<ExchangeRow>) -> (ConnId, ServerId) {
+    t.drain();
+    let i = t
+        .outputs
+        .iter()
+        .position(|o| matches!(o, Output::Locate(_)))
+        .unwrap_or_else(|| panic!("no locate in {:?}", t.outputs));
+    let Output::Locate(ask) = t.outputs.remove(i) else {
+        unreachable!()
+    };
+    t.link.handle_exchanges(ask, Ok(rows), t.now);
+    t.drain();
+    let i = t
+        .outputs
+        .iter()
+        .position(|o| matches!(o, Output::Connect { .. }))
+        .unwrap_or_else(|| panic!("no connect in {:?}", t.outputs));
+    match t.outputs.remove(i) {
+        Output::Connect { conn, exchange, .. } => (conn, exchange),
+        _ => unreachable!(),
+    }
+}
+
+fn two_exchanges() -> Vec<ExchangeRow> {
+    [EX, ServerId(101)]
+        .into_iter()
+        .map(|id| ExchangeRow {
+            id,
+            address: format!("127.0.0.1:{}", 4000 + id.0),
+            up: true,
+            attached: 0,
+        })
+        .collect()
+}
+
+#[test]
+fn a_lost_exchange_is_tried_again_briefly_and_a_stopping_one_left_at_once() {
+    let mut t = T::new(false);
+    t.tick();
+    let (conn, ex) = locate(&mut t, two_exchanges());
+    assert_eq!(ex, EX, "the preferred exchange");
+    t.link.handle_connected(conn, t.now);
+    t.written();
+    t.frames(conn, vec![registered(EX)]);
+    // A lost link: back to the same exchange first (a blip must not move
+    // the server) ...
+    t.link
+        .handle_down(conn, LinkDown::Lost("timed out".into()), t.now);
+    t.advance(Duration::from_millis(100));
+    let (conn, ex) = locate(&mut t, two_exchanges());
+    assert_eq!(ex, EX);
+    // ... for a quarter of the lease (10 s here); then, the attempts at it
+    // failing, to the other one.
+    t.link
+        .handle_down(conn, LinkDown::Lost("no answer".into()), t.now);
+    t.advance(Duration::from_millis(2_500));
+    let (conn, ex) = locate(&mut t, two_exchanges());
+    assert_eq!(ex, ServerId(101));
+    t.link.handle_connected(conn, t.now);
+    t.written();
+    t.frames(conn, vec![registered(ServerId(101))]);
+    assert_eq!(t.link.exchange(), Some(ServerId(101)));
+    // An exchange that closes the link because it is stopping is left at
+    // once (no quarter lease of retries at it).
+    t.link.handle_down(
+        conn,
+        LinkDown::Refused {
+            code: u64::from(wire::CLOSE_GOING_AWAY),
+            reason: "exchange shutting down".into(),
+        },
+        t.now,
+    );
+    t.advance(Duration::from_millis(100));
+    let (_, ex) = locate(&mut t, two_exchanges());
+    assert_eq!(ex, EX);
+}

@@ -457,8 +457,19 @@ impl<R> Link<R> {
             return;
         }
         match (&self.state, down) {
-            (State::Up { .. }, down) => {
-                self.stay_until = Some(now + self.lease.unwrap_or(self.cfg.register_timeout) / 4);
+            (State::Up { exchange, .. }, down) => {
+                let leaving = matches!(&down, LinkDown::Refused { code, .. }
+                    if *code == u64::from(CLOSE_GOING_AWAY)
+                        || *code == u64::from(ErrorCode::ShuttingDown.close_code()));
+                if leaving {
+                    // The exchange is stopping (a drain): attach elsewhere
+                    // now rather than wait for it.
+                    self.stay_until = Some(now);
+                    self.failed_exchange = Some(*exchange);
+                } else {
+                    self.stay_until =
+                        Some(now + self.lease.unwrap_or(self.cfg.register_timeout) / 4);
+                }
                 self.metrics.link_up.set(0);
                 warn!(
                     outstanding = self.outbox.len(),
