@@ -40,6 +40,9 @@ pub struct SendRec {
     pub completed_at: Option<std::time::Instant>,
     /// The origin sent it on more than one connection.
     pub resent: bool,
+    /// Targets registered long enough, with the registry healthy, that
+    /// every exchange knew where they were attached when this was sent.
+    pub known_up: Vec<ServerId>,
 }
 
 #[derive(Default)]

@@ -158,6 +158,7 @@ impl World {
         let epoch = self.reg.get(&id).map(|r| r.epoch);
         if let (Some(row), Some(_)) = (self.reg.get_mut(&id), epoch) {
             row.state = RegState::Down;
+            self.downs.push((id, self.now));
         }
         self.kill_app(a);
         let d = self.rng.millis(200, 3_000);
@@ -317,6 +318,21 @@ impl World {
                 (*t, life)
             })
             .collect();
+        // Every exchange has read a registration within two sweeps, when
+        // the registry answers: a sweep may wait out a lost answer (the ask
+        // timeout) or a slow one.
+        let settled = exchange::Config::sweep_period_for(self.p.lease) * 2
+            + Duration::from_secs(5)
+            + Duration::from_millis(registry::SLOWEST_ANSWER_MS);
+        let calm = self.reg_mode == RegMode::Normal && self.registry_calm_since + settled <= now;
+        let known_up: Vec<ServerId> = targets
+            .iter()
+            .copied()
+            .filter(|t| {
+                calm && self.reg.get(t).is_some_and(|r| r.state == RegState::Up)
+                    && self.up_since.get(t).is_some_and(|u| *u + settled <= now)
+            })
+            .collect();
         let id = self.apps[a].id;
         let inc = self.apps[a].inc.as_mut()?;
         let mut msg = Message {
@@ -356,6 +372,7 @@ impl World {
             outcome: None,
             completed_at: None,
             resent: false,
+            known_up,
         });
         self.stats.sends += 1;
         self.log(|| format!("server {id} sends {} (send {n}) to {targets:?}", fwd.id));

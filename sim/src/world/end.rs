@@ -218,6 +218,14 @@ impl World {
 
     /// Bounds and bookkeeping that must hold after every step.
     pub(super) fn check_step(&mut self) {
+        for a in &self.apps {
+            let registered = a.inc.as_ref().is_some_and(|i| i.link.exchange().is_some());
+            if !registered {
+                self.up_since.remove(&a.id);
+            } else if !self.up_since.contains_key(&a.id) {
+                self.up_since.insert(a.id, self.now);
+            }
+        }
         for x in 0..self.exs.len() {
             self.check_exchange(x);
             if self.violation.is_some() {
@@ -237,21 +245,33 @@ impl World {
     }
 
     fn check_exchange(&mut self, x: usize) {
-        if self.trace
-            && let Some(ex) = self.exs[x].node.as_mut()
-        {
+        if let Some(ex) = self.exs[x].node.as_mut() {
             let mut changes = Vec::new();
             for s in ex.core.servers().collect::<Vec<_>>() {
                 let now = (
                     ex.core.route_state(s).expect("listed"),
                     ex.core.route_place(s),
                 );
-                if ex.states.insert(s, now) != Some(now) {
-                    changes.push((s, now));
+                let before = ex.states.insert(s, now);
+                if before != Some(now) {
+                    changes.push((s, before.map(|b| b.0), now));
                 }
             }
             let me = self.exs[x].id;
-            for (s, (state, place)) in changes {
+            for (s, before, (state, place)) in changes {
+                // A lease ran out (whether or not the registry could record
+                // it): `server_down` is what that means — unless the server
+                // is registered with another exchange by now (it moved).
+                let moved = self.apps.iter().any(|a| {
+                    a.id == s
+                        && a.inc
+                            .as_ref()
+                            .and_then(|i| i.link.exchange())
+                            .is_some_and(|e| e != me)
+                });
+                if before == Some(RouteState::Disconnected) && state == RouteState::Down && !moved {
+                    self.downs.push((s, self.now));
+                }
                 self.log(|| format!("exchange {me}: route {s} {state:?} {place:?}"));
             }
         }

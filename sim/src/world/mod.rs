@@ -413,6 +413,11 @@ pub struct World {
     peer_conns: BTreeMap<u64, PeerConn>,
     /// Pairs of exchanges that cannot reach each other now.
     peer_cuts: BTreeSet<(usize, usize)>,
+    /// Every time the registry marked an app server down, and when.
+    downs: Vec<(ServerId, Instant)>,
+    /// Since when each app server has been registered with an exchange
+    /// without a break (as its link core says).
+    up_since: BTreeMap<ServerId, Instant>,
     /// When the registry's latest trouble ended (answers drawn slow before
     /// may still be on their way for a while).
     registry_calm_since: Instant,
@@ -452,6 +457,8 @@ impl World {
             last_seen: BTreeMap::new(),
             peer_conns: BTreeMap::new(),
             peer_cuts: BTreeSet::new(),
+            downs: Vec::new(),
+            up_since: BTreeMap::new(),
             registry_calm_since: base,
             apps: Vec::new(),
             gens: 0,

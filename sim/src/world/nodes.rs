@@ -345,6 +345,7 @@ impl World {
                                 .collect::<Vec<_>>()
                         )
                     });
+                    self.check_server_down(reply, &results);
                     if let Err(e) = self
                         .oracle
                         .completed(reply, life, &results, resent, self.now)
@@ -373,6 +374,41 @@ impl World {
         let sc = inc.link.conn().and_then(|c| inc.conns.get(&c).copied());
         if let Some(sc) = sc {
             self.pipe(sc, bytes, true);
+        }
+    }
+}
+
+impl World {
+    /// `server_down` is exact: the target's incarnation the message was
+    /// meant for has ended, or it was not known to be registered when the
+    /// message was sent (registered a moment before, or the registry in
+    /// trouble), or a lease of it ran out since (the registry marked it
+    /// down, or an exchange that lost its link took it down). Never for a server that lived, known to be up, all along —
+    /// moving between exchanges, a peer link lost, an exchange drained or
+    /// restarted.
+    fn check_server_down(&mut self, n: u64, results: &[iim_proto::wire::ReportEntry]) {
+        let rec = &self.oracle.sends[n as usize];
+        let sent_at = rec.deadline - self.p.send_timeout;
+        for r in results {
+            if r.status != DeliveryStatus::ServerDown {
+                continue;
+            }
+            let life = rec.target_lives.get(&r.server).copied().unwrap_or(0);
+            let lives = self
+                .apps
+                .iter()
+                .any(|a| a.id == r.server && a.inc.as_ref().is_some_and(|i| i.life == life));
+            let marked = self
+                .downs
+                .iter()
+                .any(|(s, at)| *s == r.server && *at >= sent_at);
+            if life != 0 && lives && rec.known_up.contains(&r.server) && !marked {
+                let what = format!(
+                    "send {} reported server_down for {}, which lived and was never marked down since",
+                    rec.id, r.server
+                );
+                return self.fail(what);
+            }
         }
     }
 }

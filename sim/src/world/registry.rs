@@ -100,6 +100,7 @@ impl World {
                 {
                     row.state = RegState::Down;
                     applied = true;
+                    self.downs.push((server, self.now));
                     self.spurious_mark_down(x, server, epoch);
                 }
                 Answer::MarkedDown(Ok(applied))
