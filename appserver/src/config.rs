@@ -30,9 +30,13 @@ pub struct Config {
     /// the password is in neither this config nor a command line. When
     /// set it replaces `database`.
     pub database_file: Option<PathBuf>,
-    /// The exchange to use. When absent, the lowest-id exchange that the
-    /// registry shows up is used (looked up again on every reconnect).
+    /// A fixed exchange to use (and only it). When absent, the exchange is
+    /// chosen from the registry at every reconnect: `prefer_exchange` while
+    /// it is up, else the live exchange with the fewest attached servers.
     pub exchange: Option<ExchangeTarget>,
+    /// With several exchanges, the one this server attaches to while it is
+    /// up (e.g. the one in its zone). Ignored with `exchange`.
+    pub prefer_exchange: Option<u32>,
     /// `/metrics` and `/health`, unauthenticated and read-only; empty to
     /// disable. A warning is logged when it is not on loopback.
     pub http_listen: Option<SocketAddr>,
@@ -596,6 +600,7 @@ impl Default for Config {
             database: "sqlite://iim-dev.db".into(),
             database_file: None,
             exchange: None,
+            prefer_exchange: None,
             http_listen: Some("127.0.0.1:9201".parse().expect("literal address")),
             max_frame_bytes: iim::wire::DEFAULT_MAX_FRAME,
             send_timeout_ms: 30_000,

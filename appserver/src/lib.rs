@@ -262,13 +262,14 @@ pub async fn start_with_extras(
     let closing = CancellationToken::new();
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    // The 905's target names the exchange. With registry discovery the
-    // exchange is found once here; the link looks its address up again on
-    // every reconnect (one exchange per deployment until exchanges
-    // federate).
-    let exchange_id = match &config.exchange {
-        Some(t) => ServerId(t.id),
-        None => discover_exchange(&registry).await?,
+    // The 905's target names an exchange (any exchange of the deployment
+    // takes one addressed to another). With registry discovery this is the
+    // preferred exchange, else the first one up; the link chooses where to
+    // attach again at every reconnect.
+    let exchange_id = match (&config.exchange, config.prefer_exchange) {
+        (Some(t), _) => ServerId(t.id),
+        (None, Some(p)) => ServerId(p),
+        (None, None) => discover_exchange(&registry).await?,
     };
     let send_limit = Arc::new(AtomicUsize::new(config.max_frame_bytes));
     let iim = Iim::new(IimParts {

@@ -8,16 +8,18 @@
 //! own. It never waits on IO: a writer that is full gets a task that waits
 //! for room and says so by event; a registry call is a task too.
 
+use crate::link::{Dialer, LinkCtx};
 use iim::quic::{self, Writer};
 use iim::registry::{Registration as RegistryVerdict, Registry, Role, ServerRecord, ServerState};
 use iim::types::now_ms;
-use iim::wire::{Frame, Register};
+use iim::wire::{Frame, PeerHello, Register};
 use iim_core::exchange::{
     Answer, AppServerRow, Exchange, ExchangeRow, LinkEnd, Output, Query, Registration,
     RegistryFailure,
 };
 use iim_core::{AskId, ConnId};
 use std::collections::HashMap;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -63,6 +65,24 @@ pub enum Event {
         conn: ConnId,
         permit: mpsc::OwnedPermit<Vec<bytes::Bytes>>,
     },
+    /// An accepted connection's first frame is `PeerHello`: another
+    /// exchange, and whether its certificate names the exchange it claims.
+    PeerHello {
+        conn: ConnId,
+        hello: PeerHello,
+        identity: Result<(), String>,
+    },
+    /// A dial to a peer exchange opened its stream.
+    Dialed {
+        conn: ConnId,
+        peer: iim::ServerId,
+        connection: quinn::Connection,
+        writer: Writer,
+    },
+    /// A dial to a peer exchange failed before its stream was open.
+    DialFailed {
+        peer: iim::ServerId,
+    },
 }
 
 struct LinkIo {
@@ -75,6 +95,10 @@ struct LinkIo {
 pub struct Hub {
     core: Exchange,
     links: HashMap<ConnId, LinkIo>,
+    /// How to dial peer exchanges, and what their link tasks need.
+    dialer: Dialer,
+    link_ctx: Arc<LinkCtx>,
+    shutdown: CancellationToken,
     registry: Registry,
     events: mpsc::Sender<Event>,
     tracker: TaskTracker,
@@ -87,12 +111,18 @@ impl Hub {
     pub fn new(
         core: Exchange,
         registry: Registry,
+        dialer: Dialer,
+        link_ctx: Arc<LinkCtx>,
         events: mpsc::Sender<Event>,
         tracker: TaskTracker,
+        shutdown: CancellationToken,
     ) -> Hub {
         Hub {
             core,
             links: HashMap::new(),
+            dialer,
+            link_ctx,
+            shutdown,
             registry,
             events,
             tracker,
@@ -162,6 +192,28 @@ impl Hub {
                 }
                 permit.send(self.core.poll_transmit(conn, WRITE_BATCH_BYTES));
             }
+            Event::PeerHello {
+                conn,
+                hello,
+                identity,
+            } => self.core.handle_peer_hello(conn, hello, identity, now),
+            Event::Dialed {
+                conn,
+                peer,
+                connection,
+                writer,
+            } => {
+                self.links.insert(
+                    conn,
+                    LinkIo {
+                        connection,
+                        writer,
+                        waiting: false,
+                    },
+                );
+                self.core.peer_dialed(conn, peer, now);
+            }
+            Event::DialFailed { peer } => self.core.dial_failed(peer, now),
         }
     }
 
@@ -211,9 +263,21 @@ impl Hub {
         }
     }
 
+    /// Dial a peer exchange, as a task of its own (stopped with the
+    /// exchange); it reports back by event.
     fn dial(&mut self, peer: iim::ServerId, address: String) {
-        tracing::warn!(peer = peer.0, %address, "peer links are not carried by this shell yet");
-        self.core.dial_failed(peer, now());
+        let ctx = self.link_ctx.clone();
+        let dialer = self.dialer.clone();
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(
+            async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = crate::link::dial(ctx, dialer, peer, address) => {}
+                }
+            }
+            .instrument(Span::current()),
+        );
     }
 
     fn ask(&self, id: AskId, query: Query) {

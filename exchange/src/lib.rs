@@ -175,19 +175,33 @@ pub async fn start(
         tokio::time::Instant::now().into_std(),
     );
     let (events, events_rx) = tokio::sync::mpsc::channel(hub::EVENTS);
-    let hub = Hub::new(core, registry.clone(), events.clone(), tracker.clone());
-    tracker.spawn(
-        hub.run(events_rx, shutdown.clone())
-            .instrument(info_span!("exchange", id = id.0)),
-    );
     let link_ctx = Arc::new(LinkCtx {
-        events,
+        events: events.clone(),
         metrics: metrics.clone(),
         handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
         max_frame: config.max_frame_bytes,
         admission: accept::Admission::new(config.max_handshakes, config.validate_addresses_above),
         log_budget: accept::LogBudget::new(accept::LOGS_PER_SEC, std::time::Instant::now()),
     });
+    // Peer exchanges are dialled from the same endpoint, this exchange's
+    // own certificate presented as the client's.
+    let dialer = link::Dialer {
+        endpoint: endpoint.clone(),
+        config: tls::quic_client_config(&tls, config.quic.transport())?,
+    };
+    let hub = Hub::new(
+        core,
+        registry.clone(),
+        dialer,
+        link_ctx.clone(),
+        events,
+        tracker.clone(),
+        shutdown.clone(),
+    );
+    tracker.spawn(
+        hub.run(events_rx, shutdown.clone())
+            .instrument(info_span!("exchange", id = id.0)),
+    );
     let http_addr = match http_listener {
         Some(listener) => {
             let bound = listener.local_addr()?;

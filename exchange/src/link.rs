@@ -1,14 +1,17 @@
-//! One app server's connection to the exchange, as IO: the TLS handshake,
-//! the link's stream, its writer, and a reader that hands every batch of
-//! frames to the hub. What the frames mean — registration, 905s, acks — is
-//! decided by the core the hub drives; the only check made here is the one
-//! that needs the connection itself: does the certificate name the server
-//! that `Register` claims to be.
+//! One connection to the exchange, as IO — an app server's link, or a peer
+//! exchange's (accepted here, or dialled to a peer with a higher id): the
+//! TLS handshake, the stream, its writer, and a reader that hands every
+//! batch of frames to the hub. What the frames mean — registration, 905s,
+//! acks, relays — is decided by the core the hub drives; the only check
+//! made here is the one that needs the connection itself: does the
+//! certificate name the server that `Register` (or the exchange that
+//! `PeerHello`) claims to be.
 
 use crate::accept::{Admission, LogBudget, Slot};
 use crate::hub::Event;
 use iim::quic::{self, CLOSE_GOING_AWAY, FrameReader, ReadError};
 use iim::tls;
+use iim::types::ServerId;
 use iim::wire::{ErrorCode, Frame};
 use iim_core::ConnId;
 use iim_core::exchange::{ExchangeMetrics, LinkEnd};
@@ -82,22 +85,86 @@ pub async fn serve(ctx: Arc<LinkCtx>, incoming: quinn::Incoming, slot: Slot) {
         writer_task.abort();
         return;
     }
-    let end = read_loop(&ctx, &conn, id, FrameReader::new(recv, ctx.max_frame)).await;
+    let reader = FrameReader::new(recv, ctx.max_frame);
+    let end = read_loop(&ctx, &conn, id, reader, true).await;
     if let Some(end) = end {
         let _ = ctx.events.send(Event::End { conn: id, end }).await;
     }
     writer_task.abort();
 }
 
-/// Read frames until the link ends; `None` when the hub is gone.
+/// Dial exchange `peer` at `address` (this exchange has the lower id) and
+/// serve the peer link until it ends. A failure before the stream is open
+/// is reported as `DialFailed`.
+pub async fn dial(ctx: Arc<LinkCtx>, dialer: Dialer, peer: ServerId, address: String) {
+    let failed = |why: String| {
+        warn!(peer = peer.0, %address, %why, "cannot reach peer exchange");
+        Event::DialFailed { peer }
+    };
+    let attempt = async {
+        let addr: std::net::SocketAddr =
+            address.parse().map_err(|e| format!("bad address: {e}"))?;
+        let conn = dialer
+            .endpoint
+            .connect_with(dialer.config.clone(), addr, &tls::exchange_name(peer))
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((conn, send, recv))
+    };
+    let (conn, send, recv) = match tokio::time::timeout(ctx.handshake_timeout, attempt).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(why)) => {
+            let _ = ctx.events.send(failed(why)).await;
+            return;
+        }
+        Err(_) => {
+            let _ = ctx.events.send(failed("timed out".into())).await;
+            return;
+        }
+    };
+    let id = ConnId(NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed));
+    let (writer, writer_task) = quic::spawn_writer(send, WRITER_BATCHES);
+    let dialed = Event::Dialed {
+        conn: id,
+        peer,
+        connection: conn.clone(),
+        writer,
+    };
+    if ctx.events.send(dialed).await.is_err() {
+        writer_task.abort();
+        return;
+    }
+    let reader = FrameReader::new(recv, ctx.max_frame);
+    let end = read_loop(&ctx, &conn, id, reader, false).await;
+    if let Some(end) = end {
+        let _ = ctx.events.send(Event::End { conn: id, end }).await;
+    }
+    writer_task.abort();
+}
+
+/// What dialling a peer needs: the exchange's endpoint, which also acts as
+/// a client, and its own certificate as the client's.
+#[derive(Clone)]
+pub struct Dialer {
+    pub endpoint: quinn::Endpoint,
+    pub config: quinn::ClientConfig,
+}
+
+/// Read frames until the link ends; `None` when the hub is gone. On an
+/// accepted connection (`accepted`) the first frame says who is calling:
+/// `Register` (an app server) or `PeerHello` (an exchange); on a dialled
+/// one, the peer's hello is an ordinary frame for the core.
 async fn read_loop(
     ctx: &LinkCtx,
     conn: &quinn::Connection,
     id: ConnId,
     mut reader: FrameReader,
+    accepted: bool,
 ) -> Option<LinkEnd> {
     let mut batch = Vec::new();
-    let mut first = true;
+    let mut first = accepted;
     loop {
         let more = tokio::select! {
             r = reader.next_batch(&mut batch) => r,
@@ -125,6 +192,17 @@ async fn read_loop(
                     let ev = Event::Register {
                         conn: id,
                         reg,
+                        identity,
+                    };
+                    ctx.events.send(ev).await.ok()?;
+                    frames = it.collect();
+                }
+                Some(Frame::PeerHello(hello)) => {
+                    let name = tls::exchange_name(hello.exchange);
+                    let identity = tls::verify_peer_name(conn, &name).map_err(|e| e.to_string());
+                    let ev = Event::PeerHello {
+                        conn: id,
+                        hello,
                         identity,
                     };
                     ctx.events.send(ev).await.ok()?;
