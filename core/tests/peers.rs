@@ -71,6 +71,10 @@ struct Net {
     next_conn: u64,
     /// App server -> (exchange index, its connection there).
     attached: BTreeMap<u32, (usize, ConnId)>,
+    /// Dials asked for, carried out once everything else has moved (so the
+    /// peer has read the registry, as it would have in the time a
+    /// handshake takes).
+    dials: VecDeque<(usize, ServerId)>,
 }
 
 impl Net {
@@ -111,6 +115,7 @@ impl Net {
             inbox: BTreeMap::new(),
             next_conn: 1,
             attached: BTreeMap::new(),
+            dials: VecDeque::new(),
         };
         for i in 0..n {
             net.ex[i].handle_timeout(now);
@@ -191,7 +196,10 @@ impl Net {
                 }
             }
             if !moved {
-                return;
+                match self.dials.pop_front() {
+                    Some((i, peer)) => self.dial(i, peer),
+                    None => return,
+                }
             }
         }
     }
@@ -203,19 +211,7 @@ impl Net {
                 let a = self.answer(i, query);
                 self.ex[i].handle_answer(id, a, now);
             }
-            Output::Dial { peer, .. } => {
-                let j = self
-                    .ids
-                    .iter()
-                    .position(|x| *x == peer)
-                    .expect("known peer");
-                let (a, b) = (self.conn(), self.conn());
-                self.pipes.insert(End::Ex(i, a), End::Ex(j, b));
-                self.pipes.insert(End::Ex(j, b), End::Ex(i, a));
-                self.first_frame.insert(End::Ex(j, b));
-                self.ex[j].accept(b, now);
-                self.ex[i].peer_dialed(a, peer, now);
-            }
+            Output::Dial { peer, .. } => self.dials.push_back((i, peer)),
             Output::Transmit(conn) => {
                 let mut buf = BytesMut::new();
                 for c in self.ex[i].poll_transmit(conn, usize::MAX) {
@@ -260,6 +256,21 @@ impl Net {
             }
             Output::Stopped => {}
         }
+    }
+
+    fn dial(&mut self, i: usize, peer: ServerId) {
+        let now = self.now;
+        let j = self
+            .ids
+            .iter()
+            .position(|x| *x == peer)
+            .expect("known peer");
+        let (a, b) = (self.conn(), self.conn());
+        self.pipes.insert(End::Ex(i, a), End::Ex(j, b));
+        self.pipes.insert(End::Ex(j, b), End::Ex(i, a));
+        self.first_frame.insert(End::Ex(j, b));
+        self.ex[j].accept(b, now);
+        self.ex[i].peer_dialed(a, peer, now);
     }
 
     /// App server `s` registers with exchange `i`.

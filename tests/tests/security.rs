@@ -520,3 +520,87 @@ async fn both_daemons_export_the_seconds_left_on_their_certificate() {
         );
     }
 }
+
+/// Only an exchange's certificate opens a peer link: an app server's
+/// certificate claiming to be an exchange, or an exchange claiming another
+/// exchange's id, is refused and counted; a genuine peer hello is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_pretending_to_be_a_peer_exchange_is_refused() {
+    let mut w = world().await;
+    let hello = |exchange: u32| {
+        Frame::PeerHello(iim::wire::PeerHello {
+            exchange: ServerId(exchange),
+            epoch: 1,
+            max_frame: DEFAULT_MAX_FRAME as u32,
+        })
+    };
+    // App server 1's certificate, claiming to be exchange 101.
+    let mut raw = connect(&w.ca.server(ServerId(1)), w.ex.addr).await.unwrap();
+    raw.frame(&hello(101)).await.unwrap();
+    assert_eq!(raw.closed_with().await, Some(ErrorCode::IdentityMismatch));
+    // Exchange 102's certificate, claiming to be exchange 101.
+    let mut raw = connect(&w.ca.exchange(ServerId(102)), w.ex.addr)
+        .await
+        .unwrap();
+    raw.frame(&hello(101)).await.unwrap();
+    assert_eq!(raw.closed_with().await, Some(ErrorCode::IdentityMismatch));
+    assert_eq!(w.ex.metrics.rejections.get("identity_mismatch"), 2);
+    assert_eq!(w.ex.metrics.peer_links.get(), 0);
+    // A relay on a link that never said hello is no relay.
+    let mut raw = connect(&w.ca.exchange(ServerId(103)), w.ex.addr)
+        .await
+        .unwrap();
+    raw.frame(&forward(1, 1, 2, 1)).await.unwrap();
+    assert_eq!(raw.closed_with().await, Some(ErrorCode::NotRegistered));
+    // A genuine certificate of an exchange the registry does not show up
+    // is not a peer either.
+    let mut raw = connect(&w.ca.exchange(ServerId(102)), w.ex.addr)
+        .await
+        .unwrap();
+    raw.frame(&hello(102)).await.unwrap();
+    assert_eq!(raw.closed_with().await, Some(ErrorCode::UnknownServer));
+    // Once it is up in the registry (and swept), its hello is answered with
+    // the exchange's own.
+    let reg = w.s1.registry.clone();
+    let epoch = reg
+        .begin_epoch(
+            ServerId(102),
+            Role::Exchange,
+            "127.0.0.1:9",
+            ServerState::Up,
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    let answered = async {
+        loop {
+            let mut raw = connect(&w.ca.exchange(ServerId(102)), w.ex.addr)
+                .await
+                .unwrap();
+            raw.frame(&Frame::PeerHello(iim::wire::PeerHello {
+                exchange: ServerId(102),
+                epoch,
+                max_frame: DEFAULT_MAX_FRAME as u32,
+            }))
+            .await
+            .unwrap();
+            if let Ok(Ok(Some(Frame::PeerHello(h)))) =
+                tokio::time::timeout(Duration::from_secs(10), raw.reader.next()).await
+            {
+                return (h, raw);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let (h, _raw) = tokio::time::timeout(Duration::from_secs(20), answered)
+        .await
+        .expect("answered once the registry shows it");
+    assert_eq!(h.exchange, EXCHANGE);
+    eventually!(
+        5,
+        "the peer link to count",
+        w.ex.metrics.peer_links.get() == 1
+    );
+    w.still_serving("after impostor exchanges").await;
+    w.db.cleanup().await;
+}

@@ -455,6 +455,17 @@ impl Exchange {
                 "exchange is stopping",
             );
         }
+        // Only an exchange the registry shows up (as last swept) is a peer:
+        // a certificate alone is not enough. A new one is let in once a
+        // sweep has read its row (its dials are retried every sweep).
+        if !self.peers.get(&hello.exchange).is_some_and(|p| p.up) {
+            return self.refuse(
+                conn,
+                "unknown_server",
+                ErrorCode::UnknownServer,
+                &format!("exchange {} is not up in the registry", hello.exchange),
+            );
+        }
         let known = self.peer_entry(hello.exchange).epoch;
         if hello.epoch < known {
             return self.refuse(
