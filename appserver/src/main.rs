@@ -56,6 +56,9 @@ struct Cli {
     /// Connect to this exchange (`ID@HOST:PORT`) instead of looking it up.
     #[arg(long, value_parser = parse_exchange)]
     exchange: Option<ExchangeTarget>,
+    /// With several exchanges: attach to this one while it is up.
+    #[arg(long)]
+    prefer_exchange: Option<u32>,
     /// Directory holding ca.pem and server-<id>.pem/.key (overrides `tls`).
     #[arg(long)]
     certs: Option<PathBuf>,
@@ -130,6 +133,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(v) = &cli.exchange {
         config.exchange = Some(v.clone());
+    }
+    if let Some(v) = cli.prefer_exchange {
+        config.prefer_exchange = Some(v);
     }
     if let Some(dir) = &cli.certs {
         config.tls = iim::tls::dev::server_files(dir, iim::ServerId(config.id));
