@@ -35,7 +35,7 @@ fn config(id: ServerId) -> Config {
         max_links: 16,
         queue_max_frames: 1_000,
         queue_max_bytes: 1 << 20,
-        sweep_period: Duration::from_secs(60),
+        sweep_period: LEASE / 3,
         ask_timeout: Duration::from_secs(30),
         split: Default::default(),
     }
@@ -75,6 +75,8 @@ struct Net {
     /// peer has read the registry, as it would have in the time a
     /// handshake takes).
     dials: VecDeque<(usize, ServerId)>,
+    /// Pairs of exchanges that cannot reach each other (dials fail).
+    cut: BTreeSet<(usize, usize)>,
 }
 
 impl Net {
@@ -116,6 +118,7 @@ impl Net {
             next_conn: 1,
             attached: BTreeMap::new(),
             dials: VecDeque::new(),
+            cut: BTreeSet::new(),
         };
         for i in 0..n {
             net.ex[i].handle_timeout(now);
@@ -265,6 +268,10 @@ impl Net {
             .iter()
             .position(|x| *x == peer)
             .expect("known peer");
+        if self.cut.contains(&(i.min(j), i.max(j))) {
+            self.ex[i].dial_failed(peer, now);
+            return;
+        }
         let (a, b) = (self.conn(), self.conn());
         self.pipes.insert(End::Ex(i, a), End::Ex(j, b));
         self.pipes.insert(End::Ex(j, b), End::Ex(i, a));
@@ -290,6 +297,29 @@ impl Net {
         self.pump();
         let first = self.inbox.get_mut(&s).map(|v| v.remove(0));
         assert!(matches!(first, Some(Frame::Registered(_))), "{first:?}");
+    }
+
+    /// Exchanges `i` and `j` can no longer reach each other: their link
+    /// goes down (both notice) and dials fail until `heal`.
+    fn cut_peers(&mut self, i: usize, j: usize) {
+        self.cut.insert((i.min(j), i.max(j)));
+        let c = self.ex[i].peer_link(self.ids[j]).expect("linked");
+        let other = self.pipes.remove(&End::Ex(i, c)).expect("pipe");
+        self.pipes.remove(&other);
+        let now = self.now;
+        let lost = || LinkEnd::Closed {
+            clean: false,
+            detail: "cut".into(),
+        };
+        self.ex[i].handle_end(c, lost(), now);
+        if let End::Ex(k, c2) = other {
+            self.ex[k].handle_end(c2, lost(), now);
+        }
+        self.pump();
+    }
+
+    fn heal(&mut self, i: usize, j: usize) {
+        self.cut.remove(&(i.min(j), i.max(j)));
     }
 
     /// App server `s`'s link is lost (the exchange notices).
@@ -344,12 +374,16 @@ impl Net {
             .collect()
     }
 
+    /// Let `d` pass, in steps of 50 ms (timers fire when they are due).
     fn advance(&mut self, d: Duration) {
-        self.now += d;
-        for i in 0..self.ex.len() {
-            self.ex[i].handle_timeout(self.now);
+        let end = self.now + d;
+        while self.now < end {
+            self.now = (self.now + Duration::from_millis(50)).min(end);
+            for i in 0..self.ex.len() {
+                self.ex[i].handle_timeout(self.now);
+            }
+            self.pump();
         }
-        self.pump();
     }
 }
 
@@ -513,19 +547,7 @@ fn a_relay_to_an_exchange_the_target_left_is_answered_with_where_it_is() {
     net.register(2, 1);
     // Server 2 moves from 101 to 102, and exchange 100 misses the
     // announcement (its link to 102 is down for the moment).
-    let c = net.ex[0].peer_link(ServerId(102)).expect("linked");
-    let peer_end = net.pipes.remove(&End::Ex(0, c)).expect("pipe");
-    net.pipes.remove(&peer_end);
-    let now = net.now;
-    let lost = || LinkEnd::Closed {
-        clean: false,
-        detail: "cut".into(),
-    };
-    net.ex[0].handle_end(c, lost(), now);
-    if let End::Ex(j, c2) = peer_end {
-        net.ex[j].handle_end(c2, lost(), now);
-    }
-    net.pump();
+    net.cut_peers(0, 2);
     net.lose(2);
     net.register(2, 2);
     // 100 learnt nothing from 102; 101 knows (announced to it).
@@ -545,7 +567,8 @@ fn a_relay_to_an_exchange_the_target_left_is_answered_with_where_it_is() {
     assert_eq!(net.ex[1].metrics().relays_not_here.get(), 1);
     assert_eq!(net.ex[0].relays_pending(ServerId(102)), 1);
     assert!(net.take(2).is_empty());
-    net.advance(Duration::from_secs(60));
+    net.heal(0, 2);
+    net.advance(LEASE / 3);
     assert_eq!(net.ex[0].peer_links(), 2);
     assert_eq!(net.deliver(2), vec![(id, 1)]);
     assert_eq!(net.reports(1), vec![delivered(id, 2)]);
@@ -560,37 +583,58 @@ fn a_lease_ending_at_an_exchange_the_server_left_marks_nothing_down() {
     // holds a 906 for it when the lease ends: the registry refuses the
     // mark-down (a newer attachment), the sweep says where 2 is, and the
     // 906 goes there instead of being reported server_down.
-    let c = net.ex[0].peer_link(ServerId(101)).expect("linked");
-    let peer_end = net.pipes.remove(&End::Ex(0, c)).expect("pipe");
-    net.pipes.remove(&peer_end);
-    let now = net.now;
-    let lost = || LinkEnd::Closed {
-        clean: false,
-        detail: "cut".into(),
-    };
-    net.ex[0].handle_end(c, lost(), now);
-    if let End::Ex(j, c2) = peer_end {
-        net.ex[j].handle_end(c2, lost(), now);
-    }
-    net.pump();
+    net.cut_peers(0, 1);
     net.lose(2);
     let mut origin = Origin::new(ServerId(1), 1);
     let (id, f) = forward(&mut origin, ServerId(100), &[2]);
     net.send(1, vec![f]);
     net.register(2, 1);
+    net.heal(0, 1);
     net.advance(LEASE);
     assert!(!net.registry[&2].down, "the fence held");
     assert_eq!(
         net.ex[0].route_state(ServerId(2)),
         Some(RouteState::Elsewhere)
     );
-    assert!(
-        net.reports(1).is_empty(),
-        "no server_down for a live server"
-    );
-    assert_eq!(net.ex[0].relays_pending(ServerId(101)), 1);
-    // The peer link comes back at the next sweep: delivered.
-    net.advance(Duration::from_secs(60));
+    // The peer link came back at a sweep meanwhile: delivered, and nothing
+    // but delivered was reported.
+    net.advance(LEASE / 3);
     assert_eq!(net.deliver(2), vec![(id, 1)]);
     assert_eq!(net.reports(1), vec![delivered(id, 2)]);
+    assert_eq!(net.ex[0].metrics().marked_down.get(), 0);
+}
+
+#[test]
+fn relays_to_an_unreachable_exchange_are_reported_timed_out_within_a_lease_and_still_delivered() {
+    let mut net = Net::new(2, &[1, 2]);
+    net.register(1, 0);
+    net.register(2, 1);
+    net.cut_peers(0, 1);
+    let mut origin = Origin::new(ServerId(1), 1);
+    let (first, f) = forward(&mut origin, ServerId(100), &[2]);
+    net.send(1, vec![f]);
+    assert!(
+        net.reports(1).is_empty(),
+        "not yet: the peer may be back soon"
+    );
+    // A lease without a link: what waits is reported timed_out (outcome
+    // unknown), and so is anything relayed to it from now on, at once.
+    net.advance(LEASE + LEASE / 3);
+    let timed_out = |id| ReportEntry {
+        id,
+        server: ServerId(2),
+        status: DeliveryStatus::TimedOut,
+    };
+    assert_eq!(net.reports(1), vec![timed_out(first)]);
+    let (second, f) = forward(&mut origin, ServerId(100), &[2]);
+    net.send(1, vec![f]);
+    assert_eq!(net.reports(1), vec![timed_out(second)]);
+    assert_eq!(net.ex[0].metrics().relays_unreachable.get(), 2);
+    // The exchanges reach each other again: both still arrive, in order,
+    // once; nothing more is reported.
+    net.heal(0, 1);
+    net.advance(LEASE / 3);
+    assert_eq!(net.deliver(2), vec![(first, 1), (second, 2)]);
+    assert!(net.reports(1).is_empty());
+    assert_eq!(net.ex[0].relays_pending(ServerId(101)), 0);
 }

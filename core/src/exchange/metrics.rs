@@ -50,6 +50,7 @@ pub struct ExchangeMetrics {
     pub relays_moved: Counter,
     pub relay_outcomes_stale: Counter,
     pub relays_held: Counter,
+    pub relays_unreachable: Counter,
     pub attachments_learnt: Counter,
 }
 
@@ -76,6 +77,7 @@ impl Default for ExchangeMetrics {
             relays_moved: Counter::default(),
             relay_outcomes_stale: Counter::default(),
             relays_held: Counter::default(),
+            relays_unreachable: Counter::default(),
             attachments_learnt: Counter::default(),
         }
     }
@@ -183,6 +185,11 @@ impl Render for ExchangeMetrics {
             "iim_exchange_relays_held_total",
             "Times a peer answered that a target is not attached to it and the relays for that target were held back until the next sweep.",
             &self.relays_held,
+        )
+        .counter(
+            "iim_exchange_relays_unreachable_total",
+            "Relays reported timed_out because their peer exchange had no link for a lease (still sent if it comes back).",
+            &self.relays_unreachable,
         )
         .counter(
             "iim_exchange_attachments_learnt_total",

@@ -641,6 +641,7 @@ impl Exchange {
                         self.refusals -= expired;
                     }
                     if self.draining.is_none() {
+                        self.check_unreachable();
                         self.sweep_now();
                         self.timers.add(now + self.cfg.sweep_period, Timer::Sweep);
                     }

@@ -35,6 +35,10 @@ pub(super) struct Relayed {
     pub maybe_handed: bool,
     /// Written on the current link.
     pub sent: bool,
+    /// Its origin was told `timed_out` already (the peer was unreachable
+    /// for a lease); it is still delivered if the peer comes back, but its
+    /// outcome is not reported again.
+    pub reported: bool,
 }
 
 impl Relayed {
@@ -91,6 +95,22 @@ impl RelayOutbox {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Mark every entry not reported yet as reported, adding a `timed_out`
+    /// report entry for each to `out`. How many.
+    pub fn report_all(&mut self, out: &mut Vec<ReportEntry>) -> usize {
+        let mut n = 0;
+        for r in self.entries.values_mut().filter(|r| !r.reported) {
+            r.reported = true;
+            out.push(ReportEntry {
+                id: r.id,
+                server: r.target,
+                status: DeliveryStatus::TimedOut,
+            });
+            n += 1;
+        }
+        n
     }
 
     /// Hold back every entry for `target` (those written already go out
@@ -286,16 +306,22 @@ pub(super) struct Peer {
     pub reports: Vec<ReportEntry>,
     /// Attachments to tell it.
     pub notes: Vec<Attached>,
+    /// Since when there is no link to it (none yet, or lost).
+    pub no_link_since: Option<Instant>,
+    /// Without a link for a lease: relays to it are reported `timed_out`
+    /// at once (and still sent if it comes back).
+    pub unreachable: bool,
 }
 
 use iim_proto::types::Address;
 
 impl Exchange {
     fn peer_entry(&mut self, peer: ServerId) -> &mut Peer {
-        let (frames, bytes, max_frame) = (
+        let (frames, bytes, max_frame, now) = (
             self.cfg.queue_max_frames,
             self.cfg.queue_max_bytes,
             self.cfg.max_frame,
+            self.now,
         );
         self.peers.entry(peer).or_insert_with(|| Peer {
             epoch: 0,
@@ -307,6 +333,8 @@ impl Exchange {
             outbox: RelayOutbox::new(frames, bytes),
             reports: Vec::new(),
             notes: Vec::new(),
+            no_link_since: Some(now),
+            unreachable: false,
         })
     }
 
@@ -513,6 +541,8 @@ impl Exchange {
         p.epoch = p.epoch.max(hello.epoch);
         p.max_frame = max_frame;
         p.dialing = false;
+        p.no_link_since = None;
+        p.unreachable = false;
         p.outbox.on_disconnect();
         p.notes = notes;
         p.notes.sort_by_key(|n| n.server);
@@ -537,6 +567,7 @@ impl Exchange {
             && p.conn == Some(conn)
         {
             p.conn = None;
+            p.no_link_since = Some(self.now);
             p.outbox.on_disconnect();
             p.reports.clear();
             p.notes.clear();
@@ -692,6 +723,7 @@ impl Exchange {
             };
             debug!(ex = self.cfg.id.0, id = %e.id, target = e.server.0, peer = peer.0, status = e.status.as_str(), "relay outcome");
             match p.outbox.remove(e.id, e.server) {
+                Some(r) if r.reported => self.metrics.relay_outcomes_stale.inc(),
                 Some(r) => {
                     let e = ReportEntry {
                         status: uncertain(e.status, r.maybe_handed),
@@ -989,6 +1021,7 @@ impl Exchange {
             message: d.message,
             maybe_handed,
             sent: false,
+            reported: false,
         };
         if entry.size() > self.cfg.max_frame {
             self.metrics.rejections.inc("oversized_frame");
@@ -996,9 +1029,24 @@ impl Exchange {
         }
         debug!(ex = self.cfg.id.0, id = %entry.id, target = target.0, peer = peer.0, maybe_handed, "relay queued");
         let p = self.peer_entry(peer);
+        let unreachable = p.unreachable;
+        let id = entry.id;
+        let entry = Relayed {
+            reported: unreachable,
+            ..entry
+        };
         match p.outbox.push(entry) {
             Ok(_) => {
                 self.metrics.relays_out.inc();
+                if unreachable {
+                    // Said at once; still sent if the peer comes back.
+                    self.metrics.relays_unreachable.inc();
+                    self.report(vec![ReportEntry {
+                        id,
+                        server: target,
+                        status: DeliveryStatus::TimedOut,
+                    }]);
+                }
                 if let Some(conn) = self.peers.get(&peer).and_then(|p| p.conn) {
                     self.flag(conn);
                 }
@@ -1049,6 +1097,32 @@ impl Exchange {
         }
         if more {
             self.flag(conn);
+        }
+    }
+
+    /// At every sweep: a peer without a link for a lease is unreachable;
+    /// the origins of what waits for it hear `timed_out` now rather than at
+    /// their deadline (a copy may still arrive: the relays are kept and
+    /// sent if the peer comes back).
+    pub(super) fn check_unreachable(&mut self) {
+        let (now, lease) = (self.now, self.cfg.lease);
+        let mut told = Vec::new();
+        for (id, p) in self.peers.iter_mut() {
+            let gone = p.no_link_since.is_some_and(|since| since + lease <= now);
+            if !gone || p.unreachable {
+                continue;
+            }
+            p.unreachable = true;
+            let n = p.outbox.report_all(&mut told);
+            warn!(
+                peer = id.0,
+                relays = n,
+                "peer exchange unreachable for a lease: its relays reported timed_out"
+            );
+        }
+        if !told.is_empty() {
+            self.metrics.relays_unreachable.add(told.len() as u64);
+            self.report(told);
         }
     }
 
