@@ -273,6 +273,12 @@ fn a_forged_source_closes_the_link_and_unknown_targets_are_reported() {
     let mut origin = Origin::new(ServerId(1), 1);
     let (id, f) = forward(&mut origin, &[42]);
     t.frames(4, vec![f]);
+    // Not known here: looked up in the registry at once (it may have just
+    // registered with another exchange), and unknown there too.
+    assert!(t.reports_to(4).is_empty());
+    assert_eq!(t.ex.route_state(ServerId(42)), Some(RouteState::Looking));
+    let ask = t.take_ask(|q| *q == Query::AppServers);
+    t.ex.handle_answer(ask, Answer::AppServers(Ok(vec![])), t.now);
     assert_eq!(
         t.reports_to(4),
         vec![ReportEntry {
@@ -281,6 +287,7 @@ fn a_forged_source_closes_the_link_and_unknown_targets_are_reported() {
             status: DeliveryStatus::UnknownServer
         }]
     );
+    assert_eq!(t.ex.route_state(ServerId(42)), None);
 }
 
 #[test]

@@ -162,3 +162,65 @@ async fn two_exchanges_relay_once_per_peer_and_survive_one_killed() {
     );
     db.cleanup().await;
 }
+
+/// A rolling restart of every exchange (SIGTERM: drain) while messages
+/// flow both ways: app servers move to the other exchange as theirs
+/// stops, and no report says anything but delivered — no `server_down`,
+/// no `timed_out`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_of_every_exchange_loses_and_refuses_nothing() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let cfg = [exchange(db.url(), 100), exchange(db.url(), 101)];
+    let mut xs = Vec::new();
+    for c in &cfg {
+        xs.push(Some(spawn_exchange(&ca, c.clone()).await));
+    }
+    let s1 = spawn_appserver(&ca, server(db.url(), 1, 100), vec![]).await;
+    let s2 = spawn_appserver(&ca, server(db.url(), 2, 101), vec![]).await;
+    for s in [&s1, &s2] {
+        wait_linked(s).await;
+    }
+    let mut r1 = s1.connections.attach(UserId(11), "phone").await.unwrap();
+    let mut r2 = s2.connections.attach(UserId(21), "phone").await.unwrap();
+    let to2 = s1.iim.user_list(&[UserId(21)]).await.unwrap();
+    let to1 = s2.iim.user_list(&[UserId(11)]).await.unwrap();
+    for (i, c) in cfg.iter().enumerate() {
+        // Messages both ways while exchange `c.id` drains and restarts.
+        let mut p12 = Vec::new();
+        let mut p21 = Vec::new();
+        for n in 0..200u32 {
+            if n == 50 {
+                let (handle, stop) = xs[i].take().expect("running");
+                stop.cancel();
+                handle.stopped().await;
+            }
+            if n == 150 {
+                xs[i] = Some(spawn_exchange(&ca, c.clone()).await);
+            }
+            p12.push(
+                s1.iim
+                    .submit(text(11, &format!("{i}.{n}")), &to2)
+                    .await
+                    .unwrap(),
+            );
+            p21.push(
+                s2.iim
+                    .submit(text(21, &format!("{i}.{n}")), &to1)
+                    .await
+                    .unwrap(),
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_all_delivered(p12, ServerId(2), &mut r2.rx).await;
+        assert_all_delivered(p21, ServerId(1), &mut r1.rx).await;
+        eventually!(
+            15,
+            "the restarted exchange to link to the other again",
+            xs.iter()
+                .flatten()
+                .all(|(h, _)| h.metrics.peer_links.get() == 1)
+        );
+    }
+    db.cleanup().await;
+}

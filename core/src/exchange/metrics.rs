@@ -51,6 +51,7 @@ pub struct ExchangeMetrics {
     pub relay_outcomes_stale: Counter,
     pub relays_held: Counter,
     pub relays_unreachable: Counter,
+    pub lookups: Counter,
     pub attachments_learnt: Counter,
 }
 
@@ -78,6 +79,7 @@ impl Default for ExchangeMetrics {
             relay_outcomes_stale: Counter::default(),
             relays_held: Counter::default(),
             relays_unreachable: Counter::default(),
+            lookups: Counter::default(),
             attachments_learnt: Counter::default(),
         }
     }
@@ -190,6 +192,11 @@ impl Render for ExchangeMetrics {
             "iim_exchange_relays_unreachable_total",
             "Relays reported timed_out because their peer exchange had no link for a lease (still sent if it comes back).",
             &self.relays_unreachable,
+        )
+        .counter(
+            "iim_exchange_lookups_total",
+            "Servers named by a 905 before this exchange knew them, looked up in the registry at once.",
+            &self.lookups,
         )
         .counter(
             "iim_exchange_attachments_learnt_total",

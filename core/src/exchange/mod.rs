@@ -241,7 +241,15 @@ pub enum RouteState {
     Down,
     /// Attached to another exchange: its 906s are relayed there.
     Elsewhere,
+    /// Named by a 905 but not known here yet (registered a moment ago,
+    /// perhaps with another exchange): its 906s wait for the registry's
+    /// answer, asked at once; with no row there they are `unknown_server`.
+    Looking,
 }
+
+/// Most servers looked up in the registry at once; a 905 naming more
+/// unknown servers gets `unknown_server` for the rest at once.
+pub const MAX_LOOKING: usize = 256;
 
 /// One app server as the exchange knows it.
 #[derive(Debug)]
@@ -357,6 +365,8 @@ pub struct Exchange {
     attached: usize,
     /// Refusals remembered over every route (none: no look-up per 905).
     refusals: usize,
+    /// Routes in state `Looking`.
+    looking: usize,
     asked: Map<AskId, Asked>,
     next_ask: u64,
     sweeping: bool,
@@ -389,6 +399,7 @@ impl Exchange {
             relayed: Map::default(),
             attached: 0,
             refusals: 0,
+            looking: 0,
             asked: Map::default(),
             next_ask: 1,
             sweeping: false,
@@ -466,7 +477,7 @@ impl Exchange {
         match r.state {
             RouteState::Up | RouteState::Disconnected => Some((self.cfg.id, r.attach_epoch)),
             RouteState::Elsewhere => r.at.map(|x| (x, Some(r.newest_attach))),
-            RouteState::Down => None,
+            RouteState::Down | RouteState::Looking => None,
         }
     }
 

@@ -35,10 +35,6 @@ pub(super) struct Relayed {
     pub maybe_handed: bool,
     /// Written on the current link.
     pub sent: bool,
-    /// Its origin was told `timed_out` already (the peer was unreachable
-    /// for a lease); it is still delivered if the peer comes back, but its
-    /// outcome is not reported again.
-    pub reported: bool,
 }
 
 impl Relayed {
@@ -97,19 +93,21 @@ impl RelayOutbox {
         self.entries.len()
     }
 
-    /// Mark every entry not reported yet as reported, adding a `timed_out`
-    /// report entry for each to `out`. How many.
-    pub fn report_all(&mut self, out: &mut Vec<ReportEntry>) -> usize {
-        let mut n = 0;
-        for r in self.entries.values_mut().filter(|r| !r.reported) {
-            r.reported = true;
+    /// Give up every entry: a `timed_out` report entry for each goes to
+    /// `out`. How many.
+    pub fn give_up_all(&mut self, out: &mut Vec<ReportEntry>) -> usize {
+        let n = self.entries.len();
+        for r in std::mem::take(&mut self.entries).into_values() {
             out.push(ReportEntry {
                 id: r.id,
                 server: r.target,
                 status: DeliveryStatus::TimedOut,
             });
-            n += 1;
         }
+        self.index.clear();
+        self.held.clear();
+        self.blocked.clear();
+        self.unsent_from = self.next;
         n
     }
 
@@ -679,7 +677,7 @@ impl Exchange {
                 self.metrics.relays_not_here.inc();
                 None
             }
-            RouteState::Up | RouteState::Disconnected => {
+            RouteState::Up | RouteState::Disconnected | RouteState::Looking => {
                 debug!(ex = self.cfg.id.0, id = %d.id, target = target.0, peer = peer.0, "relayed here");
                 let key = (d.id, target);
                 if let Some(from) = self.relayed.get_mut(&key) {
@@ -723,7 +721,6 @@ impl Exchange {
             };
             debug!(ex = self.cfg.id.0, id = %e.id, target = e.server.0, peer = peer.0, status = e.status.as_str(), "relay outcome");
             match p.outbox.remove(e.id, e.server) {
-                Some(r) if r.reported => self.metrics.relay_outcomes_stale.inc(),
                 Some(r) => {
                     let e = ReportEntry {
                         status: uncertain(e.status, r.maybe_handed),
@@ -1021,7 +1018,6 @@ impl Exchange {
             message: d.message,
             maybe_handed,
             sent: false,
-            reported: false,
         };
         if entry.size() > self.cfg.max_frame {
             self.metrics.rejections.inc("oversized_frame");
@@ -1029,24 +1025,15 @@ impl Exchange {
         }
         debug!(ex = self.cfg.id.0, id = %entry.id, target = target.0, peer = peer.0, maybe_handed, "relay queued");
         let p = self.peer_entry(peer);
-        let unreachable = p.unreachable;
-        let id = entry.id;
-        let entry = Relayed {
-            reported: unreachable,
-            ..entry
-        };
+        if p.unreachable {
+            // Said at once, and not kept: a copy sent when the peer is back
+            // could arrive behind newer messages that took another way.
+            self.metrics.relays_unreachable.inc();
+            return Some(DeliveryStatus::TimedOut);
+        }
         match p.outbox.push(entry) {
             Ok(_) => {
                 self.metrics.relays_out.inc();
-                if unreachable {
-                    // Said at once; still sent if the peer comes back.
-                    self.metrics.relays_unreachable.inc();
-                    self.report(vec![ReportEntry {
-                        id,
-                        server: target,
-                        status: DeliveryStatus::TimedOut,
-                    }]);
-                }
                 if let Some(conn) = self.peers.get(&peer).and_then(|p| p.conn) {
                     self.flag(conn);
                 }
@@ -1102,8 +1089,9 @@ impl Exchange {
 
     /// At every sweep: a peer without a link for a lease is unreachable;
     /// the origins of what waits for it hear `timed_out` now rather than at
-    /// their deadline (a copy may still arrive: the relays are kept and
-    /// sent if the peer comes back).
+    /// their deadline, and the relays are given up (a copy sent before may
+    /// still have arrived: the outcome is unknown). Kept, they could reach
+    /// their targets after newer messages that took another way.
     pub(super) fn check_unreachable(&mut self) {
         let (now, lease) = (self.now, self.cfg.lease);
         let mut told = Vec::new();
@@ -1113,7 +1101,7 @@ impl Exchange {
                 continue;
             }
             p.unreachable = true;
-            let n = p.outbox.report_all(&mut told);
+            let n = p.outbox.give_up_all(&mut told);
             warn!(
                 peer = id.0,
                 relays = n,

@@ -224,9 +224,19 @@ impl Exchange {
     /// is attached to). The status to report at once when it cannot be
     /// queued.
     pub(super) fn offer(&mut self, target: ServerId, d: Deliver906) -> Option<DeliveryStatus> {
-        let Some(route) = self.routes.get_mut(&target) else {
-            return Some(DeliveryStatus::UnknownServer);
-        };
+        if !self.routes.contains_key(&target) {
+            if self.looking >= MAX_LOOKING {
+                return Some(DeliveryStatus::UnknownServer);
+            }
+            // Not known yet: ask the registry now, hold its 906s meanwhile.
+            let mut route = self.new_route(0);
+            route.state = RouteState::Looking;
+            self.routes.insert(target, route);
+            self.looking += 1;
+            self.metrics.lookups.inc();
+            self.sweep_now();
+        }
+        let route = self.routes.get_mut(&target).expect("inserted above");
         match (route.state, route.at) {
             (RouteState::Down, _) => return Some(DeliveryStatus::ServerDown),
             (RouteState::Elsewhere, Some(at)) => return self.relay(at, target, d),
@@ -271,6 +281,38 @@ impl Exchange {
             Err(e) => {
                 warn!(server = server.0, error = %e, "protocol violation");
                 self.refuse(conn, "protocol", ErrorCode::Protocol, &e.to_string());
+            }
+        }
+    }
+
+    /// A server held while looked up is in the registry: place it, and
+    /// what waits for it goes where it is (or fails as it must).
+    fn looked_up(&mut self, s: &AppServerRow) {
+        let me = self.cfg.id;
+        if let Some(r) = self.routes.get_mut(&s.id) {
+            r.epoch = s.epoch;
+            r.state = RouteState::Down;
+        }
+        self.looking -= 1;
+        match s.exchange {
+            Some(at) if !s.down && at != me => {
+                let _ = self.learn_attached(Attached {
+                    server: s.id,
+                    epoch: s.epoch,
+                    exchange: at,
+                    attach_epoch: s.attach_epoch,
+                });
+            }
+            Some(_) if !s.down => self.orphan_attachment(s.id, s.epoch, s.attach_epoch),
+            _ => {
+                // Down, or never attached: what waits is server_down.
+                if let Some(r) = self.routes.get_mut(&s.id) {
+                    r.newest_attach = s.attach_epoch;
+                    r.down_attach = s.attach_epoch;
+                    let left = r.queue.drain();
+                    self.metrics.queued.add(-(left.len() as i64));
+                    self.report_dropped(left, s.id, DeliveryStatus::ServerDown);
+                }
             }
         }
     }
@@ -479,6 +521,14 @@ impl Exchange {
         let mut touch = vec![(me, self.cfg.epoch)];
         for s in rows {
             let elsewhere = s.exchange.filter(|x| *x != me && !s.down);
+            if self
+                .routes
+                .get(&s.id)
+                .is_some_and(|r| r.state == RouteState::Looking)
+            {
+                self.looked_up(&s);
+                continue;
+            }
             match self.routes.get(&s.id) {
                 Some(r) => {
                     if r.state == RouteState::Up {
@@ -561,6 +611,21 @@ impl Exchange {
                     }
                     self.routes.insert(s.id, route);
                 }
+            }
+        }
+        // Named by a 905 and not in the registry: unknown after all.
+        let unknown: Vec<ServerId> = self
+            .routes
+            .iter()
+            .filter(|(_, r)| r.state == RouteState::Looking)
+            .map(|(s, _)| *s)
+            .collect();
+        for server in unknown {
+            if let Some(mut route) = self.routes.remove(&server) {
+                self.looking -= 1;
+                let left = route.queue.drain();
+                self.metrics.queued.add(-(left.len() as i64));
+                self.report_dropped(left, server, DeliveryStatus::UnknownServer);
             }
         }
         self.release_relays();
