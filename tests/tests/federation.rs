@@ -214,6 +214,14 @@ async fn a_rolling_restart_of_every_exchange_loses_and_refuses_nothing() {
         }
         assert_all_delivered(p12, ServerId(2), &mut r2.rx).await;
         assert_all_delivered(p21, ServerId(1), &mut r1.rx).await;
+        // The server that was on the drained exchange moved (registered
+        // again elsewhere) while its exchange was away.
+        let moved = [&s1, &s2][i];
+        assert!(
+            moved.metrics.link.link_connects.get() >= 2,
+            "server {} moved",
+            i + 1
+        );
         eventually!(
             15,
             "the restarted exchange to link to the other again",
