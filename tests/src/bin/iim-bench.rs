@@ -11,6 +11,9 @@
 //!   loopback port; one publisher connection publishes each message once
 //!   per target subject to k subscriber connections (async-nats, ring only).
 //!
+//! With `--exchanges 2` a second exchange process carries the targets: every
+//! message crosses the peer link between the two.
+//!
 //! Measured: deliveries/s at saturation (a fixed number of messages, at
 //! most `--window` messages outstanding, counting `delivered` report
 //! entries / received NATS messages); server CPU µs per delivery
@@ -103,6 +106,11 @@ struct Args {
     /// it.
     #[arg(long)]
     floor: bool,
+    /// Exchanges: 1, or 2 with the origin on the first and every target on
+    /// the second (each message crosses the peer link between them; the
+    /// exchange CPU is both processes').
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+    exchanges: u32,
 }
 
 // ---------------------------------------------------------------------------
@@ -127,6 +135,7 @@ async fn start_exchange(
     db_url: &str,
     log: &Path,
     tuning: &Tuning,
+    id: u32,
 ) -> Result<ExchangeProc> {
     // Settings without a flag go in through a config file.
     let defaults = iim_exchange::Config::default();
@@ -144,7 +153,7 @@ async fn start_exchange(
         "--config".into(),
         config_path.display().to_string(),
         "--id".into(),
-        EXCHANGE_ID.to_string(),
+        id.to_string(),
         "--listen".into(),
         addr.to_string(),
         "--http-listen".into(),
@@ -195,13 +204,13 @@ impl Tuning {
 fn server_config(
     db: &str,
     id: u32,
-    exchange: SocketAddr,
+    exchange: (u32, SocketAddr),
     tuning: &Tuning,
 ) -> iim_appserver::Config {
-    let mut cfg = iim_kit::appserver_config(db, id, exchange);
+    let mut cfg = iim_kit::appserver_config(db, id, exchange.1);
     cfg.exchange = Some(ExchangeTarget {
-        id: EXCHANGE_ID,
-        address: exchange,
+        id: exchange.0,
+        address: exchange.1,
     });
     // Production timers: a loaded 2-core box must not trip a 1 s idle timeout.
     cfg.quic = tuning.quic();
@@ -498,16 +507,12 @@ async fn run(mut args: Args) -> Result<()> {
     let ca = DevCa::new("iim bench CA")?;
     let certs = dir.join("certs");
     std::fs::create_dir_all(&certs)?;
-    let ex_tls = ca.issue(&iim::tls::exchange_name(ServerId(EXCHANGE_ID)))?;
-    std::fs::write(certs.join("ca.pem"), &ex_tls.ca_pem)?;
-    std::fs::write(
-        certs.join(format!("exchange-{EXCHANGE_ID}.pem")),
-        &ex_tls.cert_pem,
-    )?;
-    std::fs::write(
-        certs.join(format!("exchange-{EXCHANGE_ID}.key")),
-        &ex_tls.key_pem,
-    )?;
+    for id in [EXCHANGE_ID, EXCHANGE_ID + 1] {
+        let ex_tls = ca.issue(&iim::tls::exchange_name(ServerId(id)))?;
+        std::fs::write(certs.join("ca.pem"), &ex_tls.ca_pem)?;
+        std::fs::write(certs.join(format!("exchange-{id}.pem")), &ex_tls.cert_pem)?;
+        std::fs::write(certs.join(format!("exchange-{id}.key")), &ex_tls.key_pem)?;
+    }
 
     let tuning = Tuning {
         exchange_threads: args.exchange_threads,
@@ -516,11 +521,30 @@ async fn run(mut args: Args) -> Result<()> {
     // Registry + exchange process.
     let db_url = format!("sqlite://{}", dir.join("registry.db").display());
     iim::registry::Registry::connect(&db_url).await?;
-    let mut ex = start_exchange(&bins, &certs, &db_url, &dir.join("exchange.log"), &tuning).await?;
+    let mut ex = start_exchange(
+        &bins,
+        &certs,
+        &db_url,
+        &dir.join("exchange.log"),
+        &tuning,
+        EXCHANGE_ID,
+    )
+    .await?;
+    // With two exchanges the targets attach to the second one.
+    let ex2 = if args.exchanges == 2 {
+        let log = dir.join("exchange-2.log");
+        Some(start_exchange(&bins, &certs, &db_url, &log, &tuning, EXCHANGE_ID + 1).await?)
+    } else {
+        None
+    };
+    let target_exchange = match &ex2 {
+        Some(x) => (EXCHANGE_ID + 1, x.addr),
+        None => (EXCHANGE_ID, ex.addr),
+    };
     let stop = CancellationToken::new();
 
     let kmax = *args.k.iter().max().unwrap_or(&1);
-    let mut cfg = server_config(&db_url, ORIGIN, ex.addr, &tuning);
+    let mut cfg = server_config(&db_url, ORIGIN, (EXCHANGE_ID, ex.addr), &tuning);
     cfg.max_outstanding = args.window.max(1) * 2;
     let origin = start_server(&ca, cfg, &stop).await?;
     wait_linked(&origin).await?;
@@ -529,7 +553,7 @@ async fn run(mut args: Args) -> Result<()> {
     let arrivals = Arc::new(Arrivals::default());
     for i in 0..kmax {
         let id = 2 + i as u32;
-        let mut cfg = server_config(&db_url, id, ex.addr, &tuning);
+        let mut cfg = server_config(&db_url, id, target_exchange, &tuning);
         cfg.connection_queue = 1 << 20;
         let s = start_server(&ca, cfg, &stop).await?;
         wait_linked(&s).await?;
@@ -571,10 +595,11 @@ async fn run(mut args: Args) -> Result<()> {
             )
             .await?;
             let cpu = CpuMeter::start(ex.pid, tck);
+            let cpu2 = ex2.as_ref().map(|x| CpuMeter::start(x.pid, tck));
             let own = CpuMeter::start(me, tck);
             let (delivered, secs) =
                 iim_saturate(&origin.iim, &users, messages, size, args.window).await?;
-            let iim_cpu = cpu.micros();
+            let iim_cpu = cpu.micros() + cpu2.map_or(0.0, |c| c.micros());
             let bench_cpu = own.micros();
             if delivered != (messages * k) as u64 {
                 eprintln!(
@@ -681,6 +706,9 @@ async fn run(mut args: Args) -> Result<()> {
     drop(keep);
     drop(origin);
     ex.proc.kill9().await;
+    if let Some(mut x) = ex2 {
+        x.proc.kill9().await;
+    }
     if let Some(n) = nats.take() {
         n.stop().await;
     }
@@ -833,14 +861,21 @@ async fn idle_rss(
 ) -> Result<(u64, u64, u64, u32)> {
     let db_url = format!("sqlite://{}", dir.join("registry-idle.db").display());
     iim::registry::Registry::connect(&db_url).await?;
-    let mut ex =
-        start_exchange(bins, certs, &db_url, &dir.join("exchange-idle.log"), tuning).await?;
+    let mut ex = start_exchange(
+        bins,
+        certs,
+        &db_url,
+        &dir.join("exchange-idle.log"),
+        tuning,
+        EXCHANGE_ID,
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = vm_kib(ex.pid, "VmRSS");
     let stop = CancellationToken::new();
     let mut servers = Vec::new();
     for i in 0..n {
-        let cfg = server_config(&db_url, 201 + i, ex.addr, tuning);
+        let cfg = server_config(&db_url, 201 + i, (EXCHANGE_ID, ex.addr), tuning);
         servers.push(start_server(ca, cfg, &stop).await?);
     }
     for s in &servers {
