@@ -4,6 +4,8 @@
 //! shutdown. (The simulator in `iim-sim` drives the same core through
 //! thousands of random schedules; these are the paths spelled out.)
 
+mod common;
+
 use bytes::{Bytes, BytesMut};
 use iim_core::exchange::{
     Answer, AppServerRow, Config, Exchange, ExchangeMetrics, LinkEnd, Output, Query, Registration,
@@ -11,10 +13,10 @@ use iim_core::exchange::{
 };
 use iim_core::origin::Origin;
 use iim_core::{AskId, ConnId};
-use iim_proto::types::{Address, ChannelId, ServerId, UserId};
+use iim_proto::types::{ServerId, UserId};
 use iim_proto::wire::{
     self, Ack906, CLOSE_GOING_AWAY, DEFAULT_MAX_FRAME, DeliveryStatus, ErrorCode, Frame, Message,
-    Register, ReportEntry, Timing, UserRow,
+    Register, ReportEntry,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -181,32 +183,7 @@ impl T {
 
 /// One 905 from `origin` to one user on each of `targets`.
 fn forward(origin: &mut Origin, targets: &[u32]) -> (iim_proto::types::MessageId, Frame) {
-    let mut msg = Message {
-        id: origin.next_id(),
-        source: Address::new(origin.server(), UserId(1)),
-        target: Address::RECEIVER,
-        kind: 9,
-        timing: Timing::default(),
-        body: Bytes::from_static(b"hello"),
-        nested: vec![],
-    };
-    let rows = targets.iter().map(|t| {
-        (
-            ServerId(*t),
-            UserRow {
-                user: UserId(u64::from(*t) * 10),
-                channel: ChannelId(1),
-            },
-        )
-    });
-    let fwd = origin
-        .forward(&mut msg, rows, EX, DEFAULT_MAX_FRAME)
-        .unwrap();
-    let mut buf = BytesMut::from(&fwd.frame[..]);
-    (
-        fwd.id,
-        wire::decode(&mut buf, DEFAULT_MAX_FRAME).unwrap().unwrap(),
-    )
+    common::forward(origin, EX, targets)
 }
 
 #[test]

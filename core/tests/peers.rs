@@ -5,17 +5,19 @@
 //! answers at once (the simulator in `iim-sim` answers late, wrongly or
 //! never).
 
-use bytes::{Bytes, BytesMut};
+mod common;
+
+use bytes::BytesMut;
+use common::forward;
 use iim_core::ConnId;
 use iim_core::exchange::{
     Answer, AppServerRow, Config, Exchange, ExchangeMetrics, ExchangeRow, LinkEnd, Output, Query,
     Registration, RouteState,
 };
 use iim_core::origin::Origin;
-use iim_proto::types::{Address, ChannelId, MessageId, ServerId, UserId};
+use iim_proto::types::{MessageId, ServerId};
 use iim_proto::wire::{
-    self, Ack906, DEFAULT_MAX_FRAME, DeliveryStatus, Frame, Message, Register, ReportEntry, Timing,
-    UserRow,
+    self, Ack906, DEFAULT_MAX_FRAME, DeliveryStatus, Frame, Register, ReportEntry,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -385,37 +387,6 @@ impl Net {
             self.pump();
         }
     }
-}
-
-/// A 905 from `origin` (attached to `exchange`) to one user on each of
-/// `targets`.
-fn forward(origin: &mut Origin, exchange: ServerId, targets: &[u32]) -> (MessageId, Frame) {
-    let mut msg = Message {
-        id: origin.next_id(),
-        source: Address::new(origin.server(), UserId(1)),
-        target: Address::RECEIVER,
-        kind: 9,
-        timing: Timing::default(),
-        body: Bytes::from_static(b"hello"),
-        nested: vec![],
-    };
-    let rows = targets.iter().map(|t| {
-        (
-            ServerId(*t),
-            UserRow {
-                user: UserId(u64::from(*t) * 10),
-                channel: ChannelId(1),
-            },
-        )
-    });
-    let fwd = origin
-        .forward(&mut msg, rows, exchange, DEFAULT_MAX_FRAME)
-        .unwrap();
-    let mut buf = BytesMut::from(&fwd.frame[..]);
-    (
-        fwd.id,
-        wire::decode(&mut buf, DEFAULT_MAX_FRAME).unwrap().unwrap(),
-    )
 }
 
 fn delivered(id: MessageId, server: u32) -> ReportEntry {

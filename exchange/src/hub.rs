@@ -165,14 +165,7 @@ impl Hub {
                 connection,
                 writer,
             } => {
-                self.links.insert(
-                    conn,
-                    LinkIo {
-                        connection,
-                        writer,
-                        waiting: false,
-                    },
-                );
+                self.add_link(conn, connection, writer);
                 self.core.accept(conn, now);
             }
             Event::Register {
@@ -203,18 +196,20 @@ impl Hub {
                 connection,
                 writer,
             } => {
-                self.links.insert(
-                    conn,
-                    LinkIo {
-                        connection,
-                        writer,
-                        waiting: false,
-                    },
-                );
+                self.add_link(conn, connection, writer);
                 self.core.peer_dialed(conn, peer, now);
             }
             Event::DialFailed { peer } => self.core.dial_failed(peer, now),
         }
+    }
+
+    fn add_link(&mut self, conn: ConnId, connection: quinn::Connection, writer: Writer) {
+        let io = LinkIo {
+            connection,
+            writer,
+            waiting: false,
+        };
+        self.links.insert(conn, io);
     }
 
     /// Carry out every output of the core. True once it has stopped.
