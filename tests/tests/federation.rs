@@ -232,3 +232,226 @@ async fn a_rolling_restart_of_every_exchange_loses_and_refuses_nothing() {
     }
     db.cleanup().await;
 }
+
+/// Three exchanges, two app servers on each: one send from server 1 to a
+/// user on every server is one 905 at its exchange, one relay frame to each
+/// other exchange, and one 906 per target server; every user gets it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_exchanges_one_905_one_relay_frame_per_peer_one_906_per_target() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let mut xs = Vec::new();
+    for id in [100, 101, 102] {
+        xs.push(spawn_exchange(&ca, exchange(db.url(), id)).await);
+    }
+    let mut s = Vec::new();
+    for id in 1..=6u32 {
+        let prefer = 100 + (id - 1) / 2;
+        s.push(spawn_appserver(&ca, server(db.url(), id, prefer), vec![]).await);
+    }
+    for (i, srv) in s.iter().enumerate() {
+        wait_linked(srv).await;
+        assert_eq!(srv.link().exchange, Some(ServerId(100 + i as u32 / 2)));
+    }
+    eventually!(
+        10,
+        "every exchange to link to both others",
+        xs.iter().all(|(x, _)| x.metrics.peer_links.get() == 2)
+    );
+    let mut rx = Vec::new();
+    for (i, srv) in s.iter().enumerate() {
+        rx.push(
+            srv.connections
+                .attach(UserId(10 + i as u64 + 1), "phone")
+                .await
+                .unwrap(),
+        );
+    }
+    let everyone: Vec<UserId> = (11..=16).map(UserId).collect();
+    let users = s[0].iim.user_list(&everyone).await.unwrap();
+    let r = s[0].iim.send(text(11, "to all"), &users).await.unwrap();
+    assert_eq!(r.local.delivered, 1);
+    assert_eq!(
+        r.servers,
+        (2..=6)
+            .map(|t| (ServerId(t), DeliveryStatus::Delivered))
+            .collect::<Vec<_>>()
+    );
+    let (x100, x101, x102) = (&xs[0].0.metrics, &xs[1].0.metrics, &xs[2].0.metrics);
+    assert_eq!(x100.forwards_in.get(), 1, "one 905");
+    assert_eq!((x101.forwards_in.get(), x102.forwards_in.get()), (0, 0));
+    assert_eq!(x100.relays_out.get(), 4, "four rows relayed");
+    assert_eq!(
+        (x101.relays_in.get(), x102.relays_in.get()),
+        (1, 1),
+        "one relay frame to each other exchange"
+    );
+    assert_eq!(
+        (
+            x100.delivers_out.get(),
+            x101.delivers_out.get(),
+            x102.delivers_out.get()
+        ),
+        (1, 2, 2),
+        "one 906 per target server"
+    );
+    for a in rx.iter_mut() {
+        let m = a.rx.try_recv().ok().and_then(Push::into_message).unwrap();
+        assert_eq!(m.id, r.id);
+        assert!(a.rx.try_recv().is_err(), "exactly once");
+    }
+    db.cleanup().await;
+}
+
+/// Traffic from every server to every other while each exchange in turn is
+/// killed (no drain, no goodbye) and restarted, `KILLS` times: nothing
+/// reported delivered is missing, nothing arrives twice, every (origin,
+/// target) pair keeps its order. Prints the figures for the failure table
+/// in `docs/benchmarks.md`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exchanges_killed_in_turn_under_all_to_all_traffic() {
+    const KILLS: usize = 20;
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let cfgs: Vec<iim_exchange::Config> = [100, 101, 102]
+        .iter()
+        .map(|id| exchange(db.url(), *id))
+        .collect();
+    let mut xs: Vec<Option<CrashableExchange>> = cfgs
+        .iter()
+        .map(|c| Some(CrashableExchange::start(&ca, c.clone())))
+        .collect();
+    let mut s = Vec::new();
+    for id in 1..=6u32 {
+        s.push(std::sync::Arc::new(
+            spawn_appserver(&ca, server(db.url(), id, 100 + (id - 1) / 2), vec![]).await,
+        ));
+    }
+    for srv in &s {
+        wait_linked(srv).await;
+    }
+    // Every receiver records (origin server, number) in arrival order.
+    let got: std::sync::Arc<std::sync::Mutex<Vec<(u32, u32, u64)>>> = Default::default();
+    for (i, srv) in s.iter().enumerate() {
+        let mut a = srv
+            .connections
+            .attach(UserId(11 + i as u64), "phone")
+            .await
+            .unwrap();
+        let got = got.clone();
+        let me = i as u32 + 1;
+        tokio::spawn(async move {
+            while let Some(p) = a.rx.recv().await {
+                if let Some(m) = p.into_message() {
+                    let body = std::str::from_utf8(&m.body).unwrap().to_owned();
+                    let (o, n) = body.split_once(':').unwrap();
+                    got.lock()
+                        .unwrap()
+                        .push((o.parse().unwrap(), me, n.parse().unwrap()));
+                }
+            }
+        });
+    }
+    // Every server sends to every other, a message each 20 ms.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut senders = Vec::new();
+    for (i, srv) in s.iter().enumerate() {
+        let srv = srv.clone();
+        let stop = stop.clone();
+        let others: Vec<UserId> = (0..6)
+            .filter(|j| *j != i)
+            .map(|j| UserId(11 + j as u64))
+            .collect();
+        senders.push(tokio::spawn(async move {
+            let users = srv.iim.user_list(&others).await.unwrap();
+            let mut pending = Vec::new();
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                let body = format!("{}:{n}", i + 1);
+                pending.push((n, srv.iim.submit(text(1, &body), &users).await.unwrap()));
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let mut reports = Vec::new();
+            for (n, p) in pending {
+                let r = tokio::time::timeout(Duration::from_secs(60), p)
+                    .await
+                    .expect("a report within 60 s");
+                reports.push((n, r.servers));
+            }
+            reports
+        }));
+    }
+    let mut moved = Vec::new();
+    for kill in 0..KILLS {
+        let i = kill % 3;
+        let id = ServerId(100 + i as u32);
+        let on_it: Vec<usize> = (0..6)
+            .filter(|j| s[*j].link().exchange == Some(id))
+            .collect();
+        xs[i].take().unwrap().crash();
+        let t0 = Instant::now();
+        eventually!(
+            20,
+            "the killed exchange's servers to attach to another",
+            on_it.iter().all(|j| {
+                let e = s[*j].link().exchange;
+                e.is_some() && e != Some(id)
+            })
+        );
+        if !on_it.is_empty() {
+            moved.push(t0.elapsed());
+        }
+        xs[i] = Some(CrashableExchange::start(&ca, cfgs[i].clone()));
+        eventually!(
+            20,
+            "the restarted exchange to link to both others",
+            xs.iter().flatten().all(|x| x.metrics.peer_links.get() == 2)
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let mut sent = 0u64;
+    let mut by_status = std::collections::BTreeMap::<&str, u64>::new();
+    let mut delivered = std::collections::BTreeSet::new();
+    for (i, h) in senders.into_iter().enumerate() {
+        for (n, servers) in h.await.unwrap() {
+            sent += 1;
+            for (t, st) in servers {
+                *by_status.entry(st.as_str()).or_default() += 1;
+                if st == DeliveryStatus::Delivered {
+                    delivered.insert((i as u32 + 1, t.0, n));
+                }
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = got.lock().unwrap().clone();
+    let received: std::collections::BTreeSet<(u32, u32, u64)> = got.iter().copied().collect();
+    assert_eq!(received.len(), got.len(), "nothing arrived twice");
+    let lost: Vec<_> = delivered.difference(&received).collect();
+    assert!(
+        lost.is_empty(),
+        "reported delivered, never received: {lost:?}"
+    );
+    let mut last = std::collections::BTreeMap::<(u32, u32), u64>::new();
+    let mut reordered = 0;
+    for (o, t, n) in &got {
+        if let Some(prev) = last.insert((*o, *t), *n)
+            && prev > *n
+        {
+            reordered += 1;
+        }
+    }
+    assert_eq!(reordered, 0, "per (origin, target) order");
+    moved.sort();
+    println!(
+        "{KILLS} exchange kills; {sent} messages to 5 servers each; outcomes {by_status:?}; \
+         {} received; lost 0, duplicated 0, reordered 0; servers re-attached after the kill \
+         p50 {} ms, max {} ms",
+        got.len(),
+        moved[moved.len() / 2].as_millis(),
+        moved.last().unwrap().as_millis()
+    );
+    db.cleanup().await;
+}
