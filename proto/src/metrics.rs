@@ -117,6 +117,23 @@ impl Page {
         self
     }
 
+    /// One series per numeric id (`label="id"`), the ids known only at run
+    /// time (peer exchanges): `kind` is `counter` or `gauge`.
+    pub fn by_id(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: &str,
+        label: &str,
+        series: &[(u32, i64)],
+    ) -> &mut Self {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (id, v) in series {
+            let _ = writeln!(self.0, "{name}{{{label}=\"{id}\"}} {v}");
+        }
+        self
+    }
+
     /// A gauge of 1 labelled with a value known only at run time (an
     /// "info" metric: which node, which version). Quotes, backslashes and
     /// line breaks in the value are escaped.

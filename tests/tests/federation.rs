@@ -295,6 +295,15 @@ async fn three_exchanges_one_905_one_relay_frame_per_peer_one_906_per_target() {
         (1, 2, 2),
         "one 906 per target server"
     );
+    let page = iim::metrics::Render::render(x100.as_ref());
+    for peer in [101, 102] {
+        for line in [
+            format!("iim_exchange_peer_relay_frames_out_total{{peer=\"{peer}\"}} 1"),
+            format!("iim_exchange_peer_link_up{{peer=\"{peer}\"}} 1"),
+        ] {
+            assert!(page.contains(&line), "{line} in\n{page}");
+        }
+    }
     for a in rx.iter_mut() {
         let m = a.rx.try_recv().ok().and_then(Push::into_message).unwrap();
         assert_eq!(m.id, r.id);

@@ -53,6 +53,24 @@ pub struct ExchangeMetrics {
     pub relays_unreachable: Counter,
     pub lookups: Counter,
     pub attachments_learnt: Counter,
+    /// Per peer exchange: relay frames out, relay frames in, link up.
+    pub per_peer: std::sync::Mutex<std::collections::BTreeMap<u32, PeerCounts>>,
+}
+
+/// What one peer exchange's link carried.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PeerCounts {
+    pub relays_out: u64,
+    pub relays_in: u64,
+    pub up: bool,
+}
+
+impl ExchangeMetrics {
+    /// Update the counts of peer exchange `peer`.
+    pub fn peer(&self, peer: u32, f: impl FnOnce(&mut PeerCounts)) {
+        let mut m = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        f(m.entry(peer).or_default());
+    }
 }
 
 impl Default for ExchangeMetrics {
@@ -80,6 +98,7 @@ impl Default for ExchangeMetrics {
             relays_held: Counter::default(),
             relays_unreachable: Counter::default(),
             lookups: Counter::default(),
+            per_peer: Default::default(),
             attachments_learnt: Counter::default(),
         }
     }
@@ -202,6 +221,37 @@ impl Render for ExchangeMetrics {
             "iim_exchange_attachments_learnt_total",
             "App servers learnt to be attached to another exchange.",
             &self.attachments_learnt,
+        );
+        let peers: Vec<(u32, PeerCounts)> = self
+            .per_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let series = |f: fn(&PeerCounts) -> i64| -> Vec<(u32, i64)> {
+            peers.iter().map(|(id, c)| (*id, f(c))).collect()
+        };
+        p.by_id(
+            "iim_exchange_peer_relay_frames_out_total",
+            "Relay frames (one per 905, that peer's rows) sent to each peer exchange.",
+            "counter",
+            "peer",
+            &series(|c| c.relays_out as i64),
+        )
+        .by_id(
+            "iim_exchange_peer_relay_frames_in_total",
+            "Relay frames received from each peer exchange.",
+            "counter",
+            "peer",
+            &series(|c| c.relays_in as i64),
+        )
+        .by_id(
+            "iim_exchange_peer_link_up",
+            "1 while the link to the peer exchange is up.",
+            "gauge",
+            "peer",
+            &series(|c| i64::from(c.up)),
         );
         p.finish()
     }

@@ -548,6 +548,7 @@ impl Exchange {
         if old.is_none() {
             self.metrics.peer_links.add(1);
         }
+        self.metrics.peer(peer.0, |c| c.up = true);
         if let Some(old) = old.filter(|o| *o != conn) {
             self.close(
                 old,
@@ -570,6 +571,7 @@ impl Exchange {
             p.reports.clear();
             p.notes.clear();
             self.metrics.peer_links.add(-1);
+            self.metrics.peer(peer.0, |c| c.up = false);
             info!(peer = peer.0, unanswered = p.outbox.len(), "peer link lost");
         }
     }
@@ -621,6 +623,7 @@ impl Exchange {
             return self.protocol_error(conn, &format!("relay refused: {r}"));
         }
         self.metrics.relays_in.inc();
+        self.metrics.peer(peer.0, |c| c.relays_in += 1);
         let id = fwd.id;
         let mut outcomes = Vec::new();
         for (target, d) in split::split(fwd) {
@@ -1071,7 +1074,12 @@ impl Exchange {
             }
         }
         let mut too_big = Vec::new();
+        let before = out.len();
         let more = p.outbox.poll(peer, max_frame, max_bytes, out, &mut too_big);
+        let frames = (out.len() - before) as u64;
+        if frames > 0 {
+            self.metrics.peer(peer.0, |c| c.relays_out += frames);
+        }
         for r in too_big {
             self.metrics.rejections.inc("oversized_frame");
             let status = uncertain(DeliveryStatus::Overloaded, r.maybe_handed);
