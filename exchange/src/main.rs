@@ -34,6 +34,9 @@ struct Cli {
     /// Override `listen`.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Override `advertise` (the address recorded in the registry).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Override `database` (prefer --database-file: a command line is
     /// visible to every user of the machine).
     #[arg(long, env = "IIM_DATABASE", hide_env_values = true)]
@@ -89,6 +92,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(v) = cli.listen {
         config.listen = v;
+    }
+    if let Some(v) = &cli.advertise {
+        config.advertise = Some(v.clone());
     }
     if let Some(v) = &cli.database {
         config.database = v.clone();

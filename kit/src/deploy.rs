@@ -1,6 +1,6 @@
 //! A deployment of the real binaries: a development CA and certificates,
-//! one `iim-exchange` and N `iim-appserver` processes on loopback sharing
-//! one registry database, each with its metrics listener, and the app
+//! one or more `iim-exchange` and N `iim-appserver` processes on loopback
+//! sharing one registry database, each with its metrics listener, and the app
 //! servers with their WebSocket endpoint and their admin API (its bearer
 //! token generated into the deployment's directory, 0600). Any node can be
 //! stopped, killed and started again (on the same ports, its log appended
@@ -34,9 +34,11 @@ pub struct Spec {
     /// The registry every node uses.
     pub database: String,
     pub bins: Binaries,
-    pub exchange: u32,
+    /// The exchanges' ids; the first is the one [`Spec::name_exchange`]
+    /// names to app servers that [`Spec::attach`] says nothing about.
+    pub exchanges: Vec<u32>,
     pub servers: Vec<u32>,
-    /// The exchange's TOML beyond its flags (empty: its defaults).
+    /// Every exchange's TOML beyond its flags (empty: its defaults).
     pub exchange_toml: String,
     /// Every app server's TOML beyond its flags.
     pub server_toml: String,
@@ -48,9 +50,13 @@ pub struct Spec {
     /// Users the admin API may send as (`admin.senders`), on every app
     /// server.
     pub admin_senders: Vec<u64>,
-    /// Tell the app servers where the exchange is (`--exchange`) instead
-    /// of letting them look it up in the registry.
+    /// Tell the app servers where their exchange is (`--exchange`)
+    /// instead of letting them look it up in the registry.
     pub name_exchange: bool,
+    /// App server → its exchange: the one named to it (`--exchange`) with
+    /// [`Spec::name_exchange`], else the one it prefers
+    /// (`--prefer-exchange`) when it looks them up in the registry.
+    pub attach: BTreeMap<u32, u32>,
     /// The daemons' `RUST_LOG` (`None`: their default, info).
     pub log_filter: Option<String>,
 }
@@ -63,7 +69,7 @@ impl Spec {
             dir: dir.to_owned(),
             database: database.to_owned(),
             bins,
-            exchange: crate::EXCHANGE.0,
+            exchanges: vec![crate::EXCHANGE.0],
             servers: vec![1, 2, 3],
             exchange_toml: String::new(),
             server_toml: String::new(),
@@ -71,6 +77,7 @@ impl Spec {
             demo_users: BTreeMap::new(),
             admin_senders: Vec::new(),
             name_exchange: true,
+            attach: BTreeMap::new(),
             log_filter: None,
         }
     }
@@ -87,6 +94,15 @@ pub struct ServerAddrs {
     pub admin: SocketAddr,
 }
 
+/// The addresses of one exchange.
+#[derive(Clone, Copy, Debug)]
+pub struct ExchangeAddrs {
+    /// Where it listens for QUIC (app servers and peer exchanges).
+    pub quic: SocketAddr,
+    /// Metrics and `/health`.
+    pub http: SocketAddr,
+}
+
 /// A running (or stopped) deployment. Its processes are killed when it is
 /// dropped; [`Deployment::stop_all`] stops them gracefully.
 pub struct Deployment {
@@ -95,10 +111,12 @@ pub struct Deployment {
     logs: PathBuf,
     certs_written: Vec<PathBuf>,
     admin_token: PathBuf,
-    quic: SocketAddr,
-    exchange_http: SocketAddr,
+    exchange_addrs: BTreeMap<u32, ExchangeAddrs>,
+    /// What an exchange records in the registry instead of its own
+    /// address (a proxy in front of it), by id.
+    advertise: BTreeMap<u32, SocketAddr>,
     addrs: BTreeMap<u32, ServerAddrs>,
-    exchange_proc: Option<Proc>,
+    exchange_procs: BTreeMap<u32, Proc>,
     server_procs: BTreeMap<u32, Proc>,
     /// Names started at least once: a restart appends to the log.
     started: BTreeSet<String>,
@@ -135,13 +153,21 @@ impl Deployment {
     /// Certificates (a development CA in `dir/certs`, reused if one is
     /// there), ports, config files; nothing is started.
     pub fn new(spec: Spec) -> anyhow::Result<Deployment> {
+        if spec.exchanges.is_empty() {
+            bail!("a deployment needs at least one exchange");
+        }
+        for (server, exchange) in &spec.attach {
+            if !spec.exchanges.contains(exchange) || !spec.servers.contains(server) {
+                bail!("server {server} is to attach to exchange {exchange}: not both deployed");
+            }
+        }
         let certs = spec.dir.join("certs");
         let logs = spec.dir.join("logs");
         std::fs::create_dir_all(&logs)
             .with_context(|| format!("cannot create {}", logs.display()))?;
         let ids = |v: &[u32]| v.iter().map(|&i| ServerId(i)).collect::<Vec<_>>();
         let certs_written =
-            iim::tls::dev::write_dev_certs(&certs, &ids(&[spec.exchange]), &ids(&spec.servers))
+            iim::tls::dev::write_dev_certs(&certs, &ids(&spec.exchanges), &ids(&spec.servers))
                 .with_context(|| format!("cannot write certificates into {}", certs.display()))?;
         let admin_token = spec.dir.join("admin.token");
         write_admin_token(&admin_token)?;
@@ -155,15 +181,24 @@ impl Deployment {
                 (id, ServerAddrs { ws, http, admin })
             })
             .collect();
+        let exchange_addrs = spec
+            .exchanges
+            .iter()
+            .map(|&id| {
+                let quic = loopback(free_port(true));
+                let http = loopback(free_port(false));
+                (id, ExchangeAddrs { quic, http })
+            })
+            .collect();
         let d = Deployment {
-            quic: loopback(free_port(true)),
-            exchange_http: loopback(free_port(false)),
+            exchange_addrs,
+            advertise: BTreeMap::new(),
             addrs,
             certs,
             logs,
             certs_written,
             admin_token,
-            exchange_proc: None,
+            exchange_procs: BTreeMap::new(),
             server_procs: BTreeMap::new(),
             started: BTreeSet::new(),
             registry: None,
@@ -176,8 +211,10 @@ impl Deployment {
     /// [`Deployment::new`], then every node started and up.
     pub async fn launch(spec: Spec) -> anyhow::Result<Deployment> {
         let mut d = Deployment::new(spec)?;
-        d.start_exchange()?;
-        d.wait_exchange().await?;
+        for id in d.spec.exchanges.clone() {
+            d.start_exchange(id)?;
+        }
+        d.wait_exchanges(&d.spec.exchanges.clone()).await?;
         for id in d.spec.servers.clone() {
             d.start_server(id)?;
         }
@@ -205,7 +242,9 @@ impl Deployment {
                 .with_context(|| format!("cannot write {}", url_file.display()))?;
         }
         if !self.spec.exchange_toml.is_empty() {
-            write(&self.exchange_name(), &self.spec.exchange_toml)?;
+            for &id in &self.spec.exchanges {
+                write(&exchange_name(id), &self.spec.exchange_toml)?;
+            }
         }
         let mut server = self.spec.server_toml.clone();
         if let Some(secret) = &self.spec.jwt_secret {
@@ -255,23 +294,30 @@ impl Deployment {
         &self.logs
     }
 
-    /// The log of node `name` (`exchange`, `server-N`).
+    /// The log of node `name` (`exchange-N`, `server-N`).
     pub fn log(&self, name: &str) -> PathBuf {
         self.logs.join(format!("{name}.log"))
     }
 
-    pub fn exchange_name(&self) -> String {
-        "exchange".to_owned()
+    /// The first exchange's id (the only one, in most deployments).
+    pub fn first_exchange(&self) -> u32 {
+        self.spec.exchanges[0]
     }
 
-    /// The exchange's QUIC address.
-    pub fn quic(&self) -> SocketAddr {
-        self.quic
+    /// Exchange `id`'s addresses.
+    pub fn exchange(&self, id: u32) -> ExchangeAddrs {
+        self.exchange_addrs[&id]
     }
 
-    /// The exchange's metrics listener.
-    pub fn exchange_http(&self) -> SocketAddr {
-        self.exchange_http
+    /// Exchange `id`'s metrics listener.
+    pub fn exchange_http(&self, id: u32) -> SocketAddr {
+        self.exchange(id).http
+    }
+
+    /// Have exchange `id` record `addr` in the registry instead of its
+    /// own address (a proxy in front of it) from its next start on.
+    pub fn advertise(&mut self, id: u32, addr: SocketAddr) {
+        self.advertise.insert(id, addr);
     }
 
     /// App server `id`'s addresses.
@@ -302,17 +348,21 @@ impl Deployment {
         )
     }
 
-    /// The exchange's flags.
-    pub fn exchange_args(&self) -> Vec<String> {
-        let mut args = self.config_args(&self.exchange_name());
+    /// Exchange `id`'s flags.
+    pub fn exchange_args(&self, id: u32) -> Vec<String> {
+        let a = self.exchange(id);
+        let mut args = self.config_args(&exchange_name(id));
         args.extend([
             "--id".into(),
-            self.spec.exchange.to_string(),
+            id.to_string(),
             "--listen".into(),
-            self.quic.to_string(),
+            a.quic.to_string(),
             "--http-listen".into(),
-            self.exchange_http.to_string(),
+            a.http.to_string(),
         ]);
+        if let Some(addr) = self.advertise.get(&id) {
+            args.extend(["--advertise".into(), addr.to_string()]);
+        }
         args.extend(self.common_args());
         args
     }
@@ -337,11 +387,13 @@ impl Deployment {
             let list: Vec<String> = self.spec.admin_senders.iter().map(u64::to_string).collect();
             args.extend(["--admin-senders".into(), list.join(",")]);
         }
+        let attach = self.spec.attach.get(&id).copied();
         if self.spec.name_exchange {
-            args.extend([
-                "--exchange".into(),
-                format!("{}@{}", self.spec.exchange, self.quic),
-            ]);
+            let exchange = attach.unwrap_or(self.first_exchange());
+            let quic = self.exchange(exchange).quic;
+            args.extend(["--exchange".into(), format!("{exchange}@{quic}")]);
+        } else if let Some(exchange) = attach {
+            args.extend(["--prefer-exchange".into(), exchange.to_string()]);
         }
         if let Some(users) = self.spec.demo_users.get(&id) {
             let list: Vec<String> = users.iter().map(u64::to_string).collect();
@@ -368,12 +420,15 @@ impl Deployment {
         Proc::start(name, cmd, &self.log(name), fresh)
     }
 
-    /// Start the exchange; its pid.
-    pub fn start_exchange(&mut self) -> anyhow::Result<u32> {
-        let (name, args) = (self.exchange_name(), self.exchange_args());
-        let p = self.spawn(EXCHANGE_BIN, &name, &args)?;
+    /// Start exchange `id`; its pid.
+    pub fn start_exchange(&mut self, id: u32) -> anyhow::Result<u32> {
+        if !self.exchange_addrs.contains_key(&id) {
+            bail!("exchange {id} is not part of this deployment");
+        }
+        let args = self.exchange_args(id);
+        let p = self.spawn(EXCHANGE_BIN, &exchange_name(id), &args)?;
         let pid = p.pid;
-        self.exchange_proc = Some(p);
+        self.exchange_procs.insert(id, p);
         Ok(pid)
     }
 
@@ -402,9 +457,7 @@ impl Deployment {
 
     /// An error naming the first node that has exited, with its log's end.
     pub fn check(&mut self) -> anyhow::Result<()> {
-        if let Some(p) = &mut self.exchange_proc {
-            p.check()?;
-        }
+        self.exchange_procs.values_mut().try_for_each(Proc::check)?;
         self.server_procs.values_mut().try_for_each(Proc::check)
     }
 
@@ -443,12 +496,16 @@ impl Deployment {
         Ok(())
     }
 
-    /// Until the registry shows the exchange up.
-    pub async fn wait_exchange(&mut self) -> anyhow::Result<()> {
-        let id = ServerId(self.spec.exchange);
-        self.wait_until("the exchange to register", async |d| {
-            let r = d.registry().await?.server(id).await?;
-            Ok(r.is_some_and(|s| s.role == Role::Exchange && s.state == ServerState::Up))
+    /// Until the registry shows exchanges `ids` up.
+    pub async fn wait_exchanges(&mut self, ids: &[u32]) -> anyhow::Result<()> {
+        let what = format!("exchanges {ids:?} to register");
+        self.wait_until(&what, async |d| {
+            let servers = d.registry().await?.servers().await?;
+            Ok(ids.iter().all(|id| {
+                servers.iter().any(|s| {
+                    s.id.0 == *id && s.role == Role::Exchange && s.state == ServerState::Up
+                })
+            }))
         })
         .await
     }
@@ -488,17 +545,25 @@ impl Deployment {
         }
     }
 
-    /// SIGKILL the exchange.
-    pub async fn kill_exchange(&mut self) {
-        if let Some(mut p) = self.exchange_proc.take() {
+    /// SIGKILL exchange `id`.
+    pub async fn kill_exchange(&mut self, id: u32) {
+        if let Some(mut p) = self.exchange_procs.remove(&id) {
             p.kill9().await;
         }
     }
 
+    /// SIGTERM exchange `id` (it drains: its app servers move to another
+    /// exchange), SIGKILL after `grace`.
+    pub async fn stop_exchange(&mut self, id: u32, grace: Duration) -> Option<Stopped> {
+        let mut p = self.exchange_procs.remove(&id)?;
+        Some(p.terminate(grace).await)
+    }
+
     /// SIGKILL every node.
     pub async fn kill_all(&mut self) {
-        self.kill_exchange().await;
-        for (_, mut p) in std::mem::take(&mut self.server_procs) {
+        let exchanges = std::mem::take(&mut self.exchange_procs);
+        let servers = std::mem::take(&mut self.server_procs);
+        for (_, mut p) in exchanges.into_iter().chain(servers) {
             p.kill9().await;
         }
     }
@@ -514,14 +579,15 @@ impl Deployment {
     pub async fn stop_all(&mut self, grace: Duration) -> Vec<Stopped> {
         let apps = std::mem::take(&mut self.server_procs).into_values();
         let mut out = stop_together(apps, grace).await;
-        out.extend(stop_together(self.exchange_proc.take(), grace).await);
+        let exchanges = std::mem::take(&mut self.exchange_procs).into_values();
+        out.extend(stop_together(exchanges, grace).await);
         out
     }
 
-    /// Process ids by node name, the exchange first.
+    /// Process ids by node name, the exchanges first.
     pub fn pids(&self) -> Vec<(String, u32)> {
-        self.exchange_proc
-            .iter()
+        self.exchange_procs
+            .values()
             .chain(self.server_procs.values())
             .map(|p| (p.name.clone(), p.pid))
             .collect()
@@ -529,7 +595,7 @@ impl Deployment {
 
     /// Whether any node is running.
     pub fn is_running(&self) -> bool {
-        self.exchange_proc.is_some() || !self.server_procs.is_empty()
+        !self.exchange_procs.is_empty() || !self.server_procs.is_empty()
     }
 
     /// A client of app server `id` authenticated as `user`, with a token of
@@ -548,6 +614,11 @@ impl Deployment {
         let token = iim::token::mint(secret.as_bytes(), UserId(user), Duration::from_secs(3_600));
         ChatClient::connect(self.ws(id), &token, device).await
     }
+}
+
+/// The name of exchange `id`'s process and log.
+pub fn exchange_name(id: u32) -> String {
+    format!("exchange-{id}")
 }
 
 /// The name of app server `id`'s process and log.
@@ -589,6 +660,18 @@ impl TestDeployment {
         lease_secs: u64,
         extra: &str,
     ) -> TestDeployment {
+        Self::start_shaped(db, users, lease_secs, extra, |_| {}).await
+    }
+
+    /// [`TestDeployment::start_on`] with the [`Spec`] reshaped by `shape`
+    /// (more exchanges, other servers, who attaches where) before launch.
+    pub async fn start_shaped(
+        db: TestDb,
+        users: &[(u64, &str)],
+        lease_secs: u64,
+        extra: &str,
+        shape: impl FnOnce(&mut Spec),
+    ) -> TestDeployment {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::new(&Registry::connect(db.url()).await.expect("registry"));
         for (u, org) in users {
@@ -609,6 +692,7 @@ impl TestDeployment {
         );
         spec.jwt_secret = Some(crate::JWT_SECRET.to_owned());
         spec.log_filter = std::env::var("RUST_LOG").ok();
+        shape(&mut spec);
         let dep = Deployment::launch(spec).await.expect("deployment starts");
         TestDeployment { dep, db, _dir: dir }
     }

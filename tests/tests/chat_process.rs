@@ -75,9 +75,13 @@ async fn exchange_killed_mid_burst() {
     let mut recipient = Device::new(dep.client(2, 21, "phone").await.unwrap());
     for i in 0..BURST {
         match i {
-            300 => dep.kill_exchange().await,
+            300 => {
+                let x = dep.first_exchange();
+                dep.kill_exchange(x).await
+            }
             600 => {
-                dep.start_exchange().unwrap();
+                let x = dep.first_exchange();
+                dep.start_exchange(x).unwrap();
             }
             _ => {}
         }

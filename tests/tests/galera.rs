@@ -139,7 +139,11 @@ async fn a_killed_galera_node_loses_no_acknowledged_message() {
         .unwrap()
         .to_owned();
     for (name, http, prefix) in [
-        ("exchange", dep.exchange_http(), "iim_exchange"),
+        (
+            "exchange",
+            dep.exchange_http(dep.first_exchange()),
+            "iim_exchange",
+        ),
         ("server-1", dep.server(1).http, "iim_appserver"),
         ("server-2", dep.server(2).http, "iim_appserver"),
     ] {

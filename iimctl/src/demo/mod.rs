@@ -91,7 +91,7 @@ async fn script(
 
     section("1. Certificates: a development CA and one certificate per server");
     let mut spec = Spec::new(dir, &url, bins);
-    spec.exchange = EXCHANGE_ID;
+    spec.exchanges = vec![EXCHANGE_ID];
     spec.servers = SERVERS.iter().map(|(id, _)| *id).collect();
     spec.demo_users = SERVERS.iter().map(|(id, u)| (*id, u.to_vec())).collect();
     spec.admin_senders = SERVERS
@@ -139,15 +139,18 @@ async fn script(
         .context("the demo data has no group \"team\"")?;
 
     section("3. Start the exchange, then the app servers");
-    let pid = dep.start_exchange()?;
-    println!("  $ iim-exchange {}", dep.exchange_args().join(" "));
+    let pid = dep.start_exchange(EXCHANGE_ID)?;
+    println!(
+        "  $ iim-exchange {}",
+        dep.exchange_args(EXCHANGE_ID).join(" ")
+    );
+    let x = dep.exchange(EXCHANGE_ID);
     println!(
         "    pid {pid}, QUIC on {}, metrics at http://{}/metrics",
-        dep.quic(),
-        dep.exchange_http()
+        x.quic, x.http
     );
     let started = Instant::now();
-    dep.wait_exchange().await?;
+    dep.wait_exchanges(&[EXCHANGE_ID]).await?;
     println!(
         "    up in the registry after {:.1} s",
         started.elapsed().as_secs_f32()

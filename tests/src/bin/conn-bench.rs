@@ -206,8 +206,8 @@ async fn run(
         })
         .collect();
     store.add_users(&users).await?;
-    dep.start_exchange()?;
-    dep.wait_exchange().await?;
+    dep.start_exchange(dep.first_exchange())?;
+    dep.wait_exchanges(&[dep.first_exchange()]).await?;
     let pid = dep.start_server(SERVER)?;
     dep.wait_servers(&[SERVER]).await?;
     let addr = dep.ws(SERVER);

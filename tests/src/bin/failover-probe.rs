@@ -149,8 +149,9 @@ async fn main() -> anyhow::Result<()> {
         send(&mut watcher, &format!("warm{k}"), 31).await?;
         await_push(&mut receiver, &format!("warm{k}")).await?;
         let t0 = Instant::now();
-        dep.kill_exchange().await;
-        dep.start_exchange()?;
+        let x = dep.first_exchange();
+        dep.kill_exchange(x).await;
+        dep.start_exchange(x)?;
         let text = format!("after{k}");
         send(&mut watcher, &text, 31).await?;
         await_push(&mut receiver, &text).await?;
@@ -288,9 +289,12 @@ async fn soak(dep: &mut Deployment, args: &Args, c11: &mut ChatClient) -> anyhow
 /// server's link is up.
 async fn all_linked(dep: &Deployment) -> anyhow::Result<bool> {
     use iim_http::client::{Client, metric_value};
-    let page = Client::new(&dep.exchange_http().to_string(), Duration::from_secs(5))?
-        .metrics()
-        .await?;
+    let page = Client::new(
+        &dep.exchange_http(dep.first_exchange()).to_string(),
+        Duration::from_secs(5),
+    )?
+    .metrics()
+    .await?;
     if metric_value(&page, "iim_exchange_links") != Some(USERS.len() as f64) {
         return Ok(false);
     }
@@ -308,9 +312,12 @@ async fn all_linked(dep: &Deployment) -> anyhow::Result<bool> {
 /// The exchange's mark-downs and each app server's registrations so far.
 async fn counts(dep: &Deployment) -> anyhow::Result<(f64, Vec<f64>)> {
     use iim_http::client::{Client, metric_value};
-    let page = Client::new(&dep.exchange_http().to_string(), Duration::from_secs(5))?
-        .metrics()
-        .await?;
+    let page = Client::new(
+        &dep.exchange_http(dep.first_exchange()).to_string(),
+        Duration::from_secs(5),
+    )?
+    .metrics()
+    .await?;
     let down = metric_value(&page, "iim_exchange_servers_marked_down_total").unwrap_or(0.0);
     let mut regs = Vec::new();
     for (_, server) in USERS {

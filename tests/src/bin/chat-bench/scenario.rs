@@ -70,8 +70,8 @@ pub async fn deploy(args: &Args, dep: &mut Deployment) -> Result<u64> {
     store.add_users(&users).await?;
     let ids: Vec<UserId> = members.iter().map(|&u| UserId(u)).collect();
     let group = store.create_group("bench-group", &ids).await?;
-    dep.start_exchange()?;
-    dep.wait_exchange().await?;
+    dep.start_exchange(dep.first_exchange())?;
+    dep.wait_exchanges(&[dep.first_exchange()]).await?;
     for id in [SERVER_A, SERVER_B] {
         dep.start_server(id)?;
     }
