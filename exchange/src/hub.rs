@@ -336,6 +336,13 @@ async fn answer(registry: &Registry, exchange: iim::ServerId, query: Query) -> A
             Answer::Exchanges(registry.servers().await.map(exchange_rows).map_err(failed))
         }
         Query::Touch(list) => Answer::Done(registry.touch(&list, now_ms()).await.map_err(failed)),
+        Query::RecordLinks { peers, epoch, seq } => Answer::Done(
+            registry
+                .record_links(exchange, (epoch, seq), &peers, now_ms())
+                .await
+                .map(drop)
+                .map_err(failed),
+        ),
     }
 }
 

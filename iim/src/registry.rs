@@ -115,6 +115,15 @@ enum Guard {
     Exchange(ServerId),
 }
 
+/// One row of `exchange_links`: `exchange` has a live link to `peer`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeLink {
+    pub exchange: ServerId,
+    pub peer: ServerId,
+    /// When `exchange` first recorded the link up (ms since the epoch).
+    pub since_ms: i64,
+}
+
 /// One row of `servers`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerRecord {
@@ -591,6 +600,104 @@ impl Registry {
                 address: col(row, "address")?,
                 epoch: nonnegative_col(row, "epoch")?,
                 attached: nonnegative_col(row, "attached")?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Exchange `exchange`'s live links to other exchanges are now
+    /// `peers`: rows of peers no longer linked go, new ones get `since_ms =
+    /// now_ms`, standing ones keep theirs. One transaction, fenced by
+    /// `version` (the exchange's epoch, a count of its recordings): it
+    /// applies only above the version stored on the exchange's row, so a
+    /// recording the exchange gave up on that commits late cannot undo a
+    /// newer one. Returns whether it applied.
+    pub async fn record_links(
+        &self,
+        exchange: ServerId,
+        version: (u64, u64),
+        peers: &[ServerId],
+        now_ms: i64,
+    ) -> Result<bool, RegistryError> {
+        retry("record_links", TRANSACTION, || {
+            self.try_record_links(exchange, version, peers, now_ms)
+        })
+        .await
+    }
+
+    async fn try_record_links(
+        &self,
+        exchange: ServerId,
+        (epoch, seq): (u64, u64),
+        peers: &[ServerId],
+        now_ms: i64,
+    ) -> Result<bool, RegistryError> {
+        let mut tx = self.db.begin_write().await?;
+        let result = async {
+            let fenced = sqlx::query(
+                "UPDATE servers SET links_epoch = ?, links_seq = ? \
+                 WHERE id = ? AND role = 'exchange' \
+                 AND (links_epoch < ? OR (links_epoch = ? AND links_seq < ?))",
+            )
+            .bind(u64_param(epoch))
+            .bind(u64_param(seq))
+            .bind(server_param(exchange))
+            .bind(u64_param(epoch))
+            .bind(u64_param(epoch))
+            .bind(u64_param(seq))
+            .execute(&mut *tx)
+            .await?;
+            if fenced.rows_affected() == 0 {
+                return Ok(false);
+            }
+            let rows = sqlx::query("SELECT peer_id FROM exchange_links WHERE exchange_id = ?")
+                .bind(server_param(exchange))
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut standing = Vec::with_capacity(rows.len());
+            for row in &rows {
+                standing.push(required_server_col(row, "peer_id")?);
+            }
+            for gone in standing.iter().filter(|p| !peers.contains(p)) {
+                sqlx::query("DELETE FROM exchange_links WHERE exchange_id = ? AND peer_id = ?")
+                    .bind(server_param(exchange))
+                    .bind(server_param(*gone))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for new in peers.iter().filter(|p| !standing.contains(p)) {
+                sqlx::query(
+                    "INSERT INTO exchange_links (exchange_id, peer_id, since_ms) VALUES (?, ?, ?)",
+                )
+                .bind(server_param(exchange))
+                .bind(server_param(*new))
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Ok(true)
+        }
+        .await;
+        finish(tx, result).await
+    }
+
+    /// Every recorded link between exchanges, ordered by (exchange, peer).
+    /// A row says the exchange had a live link to the peer when it last
+    /// recorded its links; read it with the exchange's own row (an exchange
+    /// that died keeps its rows until it starts again).
+    pub async fn exchange_links(&self) -> Result<Vec<ExchangeLink>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT exchange_id, peer_id, since_ms FROM exchange_links \
+             ORDER BY exchange_id, peer_id",
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push(ExchangeLink {
+                exchange: required_server_col(row, "exchange_id")?,
+                peer: required_server_col(row, "peer_id")?,
+                since_ms: col(row, "since_ms")?,
             });
         }
         Ok(out)

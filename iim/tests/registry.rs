@@ -392,6 +392,50 @@ async fn touch_updates_last_seen_of_matching_epochs() {
 }
 
 #[tokio::test]
+async fn recorded_links_replace_an_exchanges_own_and_keep_their_since() {
+    each_backend(|Ctx { reg, .. }| async move {
+        let (a, b, c) = (ServerId(100), ServerId(101), ServerId(102));
+        for x in [a, b] {
+            reg.begin_epoch(x, Role::Exchange, "x", ServerState::Up, T0)
+                .await?;
+        }
+        let view = async || -> anyhow::Result<Vec<(u32, u32, i64)>> {
+            Ok(reg
+                .exchange_links()
+                .await?
+                .iter()
+                .map(|l| (l.exchange.0, l.peer.0, l.since_ms))
+                .collect())
+        };
+        ensure!(reg.record_links(a, (1, 1), &[], T0).await?);
+        ensure!(view().await?.is_empty());
+        ensure!(reg.record_links(a, (1, 2), &[b, c], T0 + 1).await?);
+        ensure!(reg.record_links(b, (1, 1), &[a], T0 + 2).await?);
+        ensure!(
+            view().await? == [(100, 101, T0 + 1), (100, 102, T0 + 1), (101, 100, T0 + 2)],
+            "{:?}",
+            view().await?
+        );
+        // 102 dropped, 101 stays up since its first recording; 101's own
+        // rows are not 100's to change.
+        ensure!(reg.record_links(a, (1, 3), &[b], T0 + 10).await?);
+        ensure!(view().await? == [(100, 101, T0 + 1), (101, 100, T0 + 2)]);
+        // A recording that was given up on and lands late changes nothing;
+        // a new incarnation (epoch 2) starts its count again.
+        ensure!(!reg.record_links(a, (1, 2), &[b, c], T0 + 11).await?);
+        ensure!(view().await? == [(100, 101, T0 + 1), (101, 100, T0 + 2)]);
+        ensure!(reg.record_links(a, (2, 1), &[], T0 + 20).await?);
+        ensure!(view().await? == [(101, 100, T0 + 2)]);
+        ensure!(!reg.record_links(a, (1, 9), &[c], T0 + 21).await?);
+        ensure!(view().await? == [(101, 100, T0 + 2)]);
+        // An exchange without a row records nothing.
+        ensure!(!reg.record_links(c, (1, 1), &[a], T0 + 22).await?);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn add_remove_and_clear_sessions() {
     each_backend(|Ctx { reg, .. }| async move {
         reg.add_session(&session(1, "phone", 4, 100), 1, T0).await?;

@@ -383,13 +383,21 @@ pub(crate) fn ca_line(dir: &Path, written: &[PathBuf]) -> String {
 async fn servers(a: ServersArgs) -> anyhow::Result<()> {
     let registry = open_registry(&a.db.resolve()?).await?;
     let servers = registry.servers().await.context("cannot list servers")?;
+    let links = registry
+        .exchange_links()
+        .await
+        .context("cannot list the links between exchanges")?;
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&view::servers_json(&servers))?
+            serde_json::to_string_pretty(&view::servers_json(&servers, &links))?
         );
     } else {
         print!("{}", view::servers_table(&servers, now_ms()));
+        let links = view::links_table(&servers, &links);
+        if !links.is_empty() {
+            print!("\n{links}");
+        }
     }
     Ok(())
 }

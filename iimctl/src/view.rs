@@ -1,8 +1,8 @@
 //! How iimctl shows things: registry tables (and their JSON), send reports,
 //! UTC times and ages. Pure functions of their inputs; time is passed in.
 
-use iim::registry::ServerRecord;
-use iim::types::Session;
+use iim::registry::{ExchangeLink, Role, ServerRecord, ServerState};
+use iim::types::{ServerId, Session};
 use iim_http::admin::SendResponse;
 use serde::Serialize;
 
@@ -95,6 +95,66 @@ pub fn servers_table(servers: &[ServerRecord], now_ms: i64) -> String {
     )
 }
 
+/// The links between exchanges, one line per pair of exchanges that are
+/// up or that recorded a link: `up` when both record the other, `one-way`
+/// when only one does (a link coming up or going down, or a recording
+/// that failed), `down` when neither does, `stale` when an exchange of the
+/// pair is not up (it recorded the link before it stopped or died).
+/// Empty when there is at most one exchange and no link is recorded.
+pub fn links_table(servers: &[ServerRecord], links: &[ExchangeLink]) -> String {
+    let up: Vec<ServerId> = servers
+        .iter()
+        .filter(|s| s.role == Role::Exchange && s.state == ServerState::Up)
+        .map(|s| s.id)
+        .collect();
+    let recorded = |a: ServerId, b: ServerId| {
+        links
+            .iter()
+            .find(|l| l.exchange == a && l.peer == b)
+            .map(|l| l.since_ms)
+    };
+    let mut pairs = std::collections::BTreeSet::new();
+    for (i, a) in up.iter().enumerate() {
+        for b in &up[i + 1..] {
+            pairs.insert((*a, *b));
+        }
+    }
+    for l in links {
+        pairs.insert((l.exchange.min(l.peer), l.exchange.max(l.peer)));
+    }
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let rows = pairs
+        .into_iter()
+        .map(|(a, b)| {
+            let (ab, ba) = (recorded(a, b), recorded(b, a));
+            let not_up: Vec<String> = [a, b]
+                .iter()
+                .filter(|x| !up.contains(x))
+                .map(|x| x.to_string())
+                .collect();
+            let state = if !not_up.is_empty() {
+                format!("stale ({} not up)", not_up.join(", "))
+            } else {
+                match (ab, ba) {
+                    (Some(_), Some(_)) => "up".to_owned(),
+                    (Some(_), None) => format!("one-way (recorded by {a} only)"),
+                    (None, Some(_)) => format!("one-way (recorded by {b} only)"),
+                    (None, None) => "down".to_owned(),
+                }
+            };
+            let since = match (ab, ba) {
+                (Some(x), Some(y)) => utc(x.max(y)),
+                (Some(x), None) | (None, Some(x)) => utc(x),
+                (None, None) => "-".to_owned(),
+            };
+            vec![format!("{a} - {b}"), state, since]
+        })
+        .collect();
+    table(&["EXCHANGE LINK", "STATE", "SINCE (UTC)"], rows)
+}
+
 /// A server row for `--json`, fields in table order.
 #[derive(Debug, Serialize)]
 pub struct ServerJson {
@@ -108,12 +168,32 @@ pub struct ServerJson {
     pub registered_at: String,
     pub registered_at_ms: i64,
     pub last_seen_ms: i64,
+    /// For an exchange: the peer exchanges it recorded a live link to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub links: Option<Vec<LinkJson>>,
 }
 
-pub fn servers_json(servers: &[ServerRecord]) -> Vec<ServerJson> {
+/// A recorded link of an exchange, for `--json`.
+#[derive(Debug, Serialize)]
+pub struct LinkJson {
+    pub peer: u32,
+    pub since_ms: i64,
+}
+
+pub fn servers_json(servers: &[ServerRecord], links: &[ExchangeLink]) -> Vec<ServerJson> {
     servers
         .iter()
         .map(|s| ServerJson {
+            links: (s.role == Role::Exchange).then(|| {
+                links
+                    .iter()
+                    .filter(|l| l.exchange == s.id)
+                    .map(|l| LinkJson {
+                        peer: l.peer.0,
+                        since_ms: l.since_ms,
+                    })
+                    .collect()
+            }),
             id: s.id.0,
             role: s.role.as_str(),
             state: s.state.as_str(),
@@ -240,8 +320,7 @@ pub fn age(elapsed_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use iim::registry::{Role, ServerState};
-    use iim::types::{ChannelId, ServerId, UserId};
+    use iim::types::{ChannelId, UserId};
 
     #[test]
     fn utc_times() {
@@ -289,6 +368,65 @@ mod tests {
         assert!(lines[1].contains("127.0.0.1:9001  100 #1"), "{}", lines[1]);
         assert!(lines[1].ends_with("1970-01-01T00:00:00Z  3s ago"));
         assert!(lines[2].contains("exchange  up     1      127.0.0.1:9100  -"));
+    }
+
+    #[test]
+    fn links_table_reads_both_ends() {
+        let ex = |id, state| ServerRecord {
+            id: ServerId(id),
+            role: Role::Exchange,
+            address: String::new(),
+            epoch: 1,
+            state,
+            exchange: None,
+            attach_epoch: 0,
+            registered_at_ms: 0,
+            last_seen_ms: 0,
+        };
+        let link = |a, b| ExchangeLink {
+            exchange: ServerId(a),
+            peer: ServerId(b),
+            since_ms: 1_000 * a as i64,
+        };
+        let servers = [
+            ex(100, ServerState::Up),
+            ex(101, ServerState::Up),
+            ex(102, ServerState::Up),
+            ex(103, ServerState::Down),
+        ];
+        let links = [
+            link(100, 101),
+            link(101, 100),
+            link(100, 102),
+            link(103, 100),
+        ];
+        let text = links_table(&servers, &links);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        let cells = |i: usize| -> Vec<&str> {
+            lines[i]
+                .split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect()
+        };
+        assert_eq!(cells(1), ["100 - 101", "up", "1970-01-01T00:01:41Z"]);
+        assert_eq!(
+            cells(2),
+            [
+                "100 - 102",
+                "one-way (recorded by 100 only)",
+                "1970-01-01T00:01:40Z"
+            ]
+        );
+        assert_eq!(
+            cells(3),
+            ["100 - 103", "stale (103 not up)", "1970-01-01T00:01:43Z"]
+        );
+        assert_eq!(cells(4), ["101 - 102", "down", "-"]);
+        assert_eq!(links_table(&servers[..1], &[]), "");
+        let json = serde_json::to_value(servers_json(&servers[..1], &links)).unwrap();
+        assert_eq!(json[0]["links"][1]["peer"], 102);
     }
 
     #[test]

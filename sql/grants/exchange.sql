@@ -11,3 +11,5 @@ GRANT SELECT, INSERT, UPDATE ON `${DB}`.`servers` TO 'iim_exchange_${ID}'@'%';
 -- recomputed.
 GRANT SELECT, DELETE ON `${DB}`.`sessions` TO 'iim_exchange_${ID}'@'%';
 GRANT SELECT, INSERT, UPDATE, DELETE ON `${DB}`.`presence` TO 'iim_exchange_${ID}'@'%';
+-- Its live links to other exchanges (its own rows only: guards.sql).
+GRANT SELECT, INSERT, DELETE ON `${DB}`.`exchange_links` TO 'iim_exchange_${ID}'@'%';

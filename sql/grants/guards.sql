@@ -5,7 +5,8 @@
 -- Table grants cannot say "its own row only"; these triggers do. They look
 -- at the connecting account's name (USER(), not the trigger's definer):
 --   iim_app_<N>       may write only server N's registry row and sessions;
---   iim_exchange_<N>  may write only exchange N's row among exchanges.
+--   iim_exchange_<N>  may write only exchange N's row among exchanges, and
+--                     only exchange N's links.
 -- Any other account (an administrator, a shared development account) is
 -- not restricted by them.
 
@@ -15,6 +16,8 @@ DROP TRIGGER IF EXISTS iim_servers_guard_delete;
 DROP TRIGGER IF EXISTS iim_sessions_guard_insert;
 DROP TRIGGER IF EXISTS iim_sessions_guard_update;
 DROP TRIGGER IF EXISTS iim_sessions_guard_delete;
+DROP TRIGGER IF EXISTS iim_exchange_links_guard_insert;
+DROP TRIGGER IF EXISTS iim_exchange_links_guard_delete;
 DROP FUNCTION IF EXISTS iim_account_server;
 DROP FUNCTION IF EXISTS iim_account_exchange;
 
@@ -93,6 +96,22 @@ BEGIN
     IF iim_account_server() IS NOT NULL AND OLD.server_id <> iim_account_server() THEN
         SIGNAL SQLSTATE '45000'
             SET MESSAGE_TEXT = 'iim: an app server may remove only its own sessions';
+    END IF;
+END //
+
+CREATE TRIGGER iim_exchange_links_guard_insert BEFORE INSERT ON exchange_links FOR EACH ROW
+BEGIN
+    IF iim_account_exchange() IS NOT NULL AND NEW.exchange_id <> iim_account_exchange() THEN
+        SIGNAL SQLSTATE '45000'
+            SET MESSAGE_TEXT = 'iim: an exchange may record only its own links';
+    END IF;
+END //
+
+CREATE TRIGGER iim_exchange_links_guard_delete BEFORE DELETE ON exchange_links FOR EACH ROW
+BEGIN
+    IF iim_account_exchange() IS NOT NULL AND OLD.exchange_id <> iim_account_exchange() THEN
+        SIGNAL SQLSTATE '45000'
+            SET MESSAGE_TEXT = 'iim: an exchange may remove only its own links';
     END IF;
 END //
 

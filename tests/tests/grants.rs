@@ -205,6 +205,26 @@ async fn daemons_run_under_least_privilege_accounts_that_cannot_touch_other_serv
             .await
             .contains("denied")
     );
+    // Its own links, not another exchange's; app servers write none.
+    assert_eq!(
+        allowed(
+            &exchange,
+            "INSERT INTO exchange_links (exchange_id, peer_id, since_ms) VALUES (100, 101, 0)"
+        )
+        .await,
+        1
+    );
+    let e = refused(
+        &exchange,
+        "INSERT INTO exchange_links (exchange_id, peer_id, since_ms) VALUES (101, 100, 0)",
+    )
+    .await;
+    assert!(e.contains("only its own links"), "{e}");
+    assert!(
+        refused(&app(1), "DELETE FROM exchange_links")
+            .await
+            .contains("denied")
+    );
 
     // A clean stop under the account: its row goes down, its sessions away.
     drop((c11, c21));

@@ -166,6 +166,21 @@ impl Exchange {
                     warn!(error = %e.0, "could not refresh last_seen");
                 }
             }
+            (Asked::RecordLinks(peers), Answer::Done(r)) => {
+                self.recording_links = false;
+                match r {
+                    Ok(()) => {
+                        self.links_recorded = Some(peers);
+                        self.record_links();
+                    }
+                    Err(e) => {
+                        // It may still have been made: what the registry
+                        // holds is unknown until a recording is answered.
+                        self.links_recorded = None;
+                        warn!(error = %e.0, "could not record the peer links");
+                    }
+                }
+            }
             (asked, answer) => {
                 // A shell bug, not a peer's: say so, and clear what waited.
                 error!(?asked, ?answer, "registry answer of the wrong kind");
@@ -190,6 +205,12 @@ impl Exchange {
                 failed: None,
                 ..
             } => self.marked_down(server, epoch, true),
+            Asked::RecordLinks(_) => {
+                // It may still land: the next recording (a higher seq)
+                // is asked at the next sweep whatever the set is then.
+                self.recording_links = false;
+                self.links_recorded = None;
+            }
             Asked::MarkDown { .. } | Asked::Exchanges | Asked::Touch => {}
         }
     }

@@ -180,6 +180,18 @@ pub enum Query {
     /// Refresh `last_seen` of these incarnations (this exchange's first);
     /// answered by [`Answer::Done`].
     Touch(Vec<(ServerId, u64)>),
+    /// The peer exchanges this one has a live link to now, replacing what
+    /// it recorded before (for operators: `iimctl servers`), unless a
+    /// recording with a higher `(epoch, seq)` (this exchange's epoch, a
+    /// count of its recordings) is there already: a recording given up on
+    /// may still land late, and must not undo a newer one. Asked when the
+    /// set differs from the last one recorded; answered by
+    /// [`Answer::Done`].
+    RecordLinks {
+        peers: Vec<ServerId>,
+        epoch: u64,
+        seq: u64,
+    },
 }
 
 /// The registry's answer to a [`Query`].
@@ -337,6 +349,7 @@ enum Asked {
     Sweep,
     Exchanges,
     Touch,
+    RecordLinks(Vec<ServerId>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -370,6 +383,12 @@ pub struct Exchange {
     asked: Map<AskId, Asked>,
     next_ask: u64,
     sweeping: bool,
+    /// The peer links last recorded in the registry (`None`: nothing
+    /// recorded since start), and whether a recording is in flight.
+    links_recorded: Option<Vec<ServerId>>,
+    recording_links: bool,
+    /// Recordings of the links asked so far (their `seq`).
+    links_seq: u64,
     timers: Timers<Timer>,
     outputs: VecDeque<Output>,
     /// The end of the grace period, once shutting down.
@@ -403,6 +422,9 @@ impl Exchange {
             asked: Map::default(),
             next_ask: 1,
             sweeping: false,
+            links_recorded: None,
+            recording_links: false,
+            links_seq: 0,
             timers: Timers::default(),
             outputs: VecDeque::new(),
             draining: None,
@@ -573,6 +595,9 @@ impl Exchange {
             LinkState::Attached { server, .. } => server,
             LinkState::Peer { peer } => {
                 self.peer_transmit(conn, peer, max_bytes, &mut out);
+                if self.draining.is_some() {
+                    self.maybe_stopped(false);
+                }
                 return out;
             }
             _ => return out,
@@ -654,6 +679,7 @@ impl Exchange {
                     if self.draining.is_none() {
                         self.check_unreachable();
                         self.sweep_now();
+                        self.record_links();
                         self.timers.add(now + self.cfg.sweep_period, Timer::Sweep);
                     }
                 }
@@ -679,10 +705,21 @@ impl Exchange {
         let deadline = now + self.cfg.grace;
         self.draining = Some(deadline);
         self.timers.add(deadline, Timer::Drain);
+        // Links to app servers not registered yet go now. Peer links stay
+        // until what was relayed either way is answered (`maybe_stopped`):
+        // an outcome owed to a peer and lost with the link would leave the
+        // peer to resend a refused 906 after later ones were delivered.
         let unattached: Vec<ConnId> = self
             .links
             .iter()
-            .filter(|(_, l)| !matches!(l.state, LinkState::Attached { .. }))
+            .filter(|(_, l)| {
+                !matches!(
+                    l.state,
+                    LinkState::Attached { .. }
+                        | LinkState::Peer { .. }
+                        | LinkState::PeerDialed { .. }
+                )
+            })
             .map(|(c, _)| *c)
             .collect();
         for conn in unattached {

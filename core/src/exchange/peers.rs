@@ -558,6 +558,34 @@ impl Exchange {
         }
         info!(peer = peer.0, epoch = hello.epoch, "peer link up");
         self.flag(conn);
+        self.record_links();
+    }
+
+    /// Ask the registry to record the live peer links if they differ from
+    /// the last recording: at every sweep, when a link comes or goes, and
+    /// when a recording is answered (the links may have changed meanwhile).
+    /// One recording is in flight at a time; a failed one is tried again at
+    /// the next sweep or change.
+    pub(super) fn record_links(&mut self) {
+        let mut live: Vec<ServerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.conn.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        live.sort();
+        if self.recording_links || self.links_recorded.as_ref() == Some(&live) {
+            return;
+        }
+        self.recording_links = true;
+        self.links_seq += 1;
+        debug!(peers = ?live, seq = self.links_seq, "recording the peer links");
+        let id = self.ask(Query::RecordLinks {
+            peers: live.clone(),
+            epoch: self.cfg.epoch,
+            seq: self.links_seq,
+        });
+        self.asked.insert(id, Asked::RecordLinks(live));
     }
 
     /// A peer link is gone (its `Link` already removed).
@@ -573,6 +601,7 @@ impl Exchange {
             self.metrics.peer_links.add(-1);
             self.metrics.peer(peer.0, |c| c.up = false);
             info!(peer = peer.0, unanswered = p.outbox.len(), "peer link lost");
+            self.record_links();
         }
     }
 

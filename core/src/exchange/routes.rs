@@ -665,8 +665,9 @@ impl Exchange {
         }
         if !self.links.is_empty() {
             // Only peer links are left: they go once what was relayed is
-            // answered (or at the deadline).
-            if self.relays_unanswered() > 0 && !deadline_passed {
+            // answered, both ways (or at the deadline).
+            let owed = self.peers.values().any(|p| !p.reports.is_empty());
+            if (self.relays_unanswered() > 0 || owed) && !deadline_passed {
                 return;
             }
             let conns: Vec<ConnId> = self.links.keys().copied().collect();

@@ -1,4 +1,4 @@
-//! Steps 8 and 9 of the demo: users chatting through `iimctl chat`
+//! Steps 9 and 10 of the demo: users chatting through `iimctl chat`
 //! processes (this binary, started through the test kit's launcher, each
 //! with its output in a log file), one to one across two servers, then in
 //! the small group "team".
@@ -15,7 +15,7 @@ const CHAT_WAIT_SECS: u64 = 4;
 /// How long a receiver may take to connect and show its history.
 const READY_WAIT: Duration = Duration::from_secs(10);
 
-/// Steps 8 and 9. `clients` are the three servers' client endpoints.
+/// Steps 9 and 10. `clients` are the three servers' client endpoints.
 pub(super) async fn steps(
     logs: &Path,
     clients: &[String],
@@ -26,7 +26,7 @@ pub(super) async fn steps(
         logs: logs.to_owned(),
         started: 0,
     };
-    section("8. Chat: user 1001 on server 1 writes to user 2001 on server 2, over WebSocket");
+    section("9. Chat: user 1001 on server 1 writes to user 2001 on server 2, over WebSocket");
     println!("  A user connects to any app server's client endpoint with a token (iimctl token);");
     println!("  a message is stored, acknowledged with its seq, then pushed through the exchange.");
     let texts = [
@@ -53,10 +53,10 @@ pub(super) async fn steps(
     }
 
     section(&format!(
-        "9. A group: user 3001 on server 3 writes to \"team\" (group {team}: 1001, 2001, 3001)"
+        "10. A group: user 3001 on server 3 writes to \"team\" (group {team}: 1001, 2001, 3001)"
     ));
     println!(
-        "  A small group's message gets a seq in every member's inbox; the history shows step 8."
+        "  A small group's message gets a seq in every member's inbox; the history shows step 9."
     );
     let alice = chats.receiver(&clients[0], 1001).await?;
     let carol = chats.receiver(&clients[1], 2001).await?;

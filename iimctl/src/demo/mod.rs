@@ -1,13 +1,15 @@
 //! `iimctl demo`: the newcomer's tour on the embedded defaults.
 //!
-//! Starts the real `iim-exchange` and three `iim-appserver` processes (the
+//! Starts two real `iim-exchange` and three `iim-appserver` processes (the
 //! binaries built next to iimctl) on loopback, with a fresh SQLite registry
 //! holding the demo directory (`iimctl demo-data`) and development
-//! certificates; sends one message across all three servers, stops one
-//! server and starts it again, then runs `iimctl chat` clients (this
-//! binary) on different servers chatting one to one and in a group
-//! ([`chat`]), and stops everything. The app servers find the exchange
-//! through the registry. The deployment and its processes are the test
+//! certificates; sends one message across all three servers (server 1 on
+//! one exchange, servers 2 and 3 on the other, so it crosses the link
+//! between the exchanges), kills the second exchange and sends again
+//! through the first, stops one server and starts it again, then runs
+//! `iimctl chat` clients (this binary) on different servers chatting one
+//! to one and in a group ([`chat`]), and stops everything. The app servers
+//! find their exchange through the registry. The deployment and its processes are the test
 //! kit's (`iim_kit::deploy`); every child is stopped with SIGTERM (then
 //! killed after a grace period) however iimctl ends.
 
@@ -16,7 +18,7 @@ mod logs;
 
 use crate::view;
 use anyhow::Context;
-use iim::registry::{Registry, ServerState};
+use iim::registry::{Registry, Role, ServerState};
 use iim::types::now_ms;
 use iim_http::admin::{SendRequest, SendResponse};
 use iim_http::client::Client;
@@ -27,11 +29,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tokio::time::Instant;
 
-const EXCHANGE_ID: u32 = 100;
+/// The exchanges; server 1 prefers the first, servers 2 and 3 the second.
+const EXCHANGES: [u32; 2] = [100, 101];
 /// App servers and their demo users.
 const SERVERS: [(u32, &[u64]); 3] = [(1, &[1001, 1002]), (2, &[2001, 2002]), (3, &[3001])];
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const SEND_TIMEOUT: Duration = Duration::from_secs(40);
+/// How long the demo waits for the deployment to settle after a change.
+const WAIT: Duration = Duration::from_secs(30);
 
 pub struct Options {
     pub dir: PathBuf,
@@ -86,13 +91,17 @@ async fn script(
     let mut problems = Vec::new();
 
     println!(
-        "iim demo: one exchange and three app servers on this machine, sharing a SQLite registry."
+        "iim demo: two exchanges and three app servers on this machine, sharing a SQLite registry."
     );
 
     section("1. Certificates: a development CA and one certificate per server");
     let mut spec = Spec::new(dir, &url, bins);
-    spec.exchanges = vec![EXCHANGE_ID];
+    spec.exchanges = EXCHANGES.to_vec();
     spec.servers = SERVERS.iter().map(|(id, _)| *id).collect();
+    spec.attach = SERVERS
+        .iter()
+        .map(|(id, _)| (*id, if *id == 1 { EXCHANGES[0] } else { EXCHANGES[1] }))
+        .collect();
     spec.demo_users = SERVERS.iter().map(|(id, u)| (*id, u.to_vec())).collect();
     spec.admin_senders = SERVERS
         .iter()
@@ -101,7 +110,9 @@ async fn script(
     spec.name_exchange = false;
     let dep = slot.insert(Deployment::new(spec).context("cannot prepare the demo")?);
     println!("  {}", crate::ca_line(dep.certs_dir(), dep.certs_written()));
-    let names: Vec<String> = std::iter::once(format!("exchange-{EXCHANGE_ID}"))
+    let names: Vec<String> = EXCHANGES
+        .iter()
+        .map(|x| format!("exchange-{x}"))
         .chain(SERVERS.iter().map(|(id, _)| format!("server-{id}")))
         .collect();
     println!(
@@ -138,21 +149,21 @@ async fn script(
         .map(|g| g.id)
         .context("the demo data has no group \"team\"")?;
 
-    section("3. Start the exchange, then the app servers");
-    let pid = dep.start_exchange(EXCHANGE_ID)?;
-    println!(
-        "  $ iim-exchange {}",
-        dep.exchange_args(EXCHANGE_ID).join(" ")
-    );
-    let x = dep.exchange(EXCHANGE_ID);
-    println!(
-        "    pid {pid}, QUIC on {}, metrics at http://{}/metrics",
-        x.quic, x.http
-    );
+    section("3. Start the two exchanges, then the app servers");
     let started = Instant::now();
-    dep.wait_exchanges(&[EXCHANGE_ID]).await?;
+    for x in EXCHANGES {
+        let pid = dep.start_exchange(x)?;
+        println!("  $ iim-exchange {}", dep.exchange_args(x).join(" "));
+        let a = dep.exchange(x);
+        println!(
+            "    pid {pid}, QUIC on {}, metrics at http://{}/metrics",
+            a.quic, a.http
+        );
+    }
+    dep.wait_exchanges(&EXCHANGES).await?;
     println!(
-        "    up in the registry after {:.1} s",
+        "    both up in the registry after {:.1} s; they find each other there and link \
+         (the lower id dials)",
         started.elapsed().as_secs_f32()
     );
 
@@ -166,7 +177,10 @@ async fn script(
             a.admin, a.http, a.ws
         );
     }
-    println!("  (no --exchange flag: each app server looks the exchange up in the registry)");
+    println!(
+        "  (no --exchange flag: each app server chooses its exchange from the registry, \
+         --prefer-exchange first)"
+    );
     let ids: Vec<u32> = SERVERS.iter().map(|(id, _)| *id).collect();
     dep.wait_servers(&ids).await?;
     println!(
@@ -174,14 +188,27 @@ async fn script(
         started.elapsed().as_secs_f32(),
         dep.logs_dir().display()
     );
+    wait_for(
+        "each server on its preferred exchange, the exchanges linked",
+        async || {
+            let attached = attachments(&registry).await?;
+            Ok(attached == [(1, 100), (2, 101), (3, 101)] && linked(&registry, &EXCHANGES).await?)
+        },
+    )
+    .await?;
 
     section(&format!(
         "4. The registry (iimctl servers --database {url})"
     ));
     print!("{}", indent(&servers_table(&registry).await?));
+    println!("  Server 1 is attached to exchange 100, servers 2 and 3 to exchange 101.");
 
     section(
         "5. User 1001 on server 1 sends to 1002 (server 1), 2001 (server 2) and 3001 (server 3)",
+    );
+    println!(
+        "  One 905 to exchange 100, one relay frame to exchange 101 with the rows of servers \
+         2 and 3, one 906 to each of them; the reports come back the same way:"
     );
     let admin = dep.admin(1, SEND_TIMEOUT)?;
     let text = "hello from 1001";
@@ -231,7 +258,46 @@ async fn script(
         report.id
     );
 
-    section("6. Stop app server 3 (SIGTERM) and look again");
+    section("6. Kill exchange 101 (SIGKILL) and send again");
+    let relays = relay_frames(dep, EXCHANGES[0], EXCHANGES[1]).await;
+    dep.kill_exchange(EXCHANGES[1]).await;
+    let killed = Instant::now();
+    println!("  $ kill -9 <exchange-101>");
+    wait_for("servers 2 and 3 to attach to exchange 100", async || {
+        Ok(attachments(&registry).await? == [(1, 100), (2, 100), (3, 100)])
+    })
+    .await?;
+    println!(
+        "  servers 2 and 3 noticed (QUIC idle timeout) and attached to exchange 100 after {:.1} s:",
+        killed.elapsed().as_secs_f32()
+    );
+    print!("{}", indent(&servers_table(&registry).await?));
+    println!("  The same send, now through exchange 100 alone:");
+    let report = send(&admin, &[1002, 2001, 3001], text).await?;
+    print!("{}", indent(&view::render_report(&report)));
+    if !report.all_delivered() || report.servers.len() != 2 {
+        problems.push(format!(
+            "after exchange 101 died, expected servers 2 and 3 delivered, got {report:?}"
+        ));
+    }
+    let after = relay_frames(dep, EXCHANGES[0], EXCHANGES[1]).await;
+    if after != relays {
+        problems.push(format!(
+            "exchange 100 relayed to the dead exchange 101: {relays:?} frames before, {after:?} after"
+        ));
+    }
+    let pid = dep.start_exchange(EXCHANGES[1])?;
+    dep.wait_exchanges(&EXCHANGES[1..]).await?;
+    wait_for("the exchanges to link again", async || {
+        linked(&registry, &EXCHANGES).await
+    })
+    .await?;
+    println!(
+        "  exchange 101 started again (pid {pid}) and linked to 100; servers 2 and 3 stay on 100 \
+         until they next reconnect"
+    );
+
+    section("7. Stop app server 3 (SIGTERM) and look again");
     match dep.stop_server(3, STOP_TIMEOUT).await {
         Some(stop) => {
             println!("  {stop}");
@@ -263,7 +329,7 @@ async fn script(
         ));
     }
 
-    section("7. Start app server 3 again");
+    section("8. Start app server 3 again");
     let pid = dep.start_server(3)?;
     dep.wait_servers(&[3]).await?;
     let epoch = registry
@@ -278,7 +344,7 @@ async fn script(
     let clients: Vec<String> = ids.iter().map(|&id| dep.ws(id).to_string()).collect();
     chat::steps(dep.logs_dir(), &clients, team, &mut problems).await?;
 
-    section("10. Done");
+    section("11. Done");
     if opts.keep_running {
         keep_running(dep, &url, &clients).await?;
     } else {
@@ -345,8 +411,57 @@ async fn keep_running(dep: &mut Deployment, url: &str, clients: &[String]) -> an
     }
 }
 
+/// `iimctl servers`: the servers table, then the links between exchanges.
 async fn servers_table(registry: &Registry) -> anyhow::Result<String> {
-    Ok(view::servers_table(&registry.servers().await?, now_ms()))
+    let servers = registry.servers().await?;
+    let links = registry.exchange_links().await?;
+    Ok(format!(
+        "{}\n{}",
+        view::servers_table(&servers, now_ms()),
+        view::links_table(&servers, &links)
+    ))
+}
+
+/// (app server, exchange) of every app server that is up.
+async fn attachments(registry: &Registry) -> anyhow::Result<Vec<(u32, u32)>> {
+    Ok(registry
+        .servers()
+        .await?
+        .iter()
+        .filter(|s| s.role == Role::App && s.state == ServerState::Up)
+        .filter_map(|s| Some((s.id.0, s.exchange?.0)))
+        .collect())
+}
+
+/// Every exchange in `ids` recorded a link to every other.
+async fn linked(registry: &Registry, ids: &[u32]) -> anyhow::Result<bool> {
+    let links = registry.exchange_links().await?;
+    Ok(ids.iter().all(|a| {
+        ids.iter()
+            .filter(|b| *b != a)
+            .all(|b| links.iter().any(|l| l.exchange.0 == *a && l.peer.0 == *b))
+    }))
+}
+
+/// How many relay frames exchange `from` has sent to `to` (its metrics).
+async fn relay_frames(dep: &Deployment, from: u32, to: u32) -> Option<f64> {
+    let page = Client::new(&dep.exchange_http(from).to_string(), SEND_TIMEOUT)
+        .ok()?
+        .metrics()
+        .await
+        .ok()?;
+    let series = format!("iim_exchange_peer_relay_frames_out_total{{peer=\"{to}\"}}");
+    iim_http::client::metric_value(&page, &series)
+}
+
+/// Ask `ready` until it holds; an error after [`WAIT`].
+async fn wait_for(
+    what: &str,
+    ready: impl AsyncFnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    iim_kit::poll_until(WAIT, ready)
+        .await
+        .with_context(|| format!("waiting for {what}"))
 }
 
 fn section(title: &str) {

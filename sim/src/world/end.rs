@@ -156,6 +156,25 @@ impl World {
             let Some(ex) = slot.node.as_ref() else {
                 continue;
             };
+            // What the registry shows operators caught up with the links.
+            let others: Vec<ServerId> = self
+                .exs
+                .iter()
+                .map(|s| s.id)
+                .filter(|id| *id != slot.id)
+                .collect();
+            let recorded = self
+                .recorded_links
+                .get(&slot.id)
+                .map(|(_, peers)| peers.clone())
+                .unwrap_or_default();
+            if recorded != others {
+                let what = format!(
+                    "exchange {} recorded links to {recorded:?} in the registry; it is linked to {others:?}",
+                    slot.id
+                );
+                return self.fail(what);
+            }
             for peer in &self.exs {
                 let left = ex.core.relays_to(peer.id);
                 if !left.is_empty() {

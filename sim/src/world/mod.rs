@@ -410,6 +410,9 @@ pub struct World {
     ex_gens: u64,
     /// When each exchange last refreshed its row.
     last_seen: BTreeMap<ServerId, Instant>,
+    /// The registry's `exchange_links`: the peers each exchange recorded
+    /// a live link to, under the version of that recording.
+    recorded_links: BTreeMap<ServerId, ((u64, u64), Vec<ServerId>)>,
     peer_conns: BTreeMap<u64, PeerConn>,
     /// Pairs of exchanges that cannot reach each other now.
     peer_cuts: BTreeSet<(usize, usize)>,
@@ -455,6 +458,7 @@ impl World {
             exs: Vec::new(),
             ex_gens: 0,
             last_seen: BTreeMap::new(),
+            recorded_links: BTreeMap::new(),
             peer_conns: BTreeMap::new(),
             peer_cuts: BTreeSet::new(),
             downs: Vec::new(),

@@ -142,6 +142,21 @@ impl World {
                 self.last_seen.insert(me, self.now);
                 Answer::Done(Ok(()))
             }
+            Query::RecordLinks { peers, epoch, seq } => {
+                if failing {
+                    return Answer::Done(Err(fail()));
+                }
+                // Fenced like the real table: a late recording does not
+                // undo a newer one.
+                let newer = self
+                    .recorded_links
+                    .get(&me)
+                    .is_none_or(|(version, _)| *version < (epoch, seq));
+                if newer {
+                    self.recorded_links.insert(me, ((epoch, seq), peers));
+                }
+                Answer::Done(Ok(()))
+            }
         }
     }
 
