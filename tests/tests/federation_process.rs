@@ -70,13 +70,18 @@ async fn metric(dep: &TestDeployment, exchange: u32, series: &str) -> f64 {
     metric_value(&metrics(dep, exchange).await, series).unwrap_or(0.0)
 }
 
-/// Until every exchange in `ids` is linked to all the others.
+/// Until every exchange in `ids` is linked to all the others (an exchange
+/// just started may not answer yet).
 async fn wait_linked(dep: &TestDeployment, ids: &[u32]) {
     let want = (ids.len() - 1) as f64;
     eventually!(20, format!("exchanges {ids:?} linked to each other"), {
         let mut all = true;
         for &x in ids {
-            all &= metric(dep, x, "iim_exchange_peer_links").await == want;
+            let page = Client::new(&dep.exchange_http(x).to_string(), Duration::from_secs(5))
+                .unwrap()
+                .metrics()
+                .await;
+            all &= page.is_ok_and(|p| metric_value(&p, "iim_exchange_peer_links") == Some(want));
         }
         all
     });

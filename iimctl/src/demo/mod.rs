@@ -260,9 +260,15 @@ async fn script(
 
     section("6. Kill exchange 101 (SIGKILL) and send again");
     let relays = relay_frames(dep, EXCHANGES[0], EXCHANGES[1]).await;
+    let name = iim_kit::deploy::exchange_name(EXCHANGES[1]);
+    let pid = dep
+        .pids()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, p)| p);
     dep.kill_exchange(EXCHANGES[1]).await;
     let killed = Instant::now();
-    println!("  $ kill -9 <exchange-101>");
+    println!("  $ kill -9 {}", pid.map_or(name, |p| p.to_string()));
     wait_for("servers 2 and 3 to attach to exchange 100", async || {
         Ok(attachments(&registry).await? == [(1, 100), (2, 100), (3, 100)])
     })
