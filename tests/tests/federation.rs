@@ -144,6 +144,18 @@ async fn two_exchanges_relay_once_per_peer_and_survive_one_killed() {
         "servers re-attached {} ms after the kill",
         moved.as_millis()
     );
+    // Exchange 100 counts them as re-attachments (they were attached to
+    // 101), server 1 as new.
+    let page = iim::metrics::Render::render(x100.metrics.as_ref());
+    let kind = |k: &str| {
+        let series = format!("iim_exchange_attachments_total{{kind=\"{k}\"}}");
+        iim_http::client::metric_value(&page, &series)
+    };
+    assert_eq!(
+        (kind("new"), kind("moved_here")),
+        (Some(1.0), Some(2.0)),
+        "{page}"
+    );
     assert_all_delivered(pending, ServerId(2), &mut r2.rx).await;
 
     // From their new exchange they reach each other.

@@ -275,6 +275,11 @@ impl Exchange {
                 "exchange is stopping",
             );
         }
+        let kind = match self.routes.get(&server) {
+            Some(r) if r.epoch == epoch && r.state == RouteState::Elsewhere => "moved_here",
+            Some(r) if r.epoch == epoch && r.attach_epoch.is_some() => "again",
+            _ => "new",
+        };
         if !self.routes.contains_key(&server) {
             let mut route = self.new_route(epoch);
             route.state = RouteState::Up;
@@ -300,6 +305,7 @@ impl Exchange {
         route.attach_epoch = Some(attach_epoch);
         route.newest_attach = route.newest_attach.max(attach_epoch);
         route.at = None;
+        self.metrics.attachments.inc(kind);
         route.marking = false;
         match route.conn.take() {
             Some(old) => self.close(

@@ -53,9 +53,15 @@ pub struct ExchangeMetrics {
     pub relays_unreachable: Counter,
     pub lookups: Counter,
     pub attachments_learnt: Counter,
+    /// App servers attached here, by what they were before:
+    /// [`ATTACH_KINDS`].
+    pub attachments: Family,
     /// Per peer exchange: relay frames out, relay frames in, link up.
     pub per_peer: std::sync::Mutex<std::collections::BTreeMap<u32, PeerCounts>>,
 }
+
+/// The `kind` of `iim_exchange_attachments_total`.
+pub const ATTACH_KINDS: &[&str] = &["new", "again", "moved_here"];
 
 /// What one peer exchange's link carried.
 #[derive(Clone, Copy, Debug, Default)]
@@ -100,6 +106,7 @@ impl Default for ExchangeMetrics {
             lookups: Counter::default(),
             per_peer: Default::default(),
             attachments_learnt: Counter::default(),
+            attachments: Family::new("kind", ATTACH_KINDS),
         }
     }
 }
@@ -221,6 +228,11 @@ impl Render for ExchangeMetrics {
             "iim_exchange_attachments_learnt_total",
             "App servers learnt to be attached to another exchange.",
             &self.attachments_learnt,
+        )
+        .family(
+            "iim_exchange_attachments_total",
+            "App servers attached here: new (a new incarnation, or one not attached anywhere), again (attached here before: a reconnect), moved_here (attached to another exchange before: a re-attachment).",
+            &self.attachments,
         );
         let peers: Vec<(u32, PeerCounts)> = self
             .per_peer

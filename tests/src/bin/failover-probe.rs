@@ -15,6 +15,13 @@
 //!    `iim_exchange_servers_marked_down_total` (must be 0: nobody died) and
 //!    every server's re-registrations are read from their metrics.
 //!
+//! `--exchanges N` runs N exchanges (100, 101, ...), app server `s`
+//! preferring the `s`-th (round robin) and finding it in the registry;
+//! measurement 2 then kills the exchange the sender's server is attached
+//! to, and the receiver's, in turn (the servers re-attach to another one),
+//! and the soak counts mark-downs and unreachable peers over every
+//! exchange.
+//!
 //! `--idle-ms`, `--keep-alive-ms` and `--lease-secs` override the defaults
 //! (to compare settings in one sitting). The registry is MariaDB when
 //! `IIM_TEST_MYSQL_URL` is set, else SQLite.
@@ -58,6 +65,9 @@ struct Args {
     /// Override the exchange's `lease_secs`.
     #[arg(long)]
     lease_secs: Option<u64>,
+    /// How many exchanges.
+    #[arg(long, default_value_t = 1)]
+    exchanges: u32,
 }
 
 const USERS: [(u64, u32); 3] = [(11, 1), (21, 2), (31, 3)];
@@ -101,7 +111,19 @@ async fn main() -> anyhow::Result<()> {
         "[limits]\nrate_per_sec = 100000\nrate_burst = 100000\nmax_connections_per_ip = 100000\n{quic}"
     );
     spec.jwt_secret = Some(iim_kit::JWT_SECRET.to_owned());
+    if args.exchanges == 0 {
+        bail!("--exchanges must be at least 1");
+    }
+    spec.exchanges = (0..args.exchanges).map(|i| 100 + i).collect();
+    if args.exchanges > 1 {
+        spec.name_exchange = false;
+        spec.attach = USERS
+            .iter()
+            .map(|(_, s)| (*s, spec.exchanges[(*s as usize - 1) % spec.exchanges.len()]))
+            .collect();
+    }
     let mut dep = Deployment::launch(spec).await.context("deployment")?;
+    println!("exchanges: {:?}", dep.spec().exchanges);
     println!(
         "timing: {}",
         if args.idle_ms.is_none() && args.keep_alive_ms.is_none() && args.lease_secs.is_none() {
@@ -148,8 +170,14 @@ async fn main() -> anyhow::Result<()> {
         // Linked and pushing before the kill.
         send(&mut watcher, &format!("warm{k}"), 31).await?;
         await_push(&mut receiver, &format!("warm{k}")).await?;
+        // One exchange: kill it. Several: the sender's, then the
+        // receiver's (their servers move to another one).
+        let x = if args.exchanges == 1 {
+            dep.first_exchange()
+        } else {
+            exchange_of(&mut dep, if k % 2 == 0 { 1 } else { 3 }).await?
+        };
         let t0 = Instant::now();
-        let x = dep.first_exchange();
         dep.kill_exchange(x).await;
         dep.start_exchange(x)?;
         let text = format!("after{k}");
@@ -158,7 +186,12 @@ async fn main() -> anyhow::Result<()> {
         backs.push(t0.elapsed());
     }
     report(
-        "kill -9 of the exchange, restarted at once → pushes across servers again",
+        if args.exchanges == 1 {
+            "kill -9 of the exchange, restarted at once → pushes across servers again"
+        } else {
+            "kill -9 of the sender's or receiver's exchange, restarted at once → pushes across \
+             servers again (through another exchange)"
+        },
         &mut backs,
     );
 
@@ -168,6 +201,19 @@ async fn main() -> anyhow::Result<()> {
     let _ = dep.stop_all(Duration::from_secs(5)).await;
     db.cleanup().await;
     Ok(())
+}
+
+/// The exchange app server `server` is attached to in the registry.
+async fn exchange_of(dep: &mut Deployment, server: u32) -> anyhow::Result<u32> {
+    let row = dep
+        .registry()
+        .await?
+        .server(iim::types::ServerId(server))
+        .await?
+        .with_context(|| format!("no registry row for server {server}"))?;
+    row.exchange
+        .map(|x| x.0)
+        .with_context(|| format!("server {server} is attached to no exchange"))
 }
 
 async fn client(dep: &Deployment, user: u64) -> anyhow::Result<ChatClient> {
@@ -264,11 +310,14 @@ async fn soak(dep: &mut Deployment, args: &Args, c11: &mut ChatClient) -> anyhow
     }
     let after = counts(dep).await?;
     println!(
-        "soak: {} s with {burners} spinning threads on {cores} cores, {sent} messages sent \
-         (slowest ack {} ms); marked down: {}; re-registrations: {} (servers 1, 2, 3: {:?})",
+        "soak: {} s with {burners} spinning threads on {cores} cores, {} exchanges, {sent} \
+         messages sent (slowest ack {} ms); marked down: {}; relays given up for an \
+         unreachable peer: {}; re-registrations: {} (servers 1, 2, 3: {:?})",
         args.soak_secs,
+        args.exchanges,
         slowest.as_millis(),
         after.0 - before.0,
+        after.2 - before.2,
         after
             .1
             .iter()
@@ -285,17 +334,23 @@ async fn soak(dep: &mut Deployment, args: &Args, c11: &mut ChatClient) -> anyhow
     Ok(())
 }
 
-/// The (restarted) exchange holds a link of every app server, and every app
-/// server's link is up.
+/// The exchanges hold a link of every app server between them and are
+/// linked to each other, and every app server's link is up.
 async fn all_linked(dep: &Deployment) -> anyhow::Result<bool> {
     use iim_http::client::{Client, metric_value};
-    let page = Client::new(
-        &dep.exchange_http(dep.first_exchange()).to_string(),
-        Duration::from_secs(5),
-    )?
-    .metrics()
-    .await?;
-    if metric_value(&page, "iim_exchange_links") != Some(USERS.len() as f64) {
+    let exchanges = dep.spec().exchanges.clone();
+    let mut links = 0.0;
+    for &x in &exchanges {
+        let page = Client::new(&dep.exchange_http(x).to_string(), Duration::from_secs(5))?
+            .metrics()
+            .await?;
+        links += metric_value(&page, "iim_exchange_links").unwrap_or(0.0);
+        let peers = metric_value(&page, "iim_exchange_peer_links").unwrap_or(0.0);
+        if peers != (exchanges.len() - 1) as f64 {
+            return Ok(false);
+        }
+    }
+    if links != USERS.len() as f64 {
         return Ok(false);
     }
     for (_, server) in USERS {
@@ -309,16 +364,18 @@ async fn all_linked(dep: &Deployment) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// The exchange's mark-downs and each app server's registrations so far.
-async fn counts(dep: &Deployment) -> anyhow::Result<(f64, Vec<f64>)> {
+/// The exchanges' mark-downs, each app server's registrations, and the
+/// relays the exchanges gave up for an unreachable peer, so far.
+async fn counts(dep: &Deployment) -> anyhow::Result<(f64, Vec<f64>, f64)> {
     use iim_http::client::{Client, metric_value};
-    let page = Client::new(
-        &dep.exchange_http(dep.first_exchange()).to_string(),
-        Duration::from_secs(5),
-    )?
-    .metrics()
-    .await?;
-    let down = metric_value(&page, "iim_exchange_servers_marked_down_total").unwrap_or(0.0);
+    let (mut down, mut unreachable) = (0.0, 0.0);
+    for &x in &dep.spec().exchanges {
+        let page = Client::new(&dep.exchange_http(x).to_string(), Duration::from_secs(5))?
+            .metrics()
+            .await?;
+        down += metric_value(&page, "iim_exchange_servers_marked_down_total").unwrap_or(0.0);
+        unreachable += metric_value(&page, "iim_exchange_relays_unreachable_total").unwrap_or(0.0);
+    }
     let mut regs = Vec::new();
     for (_, server) in USERS {
         let page = Client::new(&dep.http(server).to_string(), Duration::from_secs(5))?
@@ -326,5 +383,5 @@ async fn counts(dep: &Deployment) -> anyhow::Result<(f64, Vec<f64>)> {
             .await?;
         regs.push(metric_value(&page, "iim_appserver_link_connects_total").unwrap_or(0.0));
     }
-    Ok((down, regs))
+    Ok((down, regs, unreachable))
 }
