@@ -56,7 +56,7 @@ pub(crate) struct ChatArgs {
     #[arg(long)]
     token: Option<String>,
     /// When input ends, wait until every send is acknowledged (reconnecting
-    /// and resending as needed), then exit.
+    /// and resending as needed) and every request answered, then exit.
     #[arg(long)]
     exit_after_input: bool,
     /// Print what arrives for N seconds after connecting, then exit; the
@@ -313,7 +313,8 @@ impl Chat {
                 (Some(t), _) => Instant::now() >= t,
                 (None, wait) => wait.is_none() && self.input_done,
             };
-        if !asked || (self.unacked.is_empty() && self.history.is_none()) {
+        if !asked || (self.unacked.is_empty() && self.history.is_none() && self.pending.is_empty())
+        {
             return asked;
         }
         let give_up = *self.give_up_at.get_or_insert(Instant::now() + QUIT_GRACE);

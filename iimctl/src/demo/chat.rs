@@ -1,7 +1,7 @@
 //! Steps 9 and 10 of the demo: users chatting through `iimctl chat`
 //! processes (this binary, started through the test kit's launcher, each
-//! with its output in a log file), one to one across two servers, then in
-//! the small group "team".
+//! with its output in a log file), one to one across two servers (with a
+//! typing indicator and a read receipt), then in the small group "team".
 
 use super::section;
 use anyhow::Context;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::process::Command;
 
 /// How long the demo's chat receivers print what arrives.
-const CHAT_WAIT_SECS: u64 = 4;
+const CHAT_WAIT_SECS: u64 = 6;
 /// How long a receiver may take to connect and show its history.
 const READY_WAIT: Duration = Duration::from_secs(10);
 
@@ -33,14 +33,24 @@ pub(super) async fn steps(
         "hi Carol, Alice here on server 1",
         "the exchange carried this to server 2",
     ];
-    let receiver = chats.receiver(&clients[1], 2001).await?;
-    let input = format!("/to 2001\n{}\n{}\n", texts[0], texts[1]);
-    let sender = chats.sender(&clients[0], 1001, &input)?;
+    println!("  1001 says it is typing first; then 2001, on a second device, marks the chat read:");
+    println!("  the receipt reaches 1001 (watching on another device) and 2001's first device.");
+    let receiver = chats.receiver(&clients[1], 2001, "terminal").await?;
+    let watcher = chats.receiver(&clients[0], 1001, "watch").await?;
+    let input = format!("/to 2001\n/typing\n{}\n{}\n", texts[0], texts[1]);
+    let sender = chats.sender(&clients[0], 1001, "terminal", &input)?;
     let sent = finish(sender, "the sender, user 1001 on server 1", problems).await;
     let acks = sent.iter().filter(|l| l.starts_with("sent, seq ")).count();
     if acks != 2 {
         problems.push(format!("the 1:1 sender printed {acks} acks, expected 2"));
     }
+    let reader = chats.sender(&clients[1], 2001, "phone", "/to 1001\n/read\n")?;
+    finish(
+        reader,
+        "2001 on a second device, marking the chat read",
+        problems,
+    )
+    .await;
     let got = finish(receiver, "the receiver, user 2001 on server 2", problems).await;
     for text in texts {
         expect_line(
@@ -51,6 +61,28 @@ pub(super) async fn steps(
             problems,
         );
     }
+    expect_line(
+        &got,
+        "user 2001",
+        "[typing] user 1001 is typing",
+        "",
+        problems,
+    );
+    expect_line(
+        &got,
+        "user 2001 (first device)",
+        "[read] you read the chat with 1001 up to ",
+        "(another device)",
+        problems,
+    );
+    let watched = finish(watcher, "user 1001 watching on a second device", problems).await;
+    expect_line(
+        &watched,
+        "user 1001 (second device)",
+        "[read] user 2001 read your chat up to ",
+        "",
+        problems,
+    );
 
     section(&format!(
         "10. A group: user 3001 on server 3 writes to \"team\" (group {team}: 1001, 2001, 3001)"
@@ -58,10 +90,15 @@ pub(super) async fn steps(
     println!(
         "  A small group's message gets a seq in every member's inbox; the history shows step 9."
     );
-    let alice = chats.receiver(&clients[0], 1001).await?;
-    let carol = chats.receiver(&clients[1], 2001).await?;
+    let alice = chats.receiver(&clients[0], 1001, "terminal").await?;
+    let carol = chats.receiver(&clients[1], 2001, "terminal").await?;
     let text = "hello team, Erin here on server 3";
-    let sender = chats.sender(&clients[2], 3001, &format!("/group {team}\n{text}\n"))?;
+    let sender = chats.sender(
+        &clients[2],
+        3001,
+        "terminal",
+        &format!("/group {team}\n{text}\n"),
+    )?;
     let sent = finish(sender, "the sender, user 3001 on server 3", problems).await;
     if !sent.iter().any(|l| l.starts_with("sent, seq ")) {
         problems.push("the group sender printed no ack".to_owned());
@@ -95,10 +132,13 @@ struct Chats {
 impl Chats {
     /// A user that prints what it receives for [`CHAT_WAIT_SECS`]; returns
     /// once it is connected and has printed its history (its `ready` line).
-    async fn receiver(&mut self, server: &str, user: u64) -> anyhow::Result<Proc> {
+    async fn receiver(&mut self, server: &str, user: u64, device: &str) -> anyhow::Result<Proc> {
         let wait = CHAT_WAIT_SECS.to_string();
-        println!("  $ iimctl chat --server {server} --user {user} --wait-secs {wait} &");
-        let mut proc = self.start(server, user, &["--wait-secs", &wait], None)?;
+        println!(
+            "  $ iimctl chat --server {server} --user {user} --device {device} --wait-secs {wait} &"
+        );
+        let args = ["--device", device, "--wait-secs", &wait];
+        let mut proc = self.start(server, user, &args, None)?;
         // A receiver that never gets ready shows in its output below.
         let _ready = iim_kit::poll_until(READY_WAIT, async || {
             let ready = lines(&proc).iter().any(|l| l.starts_with("ready"));
@@ -108,13 +148,21 @@ impl Chats {
         Ok(proc)
     }
 
-    /// A user that sends `input` and exits once every send is acknowledged.
-    fn sender(&mut self, server: &str, user: u64, input: &str) -> anyhow::Result<Proc> {
+    /// A user that sends `input` and exits once every send is acknowledged
+    /// and every request answered.
+    fn sender(
+        &mut self,
+        server: &str,
+        user: u64,
+        device: &str,
+        input: &str,
+    ) -> anyhow::Result<Proc> {
         println!(
-            "  $ printf '{}' | iimctl chat --server {server} --user {user} --exit-after-input",
+            "  $ printf '{}' | iimctl chat --server {server} --user {user} --device {device} --exit-after-input",
             input.replace('\n', "\\n")
         );
-        self.start(server, user, &["--exit-after-input"], Some(input))
+        let args = ["--device", device, "--exit-after-input"];
+        self.start(server, user, &args, Some(input))
     }
 
     fn start(
