@@ -107,7 +107,9 @@ async fn a_killed_galera_node_loses_no_acknowledged_message() {
     let after_kill = killed_at.unwrap().elapsed();
     // Every daemon left node 1 for another node (the writes after the kill
     // had to go somewhere else, and this says where).
-    for name in ["exchange", "server-1", "server-2"] {
+    let exchange = iim_kit::deploy::exchange_name(dep.first_exchange());
+    let names = [exchange.as_str(), "server-1", "server-2"];
+    for name in names {
         let log = std::fs::read_to_string(dep.log(name)).unwrap_or_default();
         assert!(
             log.contains("using another node of the cluster"),
@@ -118,7 +120,7 @@ async fn a_killed_galera_node_loses_no_acknowledged_message() {
     // it, the first node of the list, so they write through one node again.
     cluster(&["start-node", "1"]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    for name in ["exchange", "server-1", "server-2"] {
+    for name in names {
         loop {
             let log = std::fs::read_to_string(dep.log(name)).unwrap_or_default();
             if log.contains("an earlier database node of the list answers again") {
