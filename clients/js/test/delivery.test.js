@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { IimClient, MemoryStorage, Ope } from '../src/index.js';
 import { FileStorage } from '../src/storage/file.js';
-import { Deployment, waitFor, collect, spySocket } from './harness.js';
+import { Deployment, waitFor, collect, spySocket, atLeast } from './harness.js';
 
 /** The demo directory's large group (603 members, users 5000..5599 among
  * them); `iimctl demo-data` creates it second. */
@@ -48,11 +48,6 @@ async function ready(c) {
   return c;
 }
 
-/** Waits until `list` holds `n` items (filled by events). */
-async function count(c, list, n, what) {
-  if (list.length >= n) return;
-  await waitFor(c, 'message', () => list.length >= n, 30_000, what);
-}
 
 test('a send from server 1 reaches a user on server 2, with ack and push in sequence', async () => {
   const alice = await ready(client(1001, [1]));
@@ -89,15 +84,15 @@ test('two devices of one user both get every message and keep their own cursors'
   const base = phone.inboxMax;
   assert.equal(laptop.inboxMax, base);
   for (let i = 0; i < 3; i++) await dave.send({ to: 1002, body: { n: i } });
-  await count(phone, onPhone, 3, 'three messages on the phone');
-  await count(laptop, onLaptop, 3, 'three messages on the laptop');
+  await atLeast(phone, onPhone, 3, 'three messages on the phone');
+  await atLeast(laptop, onLaptop, 3, 'three messages on the laptop');
   for (const got of [onPhone, onLaptop]) {
     assert.deepEqual(got.map((m) => [m.seq, m.body.n]), [[base + 1, 0], [base + 2, 1], [base + 3, 2]]);
   }
   // A send from the phone: its ack there, a push to the laptop.
   const ack = await phone.send({ to: 2002, body: { n: 3 } });
   assert.equal(ack.seq, base + 4);
-  await count(laptop, onLaptop, 4, 'the phone\'s send on the laptop');
+  await atLeast(laptop, onLaptop, 4, 'the phone\'s send on the laptop');
   assert.deepEqual(onLaptop[3].body, { n: 3 });
   assert.equal(onLaptop[3].from, 1002);
   assert.equal(onLaptop[3].seq, base + 4);
@@ -105,7 +100,7 @@ test('two devices of one user both get every message and keep their own cursors'
   // The laptop goes away; the phone goes on; each device's cursor is its own.
   await laptop.close();
   for (let i = 4; i < 6; i++) await dave.send({ to: 1002, body: { n: i } });
-  await count(phone, onPhone, 6, 'the phone\'s later messages');
+  await atLeast(phone, onPhone, 6, 'the phone\'s later messages');
   assert.equal(phone.inboxMax, base + 6);
   assert.equal((await storage.load(`1002/laptop`)).inbox, base + 4);
   // Saves are asynchronous: wait for the phone's to land.
@@ -191,7 +186,7 @@ test('an ack that never comes: the client reconnects and resends the same req', 
   assert.equal(sends.length, 2);
   assert.equal(sends[0], sends[1], 'the resend repeats the first send byte for byte');
   assert.equal(sender.welcome.server, 2);
-  await count(rcpt, got, 1, 'the message');
+  await atLeast(rcpt, got, 1, 'the message');
   rcpt.sync();
   await waitFor(rcpt, 'synced');
   await rcpt.ping();
@@ -227,7 +222,7 @@ test('the file storage keeps cursors and unacknowledged sends across a restart',
   const sender = await ready(client(5005, [1], { storage: new FileStorage(path) }));
   const got = collect(rcpt);
   for (let i = 0; i < 2; i++) await sender.send({ to: 5006, body: { n: i } });
-  await count(rcpt, got, 2, 'two messages');
+  await atLeast(rcpt, got, 2, 'two messages');
   const held = rcpt.inboxMax;
   await rcpt.close();
   await sender.send({ to: 5006, body: { n: 2 } });
@@ -245,7 +240,7 @@ test('the file storage keeps cursors and unacknowledged sends across a restart',
   const resent = waitFor(sender2, 'sent', (a) => a.req === req);
   await sender2.connect();
   await resent;
-  await count(rcpt2, got2, 2, 'the messages sent while the recipient was away');
+  await atLeast(rcpt2, got2, 2, 'the messages sent while the recipient was away');
   rcpt2.sync();
   await waitFor(rcpt2, 'synced');
   assert.deepEqual(got2.map((m) => [m.seq, m.body.n]), [[held + 1, 2], [held + 2, 3]]);

@@ -278,6 +278,13 @@ export function collect(client) {
   return got;
 }
 
+/** Until `list` (filled by `client`'s `message` events, as `collect`
+ * does) holds `n` items; at once if it does already. */
+export async function atLeast(client, list, n, what) {
+  if (list.length >= n) return;
+  await waitFor(client, 'message', () => list.length >= n, 30_000, what);
+}
+
 /**
  * A WebSocket class for one test client that records every frame sent
  * (as text) and received, and drops the received frames `drop` picks: the

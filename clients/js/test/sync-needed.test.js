@@ -7,7 +7,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { IimClient } from '../src/index.js';
-import { Deployment, waitFor, collect, spySocket } from './harness.js';
+import { Deployment, waitFor, collect, spySocket, atLeast } from './harness.js';
 
 let dep;
 const clients = [];
@@ -29,12 +29,6 @@ async function ready(user, server, extra = {}) {
   await c.connect();
   await synced;
   return c;
-}
-
-/** Until `list` (filled by `message` events) holds `n` items. */
-async function atLeast(c, list, n, what) {
-  if (list.length >= n) return;
-  await waitFor(c, 'message', () => list.length >= n, 30_000, what);
 }
 
 test('sync_needed: the client syncs at once and holds every message once, in order', async () => {
