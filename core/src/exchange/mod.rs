@@ -383,8 +383,9 @@ pub struct Exchange {
     asked: Map<AskId, Asked>,
     next_ask: u64,
     sweeping: bool,
-    /// The peer links last recorded in the registry (`None`: nothing
-    /// recorded since start), and whether a recording is in flight.
+    /// The peer links last recorded in the registry (`None`: unknown —
+    /// nothing recorded since start, or a recording failed or went
+    /// unanswered and may still land), and whether one is in flight.
     links_recorded: Option<Vec<ServerId>>,
     recording_links: bool,
     /// Recordings of the links asked so far (their `seq`).
