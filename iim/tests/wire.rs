@@ -774,6 +774,32 @@ proptest! {
     }
 
     #[test]
+    fn a_relayed_905_head_and_its_message_are_the_whole_frame(
+        id in message_ids(),
+        source in address(),
+        target in address(),
+        rows in vec(server_row(), 0..6),
+        message in carried_message(),
+    ) {
+        let whole = wire::encode_to_bytes(
+            &Frame::Forward(Forward905 { id, source, target, rows: rows.clone(), message: message.clone() }),
+            usize::MAX,
+        ).unwrap();
+        let refs = rows.iter().map(|r| wire::RowRef { server: r.server, via: r.via, seq: r.seq, users: &r.users });
+        let mut head = BytesMut::from(&b"before"[..]);
+        wire::write_forward_head(&mut head, id, source, target, refs.clone(), message.len(), usize::MAX).unwrap();
+        prop_assert_eq!(hex(&[&head[6..], &message[..]].concat()), hex(&whole));
+        // The same limit as for the whole frame, and nothing written then.
+        let body_len = whole.len() - HEADER_LEN;
+        let mut out = BytesMut::from(&b"before"[..]);
+        prop_assert_eq!(
+            wire::write_forward_head(&mut out, id, source, target, refs, message.len(), body_len - 1),
+            Err(WireError::Oversized { len: body_len, max: body_len - 1 })
+        );
+        prop_assert_eq!(&out[..], &b"before"[..]);
+    }
+
+    #[test]
     fn a_906_head_and_its_shared_message_are_the_whole_frame(
         no in any::<u64>(),
         id in message_ids(),

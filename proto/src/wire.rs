@@ -714,6 +714,87 @@ impl Head906 {
     }
 }
 
+/// One row of a relayed 905, borrowed from where the exchange keeps it.
+#[derive(Clone, Copy, Debug)]
+pub struct RowRef<'a> {
+    pub server: ServerId,
+    pub via: ServerId,
+    pub seq: u64,
+    pub users: &'a [UserRow],
+}
+
+/// Append the head of a 905 whose message bytes are written separately
+/// (an exchange relaying to a peer): the frame header, the fields before
+/// the message and the message's length prefix. `head ++ message` is byte
+/// for byte `encode(&Frame::Forward(..))`, without building the frame or
+/// copying its rows. `rows` is walked twice (measure, then write). On an
+/// oversized frame `out` is left as it was.
+pub fn write_forward_head<'a, I>(
+    out: &mut BytesMut,
+    id: MessageId,
+    source: Address,
+    target: Address,
+    rows: I,
+    message_len: usize,
+    max: usize,
+) -> Result<(), WireError>
+where
+    I: Iterator<Item = RowRef<'a>> + Clone,
+{
+    let users_len = |users: &[UserRow]| {
+        varint_len(users.len() as u64)
+            + users
+                .iter()
+                .map(|u| varint_len(u.user.0) + varint_len(u.channel.0))
+                .sum::<usize>()
+    };
+    let (n_rows, rows_len) = rows.clone().fold((0usize, 0usize), |(n, len), r| {
+        let row = varint_len(u64::from(r.server.0))
+            + varint_len(u64::from(r.via.0))
+            + varint_len(r.seq)
+            + users_len(r.users);
+        (n + 1, len + row)
+    });
+    let address_len = |a: Address| varint_len(u64::from(a.server.0)) + varint_len(a.user.0);
+    let body = 1
+        + varint_len(u64::from(id.origin.0))
+        + varint_len(id.epoch)
+        + varint_len(id.seq)
+        + address_len(source)
+        + address_len(target)
+        + varint_len(n_rows as u64)
+        + rows_len
+        + varint_len(message_len as u64)
+        + message_len;
+    if body > max || body > u32::MAX as usize {
+        return Err(WireError::Oversized { len: body, max });
+    }
+    out.reserve(HEADER_LEN + body - message_len);
+    out.put_u8(VERSION);
+    out.put_u32(body as u32);
+    out.put_u8(FORWARD_VARIANT);
+    put_varint(out, u64::from(id.origin.0));
+    put_varint(out, id.epoch);
+    put_varint(out, id.seq);
+    for a in [source, target] {
+        put_varint(out, u64::from(a.server.0));
+        put_varint(out, a.user.0);
+    }
+    put_varint(out, n_rows as u64);
+    for r in rows {
+        put_varint(out, u64::from(r.server.0));
+        put_varint(out, u64::from(r.via.0));
+        put_varint(out, r.seq);
+        put_varint(out, r.users.len() as u64);
+        for u in r.users {
+            put_varint(out, u.user.0);
+            put_varint(out, u.channel.0);
+        }
+    }
+    put_varint(out, message_len as u64);
+    Ok(())
+}
+
 /// Bytes of postcard's varint of `v`.
 fn varint_len(v: u64) -> usize {
     (64 - (v | 1).leading_zeros() as usize).div_ceil(7)

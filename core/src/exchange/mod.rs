@@ -373,7 +373,7 @@ pub struct Exchange {
     /// 906s queued here that peers relayed: the peers their outcome goes
     /// back to (usually one; more when an origin moved and its new exchange
     /// relayed the message again), by (message, target).
-    relayed: Map<(MessageId, ServerId), Vec<ServerId>>,
+    relayed: Map<(MessageId, ServerId), peers::Askers>,
     /// Links attached to a route.
     attached: usize,
     /// Refusals remembered over every route (none: no look-up per 905).

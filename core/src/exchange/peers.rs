@@ -16,8 +16,10 @@
 //! `docs/architecture.md`.
 
 use super::*;
+use bytes::BytesMut;
+use iim_proto::coalesce::Coalescer;
 use iim_proto::types::UserId;
-use iim_proto::wire::{Attached, PeerHello, ServerRow, UserRow};
+use iim_proto::wire::{self, Attached, PeerHello, RowRef, UserRow};
 use std::collections::BTreeMap as OrderedMap;
 use std::collections::BTreeSet;
 
@@ -204,9 +206,11 @@ impl RelayOutbox {
     }
 
     /// `Forward` frames for the unsent entries (not held back), one per
-    /// run of entries of the same message, up to about `max_bytes`. An
-    /// entry that cannot be framed (larger than the peer accepts) is taken
-    /// out and returned in `too_big`. True when entries remain to write.
+    /// run of entries of the same message, up to about `max_bytes`,
+    /// appended to `out` already coalesced for one write (each message
+    /// copied once, straight into the write's buffers). An entry that
+    /// cannot be framed (larger than the peer accepts) is taken out and
+    /// returned in `too_big`. True when entries remain to write.
     pub fn poll(
         &mut self,
         peer: ServerId,
@@ -215,75 +219,128 @@ impl RelayOutbox {
         out: &mut Vec<Bytes>,
         too_big: &mut Vec<Relayed>,
     ) -> bool {
-        let mut written = 0usize;
+        let mut frames = Coalescer::default();
+        let mut head = BytesMut::new();
         let mut first_held = None;
-        let mut ready: Vec<u64> = Vec::new();
-        let mut more = false;
-        for (k, r) in self.entries.range(self.unsent_from..) {
-            if r.sent {
-                continue;
-            }
-            if self.blocked.contains(&r.target) {
-                first_held.get_or_insert(*k);
-                continue;
-            }
-            ready.push(*k);
-        }
-        let mut i = 0;
-        while i < ready.len() {
-            if written > 0 && written >= max_bytes {
-                more = true;
+        let mut resume = None;
+        let mut oversized = Vec::new();
+        let blocked = &self.blocked;
+        let mut ready = self
+            .entries
+            .range_mut(self.unsent_from..)
+            .filter_map(|(k, r)| {
+                if r.sent {
+                    return None;
+                }
+                if blocked.contains(&r.target) {
+                    first_held.get_or_insert(*k);
+                    return None;
+                }
+                Some((*k, r))
+            })
+            .peekable();
+        let mut group: Vec<(u64, &mut Relayed)> = Vec::new();
+        while let Some((key, first)) = ready.next() {
+            if !frames.is_empty() && frames.len() >= max_bytes {
+                resume = Some(key);
                 break;
             }
-            let first = &self.entries[&ready[i]];
-            let (id, message) = (first.id, first.message.clone());
-            let mut rows = Vec::new();
-            let mut j = i;
-            while j < ready.len() && self.entries[&ready[j]].id == id {
-                let r = &self.entries[&ready[j]];
-                rows.push(ServerRow {
-                    server: r.target,
-                    via: peer,
-                    seq: r.seq,
-                    users: r.users.clone(),
-                });
-                j += 1;
+            let id = first.id;
+            group.clear();
+            group.push((key, first));
+            while let Some((k, r)) = ready.next_if(|(_, r)| r.id == id) {
+                group.push((k, r));
             }
-            let f = Frame::Forward(Forward905 {
-                id,
-                source: Address::new(id.origin, UserId::NONE),
-                target: Address::new(peer, UserId::NONE),
-                rows,
-                message,
+            let message = &group[0].1.message;
+            let rows = group.iter().map(|(_, r)| RowRef {
+                server: r.target,
+                via: peer,
+                seq: r.seq,
+                users: &r.users,
             });
-            match frame_bytes(&f, max_frame) {
-                Some(b) => {
-                    written += b.len();
-                    out.push(b);
-                    for k in &ready[i..j] {
-                        if let Some(r) = self.entries.get_mut(k) {
-                            r.sent = true;
-                        }
+            head.clear();
+            let written = wire::write_forward_head(
+                &mut head,
+                id,
+                Address::new(id.origin, UserId::NONE),
+                Address::new(peer, UserId::NONE),
+                rows,
+                message.len(),
+                max_frame,
+            );
+            match written {
+                Ok(()) => {
+                    frames.copy(&head);
+                    frames.add(message);
+                    for (_, r) in group.iter_mut() {
+                        r.sent = true;
                     }
                 }
-                None => {
-                    for k in &ready[i..j] {
-                        if let Some(r) = self.entries.remove(k) {
-                            self.index.remove(&(r.id, r.target));
-                            self.release(&r);
-                            too_big.push(r);
-                        }
-                    }
-                }
+                Err(_) => oversized.extend(group.iter().map(|(k, _)| *k)),
             }
-            i = j;
         }
-        let next_unsent = if more { ready.get(i).copied() } else { None };
-        self.unsent_from = match (first_held, next_unsent) {
+        drop(group);
+        drop(ready);
+        for k in oversized {
+            if let Some(r) = self.entries.remove(&k) {
+                self.index.remove(&(r.id, r.target));
+                self.release(&r);
+                too_big.push(r);
+            }
+        }
+        out.extend(frames.take());
+        self.unsent_from = match (first_held, resume) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b).unwrap_or(self.next),
         };
-        more
+        resume.is_some()
+    }
+}
+
+/// The peers that relayed one queued 906 here, its outcome owed to each:
+/// nearly always one, kept without an allocation.
+#[derive(Debug)]
+pub(super) enum Askers {
+    One(ServerId),
+    More(Vec<ServerId>),
+}
+
+impl Askers {
+    fn add(&mut self, peer: ServerId) {
+        match self {
+            Askers::One(p) if *p == peer => {}
+            Askers::One(p) => *self = Askers::More(vec![*p, peer]),
+            Askers::More(v) if v.contains(&peer) => {}
+            Askers::More(v) => v.push(peer),
+        }
+    }
+}
+
+impl IntoIterator for Askers {
+    type Item = ServerId;
+    type IntoIter = AskersIter;
+
+    fn into_iter(self) -> AskersIter {
+        match self {
+            Askers::One(p) => AskersIter::One(Some(p)),
+            Askers::More(v) => AskersIter::More(v.into_iter()),
+        }
+    }
+}
+
+pub(super) enum AskersIter {
+    One(Option<ServerId>),
+    More(std::vec::IntoIter<ServerId>),
+}
+
+impl Iterator for AskersIter {
+    type Item = ServerId;
+
+    fn next(&mut self) -> Option<ServerId> {
+        match self {
+            AskersIter::One(p) => p.take(),
+            AskersIter::More(it) => it.next(),
+        }
     }
 }
 
@@ -716,15 +773,13 @@ impl Exchange {
                     // Relayed again (a lost peer link, or by the new
                     // exchange of an origin that moved): still queued; its
                     // outcome goes to each peer that asked.
-                    if !from.contains(&peer) {
-                        from.push(peer);
-                    }
+                    from.add(peer);
                     return None;
                 }
                 match route.queue.push(d) {
                     Ok(_) => {
                         self.metrics.queued.add(1);
-                        self.relayed.insert(key, vec![peer]);
+                        self.relayed.insert(key, Askers::One(peer));
                         if let Some(conn) = route.conn {
                             self.flag(conn);
                         }
