@@ -11,8 +11,12 @@
 //!   loopback port; one publisher connection publishes each message once
 //!   per target subject to k subscriber connections (async-nats, ring only).
 //!
-//! With `--exchanges 2` a second exchange process carries the targets: every
-//! message crosses the peer link between the two.
+//! With `--exchanges 2` a second exchange process joins, with k targets of
+//! its own: each k is measured through one exchange (to the k targets on
+//! the origin's exchange) and through two (to those on the second: every
+//! message crosses the peer link), in the same deployment and run, and a
+//! table gives what the hop adds. `--cpu-at-rates` also compares the paths'
+//! CPU per delivery at the same offered rates.
 //!
 //! Measured: deliveries/s at saturation (a fixed number of messages, at
 //! most `--window` messages outstanding, counting `delivered` report
@@ -53,6 +57,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// servers 201 and up), so k may go to 256 and beyond.
 const EXCHANGE_ID: u32 = 100_000;
 const ORIGIN: u32 = 1;
+/// With two exchanges, the first id of the targets on the origin's own
+/// exchange (those on the second are 2..=k + 1).
+const LOCAL_TARGETS: u32 = 50_000;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -111,6 +118,13 @@ struct Args {
     /// exchange CPU is both processes').
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
     exchanges: u32,
+    /// Also offer these fixed rates (deliveries/s, each for
+    /// `--latency-secs`) after each saturation run and print the exchange
+    /// CPU per delivery at each: costs compared at the same load rather
+    /// than each at its own saturation (where more processes than cores
+    /// inflate every figure).
+    #[arg(long, value_delimiter = ',')]
+    cpu_at_rates: Vec<f64>,
 }
 
 // ---------------------------------------------------------------------------
@@ -403,6 +417,8 @@ async fn iim_latency(
 struct Row {
     k: usize,
     size: usize,
+    /// Exchanges on the path: 1 (targets on the origin's exchange) or 2.
+    hops: u32,
     iim_dps: f64,
     iim_cpu_us: f64,
     bench_cpu_us: f64,
@@ -411,9 +427,21 @@ struct Row {
     nats_bench_cpu_us: Option<f64>,
     /// The floor right after (`--floor`, k = 1).
     floor: Option<Floor>,
+    /// CPU at the fixed rates of `--cpu-at-rates`.
+    at_rates: Vec<AtRate>,
     lat: Vec<(u32, Latency)>,
     /// NATS at the same offered loads: (latency, sender lateness, missing).
     nats_lat: Vec<(Histogram<u64>, Histogram<u64>, u64)>,
+}
+
+/// CPU per delivery at one fixed offered rate.
+struct AtRate {
+    /// Deliveries/s offered and achieved.
+    offered: f64,
+    achieved: f64,
+    /// Both exchanges' CPU (with two), per delivery.
+    exchange_us: f64,
+    bench_us: f64,
 }
 
 /// One run of the transport floor (`quic-floor`).
@@ -548,27 +576,41 @@ async fn run(mut args: Args) -> Result<()> {
     cfg.max_outstanding = args.window.max(1) * 2;
     let origin = start_server(&ca, cfg, &stop).await?;
     wait_linked(&origin).await?;
-    let mut targets = Vec::new();
     let mut keep = Vec::new();
     let arrivals = Arc::new(Arrivals::default());
-    for i in 0..kmax {
-        let id = 2 + i as u32;
-        let mut cfg = server_config(&db_url, id, target_exchange, &tuning);
-        cfg.connection_queue = 1 << 20;
-        let s = start_server(&ca, cfg, &stop).await?;
-        wait_linked(&s).await?;
-        let user = UserId(1000 + u64::from(id));
-        let mut conn = s.connections.attach(user, "bench").await?;
-        let arrivals = arrivals.clone();
-        tokio::spawn(async move {
-            while let Some(m) = conn.rx.recv().await {
-                if let Some(i) = m.message().and_then(|m| body_number(&m.body)) {
-                    arrivals.record(i);
+    // The paths measured: targets on the origin's exchange, and with two
+    // exchanges also targets on the second one, in the same deployment.
+    let mut paths = vec![(1u32, Vec::new())];
+    if ex2.is_some() {
+        paths.push((2, Vec::new()));
+    }
+    for (hops, targets) in paths.iter_mut() {
+        let (exchange, first_id) = match hops {
+            1 => (
+                (EXCHANGE_ID, ex.addr),
+                if ex2.is_some() { LOCAL_TARGETS } else { 2 },
+            ),
+            _ => (target_exchange, 2),
+        };
+        for i in 0..kmax {
+            let id = first_id + i as u32;
+            let mut cfg = server_config(&db_url, id, exchange, &tuning);
+            cfg.connection_queue = 1 << 20;
+            let s = start_server(&ca, cfg, &stop).await?;
+            wait_linked(&s).await?;
+            let user = UserId(1000 + u64::from(id));
+            let mut conn = s.connections.attach(user, "bench").await?;
+            let arrivals = arrivals.clone();
+            tokio::spawn(async move {
+                while let Some(m) = conn.rx.recv().await {
+                    if let Some(i) = m.message().and_then(|m| body_number(&m.body)) {
+                        arrivals.record(i);
+                    }
                 }
-            }
-        });
-        targets.push(user);
-        keep.push(s);
+            });
+            targets.push(user);
+            keep.push(s);
+        }
     }
     let mut nats = if args.no_nats {
         None
@@ -577,125 +619,166 @@ async fn run(mut args: Args) -> Result<()> {
     };
 
     let me = std::process::id();
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for &size in &args.sizes {
         for &k in &args.k {
-            let users = origin.iim.user_list(&targets[..k]).await?;
-            if users.len() != k {
-                bail!("expected {k} sessions, registry has {}", users.len());
-            }
             let messages = (args.deliveries / k).max(1);
-            // Warm-up, then the measured run.
-            iim_saturate(
-                &origin.iim,
-                &users,
-                (messages / 10).max(100),
-                size,
-                args.window,
-            )
-            .await?;
-            let cpu = CpuMeter::start(ex.pid, tck);
-            let cpu2 = ex2.as_ref().map(|x| CpuMeter::start(x.pid, tck));
-            let own = CpuMeter::start(me, tck);
-            let (delivered, secs) =
-                iim_saturate(&origin.iim, &users, messages, size, args.window).await?;
-            let iim_cpu = cpu.micros() + cpu2.map_or(0.0, |c| c.micros());
-            let bench_cpu = own.micros();
-            if delivered != (messages * k) as u64 {
-                eprintln!(
-                    "  warning: iim k={k} size={size}: {delivered} of {} delivered",
-                    messages * k
-                );
-            }
-            let dps = delivered as f64 / secs;
-            eprintln!(
-                "iim  k={k:<2} size={size:<5} {delivered} deliveries in {secs:.2}s = {dps:.0}/s, exchange {:.2} µs/delivery",
-                iim_cpu / delivered.max(1) as f64
-            );
-            let mut row = Row {
-                k,
-                size,
-                iim_dps: dps,
-                iim_cpu_us: iim_cpu / delivered.max(1) as f64,
-                bench_cpu_us: bench_cpu / delivered.max(1) as f64,
-                nats_dps: None,
-                nats_cpu_us: None,
-                nats_bench_cpu_us: None,
-                floor: None,
-                lat: Vec::new(),
-                nats_lat: Vec::new(),
-            };
-            if let Some(n) = &nats {
-                nats::saturate(n, k, (messages / 10).max(100), size, args.window * k, tck).await?;
+            let first_row = rows.len();
+            for (hops, targets) in &paths {
+                let hops = *hops;
+                let users = origin.iim.user_list(&targets[..k]).await?;
+                if users.len() != k {
+                    bail!("expected {k} sessions, registry has {}", users.len());
+                }
+                // Warm-up, then the measured run.
+                iim_saturate(
+                    &origin.iim,
+                    &users,
+                    (messages / 10).max(100),
+                    size,
+                    args.window,
+                )
+                .await?;
+                let cpu = CpuMeter::start(ex.pid, tck);
+                let cpu2 = ex2.as_ref().map(|x| CpuMeter::start(x.pid, tck));
                 let own = CpuMeter::start(me, tck);
-                let (got, secs, cpu_us) =
-                    nats::saturate(n, k, messages, size, args.window * k, tck).await?;
+                let (delivered, secs) =
+                    iim_saturate(&origin.iim, &users, messages, size, args.window).await?;
+                let iim_cpu = cpu.micros() + cpu2.map_or(0.0, |c| c.micros());
                 let bench_cpu = own.micros();
-                if got != (messages * k) as u64 {
+                if delivered != (messages * k) as u64 {
                     eprintln!(
-                        "  warning: nats k={k} size={size}: {got} of {} received",
+                        "  warning: iim k={k} size={size}: {delivered} of {} delivered",
                         messages * k
                     );
                 }
-                let dps = got as f64 / secs;
+                let dps = delivered as f64 / secs;
                 eprintln!(
-                    "nats k={k:<2} size={size:<5} {got} deliveries in {secs:.2}s = {dps:.0}/s, server {:.2} µs/message",
-                    cpu_us / got.max(1) as f64
+                    "iim  k={k:<2} size={size:<5} via {hops} exchange(s): {delivered} deliveries in {secs:.2}s = {dps:.0}/s, exchange {:.2} µs/delivery",
+                    iim_cpu / delivered.max(1) as f64
                 );
-                row.nats_dps = Some(dps);
-                row.nats_cpu_us = Some(cpu_us / got.max(1) as f64);
-                row.nats_bench_cpu_us = Some(bench_cpu / got.max(1) as f64);
-            }
-            if args.floor && k == 1 {
-                let f = floor_run(bins.dir(), size, messages, args.window).await?;
-                eprintln!(
-                    "floor k=1  size={size:<5} {:.0} frames/s, relay {:.2} µs/frame, bench {:.2} µs/frame",
-                    f.fps, f.relay_us, f.bench_us
-                );
-                row.floor = Some(f);
-            }
-            if !args.no_latency {
-                for pct in [25u32, 50, 80] {
-                    let rate = row.iim_dps / k as f64 * f64::from(pct) / 100.0;
+                let mut row = Row {
+                    k,
+                    size,
+                    hops,
+                    iim_dps: dps,
+                    iim_cpu_us: iim_cpu / delivered.max(1) as f64,
+                    bench_cpu_us: bench_cpu / delivered.max(1) as f64,
+                    nats_dps: None,
+                    nats_cpu_us: None,
+                    nats_bench_cpu_us: None,
+                    floor: None,
+                    at_rates: Vec::new(),
+                    lat: Vec::new(),
+                    nats_lat: Vec::new(),
+                };
+                for &offered in &args.cpu_at_rates {
+                    let cpu = CpuMeter::start(ex.pid, tck);
+                    let cpu2 = ex2.as_ref().map(|x| CpuMeter::start(x.pid, tck));
+                    let own = CpuMeter::start(me, tck);
                     let l = iim_latency(
                         &origin.iim,
                         &users,
-                        rate,
+                        offered / k as f64,
                         args.latency_secs,
                         size,
                         &arrivals,
                     )
                     .await?;
+                    let delivered = ((l.sent - l.not_delivered) * k as u64).max(1) as f64;
+                    let a = AtRate {
+                        offered,
+                        achieved: l.achieved_msgs * k as f64,
+                        exchange_us: (cpu.micros() + cpu2.map_or(0.0, |c| c.micros())) / delivered,
+                        bench_us: own.micros() / delivered,
+                    };
                     eprintln!(
-                        "iim  k={k:<2} size={size:<5} {pct}% = {:.0} msg/s offered, {:.0} achieved: received p50 {} µs p99 {} µs p999 {} µs; report p50 {} µs p99 {} µs p999 {} µs max {} µs ({} samples, {} not delivered)",
-                        l.offered_msgs,
-                        l.achieved_msgs,
-                        l.recv.value_at_quantile(0.5),
-                        l.recv.value_at_quantile(0.99),
-                        l.recv.value_at_quantile(0.999),
-                        l.hist.value_at_quantile(0.5),
-                        l.hist.value_at_quantile(0.99),
-                        l.hist.value_at_quantile(0.999),
-                        l.hist.max(),
-                        l.hist.len(),
-                        l.not_delivered
+                        "iim  k={k:<2} size={size:<5} via {hops} exchange(s) at {offered:.0} deliveries/s offered ({:.0} achieved): exchange CPU {:.2} µs/delivery, bench process {:.2} µs",
+                        a.achieved, a.exchange_us, a.bench_us,
                     );
-                    row.lat.push((pct, l));
-                    if let Some(n) = &nats {
-                        let (h, late, missing) =
-                            nats::latency(n, k, rate, args.latency_secs, size).await?;
+                    row.at_rates.push(a);
+                }
+                let first = rows.len() == first_row;
+                if let (Some(n), true) = (&nats, first) {
+                    nats::saturate(n, k, (messages / 10).max(100), size, args.window * k, tck)
+                        .await?;
+                    let own = CpuMeter::start(me, tck);
+                    let (got, secs, cpu_us) =
+                        nats::saturate(n, k, messages, size, args.window * k, tck).await?;
+                    let bench_cpu = own.micros();
+                    if got != (messages * k) as u64 {
                         eprintln!(
-                            "nats k={k:<2} size={size:<5} {pct}% = {rate:.0} msg/s offered: received p50 {} µs p99 {} µs p999 {} µs ({missing} missing; sender late p99 {} µs)",
-                            h.value_at_quantile(0.5),
-                            h.value_at_quantile(0.99),
-                            h.value_at_quantile(0.999),
-                            late.value_at_quantile(0.99),
+                            "  warning: nats k={k} size={size}: {got} of {} received",
+                            messages * k
                         );
-                        row.nats_lat.push((h, late, missing));
+                    }
+                    let dps = got as f64 / secs;
+                    eprintln!(
+                        "nats k={k:<2} size={size:<5} {got} deliveries in {secs:.2}s = {dps:.0}/s, server {:.2} µs/message",
+                        cpu_us / got.max(1) as f64
+                    );
+                    row.nats_dps = Some(dps);
+                    row.nats_cpu_us = Some(cpu_us / got.max(1) as f64);
+                    row.nats_bench_cpu_us = Some(bench_cpu / got.max(1) as f64);
+                }
+                if !first {
+                    // NATS was measured once per (k, size), beside the first path.
+                    let f = &rows[first_row];
+                    row.nats_dps = f.nats_dps;
+                    row.nats_cpu_us = f.nats_cpu_us;
+                    row.nats_bench_cpu_us = f.nats_bench_cpu_us;
+                }
+                if args.floor && k == 1 && first {
+                    let f = floor_run(bins.dir(), size, messages, args.window).await?;
+                    eprintln!(
+                        "floor k=1  size={size:<5} {:.0} frames/s, relay {:.2} µs/frame, bench {:.2} µs/frame",
+                        f.fps, f.relay_us, f.bench_us
+                    );
+                    row.floor = Some(f);
+                }
+                if !args.no_latency {
+                    for pct in [25u32, 50, 80] {
+                        let rate = row.iim_dps / k as f64 * f64::from(pct) / 100.0;
+                        let l = iim_latency(
+                            &origin.iim,
+                            &users,
+                            rate,
+                            args.latency_secs,
+                            size,
+                            &arrivals,
+                        )
+                        .await?;
+                        eprintln!(
+                            "iim  k={k:<2} size={size:<5} via {hops} exchange(s) {pct}% = {:.0} msg/s offered, {:.0} achieved: received p50 {} µs p99 {} µs p999 {} µs; report p50 {} µs p99 {} µs p999 {} µs max {} µs ({} samples, {} not delivered)",
+                            l.offered_msgs,
+                            l.achieved_msgs,
+                            l.recv.value_at_quantile(0.5),
+                            l.recv.value_at_quantile(0.99),
+                            l.recv.value_at_quantile(0.999),
+                            l.hist.value_at_quantile(0.5),
+                            l.hist.value_at_quantile(0.99),
+                            l.hist.value_at_quantile(0.999),
+                            l.hist.max(),
+                            l.hist.len(),
+                            l.not_delivered
+                        );
+                        row.lat.push((pct, l));
+                        if let (Some(n), true) = (&nats, first) {
+                            let (h, late, missing) =
+                                nats::latency(n, k, rate, args.latency_secs, size).await?;
+                            eprintln!(
+                                "nats k={k:<2} size={size:<5} {pct}% = {rate:.0} msg/s offered: received p50 {} µs p99 {} µs p999 {} µs ({missing} missing; sender late p99 {} µs)",
+                                h.value_at_quantile(0.5),
+                                h.value_at_quantile(0.99),
+                                h.value_at_quantile(0.999),
+                                late.value_at_quantile(0.99),
+                            );
+                            row.nats_lat.push((h, late, missing));
+                        }
                     }
                 }
+                rows.push(row);
             }
-            rows.push(row);
         }
     }
     let ex_rss_after = vm_kib(ex.pid, "VmRSS");
@@ -726,14 +809,15 @@ async fn run(mut args: Args) -> Result<()> {
     );
     println!();
     println!(
-        "| k | payload | iim deliveries/s | NATS deliveries/s | iim/NATS | exchange CPU µs/delivery | nats-server CPU µs/msg | NATS/iim CPU | bench-process CPU µs/delivery iim / NATS |"
+        "| k | payload | exchanges | iim deliveries/s | NATS deliveries/s | iim/NATS | exchange CPU µs/delivery | nats-server CPU µs/msg | NATS/iim CPU | bench-process CPU µs/delivery iim / NATS |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} B | {:.0} | {} | {} | {:.2} | {} | {} | {:.2} / {} |",
+            "| {} | {} B | {} | {:.0} | {} | {} | {:.2} | {} | {} | {:.2} / {} |",
             r.k,
             r.size,
+            r.hops,
             r.iim_dps,
             fmt_opt(r.nats_dps, 0),
             ratio(r.iim_dps, r.nats_dps),
@@ -746,6 +830,69 @@ async fn run(mut args: Args) -> Result<()> {
             r.bench_cpu_us,
             fmt_opt(r.nats_bench_cpu_us, 2),
         );
+    }
+    if rows.iter().any(|r| !r.at_rates.is_empty()) {
+        println!();
+        println!(
+            "CPU per delivery at fixed offered rates (`--cpu-at-rates`, each for {} s): exchange CPU (both exchanges' with two) and the bench process's",
+            args.latency_secs
+        );
+        println!();
+        println!(
+            "| k | payload | exchanges | offered deliveries/s | achieved | exchange CPU µs/delivery | bench-process CPU µs/delivery |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for r in &rows {
+            for a in &r.at_rates {
+                println!(
+                    "| {} | {} B | {} | {:.0} | {:.0} | {:.2} | {:.2} |",
+                    r.k, r.size, r.hops, a.offered, a.achieved, a.exchange_us, a.bench_us
+                );
+            }
+        }
+    }
+    // The relay hop: what the second exchange on the path adds, beside
+    // what one exchange costs, at saturation and at each fixed rate.
+    let pairs: Vec<(&Row, &Row)> = rows
+        .iter()
+        .filter(|r| r.hops == 1)
+        .filter_map(|one| {
+            let two = rows
+                .iter()
+                .find(|r| r.hops == 2 && r.k == one.k && r.size == one.size)?;
+            Some((one, two))
+        })
+        .collect();
+    if !pairs.is_empty() {
+        println!();
+        println!(
+            "The relay hop: exchange CPU µs per delivery through one exchange and through two, the difference (the hop) and the hop / one exchange"
+        );
+        println!();
+        println!(
+            "| k | payload | load | one exchange | two exchanges | hop | hop / one exchange |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        let line = |one: &Row, load: String, a: f64, b: f64| {
+            println!(
+                "| {} | {} B | {load} | {a:.2} | {b:.2} | {:.2} | {:.2} |",
+                one.k,
+                one.size,
+                b - a,
+                (b - a) / a.max(f64::MIN_POSITIVE)
+            );
+        };
+        for (one, two) in pairs {
+            let sat = format!(
+                "saturation ({:.0} / {:.0} deliveries/s)",
+                one.iim_dps, two.iim_dps
+            );
+            line(one, sat, one.iim_cpu_us, two.iim_cpu_us);
+            for (a, b) in one.at_rates.iter().zip(&two.at_rates) {
+                let load = format!("{:.0} deliveries/s offered", a.offered);
+                line(one, load, a.exchange_us, b.exchange_us);
+            }
+        }
     }
     if rows.iter().any(|r| r.floor.is_some()) {
         println!();
@@ -780,15 +927,16 @@ async fn run(mut args: Args) -> Result<()> {
         );
         println!();
         println!(
-            "| k | payload | load | offered msg/s | achieved msg/s | received p50 | received p99 | received p999 | report p50 | report p99 | report p999 | report max | sender late p99 | samples / sent | not delivered |"
+            "| k | payload | exchanges | load | offered msg/s | achieved msg/s | received p50 | received p99 | received p999 | report p50 | report p99 | report p999 | report max | sender late p99 | samples / sent | not delivered |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for r in &rows {
             for (pct, l) in &r.lat {
                 println!(
-                    "| {} | {} B | {pct} % | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
+                    "| {} | {} B | {} | {pct} % | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
                     r.k,
                     r.size,
+                    r.hops,
                     l.offered_msgs,
                     l.achieved_msgs,
                     l.recv.value_at_quantile(0.5),
