@@ -19,6 +19,7 @@
 pub mod exchange;
 pub mod link;
 pub mod origin;
+mod slots;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -16,11 +16,11 @@
 //! `docs/architecture.md`.
 
 use super::*;
+use crate::slots::Slots;
 use bytes::BytesMut;
 use iim_proto::coalesce::Coalescer;
 use iim_proto::types::UserId;
 use iim_proto::wire::{self, Attached, PeerHello, RowRef, UserRow};
-use std::collections::BTreeMap as OrderedMap;
 use std::collections::BTreeSet;
 
 /// One (message, target) relayed to a peer, not answered yet.
@@ -60,7 +60,7 @@ impl Relayed {
 /// queue the peer keeps for it.
 #[derive(Debug)]
 pub(super) struct RelayOutbox {
-    entries: OrderedMap<u64, Relayed>,
+    entries: Slots<Relayed>,
     index: Map<(MessageId, ServerId), u64>,
     next: u64,
     /// Every entry below this key has been written on the current link
@@ -80,7 +80,7 @@ pub(super) struct RelayOutbox {
 impl RelayOutbox {
     pub fn new(max_entries: usize, max_bytes: usize) -> Self {
         RelayOutbox {
-            entries: OrderedMap::new(),
+            entries: Slots::default(),
             index: Map::default(),
             next: 1,
             unsent_from: 1,
@@ -99,7 +99,7 @@ impl RelayOutbox {
     /// `out`. How many.
     pub fn give_up_all(&mut self, out: &mut Vec<ReportEntry>) -> usize {
         let n = self.entries.len();
-        for r in std::mem::take(&mut self.entries).into_values() {
+        for r in self.entries.take_all() {
             out.push(ReportEntry {
                 id: r.id,
                 server: r.target,
@@ -121,7 +121,7 @@ impl RelayOutbox {
             if r.target == target && r.sent {
                 r.sent = false;
                 r.maybe_handed = true;
-                self.unsent_from = self.unsent_from.min(*k);
+                self.unsent_from = self.unsent_from.min(k);
             }
         }
     }
@@ -155,7 +155,7 @@ impl RelayOutbox {
         held.0 += 1;
         held.1 += size;
         self.index.insert((r.id, r.target), key);
-        self.entries.insert(key, r);
+        self.entries.push(key, r);
         Ok(true)
     }
 
@@ -171,32 +171,24 @@ impl RelayOutbox {
 
     pub fn remove(&mut self, id: MessageId, target: ServerId) -> Option<Relayed> {
         let key = self.index.remove(&(id, target))?;
-        let r = self.entries.remove(&key)?;
+        let r = self.entries.remove(key)?;
         self.release(&r);
         Some(r)
     }
 
     /// Every entry for `target`, in order, taken out.
     pub fn take_for(&mut self, target: ServerId) -> Vec<Relayed> {
-        let keys: Vec<u64> = self
-            .entries
-            .iter()
-            .filter(|(_, r)| r.target == target)
-            .map(|(k, _)| *k)
-            .collect();
-        keys.into_iter()
-            .filter_map(|k| {
-                let r = self.entries.remove(&k)?;
-                self.index.remove(&(r.id, r.target));
-                self.release(&r);
-                Some(r)
-            })
-            .collect()
+        let taken = self.entries.remove_where(|r| r.target == target);
+        for r in &taken {
+            self.index.remove(&(r.id, r.target));
+            self.release(r);
+        }
+        taken
     }
 
     /// The link is gone: everything goes out again on the next one.
     pub fn on_disconnect(&mut self) {
-        for r in self.entries.values_mut() {
+        for (_, r) in self.entries.iter_mut() {
             if r.sent {
                 r.sent = false;
                 r.maybe_handed = true;
@@ -227,16 +219,16 @@ impl RelayOutbox {
         let blocked = &self.blocked;
         let mut ready = self
             .entries
-            .range_mut(self.unsent_from..)
+            .range_mut(self.unsent_from)
             .filter_map(|(k, r)| {
                 if r.sent {
                     return None;
                 }
                 if blocked.contains(&r.target) {
-                    first_held.get_or_insert(*k);
+                    first_held.get_or_insert(k);
                     return None;
                 }
-                Some((*k, r))
+                Some((k, r))
             })
             .peekable();
         let mut group: Vec<(u64, &mut Relayed)> = Vec::new();
@@ -282,7 +274,7 @@ impl RelayOutbox {
         drop(group);
         drop(ready);
         for k in oversized {
-            if let Some(r) = self.entries.remove(&k) {
+            if let Some(r) = self.entries.remove(k) {
                 self.index.remove(&(r.id, r.target));
                 self.release(&r);
                 too_big.push(r);
@@ -411,8 +403,8 @@ impl Exchange {
             .map(|p| {
                 p.outbox
                     .entries
-                    .values()
-                    .map(|r| (r.id, r.target))
+                    .iter()
+                    .map(|(_, r)| (r.id, r.target))
                     .collect()
             })
             .unwrap_or_default()

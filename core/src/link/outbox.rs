@@ -4,11 +4,11 @@
 //! transmitted again in their original order, and the targets drop what
 //! they already delivered. Time is passed in; no clocks, no IO.
 
+use crate::slots::Slots;
 use bytes::Bytes;
 use iim_proto::coalesce::frame_bytes;
 use iim_proto::types::{MessageId, ServerId};
 use iim_proto::wire::{self, DeliveryStatus, Frame, ReportEntry};
-use std::collections::VecDeque;
 use std::time::Instant;
 
 struct Pending<R> {
@@ -70,31 +70,26 @@ impl<R> Pending<R> {
 }
 
 pub struct Outbox<R> {
-    /// In send order (increasing message sequence); a finished entry leaves
-    /// a hole (`None`) until the holes in front of it are gone or too many
-    /// holes are compacted away. Reports mostly arrive in send order, so
-    /// the entry they name is usually at the front.
-    slots: VecDeque<(u64, Option<Pending<R>>)>,
-    /// Unfinished entries (the `Some` slots).
-    live: usize,
+    /// By message sequence, in send order. Reports mostly arrive in send
+    /// order, so the entry they name is usually the first.
+    slots: Slots<Pending<R>>,
     epoch: u64,
 }
 
 impl<R> Outbox<R> {
     pub fn new(epoch: u64) -> Self {
         Outbox {
-            slots: VecDeque::new(),
-            live: 0,
+            slots: Slots::default(),
             epoch,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.live
+        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.live == 0
+        self.slots.is_empty()
     }
 
     /// Track a 905 that was (or is about to be) written. Sequences must be
@@ -107,10 +102,9 @@ impl<R> Outbox<R> {
         deadline: Instant,
         reply: R,
     ) {
-        debug_assert!(self.slots.back().is_none_or(|(s, _)| *s < id.seq));
-        self.slots.push_back((
+        self.slots.push(
             id.seq,
-            Some(Pending {
+            Pending {
                 id,
                 frame,
                 results: Vec::with_capacity(targets.len()),
@@ -119,39 +113,15 @@ impl<R> Outbox<R> {
                 reply,
                 transmitted: false,
                 resent: false,
-            }),
-        ));
-        self.live += 1;
+            },
+        );
     }
 
     /// The entry pushed last was written on the current connection.
     pub fn transmitted_last(&mut self) {
-        if let Some((_, Some(p))) = self.slots.back_mut() {
+        if let Some(p) = self.slots.back_mut() {
             p.transmitted = true;
         }
-    }
-
-    /// Index of the slot of sequence `seq`, if it is still tracked.
-    fn find(&self, seq: u64) -> Option<usize> {
-        match self.slots.front() {
-            Some((s, _)) if *s == seq => Some(0),
-            _ => self.slots.binary_search_by_key(&seq, |(s, _)| *s).ok(),
-        }
-    }
-
-    /// Take the entry at slot `i` out; drop the holes at the front, and
-    /// compact when holes outnumber the live entries (memory stays within
-    /// twice the live entries).
-    fn take(&mut self, i: usize) -> Option<Pending<R>> {
-        let p = self.slots.get_mut(i)?.1.take()?;
-        self.live -= 1;
-        while matches!(self.slots.front(), Some((_, None))) {
-            self.slots.pop_front();
-        }
-        if self.slots.len() > 2 * self.live + 64 {
-            self.slots.retain(|(_, p)| p.is_some());
-        }
-        Some(p)
     }
 
     /// Apply one report entry. Returns the finished entry when this was its
@@ -161,8 +131,8 @@ impl<R> Outbox<R> {
         if e.id.epoch != self.epoch {
             return None;
         }
-        let i = self.find(e.id.seq)?;
-        let p = self.slots[i].1.as_mut()?;
+        let seq = e.id.seq;
+        let p = self.slots.get_mut(seq)?;
         if p.id != e.id {
             return None;
         }
@@ -170,7 +140,7 @@ impl<R> Outbox<R> {
         p.waiting.swap_remove(w);
         p.results.push(e);
         if p.waiting.is_empty() {
-            return self.take(i).map(Pending::done);
+            return self.slots.remove(seq).map(Pending::done);
         }
         None
     }
@@ -179,13 +149,14 @@ impl<R> Outbox<R> {
     /// still missing.
     pub fn poll_expired(&mut self, now: Instant) -> Vec<Done<R>> {
         let mut out = Vec::new();
-        // The front slot is always a live entry (holes never stay in front),
-        // and deadlines do not decrease in send order.
-        while let Some((_, Some(p))) = self.slots.front() {
+        // Deadlines do not decrease in send order.
+        while let Some((seq, p)) = self.slots.front() {
             if p.deadline > now {
                 break;
             }
-            let Some(mut p) = self.take(0) else { break };
+            let Some(mut p) = self.slots.remove(seq) else {
+                break;
+            };
             let id = p.id;
             p.results
                 .extend(p.waiting.drain(..).map(|server| ReportEntry {
@@ -200,10 +171,7 @@ impl<R> Outbox<R> {
 
     /// The earliest deadline, to sleep until.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.slots
-            .front()
-            .and_then(|(_, p)| p.as_ref())
-            .map(|p| p.deadline)
+        self.slots.front().map(|(_, p)| p.deadline)
     }
 
     /// Every unfinished 905, in send order, for a new connection. An entry
@@ -212,9 +180,8 @@ impl<R> Outbox<R> {
     /// for later resends): a target must never be handed a message after it
     /// was reported anything but `delivered`.
     pub fn resend(&mut self, max_frame: usize) -> Vec<Bytes> {
-        let mut out = Vec::with_capacity(self.live);
-        for (_, slot) in self.slots.iter_mut() {
-            let Some(p) = slot.as_mut() else { continue };
+        let mut out = Vec::with_capacity(self.slots.len());
+        for (_, p) in self.slots.iter_mut() {
             if p.transmitted {
                 p.resent = true;
             }
@@ -232,12 +199,10 @@ impl<R> Outbox<R> {
     /// Remove entries whose frame is longer than `len` (the exchange will not
     /// take them), completing them with `status` for every missing target.
     pub fn remove_larger_than(&mut self, len: usize, status: DeliveryStatus) -> Vec<Done<R>> {
-        let mut done = Vec::new();
-        for (_, slot) in self.slots.iter_mut() {
-            if slot.as_ref().is_none_or(|p| p.frame.len() <= len) {
-                continue;
-            }
-            if let Some(mut p) = slot.take() {
+        let taken = self.slots.remove_where(|p| p.frame.len() > len);
+        taken
+            .into_iter()
+            .map(|mut p| {
                 let id = p.id;
                 p.results
                     .extend(
@@ -245,12 +210,9 @@ impl<R> Outbox<R> {
                             .drain(..)
                             .map(|server| ReportEntry { id, server, status }),
                     );
-                done.push(p.done());
-            }
-        }
-        self.live -= done.len();
-        self.slots.retain(|(_, p)| p.is_some());
-        done
+                p.done()
+            })
+            .collect()
     }
 
     /// Give up on everything (shutdown): `timed_out` for what is missing.
@@ -384,7 +346,7 @@ mod tests {
                 .handle_report(entry(s, 2, DeliveryStatus::Delivered))
                 .unwrap();
             assert_eq!(done.reply, s);
-            assert!(ob.slots.len() <= 2 * ob.len() + 64);
+            assert!(ob.slots.capacity_used() <= 2 * ob.len() + 64);
         }
         assert_eq!(ob.len(), 1);
         assert_eq!(ob.resend(1 << 20).len(), 1);
@@ -392,7 +354,7 @@ mod tests {
             ob.handle_report(entry(2, 2, DeliveryStatus::Delivered))
                 .is_some()
         );
-        assert!(ob.is_empty() && ob.slots.is_empty());
+        assert!(ob.is_empty() && ob.slots.capacity_used() == 0);
     }
 
     #[derive(Clone, Debug)]
@@ -497,7 +459,7 @@ mod tests {
                     }
                 }
                 proptest::prop_assert_eq!(ob.len(), model.entries.len());
-                proptest::prop_assert!(ob.slots.len() <= 2 * ob.len() + 64);
+                proptest::prop_assert!(ob.slots.capacity_used() <= 2 * ob.len() + 64);
                 proptest::prop_assert_eq!(
                     ob.next_deadline(),
                     model.entries.values().next().map(|e| t0 + Duration::from_millis(e.2))
