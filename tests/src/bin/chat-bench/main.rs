@@ -15,9 +15,9 @@
 //!   pushed by A's push task through the exchange to B.
 //! - **Group.** One group of `--group-size` members (write fan-out up to
 //!   the app servers' large-group threshold, 500; read fan-out above it),
-//!   half on A and half on B;
-//!   `--group-senders` of them (alternately on A and on B) send to it. Each
-//!   message is pushed to every member but the sending connection.
+//!   half on A and half on B (`--group-online` connects only some of
+//!   them, the others staying offline); `--group-senders` of them (alternately on A and on B) send to it. Each
+//!   message is pushed to every connected member but the sending connection.
 //!
 //! Each scenario runs twice:
 //! - **Saturation** (closed loop): every sender keeps at most `--window`
@@ -104,6 +104,11 @@ pub struct Args {
     /// Members of the group (half on A, half on B).
     #[arg(long, default_value_t = 100)]
     pub group_size: usize,
+    /// Members connected during the group scenario (default: all), half
+    /// on A and half on B; the others stay offline. Large groups are read
+    /// fan-out, and most members of one are offline at any moment.
+    #[arg(long)]
+    pub group_online: Option<usize>,
     /// Members that send to the group (alternately on A and B).
     #[arg(long, default_value_t = 4)]
     pub group_senders: usize,
@@ -177,6 +182,13 @@ async fn bench(mut args: Args) -> Result<()> {
     }
     if args.group_size < 2 && !args.no_group {
         bail!("--group-size must be at least 2");
+    }
+    if args
+        .group_online
+        .is_some_and(|n| n < 2 || n > args.group_size)
+        && !args.no_group
+    {
+        bail!("--group-online must be within 2..=--group-size");
     }
     if args.group_senders == 0 && !args.no_group {
         bail!("--group-senders must be at least 1");

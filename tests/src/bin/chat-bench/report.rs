@@ -34,6 +34,10 @@ pub fn report(
     outcomes: &[Outcome],
 ) {
     let cmd: Vec<String> = std::env::args().collect();
+    let online = crate::scenario::online_per_side(
+        args.group_size,
+        args.group_online.unwrap_or(args.group_size),
+    );
     println!();
     println!("## chat-bench results");
     println!();
@@ -53,14 +57,14 @@ pub fn report(
         2 * args.pairs
     );
     println!(
-        "group: {} members ({} on A, {} on B; {}), {} senders, {} in flight per sender at saturation ({} pushes per message)",
+        "group: {} members ({} on A, {} on B connected; {}), {} senders, {} in flight per sender at saturation ({} pushes per message)",
         args.group_size,
-        args.group_size.div_ceil(2),
-        args.group_size / 2,
+        online[0],
+        online[1],
         fan_out(args.group_size),
-        args.group_senders.min(args.group_size),
+        args.group_senders.min(online[0] + online[1]),
         args.group_window,
-        args.group_size.saturating_sub(1)
+        (online[0] + online[1]).saturating_sub(1)
     );
     println!(
         "message body {} B; warm-up {:.0} s, saturation window {:.0} s, latency run {:.0} s at {:.0} % of saturation (first 10 % not recorded)",

@@ -45,6 +45,14 @@ pub fn one_to_one_users(pairs: usize) -> (Vec<u64>, Vec<u64>) {
     (senders, receivers)
 }
 
+/// Connected members on A and on B when `online` of `size` are: half each
+/// (A takes the odd one), within each server's half of the group.
+pub fn online_per_side(size: usize, online: usize) -> [usize; 2] {
+    let half = size.div_ceil(2);
+    let a = online.div_ceil(2).min(half);
+    [a, (online - a).min(size - half)]
+}
+
 pub fn group_users(size: usize) -> Vec<u64> {
     (0..size as u64).map(|m| 300_000 + m).collect()
 }
@@ -128,17 +136,28 @@ pub async fn group(
     let members = group_users(args.group_size);
     let half = members.len().div_ceil(2);
     let ws = [dep.ws(SERVER_A), dep.ws(SERVER_B)];
-    // Member m is on A for m < half, on B otherwise.
+    // Member m belongs on A for m < half, on B otherwise; the first
+    // `online` of each half connect (all by default).
+    let online = args.group_online.unwrap_or(members.len());
+    let on = online_per_side(members.len(), online);
+    let connected = |m: usize| {
+        if m < half {
+            m < on[0]
+        } else {
+            m - half < on[1]
+        }
+    };
     let list: Vec<(SocketAddr, u64)> = members
         .iter()
         .enumerate()
+        .filter(|&(m, _)| connected(m))
         .map(|(m, &u)| (ws[usize::from(m >= half)], u))
         .collect();
     // Senders alternate: member 0 (A), member `half` (B), member 1 (A), …
     let mut sender_members = Vec::new();
     for k in 0..args.group_senders {
         let m = if k % 2 == 0 { k / 2 } else { half + k / 2 };
-        if m < members.len() && !sender_members.contains(&m) {
+        if m < members.len() && connected(m) && !sender_members.contains(&m) {
             sender_members.push(m);
         }
     }
@@ -149,8 +168,8 @@ pub async fn group(
         list.len(),
         started.elapsed().as_secs_f64()
     );
-    // Every member but the sending connection gets a push.
-    let on = [u32::try_from(half)?, u32::try_from(members.len() - half)?];
+    // Every connected member but the sending connection gets a push.
+    let on = [u32::try_from(on[0])?, u32::try_from(on[1])?];
     let flows = sender_members
         .iter()
         .enumerate()
@@ -167,10 +186,11 @@ pub async fn group(
         .enumerate()
         .map(|(f, &m)| (m, f))
         .collect();
+    let connected_members = (0..members.len()).filter(|&m| connected(m));
     let all = conns
         .into_iter()
-        .enumerate()
-        .map(|(m, w)| (w, usize::from(m >= half), by_member.get(&m).copied()))
+        .zip(connected_members)
+        .map(|(w, m)| (w, usize::from(m >= half), by_member.get(&m).copied()))
         .collect();
     let sc = Scenario::start(all, shared);
     tokio::time::sleep(Duration::from_millis(300)).await;
