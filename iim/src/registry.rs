@@ -897,7 +897,7 @@ pub struct LiveSession {
     pub status_at_ms: i64,
 }
 
-fn sort_sessions(sessions: &mut [Session]) {
+pub(crate) fn sort_sessions(sessions: &mut [Session]) {
     sessions.sort_unstable_by_key(|s| (s.server, s.user, s.channel));
 }
 
@@ -915,7 +915,7 @@ fn server_from_row(row: &AnyRow) -> Result<ServerRecord, DbError> {
     })
 }
 
-fn session_from_row(row: &AnyRow) -> Result<Session, DbError> {
+pub(crate) fn session_from_row(row: &AnyRow) -> Result<Session, DbError> {
     Ok(Session {
         user: user_col(row, "user_id")?,
         device: col(row, "device")?,

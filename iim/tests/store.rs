@@ -17,7 +17,7 @@ use iim::registry::Registry;
 use iim::store::{
     Delivery, Group, GroupSummary, NewMessage, Store, StoreError, StoredMessage, Target, User,
 };
-use iim::types::UserId;
+use iim::types::{ChannelId, ServerId, Session, UserId};
 use sqlx::{AssertSqlSafe, Connection, Executor};
 
 /// What a test body gets: a store, and the url it was opened with (to open
@@ -240,6 +240,52 @@ async fn groups_and_membership() {
         ensure!(store.groups_of(UserId(2)).await? == vec![summary(h, "pair", 2)]);
         ensure!(store.groups_of(UserId(9)).await?.is_empty());
         ensure!(store.groups().await? == vec![summary(g, "team", 3), summary(h, "pair", 2)]);
+        Ok(())
+    })
+    .await;
+}
+
+/// A large group's push asks for its members' sessions in one join: the
+/// same sessions `user_list` gives for the members, nobody else's.
+#[tokio::test]
+async fn a_groups_sessions_are_those_of_its_members_online() {
+    each_backend(|Ctx { store, url }| async move {
+        let reg = Registry::connect(&url).await?;
+        add_users(&store, [1, 2, 3, 4, 5], "acme").await?;
+        let g = store
+            .create_group("team", &[UserId(1), UserId(2), UserId(3)])
+            .await?;
+        let other = store.create_group("other", &[UserId(4), UserId(5)]).await?;
+        ensure!(store.group_sessions(g).await?.is_empty());
+        let s = |server, user, channel, device: &str| Session {
+            server: ServerId(server),
+            user: UserId(user),
+            channel: ChannelId(channel),
+            device: device.to_owned(),
+        };
+        // Member 1 on two servers, member 3 on one, member 2 offline; 4 is
+        // online but not a member.
+        for x in [
+            s(2, 1, 10, "phone"),
+            s(1, 1, 11, "desk"),
+            s(1, 3, 12, "phone"),
+            s(1, 4, 13, "phone"),
+        ] {
+            reg.add_session(&x, 1, T0).await?;
+        }
+        let got = store.group_sessions(g).await?;
+        let members = [UserId(1), UserId(2), UserId(3)];
+        ensure!(got == reg.sessions_of(&members).await?, "{got:?}");
+        ensure!(
+            got == vec![
+                s(1, 1, 11, "desk"),
+                s(1, 3, 12, "phone"),
+                s(2, 1, 10, "phone")
+            ],
+            "{got:?}"
+        );
+        ensure!(store.group_sessions(other).await? == vec![s(1, 4, 13, "phone")]);
+        ensure!(store.group_sessions(g + 100).await?.is_empty());
         Ok(())
     })
     .await;

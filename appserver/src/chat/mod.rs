@@ -515,47 +515,82 @@ async fn push_loop(
         if n == 0 {
             return;
         }
-        // Large groups' members, once per group in the batch.
-        let mut groups: HashMap<u64, Vec<UserId>> = HashMap::new();
+        // Large groups: the sessions of their members online, once per
+        // group in the batch, found by the database (a group's size does
+        // not matter, its members online do).
+        let mut groups: HashMap<u64, Vec<Session>> = HashMap::new();
+        let mut failed = false;
         for job in &jobs {
             if let Recipients::Group(g) = job.recipients
                 && !groups.contains_key(&g)
             {
-                let members = match store.group(g).await {
-                    Ok(Some(group)) => group.members,
-                    Ok(None) => Vec::new(),
-                    Err(e) => {
-                        warn!(error = %e, group = g, "cannot look up group members for a push");
-                        Vec::new()
+                match store.group_sessions(g).await {
+                    Ok(sessions) => {
+                        groups.insert(g, sessions);
                     }
-                };
-                groups.insert(g, members);
+                    Err(e) => {
+                        warn!(error = %e, group = g, "cannot look up a group's sessions for pushes");
+                        failed = true;
+                        break;
+                    }
+                }
             }
         }
+        // One sessions query for the users of everything else queued:
+        // under load the pushes wait for one round trip, not one each.
+        let users: Vec<UserId> = jobs
+            .iter()
+            .filter_map(|job| match &job.recipients {
+                Recipients::Users(users) => Some(users.iter().copied()),
+                Recipients::Group(_) => None,
+            })
+            .flatten()
+            .collect();
+        let sessions = match failed {
+            true => None,
+            false if users.is_empty() => Some(Vec::new()),
+            false => iim
+                .user_list(&users)
+                .await
+                .inspect_err(
+                    |e| warn!(error = %e, pushes = n, "cannot look up sessions for pushes"),
+                )
+                .ok(),
+        };
+        let Some(sessions) = sessions else {
+            metrics.pushes_dropped.add(n as u64);
+            for job in &jobs {
+                owed.add(&job.recipients, &metrics);
+            }
+            continue;
+        };
+        let mut by_user: HashMap<UserId, Vec<Session>> = HashMap::new();
+        for s in sessions
+            .into_iter()
+            .chain(groups.values().flatten().cloned())
+        {
+            let list = by_user.entry(s.user).or_default();
+            if !list.contains(&s) {
+                list.push(s);
+            }
+        }
+        // A job's recipients: its users, or the members of its group online.
         let members = |job: &PushJob| -> Vec<UserId> {
             match &job.recipients {
                 Recipients::Users(users) => users.clone(),
-                Recipients::Group(g) => groups.get(g).cloned().unwrap_or_default(),
-            }
-        };
-        // One sessions query for everything queued: under load the pushes
-        // wait for one round trip, not one each.
-        let users: Vec<UserId> = jobs.iter().flat_map(&members).collect();
-        let sessions = match iim.user_list(&users).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, pushes = n, "cannot look up sessions for pushes");
-                metrics.pushes_dropped.add(n as u64);
-                for job in &jobs {
-                    owed.add(&job.recipients, &metrics);
+                Recipients::Group(g) => {
+                    let mut online: Vec<UserId> = groups
+                        .get(g)
+                        .map(|list| list.iter().map(|s| s.user).collect())
+                        .unwrap_or_default();
+                    // Sessions come by server: a user online on two
+                    // servers is listed twice.
+                    online.sort_unstable();
+                    online.dedup();
+                    online
                 }
-                continue;
             }
         };
-        let mut by_user: HashMap<UserId, Vec<Session>> = HashMap::new();
-        for s in sessions {
-            by_user.entry(s.user).or_default().push(s);
-        }
         for job in jobs.drain(..) {
             let members = members(&job);
             if let Some(offline) = &offline {

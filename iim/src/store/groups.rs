@@ -12,7 +12,7 @@ use crate::db::{
     DbError, TRANSACTION, Tx, bad_row, col, finish, nonnegative_col, retry, rows,
     sorted_user_params, user_param,
 };
-use crate::types::{UserId, now_ms};
+use crate::types::{Session, UserId, now_ms};
 
 impl Store {
     /// Creates a group (names need not be unique) and returns its id. Every
@@ -134,6 +134,27 @@ impl Store {
             name: col(&row, "name")?,
             members: sorted_ids(&rows, "user_id")?,
         }))
+    }
+
+    /// Every live session of the members of group `g`, in the registry's
+    /// order (what [`crate::Iim::user_list`] answers for its members): one
+    /// join in the database, whose cost follows the members online rather
+    /// than the group's size. A large group's push needs only these.
+    pub async fn group_sessions(&self, g: u64) -> Result<Vec<Session>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.server_id, s.channel, s.user_id, s.device \
+             FROM group_members m JOIN sessions s ON s.user_id = m.user_id \
+             WHERE m.group_id = ?",
+        )
+        .bind(group_param(g))
+        .fetch_all(self.db.pool())
+        .await?;
+        let mut out = rows
+            .iter()
+            .map(crate::registry::session_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        crate::registry::sort_sessions(&mut out);
+        Ok(out)
     }
 
     /// The groups `u` belongs to, ordered by id.
