@@ -473,6 +473,56 @@ async fn a_dropped_push_tells_its_recipient_to_sync() {
     assert_eq!(ids, acked);
 }
 
+/// The same for a large group (read fan-out): a dropped push tells the
+/// members online to sync, found by one join of the group's members with
+/// the sessions, and a sync of the group's timeline brings every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_group_push_tells_its_members_online_to_sync() {
+    let db = TestDb::new().await;
+    let ca = TestCa::new();
+    let senders: Vec<u64> = (101..=140).collect();
+    let mut users = senders.clone();
+    users.extend([21, 22]);
+    let store = db.directory(&users).await;
+    let members: Vec<UserId> = users.iter().map(|&u| UserId(u)).collect();
+    let group = store.create_group("everyone", &members).await.unwrap();
+    let (ex, _stop) = spawn_exchange(&ca, exchange_config(db.url())).await;
+    let mut cfg = appserver_config(db.url(), 1, ex.addr);
+    cfg.chat.push_queue = 1;
+    cfg.chat.large_group_threshold = 2;
+    let s1 = spawn_appserver(&ca, cfg, vec![]).await;
+    let mut cfg = appserver_config(db.url(), 2, ex.addr);
+    cfg.chat.large_group_threshold = 2;
+    let s2 = spawn_appserver(&ca, cfg, vec![]).await;
+    wait_linked(&s1).await;
+    wait_linked(&s2).await;
+    // 21 is online on server 2; 22 never connects.
+    let mut recipient = ChatClient::connect(s2.client_addr.unwrap(), &token(21), "phone")
+        .await
+        .unwrap();
+
+    let at = s1.client_addr.unwrap();
+    let acked = iim_kit::client::burst_to(at, &senders, Ope::Group, group, 3).await;
+    assert_eq!(acked.len(), 120);
+    let dropped = s1.metrics.chat.pushes_dropped.get();
+    assert!(dropped > 0, "the push queue never overflowed");
+
+    let told = loop {
+        match recipient.next_push(Duration::from_secs(10)).await {
+            Some(Frame::SyncNeeded) => break true,
+            Some(_) => {}
+            None => break false,
+        }
+    };
+    assert!(told, "{dropped} pushes dropped and no sync_needed arrived");
+    assert!(s1.metrics.chat.sync_needed.get() >= 1);
+    let timeline = recipient.sync_all(Some(group), 0).await.unwrap();
+    let gseqs: Vec<u64> = timeline.iter().map(|m| m.gseq.unwrap()).collect();
+    assert_eq!(gseqs, (1..=120).collect::<Vec<_>>());
+    let ids: BTreeSet<u64> = timeline.iter().map(|m| m.id).collect();
+    assert_eq!(ids, acked);
+}
+
 /// A client may send without waiting for acks: forty sends written at
 /// once, mixed with a refused one and a resend, and a sync written after
 /// them. The answers come in request order, the messages are stored in the

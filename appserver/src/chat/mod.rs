@@ -670,30 +670,33 @@ async fn tell_to_sync(
     if users.is_empty() && groups.is_empty() {
         return true;
     }
-    let mut all: Vec<UserId> = users.iter().copied().collect();
-    for g in &groups {
-        match store.group(*g).await {
-            Ok(Some(group)) => all.extend(group.members),
-            Ok(None) => {}
-            Err(e) => {
-                warn!(error = %e, group = g, "cannot look up the members owed a sync_needed");
-                owed.add(&Recipients::Group(*g), metrics);
-            }
-        }
-    }
-    all.sort_unstable();
-    all.dedup();
-    let sessions = match iim.user_list(&all).await {
+    let all: Vec<UserId> = users.iter().copied().collect();
+    let mut sessions = match iim.user_list(&all).await {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, users = all.len(), "cannot look up the sessions owed a sync_needed");
             owed.add(&Recipients::Users(all), metrics);
+            for g in groups {
+                owed.add(&Recipients::Group(g), metrics);
+            }
             // The dropped pushes' notices wait for the next look-up.
             let mut sets = owed.state.lock().unwrap_or_else(|e| e.into_inner());
             sets.dropped.extend(dropped);
             return true;
         }
     };
+    // Groups' members online, each in one join (as their pushes do).
+    for g in &groups {
+        match store.group_sessions(*g).await {
+            Ok(list) => sessions.extend(list),
+            Err(e) => {
+                warn!(error = %e, group = g, "cannot look up the members owed a sync_needed");
+                owed.add(&Recipients::Group(*g), metrics);
+            }
+        }
+    }
+    sessions.sort_unstable_by_key(|s| (s.server, s.user, s.channel));
+    sessions.dedup();
     if let Some(offline) = offline
         && !dropped.is_empty()
     {

@@ -526,6 +526,17 @@ pub async fn burst(
     to: u64,
     each: usize,
 ) -> std::collections::BTreeSet<u64> {
+    burst_to(at, senders, Ope::Single, to, each).await
+}
+
+/// [`burst`] to user or group `to`, as `ope` says.
+pub async fn burst_to(
+    at: SocketAddr,
+    senders: &[u64],
+    ope: Ope,
+    to: u64,
+    each: usize,
+) -> std::collections::BTreeSet<u64> {
     let tasks: Vec<_> = senders
         .iter()
         .map(|&u| {
@@ -536,7 +547,7 @@ pub async fn burst(
                 let mut ids = Vec::new();
                 for i in 0..each {
                     let a = c
-                        .send(&format!("m{i}"), Ope::Single, to, &format!("{u} #{i}"))
+                        .send(&format!("m{i}"), ope, to, &format!("{u} #{i}"))
                         .await
                         .unwrap_or_else(|e| panic!("not acknowledged: {e}"));
                     ids.push(a.id);
