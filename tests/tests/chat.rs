@@ -425,6 +425,22 @@ async fn a_chat_envelope_with_a_forged_sender_is_not_delivered() {
     db.cleanup().await;
 }
 
+/// `server` dropped pushes at its full push queue, and `recipient` hears
+/// `sync_needed` for them.
+async fn told_to_sync(server: &iim_appserver::AppServerHandle, recipient: &mut ChatClient) {
+    let dropped = server.metrics.chat.pushes_dropped.get();
+    assert!(dropped > 0, "the push queue never overflowed");
+    let told = loop {
+        match recipient.next_push(Duration::from_secs(10)).await {
+            Some(Frame::SyncNeeded) => break true,
+            Some(_) => {}
+            None => break false,
+        }
+    };
+    assert!(told, "{dropped} pushes dropped and no sync_needed arrived");
+    assert!(server.metrics.chat.sync_needed.get() >= 1);
+}
+
 /// Issue 14: a push dropped because the sending server's push queue is full
 /// does not wait for the recipient's next push or reconnect to be noticed:
 /// the recipient's connections get `sync_needed`, and a sync brings every
@@ -453,19 +469,8 @@ async fn a_dropped_push_tells_its_recipient_to_sync() {
     let at = s1.client_addr.unwrap();
     let acked = iim_kit::client::burst(at, &senders, 21, 3).await;
     assert_eq!(acked.len(), 120);
-    let dropped = s1.metrics.chat.pushes_dropped.get();
-    assert!(dropped > 0, "the push queue never overflowed");
-
     // The recipient is told; what it holds after a sync is everything.
-    let told = loop {
-        match recipient.next_push(Duration::from_secs(10)).await {
-            Some(Frame::SyncNeeded) => break true,
-            Some(_) => {}
-            None => break false,
-        }
-    };
-    assert!(told, "{dropped} pushes dropped and no sync_needed arrived");
-    assert!(s1.metrics.chat.sync_needed.get() >= 1);
+    told_to_sync(&s1, &mut recipient).await;
     let inbox = recipient.sync_all(None, 0).await.unwrap();
     let seqs: Vec<u64> = inbox.iter().map(|m| m.seq.unwrap()).collect();
     assert_eq!(seqs, (1..=120).collect::<Vec<_>>());
@@ -504,18 +509,7 @@ async fn a_dropped_group_push_tells_its_members_online_to_sync() {
     let at = s1.client_addr.unwrap();
     let acked = iim_kit::client::burst_to(at, &senders, Ope::Group, group, 3).await;
     assert_eq!(acked.len(), 120);
-    let dropped = s1.metrics.chat.pushes_dropped.get();
-    assert!(dropped > 0, "the push queue never overflowed");
-
-    let told = loop {
-        match recipient.next_push(Duration::from_secs(10)).await {
-            Some(Frame::SyncNeeded) => break true,
-            Some(_) => {}
-            None => break false,
-        }
-    };
-    assert!(told, "{dropped} pushes dropped and no sync_needed arrived");
-    assert!(s1.metrics.chat.sync_needed.get() >= 1);
+    told_to_sync(&s1, &mut recipient).await;
     let timeline = recipient.sync_all(Some(group), 0).await.unwrap();
     let gseqs: Vec<u64> = timeline.iter().map(|m| m.gseq.unwrap()).collect();
     assert_eq!(gseqs, (1..=120).collect::<Vec<_>>());
