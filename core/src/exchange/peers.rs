@@ -202,7 +202,8 @@ impl RelayOutbox {
     /// appended to `out` already coalesced for one write (each message
     /// copied once, straight into the write's buffers). An entry that
     /// cannot be framed (larger than the peer accepts) is taken out and
-    /// returned in `too_big`. True when entries remain to write.
+    /// returned in `too_big`. Returns the frames written, and whether
+    /// entries remain to write.
     pub fn poll(
         &mut self,
         peer: ServerId,
@@ -210,8 +211,9 @@ impl RelayOutbox {
         max_bytes: usize,
         out: &mut Vec<Bytes>,
         too_big: &mut Vec<Relayed>,
-    ) -> bool {
+    ) -> (u64, bool) {
         let mut frames = Coalescer::default();
+        let mut framed = 0u64;
         let mut head = BytesMut::new();
         let mut first_held = None;
         let mut resume = None;
@@ -264,6 +266,7 @@ impl RelayOutbox {
                 Ok(()) => {
                     frames.copy(&head);
                     frames.add(message);
+                    framed += 1;
                     for (_, r) in group.iter_mut() {
                         r.sent = true;
                     }
@@ -285,7 +288,7 @@ impl RelayOutbox {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b).unwrap_or(self.next),
         };
-        resume.is_some()
+        (framed, resume.is_some())
     }
 }
 
@@ -1150,9 +1153,8 @@ impl Exchange {
             }
         }
         let mut too_big = Vec::new();
-        let before = out.len();
-        let more = p.outbox.poll(peer, max_frame, max_bytes, out, &mut too_big);
-        let frames = (out.len() - before) as u64;
+        // Frames, not buffers: the outbox coalesces them for one write.
+        let (frames, more) = p.outbox.poll(peer, max_frame, max_bytes, out, &mut too_big);
         if frames > 0 {
             self.metrics.peer(peer.0, |c| c.relays_out += frames);
         }
@@ -1216,5 +1218,60 @@ fn uncertain(status: DeliveryStatus, maybe_handed: bool) -> DeliveryStatus {
             DeliveryStatus::TimedOut
         }
         s => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay(seq: u64, target: u32, len: usize) -> Relayed {
+        Relayed {
+            id: MessageId {
+                origin: ServerId(1),
+                epoch: 7,
+                seq,
+            },
+            target: ServerId(target),
+            seq,
+            users: vec![UserRow {
+                user: UserId(40 + u64::from(target)),
+                channel: iim_proto::types::ChannelId(3),
+            }],
+            message: Bytes::from(vec![b'm'; len]),
+            maybe_handed: false,
+            sent: false,
+        }
+    }
+
+    /// The frames `poll` says it wrote are the relay frames in its output,
+    /// however the output's buffers are cut (small frames share one, a
+    /// large message travels as a buffer of its own), one per message.
+    #[test]
+    fn poll_counts_frames_not_buffers() {
+        let mut ob = RelayOutbox::new(100, 1 << 20);
+        for (seq, target, len) in [(1, 5, 100), (1, 6, 100), (2, 5, 100), (3, 5, 40_000)] {
+            ob.push(relay(seq, target, len)).unwrap();
+        }
+        let (mut out, mut too_big) = (Vec::new(), Vec::new());
+        let (frames, more) = ob.poll(ServerId(9), 1 << 20, 1 << 20, &mut out, &mut too_big);
+        assert_eq!((frames, more), (3, false));
+        assert!(too_big.is_empty());
+        let mut buf = BytesMut::new();
+        for b in &out {
+            buf.extend_from_slice(b);
+        }
+        let mut rows = Vec::new();
+        while let Some(f) = wire::decode(&mut buf, 1 << 20).unwrap() {
+            let Frame::Forward(f) = f else {
+                panic!("not a relay: {f:?}")
+            };
+            rows.push((f.id.seq, f.rows.len(), f.message.len()));
+        }
+        assert_eq!(rows, vec![(1, 2, 100), (2, 1, 100), (3, 1, 40_000)]);
+        assert_ne!(out.len() as u64, frames, "buffers are not frames here");
+        // Everything went out: nothing more until the link is lost.
+        let (frames, _) = ob.poll(ServerId(9), 1 << 20, 1 << 20, &mut out, &mut too_big);
+        assert_eq!(frames, 0);
     }
 }
