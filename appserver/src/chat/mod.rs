@@ -519,10 +519,13 @@ async fn push_loop(
         // group in the batch, found by the database (a group's size does
         // not matter, its members online do).
         let mut groups: HashMap<u64, Vec<Session>> = HashMap::new();
-        let mut failed = false;
+        // A group whose look-up failed: its pushes are dropped and its
+        // members owed a sync; the rest of the batch goes out.
+        let mut failed: HashSet<u64> = HashSet::new();
         for job in &jobs {
             if let Recipients::Group(g) = job.recipients
                 && !groups.contains_key(&g)
+                && !failed.contains(&g)
             {
                 match store.group_sessions(g).await {
                     Ok(sessions) => {
@@ -530,8 +533,7 @@ async fn push_loop(
                     }
                     Err(e) => {
                         warn!(error = %e, group = g, "cannot look up a group's sessions for pushes");
-                        failed = true;
-                        break;
+                        failed.insert(g);
                     }
                 }
             }
@@ -546,9 +548,8 @@ async fn push_loop(
             })
             .flatten()
             .collect();
-        let sessions = match failed {
-            true => None,
-            false if users.is_empty() => Some(Vec::new()),
+        let sessions = match users.is_empty() {
+            true => Some(Vec::new()),
             false => iim
                 .user_list(&users)
                 .await
@@ -592,6 +593,13 @@ async fn push_loop(
             }
         };
         for job in jobs.drain(..) {
+            if let Recipients::Group(g) = job.recipients
+                && failed.contains(&g)
+            {
+                metrics.pushes_dropped.inc();
+                owed.add(&job.recipients, &metrics);
+                continue;
+            }
             let members = members(&job);
             if let Some(offline) = &offline {
                 notify_offline(offline, &job, &members, &by_user);
