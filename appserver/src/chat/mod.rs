@@ -133,51 +133,64 @@ struct OwedSets {
 
 impl Owed {
     fn add(&self, recipients: &Recipients, metrics: &ChatMetrics) {
+        self.lock().add(recipients, metrics);
+        self.wake.notify_one();
+    }
+
+    /// A push dropped at the full queue: its recipients are owed a
+    /// `sync_needed`, and, with offline push on, its offline ones a notice.
+    /// Both are recorded under one lock, before the push task is woken: a
+    /// round that takes the recipients takes their notices with them.
+    fn dropped(&self, job: PushJob, metrics: &ChatMetrics) {
         {
-            let mut sets = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let OwedSets { users, groups, .. } = &mut *sets;
-            match recipients {
-                Recipients::Users(us) => {
-                    for u in us {
-                        if users.len() < MAX_OWED {
-                            users.insert(*u);
-                        } else if !users.contains(u) {
-                            metrics.sync_needed_lost.inc();
-                        }
-                    }
-                }
-                Recipients::Group(g) => {
-                    if groups.len() < MAX_OWED {
-                        groups.insert(*g);
-                    } else if !groups.contains(g) {
-                        metrics.sync_needed_lost.inc();
-                    }
+            let mut sets = self.lock();
+            sets.add(&job.recipients, metrics);
+            if let Some(offline) = &self.offline
+                && !job.delivery.duplicate
+            {
+                if sets.dropped.len() < MAX_KEPT_FOR_NOTICES {
+                    sets.dropped.push(job);
+                } else {
+                    offline.skipped("push_queue_full");
                 }
             }
         }
         self.wake.notify_one();
     }
 
-    /// A push dropped at the full queue: its recipients are owed a
-    /// `sync_needed`, and, with offline push on, its offline ones a notice.
-    fn dropped(&self, job: PushJob, metrics: &ChatMetrics) {
-        self.add(&job.recipients, metrics);
-        let Some(offline) = &self.offline else {
-            return;
-        };
-        if job.delivery.duplicate {
-            return;
-        }
-        let mut sets = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if sets.dropped.len() < MAX_KEPT_FOR_NOTICES {
-            sets.dropped.push(job);
-        } else {
-            offline.skipped("push_queue_full");
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, OwedSets> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn take(&self) -> OwedSets {
-        std::mem::take(&mut *self.state.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.lock())
+    }
+}
+
+impl OwedSets {
+    fn add(&mut self, recipients: &Recipients, metrics: &ChatMetrics) {
+        match recipients {
+            Recipients::Users(us) => {
+                for u in us {
+                    if self.users.len() < MAX_OWED {
+                        self.users.insert(*u);
+                    } else if !self.users.contains(u) {
+                        metrics.sync_needed_lost.inc();
+                    }
+                }
+            }
+            Recipients::Group(g) => {
+                if self.groups.len() < MAX_OWED {
+                    self.groups.insert(*g);
+                } else if !self.groups.contains(g) {
+                    metrics.sync_needed_lost.inc();
+                }
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.groups.is_empty() && self.dropped.is_empty()
     }
 }
 
@@ -503,8 +516,15 @@ async fn push_loop(
     loop {
         // Dropped pushes first: their hints are owed since before anything
         // now queued.
-        if !tell_to_sync(&iim, &store, &owed, offline.as_ref(), &metrics).await {
-            return;
+        match tell_to_sync(&iim, &store, &owed, offline.as_ref(), &metrics).await {
+            Told::Done => {}
+            Told::ShuttingDown => return,
+            // The database is failing: what is owed waits a moment rather
+            // than the look-up being retried at once, again and again.
+            Told::Failed => tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(OWED_RETRY) => {}
+            },
         }
         jobs.clear();
         let n = tokio::select! {
@@ -560,8 +580,10 @@ async fn push_loop(
         };
         let Some(sessions) = sessions else {
             metrics.pushes_dropped.add(n as u64);
-            for job in &jobs {
-                owed.add(&job.recipients, &metrics);
+            // Kept like pushes dropped at the full queue: their offline
+            // recipients still get their notices once a look-up works.
+            for job in jobs.drain(..) {
+                owed.dropped(job, &metrics);
             }
             continue;
         };
@@ -597,7 +619,7 @@ async fn push_loop(
                 && failed.contains(&g)
             {
                 metrics.pushes_dropped.inc();
-                owed.add(&job.recipients, &metrics);
+                owed.dropped(job, &metrics);
                 continue;
             }
             let members = members(&job);
@@ -660,46 +682,68 @@ fn notify_offline(
     offline.offer(notices);
 }
 
-/// Sends `sync_needed` to every connection of the users owed one. `false`
-/// when the relay is shutting down. A failed look-up keeps them owed (the
-/// next round tries again).
+/// How a round of [`tell_to_sync`] ended.
+enum Told {
+    Done,
+    /// A look-up failed: what it was for is owed again.
+    Failed,
+    ShuttingDown,
+}
+
+/// How long the push task waits after a failed [`tell_to_sync`] round.
+const OWED_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Sends `sync_needed` to every connection of the users owed one, and makes
+/// the offline notices of the pushes dropped meanwhile. A failed look-up
+/// keeps what it was for owed (a later round tries again).
 async fn tell_to_sync(
     iim: &Iim,
     store: &Store,
     owed: &Owed,
     offline: Option<&Offline>,
     metrics: &ChatMetrics,
-) -> bool {
+) -> Told {
+    let sets = owed.take();
+    if sets.is_empty() {
+        return Told::Done;
+    }
     let OwedSets {
         users,
         groups,
         dropped,
-    } = owed.take();
-    if users.is_empty() && groups.is_empty() {
-        return true;
+    } = sets;
+    // The dropped pushes' recipients are owed a sync too; looking them up
+    // here also tells their notices who is online, even for a user the
+    // full owed set could not take.
+    let mut all: Vec<UserId> = users.iter().copied().collect();
+    for job in &dropped {
+        if let Recipients::Users(members) = &job.recipients {
+            all.extend(members.iter().filter(|u| !users.contains(u)));
+        }
     }
-    let all: Vec<UserId> = users.iter().copied().collect();
     let mut sessions = match iim.user_list(&all).await {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, users = all.len(), "cannot look up the sessions owed a sync_needed");
-            owed.add(&Recipients::Users(all), metrics);
+            let mut sets = owed.lock();
+            sets.add(&Recipients::Users(all), metrics);
             for g in groups {
-                owed.add(&Recipients::Group(g), metrics);
+                sets.add(&Recipients::Group(g), metrics);
             }
             // The dropped pushes' notices wait for the next look-up.
-            let mut sets = owed.state.lock().unwrap_or_else(|e| e.into_inner());
             sets.dropped.extend(dropped);
-            return true;
+            return Told::Failed;
         }
     };
     // Groups' members online, each in one join (as their pushes do).
+    let mut told = Told::Done;
     for g in &groups {
         match store.group_sessions(*g).await {
             Ok(list) => sessions.extend(list),
             Err(e) => {
                 warn!(error = %e, group = g, "cannot look up the members owed a sync_needed");
-                owed.add(&Recipients::Group(*g), metrics);
+                owed.lock().add(&Recipients::Group(*g), metrics);
+                told = Told::Failed;
             }
         }
     }
@@ -721,7 +765,7 @@ async fn tell_to_sync(
         }
     }
     if sessions.is_empty() {
-        return true;
+        return told;
     }
     let out = Outgoing {
         kind: iim::kinds::SYNC_NEEDED,
@@ -729,10 +773,10 @@ async fn tell_to_sync(
     };
     match iim.submit(out, &sessions).await {
         Ok(_) => metrics.sync_needed.add(sessions.len() as u64),
-        Err(iim::SendError::ShuttingDown) => return false,
+        Err(iim::SendError::ShuttingDown) => return Told::ShuttingDown,
         Err(e) => warn!(error = %e, "sync_needed not accepted by the relay"),
     }
-    true
+    told
 }
 
 /// What became of one push.
@@ -804,4 +848,120 @@ fn same_message(stored: &StoredMessage, new: &NewMessage<'_>) -> bool {
         && stored.kind == new.kind
         && stored.body == new.body
         && stored.ex.as_deref() == new.ex
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::OfflineMetrics;
+    use crate::offline::{Batch, OfflinePush, Settings};
+    use std::time::Duration;
+
+    /// A sink that takes every batch (no notice is offered in these tests).
+    struct Nowhere;
+
+    impl OfflinePush for Nowhere {
+        fn deliver<'a>(&'a self, _: &'a Batch) -> crate::offline::Delivery<'a> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn job(user: u64) -> PushJob {
+        PushJob {
+            delivery: Delivery {
+                message: StoredMessage {
+                    id: user,
+                    sender: UserId(1),
+                    req: format!("r{user}"),
+                    target: Target::User(UserId(user)),
+                    kind: "text".into(),
+                    body: "\"hi\"".into(),
+                    ex: None,
+                    ts_ms: 0,
+                },
+                sender_seq: Some(user),
+                gseq: None,
+                inbox: vec![(UserId(1), user), (UserId(user), 1)],
+                duplicate: false,
+            },
+            channel: ChannelId(1),
+            recipients: Recipients::Users(vec![UserId(user)]),
+        }
+    }
+
+    /// A round of the push task that takes a dropped push takes its
+    /// recipients with it: never the recipients in one round and the push,
+    /// whose notices need their sessions looked up, in a later round that
+    /// may have no recipients at all. Dropping and taking race on two
+    /// threads; every round is checked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_push_is_taken_with_its_recipients() {
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let settings = Settings {
+            queue: 16,
+            batch_max: 16,
+            batch_wait: Duration::from_secs(3_600),
+            max_attempts: 1,
+            backoff_min: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(2),
+            preview_bytes: 0,
+        };
+        let offline_metrics = Arc::new(OfflineMetrics::default());
+        let offline = Offline::start(
+            Arc::new(Nowhere),
+            settings,
+            "1-1".into(),
+            1,
+            offline_metrics.clone(),
+            stop.clone(),
+            &tracker,
+        );
+        let owed = Arc::new(Owed {
+            offline: Some(offline),
+            ..Owed::default()
+        });
+        let metrics = Arc::new(ChatMetrics::default());
+        const JOBS: u64 = 20_000;
+        let dropper = {
+            let (owed, metrics) = (owed.clone(), metrics.clone());
+            std::thread::spawn(move || {
+                for u in 2..2 + JOBS {
+                    owed.dropped(job(u), &metrics);
+                }
+            })
+        };
+        let check = |sets: &OwedSets, round: usize| {
+            for j in &sets.dropped {
+                let Recipients::Users(users) = &j.recipients else {
+                    unreachable!("only users' pushes are dropped here")
+                };
+                for u in users {
+                    assert!(
+                        sets.users.contains(u),
+                        "round {round} took the push to {u:?} without its recipient"
+                    );
+                }
+            }
+            sets.dropped.len() as u64
+        };
+        let mut taken = 0;
+        let mut rounds = 0;
+        while !dropper.is_finished() {
+            taken += check(&owed.take(), rounds);
+            rounds += 1;
+            std::thread::yield_now();
+        }
+        dropper.join().unwrap();
+        taken += check(&owed.take(), rounds);
+        // Beyond the bound of kept pushes the rest are counted, not lost.
+        let skipped = offline_metrics.skipped.get("push_queue_full");
+        assert_eq!(taken + skipped, JOBS, "{taken} taken, {skipped} skipped");
+        assert!(rounds > 1, "dropping and taking never raced");
+        assert!(owed.take().is_empty(), "something was left owed");
+        assert_eq!(metrics.sync_needed_lost.get(), 0);
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
 }
