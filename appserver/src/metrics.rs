@@ -261,6 +261,8 @@ pub struct ChatMetrics {
     pub store_batches: Counter,
     /// Sends stored by those transactions.
     pub store_batched: Counter,
+    /// Batches stored send by send after their transaction failed.
+    pub store_fallbacks: Counter,
     /// `sync_needed` frames sent (one per connection) for dropped pushes.
     pub sync_needed: Counter,
     /// Users owed a `sync_needed` who could not be remembered (too many).
@@ -299,6 +301,11 @@ impl Render for ChatMetrics {
             "iim_chat_store_batch_sends_total",
             "Sends handed to the store in those batches.",
             &self.store_batched,
+        )
+        .counter(
+            "iim_chat_store_batch_fallbacks_total",
+            "Batches stored send by send (a transaction each) because their batch transaction failed.",
+            &self.store_fallbacks,
         )
         .counter(
             "iim_chat_sync_needed_total",

@@ -837,6 +837,8 @@ async fn a_batch_stores_each_message_as_storing_it_alone_would() {
         // Groups of more than three members are large.
         let out = store.store_messages(&batch, 3).await;
         ensure!(out.len() == batch.len());
+        // All in one transaction, not message by message.
+        ensure!(store.batch_fallbacks() == 0, "the batch fell back");
         let ok = |i: usize| -> anyhow::Result<&Delivery> {
             out[i]
                 .as_ref()
@@ -962,6 +964,7 @@ async fn a_batch_the_database_refuses_is_stored_message_by_message() {
             msg(2, "y", to_user(1), "{}"),
         ];
         let out = store.store_messages(&batch, 10).await;
+        ensure!(store.batch_fallbacks() == 1);
         let alone = store
             .store_message(&msg(1, "z", to_user(2), "{}"), 10)
             .await?;

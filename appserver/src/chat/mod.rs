@@ -432,7 +432,12 @@ async fn write_loop(
             return;
         }
         let msgs: Vec<NewMessage<'_>> = jobs.iter().map(WriteJob::message).collect();
+        let fallbacks = store.batch_fallbacks();
         let results = store.store_messages(&msgs, cfg.large_group_threshold).await;
+        // This writer is the store's only batcher.
+        metrics
+            .store_fallbacks
+            .add(store.batch_fallbacks().saturating_sub(fallbacks));
 
         drop(msgs);
         metrics.store_batches.inc();

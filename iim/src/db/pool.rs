@@ -33,6 +33,9 @@ pub(crate) type Tx = Transaction<'static, Any>;
 pub struct Db {
     nodes: Arc<Nodes>,
     backend: Backend,
+    /// The server answers `INSERT … RETURNING` (SQLite, MariaDB 10.5 and
+    /// later; not MySQL).
+    returning: bool,
 }
 
 /// One pool per database node; statements go to `active`.
@@ -156,14 +159,28 @@ impl Db {
             active: AtomicUsize::new(active),
             switches: AtomicU64::new(0),
         });
+        let returning = match backend {
+            Backend::Sqlite => true,
+            Backend::MySql => returns_inserted_rows(&pool).await,
+        };
         if nodes.pools.len() > 1 {
             tokio::spawn(watch_nodes(Arc::downgrade(&nodes)));
         }
-        Ok(Db { nodes, backend })
+        Ok(Db {
+            nodes,
+            backend,
+            returning,
+        })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// `INSERT … RETURNING` may be used: one round trip instead of an
+    /// insert and a read of what it generated.
+    pub(crate) fn returning(&self) -> bool {
+        self.returning
     }
 
     pub(crate) fn pool(&self) -> &AnyPool {
@@ -201,6 +218,34 @@ impl Db {
     /// A write transaction in the dialect's way ([`Backend::begin_write`]).
     pub(crate) async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
         self.pool().begin_with(self.backend.begin_write()).await
+    }
+}
+
+/// Whether the MySQL-protocol server behind `pool` is MariaDB 10.5 or
+/// later, the first with `INSERT … RETURNING`. `false` when the version
+/// cannot be read: the statements without it work everywhere.
+async fn returns_inserted_rows(pool: &AnyPool) -> bool {
+    let version: Option<String> = sqlx::query_scalar("SELECT VERSION()")
+        .fetch_one(pool)
+        .await
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot read the database server's version"))
+        .ok();
+    version.is_some_and(|v| mariadb_with_returning(&v))
+}
+
+/// `version` (as `SELECT VERSION()` gives it) names MariaDB 10.5 or later.
+fn mariadb_with_returning(version: &str) -> bool {
+    if !version.contains("MariaDB") {
+        return false;
+    }
+    // The handshake's form puts a MySQL-compatible version first.
+    let version = version.strip_prefix("5.5.5-").unwrap_or(version);
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (10, 5),
+        _ => false,
     }
 }
 
@@ -605,7 +650,22 @@ async fn connect_mysql(url: &str, several: bool, lazy: bool) -> Result<AnyPool, 
 
 #[cfg(test)]
 mod tests {
-    use super::{RETURN_AFTER, Return, Transport, mysql_transport, node_name, node_urls};
+    use super::{
+        RETURN_AFTER, Return, Transport, mariadb_with_returning, mysql_transport, node_name,
+        node_urls,
+    };
+
+    #[test]
+    fn returning_is_used_on_mariadb_10_5_and_later_only() {
+        assert!(mariadb_with_returning("10.11.19-MariaDB-0+deb12u1"));
+        assert!(mariadb_with_returning("10.5.0-MariaDB"));
+        assert!(mariadb_with_returning("11.4.2-MariaDB-log"));
+        assert!(mariadb_with_returning("5.5.5-10.6.12-MariaDB"));
+        assert!(!mariadb_with_returning("10.4.31-MariaDB"));
+        assert!(!mariadb_with_returning("8.0.36"));
+        assert!(!mariadb_with_returning("8.4.0-TiDB-v8.1.0"));
+        assert!(!mariadb_with_returning("MariaDB"));
+    }
 
     /// The watcher moves back only after the same earlier node answered
     /// `RETURN_AFTER` checks in a row; a miss or another node starts over.

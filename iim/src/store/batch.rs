@@ -11,10 +11,13 @@
 //! stored before is returned as it was. Messages of one batch get their
 //! sequences in the order they were handed in.
 //!
-//! What one batch saves is statements and commits: the duplicate check,
-//! the directory check, the locking read of `user_seq`, the inserts into
-//! `messages`, `inbox` and `user_seq` are each one statement for the whole
-//! batch, and there is one commit (one fsync with group commit off).
+//! What one batch saves is statements and commits: the duplicate check
+//! with the directory check (one statement, before the transaction), the
+//! locking read of `user_seq`, the inserts into `messages` (returning the
+//! new ids where the server has `RETURNING`), `inbox` and `user_seq` are
+//! each one statement for the whole batch, and there is one commit (one
+//! fsync with group commit off). A batch of 1:1 messages is seven round
+//! trips: the check, `BEGIN`, the locking read, three inserts, `COMMIT`.
 //!
 //! A message that is refused (unknown user or group, not a member) gets its
 //! error and takes no part in the writes. Should the batch transaction fail
@@ -24,16 +27,18 @@
 //! fail the others, and the result of each is exactly what storing it alone
 //! would have given.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
 
 use sqlx::AssertSqlSafe;
+use sqlx::any::AnyRow;
 
 use super::messages::{Attempt, settle};
 use super::{
-    Delivery, NewMessage, OPE_GROUP, OPE_USER, ROW_CHUNK, Store, StoreError, StoredMessage, Target,
-    group_param, missing_users, positive,
+    Delivery, ID_CHUNK, NewMessage, OPE_GROUP, OPE_USER, ROW_CHUNK, Store, StoreError,
+    StoredMessage, Target, group_param, positive,
 };
-use crate::db::{Tx, bad_row, col, rows, user_param};
+use crate::db::{Tx, bad_row, bind_all, col, placeholders, rows, sorted_user_params, user_param};
 use crate::types::UserId;
 
 /// Rows per multi-row `INSERT INTO messages` (eight values each).
@@ -81,21 +86,31 @@ impl Store {
             }
         }
         // Resends of messages stored earlier: answered as `store_message`
-        // answers them.
-        match self.stored_before(msgs, &fresh).await {
-            Ok(found) => {
+        // answers them. The users the directory lacks come with them.
+        let missing = match self.precheck(msgs, &fresh).await {
+            Ok((found, missing)) => {
                 for i in found {
                     out[i] = Some(self.store_message(&msgs[i], large_group_threshold).await);
                 }
                 fresh.retain(|&i| out[i].is_none());
+                missing
             }
             Err(e) => {
                 tracing::debug!(error = %e, "batch duplicate check failed; storing one by one");
+                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                for &i in &fresh {
+                    out[i] = Some(self.store_message(&msgs[i], large_group_threshold).await);
+                }
+                fresh.clear();
+                BTreeSet::new()
             }
-        }
+        };
         if !fresh.is_empty() {
             let batch: Vec<NewMessage<'_>> = fresh.iter().map(|&i| msgs[i]).collect();
-            match self.store_batch(&batch, large_group_threshold).await {
+            match self
+                .store_batch(&batch, &missing, large_group_threshold)
+                .await
+            {
                 Ok(results) => {
                     for (&i, r) in fresh.iter().zip(results) {
                         out[i] = Some(r);
@@ -103,6 +118,7 @@ impl Store {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, messages = batch.len(), "batch transaction failed; storing one by one");
+                    self.fallbacks.fetch_add(1, Ordering::Relaxed);
                     for &i in &fresh {
                         out[i] = Some(self.store_message(&msgs[i], large_group_threshold).await);
                     }
@@ -117,30 +133,73 @@ impl Store {
             .collect()
     }
 
-    /// The indexes (of `idx` into `msgs`) whose `(sender, req)` is stored.
-    async fn stored_before(
+    /// Before the transaction, in one statement per chunk: the indexes (of
+    /// `idx` into `msgs`) whose `(sender, req)` is stored, and which of
+    /// their senders and 1:1 targets the directory lacks. Both are plain
+    /// reads (at `READ COMMITTED`, as the directory check inside the
+    /// transaction was), so reading them first gives the same verdicts in
+    /// one round trip instead of two.
+    async fn precheck(
         &self,
         msgs: &[NewMessage<'_>],
         idx: &[usize],
-    ) -> Result<Vec<usize>, StoreError> {
-        let mut found = Vec::new();
-        for chunk in idx.chunks(PAIR_CHUNK) {
-            let cond = vec!["(sender = ? AND req = ?)"; chunk.len()].join(" OR ");
-            let sql = format!("SELECT sender, req FROM messages WHERE {cond}");
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for &i in chunk {
+    ) -> Result<(Vec<usize>, BTreeSet<UserId>), StoreError> {
+        let mut people: Vec<UserId> = Vec::with_capacity(idx.len() * 2);
+        for &i in idx {
+            people.push(msgs[i].sender);
+            if let Target::User(to) = msgs[i].target {
+                people.push(to);
+            }
+        }
+        let ids = sorted_user_params(&people);
+        let pairs: Vec<&[usize]> = idx.chunks(PAIR_CHUNK).collect();
+        let users: Vec<&[i64]> = ids.chunks(ID_CHUNK).collect();
+        let mut stored = BTreeSet::new();
+        let mut known = HashSet::with_capacity(ids.len());
+        for n in 0..pairs.len().max(users.len()) {
+            let (pairs, users) = (pairs.get(n).copied(), users.get(n).copied());
+            // A stored `(sender, req)` as `(a, b)`; a known user as its id
+            // in `a` and no `b`.
+            let mut parts = Vec::with_capacity(2);
+            if let Some(chunk) = pairs {
+                let cond = vec!["(sender = ? AND req = ?)"; chunk.len()].join(" OR ");
+                parts.push(format!(
+                    "SELECT sender AS a, req AS b FROM messages WHERE {cond}"
+                ));
+            }
+            if let Some(chunk) = users {
+                parts.push(format!(
+                    "SELECT id AS a, NULL AS b FROM users WHERE id IN ({})",
+                    placeholders(chunk.len())
+                ));
+            }
+            let mut query = sqlx::query(AssertSqlSafe(parts.join(" UNION ALL ")));
+            for &i in pairs.unwrap_or_default() {
                 query = query.bind(user_param(msgs[i].sender)).bind(msgs[i].req);
             }
-            let rows = query.fetch_all(self.db.pool()).await?;
-            let mut pairs = BTreeSet::new();
-            for row in &rows {
-                pairs.insert((col::<i64>(row, "sender")?, col::<String>(row, "req")?));
+            query = bind_all(query, users.unwrap_or_default());
+            for row in query.fetch_all(self.db.pool()).await? {
+                let a = col::<i64>(&row, "a")?;
+                match col::<Option<String>>(&row, "b")? {
+                    Some(req) => {
+                        stored.insert((a, req));
+                    }
+                    None => {
+                        known.insert(a);
+                    }
+                }
             }
-            found.extend(chunk.iter().copied().filter(|&i| {
-                pairs.contains(&(user_param(msgs[i].sender), msgs[i].req.to_owned()))
-            }));
         }
-        Ok(found)
+        let found = idx
+            .iter()
+            .copied()
+            .filter(|&i| stored.contains(&(user_param(msgs[i].sender), msgs[i].req.to_owned())))
+            .collect();
+        let missing = people
+            .into_iter()
+            .filter(|&u| !known.contains(&user_param(u)))
+            .collect();
+        Ok((found, missing))
     }
 
     /// The batch transaction, run again after creating missing `user_seq`
@@ -151,14 +210,15 @@ impl Store {
     async fn store_batch(
         &self,
         msgs: &[NewMessage<'_>],
+        missing: &BTreeSet<UserId>,
         threshold: usize,
     ) -> Result<Results, StoreError> {
-        let users = match self.try_batch(msgs, threshold).await? {
+        let users = match self.try_batch(msgs, missing, threshold).await? {
             Attempt::Stored(results) => return Ok(results),
             Attempt::NeedSeqRows(users) => users,
         };
         self.create_seq_rows(&users).await?;
-        match self.try_batch(msgs, threshold).await? {
+        match self.try_batch(msgs, missing, threshold).await? {
             Attempt::Stored(results) => Ok(results),
             Attempt::NeedSeqRows(_) => {
                 Err(bad_row("user_seq rows missing after creating them").into())
@@ -169,10 +229,11 @@ impl Store {
     async fn try_batch(
         &self,
         msgs: &[NewMessage<'_>],
+        missing: &BTreeSet<UserId>,
         threshold: usize,
     ) -> Result<Attempt<Results>, StoreError> {
         let mut tx = self.db.begin_write().await?;
-        let attempt = self.batch_in(&mut tx, msgs, threshold).await;
+        let attempt = self.batch_in(&mut tx, msgs, missing, threshold).await;
         settle(tx, attempt).await
     }
 
@@ -180,9 +241,10 @@ impl Store {
         &self,
         tx: &mut Tx,
         msgs: &[NewMessage<'_>],
+        missing: &BTreeSet<UserId>,
         threshold: usize,
     ) -> Result<Attempt<Results>, StoreError> {
-        let (mut plans, mut timelines) = self.plan(tx, msgs, threshold).await?;
+        let (mut plans, mut timelines) = self.plan(tx, msgs, missing, threshold).await?;
 
         // Lock every inbox's `user_seq` row, ascending, after the groups.
         let fan: BTreeSet<i64> = plans
@@ -315,22 +377,15 @@ impl Store {
 
     /// Checks every message and locks its groups (ascending): where each
     /// goes, or why it is refused — the same verdicts, in the same order of
-    /// checks, as [`Store::store_message`].
+    /// checks, as [`Store::store_message`]. `missing`: the senders and 1:1
+    /// targets the directory lacks ([`Store::precheck`]).
     async fn plan(
         &self,
         tx: &mut Tx,
         msgs: &[NewMessage<'_>],
+        missing: &BTreeSet<UserId>,
         threshold: usize,
     ) -> Result<(Vec<Plan>, BTreeMap<u64, i64>), StoreError> {
-        let mut people: Vec<UserId> = Vec::with_capacity(msgs.len() * 2);
-        for m in msgs {
-            people.push(m.sender);
-            if let Target::User(to) = m.target {
-                people.push(to);
-            }
-        }
-        let missing: BTreeSet<UserId> = missing_users(tx, &people).await?.into_iter().collect();
-
         // Groups: locked in ascending order, members read under the lock.
         let groups: BTreeSet<u64> = msgs
             .iter()
@@ -414,10 +469,11 @@ impl Store {
     }
 
     /// Inserts the messages at `idx` and returns every message's id by its
-    /// index in `msgs` (0 for those not inserted). Ids are read back by the
+    /// index in `msgs` (0 for those not inserted). Ids are matched by the
     /// unique `(sender, req)`: the ids one multi-row insert generates are
     /// not consecutive on every configuration (Galera's interleaved
-    /// auto-increment), and MySQL has no `RETURNING`.
+    /// auto-increment). The insert returns them where the server has
+    /// `RETURNING` (SQLite, MariaDB); on MySQL they are read back.
     async fn insert_messages(
         &self,
         tx: &mut Tx,
@@ -425,10 +481,16 @@ impl Store {
         idx: &[usize],
     ) -> Result<Vec<i64>, StoreError> {
         let mut ids = vec![0_i64; msgs.len()];
+        let returning = self.db.returning();
         for chunk in idx.chunks(MESSAGE_CHUNK) {
             let sql = format!(
-                "INSERT INTO messages (sender, req, ope, target, kind, body, ex, ts) VALUES {}",
-                rows(chunk.len(), 8)
+                "INSERT INTO messages (sender, req, ope, target, kind, body, ex, ts) VALUES {}{}",
+                rows(chunk.len(), 8),
+                if returning {
+                    " RETURNING id, sender, req"
+                } else {
+                    ""
+                }
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for &i in chunk {
@@ -447,7 +509,15 @@ impl Store {
                     .bind(m.ex)
                     .bind(m.ts_ms);
             }
-            query.execute(&mut **tx).await?;
+            if returning {
+                let rows = query.fetch_all(&mut **tx).await?;
+                set_ids(&mut ids, msgs, chunk, &rows)?;
+            } else {
+                query.execute(&mut **tx).await?;
+            }
+        }
+        if returning {
+            return Ok(ids);
         }
         for chunk in idx.chunks(PAIR_CHUNK) {
             let cond = vec!["(sender = ? AND req = ?)"; chunk.len()].join(" OR ");
@@ -456,19 +526,31 @@ impl Store {
             for &i in chunk {
                 query = query.bind(user_param(msgs[i].sender)).bind(msgs[i].req);
             }
-            let mut by_key: HashMap<(i64, String), i64> = HashMap::with_capacity(chunk.len());
-            for row in query.fetch_all(&mut **tx).await? {
-                by_key.insert((col(&row, "sender")?, col(&row, "req")?), col(&row, "id")?);
-            }
-            for &i in chunk {
-                let key = (user_param(msgs[i].sender), msgs[i].req.to_owned());
-                ids[i] = *by_key
-                    .get(&key)
-                    .ok_or_else(|| bad_row("inserted message not found by (sender, req)"))?;
-            }
+            let rows = query.fetch_all(&mut **tx).await?;
+            set_ids(&mut ids, msgs, chunk, &rows)?;
         }
         Ok(ids)
     }
+}
+
+/// `ids[i]` for each `i` of `chunk`, from `rows` of `(id, sender, req)`.
+fn set_ids(
+    ids: &mut [i64],
+    msgs: &[NewMessage<'_>],
+    chunk: &[usize],
+    rows: &[AnyRow],
+) -> Result<(), StoreError> {
+    let mut by_key: HashMap<(i64, String), i64> = HashMap::with_capacity(chunk.len());
+    for row in rows {
+        by_key.insert((col(row, "sender")?, col(row, "req")?), col(row, "id")?);
+    }
+    for &i in chunk {
+        let key = (user_param(msgs[i].sender), msgs[i].req.to_owned());
+        ids[i] = *by_key
+            .get(&key)
+            .ok_or_else(|| bad_row("inserted message not found by (sender, req)"))?;
+    }
+    Ok(())
 }
 
 fn stored(m: &NewMessage<'_>, id: i64) -> Result<StoredMessage, StoreError> {

@@ -44,6 +44,8 @@ mod sync;
 pub use receipts::{OthersRead, READ_STATE_MAX, ReadPosition};
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sqlx::AnyConnection;
 use sqlx::AssertSqlSafe;
@@ -172,6 +174,9 @@ database_error!(StoreError);
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,
+    /// Batches stored message by message after their transaction failed
+    /// (shared by the clones of one store).
+    fallbacks: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -181,7 +186,15 @@ impl Store {
     pub fn new(db: &impl AsRef<Db>) -> Store {
         Store {
             db: db.as_ref().clone(),
+            fallbacks: Arc::default(),
         }
+    }
+
+    /// How many batches ([`Store::store_messages`]) were stored message by
+    /// message because their batch transaction or duplicate check failed:
+    /// each costs a transaction per message.
+    pub fn batch_fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
     }
 
     fn backend(&self) -> Backend {
