@@ -948,6 +948,72 @@ async fn a_batch_stores_each_message_as_storing_it_alone_would() {
     .await;
 }
 
+/// A batch prepared before the previous one was stored (as the chat writer
+/// prepares the next batch while the previous one commits) is stored after
+/// it: sequences continue from the previous batch's, and a resend of a
+/// message of the previous batch, which the earlier checks could not see,
+/// is still answered with the original. On MariaDB the second batch's
+/// transaction is open, holding no lock, while the first one runs.
+#[tokio::test]
+async fn a_batch_prepared_before_the_previous_one_is_stored_after_it() {
+    each_backend(|Ctx { store, .. }| async move {
+        add_users(&store, 1..=3, "acme").await?;
+        let first = [
+            msg(1, "a", to_user(2), r#"{"n":1}"#),
+            msg(2, "b", to_user(1), r#"{"n":2}"#),
+        ];
+        let second = [
+            msg(1, "c", to_user(2), r#"{"n":3}"#),
+            msg(1, "a", to_user(2), r#"{"n":1}"#),
+            msg(3, "d", to_user(1), r#"{"n":4}"#),
+        ];
+        let p1 = store.prepare_batch(&first).await;
+        let p2 = store.prepare_batch(&second).await;
+        let committing = std::sync::atomic::AtomicU32::new(0);
+        let signal = || {
+            committing.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        let out1 = store.store_prepared(&first, p1, 10, &signal).await;
+        ensure!(
+            committing.load(std::sync::atomic::Ordering::Relaxed) == 1,
+            "the first batch did not announce its commit"
+        );
+        ensure!(store.batch_fallbacks() == 0, "the first batch fell back");
+        let out2 = store.store_prepared(&second, p2, 10, &signal).await;
+        let ok = |out: &[Result<Delivery, StoreError>], i: usize| -> anyhow::Result<Delivery> {
+            out[i]
+                .as_ref()
+                .map(Delivery::clone)
+                .map_err(|e| anyhow::anyhow!("message {i}: {e}"))
+        };
+        ensure!(ok(&out1, 0)?.inbox == vec![(UserId(1), 1), (UserId(2), 1)]);
+        ensure!(ok(&out1, 1)?.inbox == vec![(UserId(1), 2), (UserId(2), 2)]);
+        ensure!(
+            ok(&out2, 0)?.inbox == vec![(UserId(1), 3), (UserId(2), 3)],
+            "{:?}",
+            out2[0]
+        );
+        let again = ok(&out2, 1)?;
+        ensure!(
+            again.duplicate && again.message.id == ok(&out1, 0)?.message.id,
+            "{again:?}"
+        );
+        ensure!(
+            ok(&out2, 2)?.inbox == vec![(UserId(1), 4), (UserId(3), 1)],
+            "{:?}",
+            out2[2]
+        );
+        // Gap-free, in the order of the batches.
+        let bodies = |ms: Vec<StoredMessage>| ms.into_iter().map(|m| m.body).collect::<Vec<_>>();
+        ensure!(
+            bodies(whole_inbox(&store, 1).await?)
+                == [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#, r#"{"n":4}"#]
+        );
+        Ok(())
+    })
+    .await;
+}
+
 /// A value the database refuses fails the batch transaction; every message
 /// is then stored on its own and gets what storing it alone gives: the
 /// others are stored, gap-free, and only the bad one fails.

@@ -12,7 +12,7 @@ pub use types::*;
 use crate::metrics::ChatMetrics;
 use crate::offline::{Notice, Offline};
 
-use iim::store::{Delivery, NewMessage, Store, StoreError, StoredMessage, Target};
+use iim::store::{Delivery, NewMessage, PreparedBatch, Store, StoreError, StoredMessage, Target};
 use iim::types::{ChannelId, ServerId, Session, UserId, now_ms};
 use iim::{Iim, Outgoing};
 use serde_json::value::RawValue;
@@ -399,12 +399,14 @@ fn to_client(
     })
 }
 
-/// Stores queued sends, a batch at a time: whatever queued while the
-/// previous batch was being stored (up to `store_batch_max`), in one
-/// transaction ([`Store::store_messages`]). Nothing waits for a batch to
-/// fill: a lone send is stored at once. Each send is acknowledged, and its
-/// push queued, in the order of the batch, once the transaction has
-/// committed.
+/// Stores queued sends, a batch at a time: whatever queued until the
+/// previous batch's transaction began to commit (up to `store_batch_max`),
+/// in one transaction ([`Store::store_messages`]). The next batch's checks,
+/// which lock nothing, are read while the previous batch commits
+/// ([`Store::prepare_batch`]); its transaction runs after. Nothing waits
+/// for a batch to fill: a lone send is stored at once. Each send is
+/// acknowledged, and its push queued, in the order of the batch, once the
+/// transaction has committed.
 ///
 /// One writer per server, on purpose: batches are stored one after the
 /// other in queue order, so sends a connection queued in a row (pipelined,
@@ -421,28 +423,78 @@ async fn write_loop(
     stop: CancellationToken,
 ) {
     let max = cfg.store_batch_max.max(1);
-    let mut jobs = Vec::with_capacity(max);
+    let mut incoming = Vec::with_capacity(max);
+    // The next batch, while it is being prepared, and once it is.
+    let mut preparing: Option<Preparing> = None;
+    let mut ready: Option<Prepared> = None;
+    // The queue has closed (the service is gone).
+    let mut closed = false;
     loop {
-        jobs.clear();
-        let n = tokio::select! {
-            _ = stop.cancelled() => return,
-            n = queue.recv_many(&mut jobs, max) => n,
+        let (jobs, prepared) = if let Some(batch) = ready.take() {
+            batch
+        } else if let Some(batch) = preparing.take() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                batch = batch => batch,
+            }
+        } else {
+            if closed {
+                return;
+            }
+            let n = tokio::select! {
+                _ = stop.cancelled() => return,
+                n = queue.recv_many(&mut incoming, max) => n,
+            };
+            if n == 0 {
+                return;
+            }
+            let jobs = std::mem::replace(&mut incoming, Vec::with_capacity(max));
+            prepare(store.clone(), jobs).await
         };
-        if n == 0 {
-            return;
-        }
-        let msgs: Vec<NewMessage<'_>> = jobs.iter().map(WriteJob::message).collect();
+        let n = jobs.len();
+        // Store this batch. Once its transaction commits, the next batch
+        // is gathered and its checks read meanwhile; it is stored after
+        // this one (in queue order), never beside it.
+        let committing = tokio::sync::Notify::new();
         let fallbacks = store.batch_fallbacks();
-        let results = store.store_messages(&msgs, cfg.large_group_threshold).await;
-        // This writer is the store's only batcher.
+        let results = {
+            let msgs: Vec<NewMessage<'_>> = jobs.iter().map(WriteJob::message).collect();
+            let signal = || committing.notify_one();
+            let storing = store.store_prepared(&msgs, prepared, cfg.large_group_threshold, &signal);
+            tokio::pin!(storing);
+            let mut gather = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    results = &mut storing => break results,
+                    _ = committing.notified(), if !gather => gather = true,
+                    batch = async { preparing.as_mut().expect("guarded").await },
+                        if preparing.is_some() =>
+                    {
+                        preparing = None;
+                        ready = Some(batch);
+                    }
+                    got = queue.recv_many(&mut incoming, max),
+                        if gather && !closed && preparing.is_none() && ready.is_none() =>
+                    {
+                        if got == 0 {
+                            closed = true;
+                        } else {
+                            let jobs = std::mem::replace(&mut incoming, Vec::with_capacity(max));
+                            preparing = Some(Box::pin(prepare(store.clone(), jobs)));
+                        }
+                    }
+                }
+            }
+        };
+        metrics.store_batches.inc();
+        metrics.store_batched.add(n as u64);
+        // This writer is the store's only batcher (preparing a batch never
+        // falls back).
         metrics
             .store_fallbacks
             .add(store.batch_fallbacks().saturating_sub(fallbacks));
-
-        drop(msgs);
-        metrics.store_batches.inc();
-        metrics.store_batched.add(n as u64);
-        for (job, result) in jobs.drain(..).zip(results) {
+        for (job, result) in jobs.into_iter().zip(results) {
             let (answer, push) = stored(&job, result, &metrics);
             if let Some(push) = push
                 && let Err(e) = pushes.try_send(push)
@@ -454,6 +506,20 @@ async fn write_loop(
             let _ = job.reply.send(answer);
         }
     }
+}
+
+/// A batch of sends with what the store read for it before its turn.
+type Prepared = (Vec<WriteJob>, PreparedBatch);
+
+/// A batch being prepared ([`prepare`]).
+type Preparing = std::pin::Pin<Box<dyn Future<Output = Prepared> + Send>>;
+
+/// The checks of a batch that lock nothing ([`Store::prepare_batch`]).
+async fn prepare(store: Store, jobs: Vec<WriteJob>) -> Prepared {
+    let msgs: Vec<NewMessage<'_>> = jobs.iter().map(WriteJob::message).collect();
+    let prepared = store.prepare_batch(&msgs).await;
+    drop(msgs);
+    (jobs, prepared)
 }
 
 /// The answer to one send once the store has answered, and the push to

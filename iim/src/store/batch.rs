@@ -38,7 +38,10 @@ use super::{
     Delivery, ID_CHUNK, NewMessage, OPE_GROUP, OPE_USER, ROW_CHUNK, Store, StoreError,
     StoredMessage, Target, group_param, positive,
 };
-use crate::db::{Tx, bad_row, bind_all, col, placeholders, rows, sorted_user_params, user_param};
+use crate::db::{
+    Backend, Tx, bad_row, bind_all, col, placeholders, rollback, rows, sorted_user_params,
+    user_param,
+};
 use crate::types::UserId;
 
 /// Rows per multi-row `INSERT INTO messages` (eight values each).
@@ -59,6 +62,22 @@ enum Plan {
 /// One result per message of a batch.
 type Results = Vec<Result<Delivery, StoreError>>;
 
+/// What [`Store::precheck`] found: the indexes of messages stored before,
+/// and the users the directory lacks.
+type Checked = (Vec<usize>, BTreeSet<UserId>);
+
+/// What a batch reads before its transaction ([`Store::prepare_batch`]).
+/// None of it takes a lock, so it may be read while the previous batch's
+/// transaction is still running.
+pub struct PreparedBatch {
+    /// The duplicate and directory checks ([`Store::precheck`]); `None` for
+    /// a batch of one message, which is stored as it would be alone.
+    checked: Option<Result<Checked, StoreError>>,
+    /// The batch's transaction, begun (MySQL only: on SQLite a begun write
+    /// transaction holds the database, or the pool's one connection).
+    tx: Option<Tx>,
+}
+
 impl Store {
     /// Stores `msgs` as [`Store::store_message`] would store each, in one
     /// transaction where it can (see the module documentation). The
@@ -68,26 +87,66 @@ impl Store {
         msgs: &[NewMessage<'_>],
         large_group_threshold: usize,
     ) -> Vec<Result<Delivery, StoreError>> {
-        if let [m] = msgs {
-            return vec![self.store_message(m, large_group_threshold).await];
+        let prepared = self.prepare_batch(msgs).await;
+        self.store_prepared(msgs, prepared, large_group_threshold, &|| {})
+            .await
+    }
+
+    /// The first part of [`Store::store_messages`]: the duplicate and
+    /// directory checks, and (on MySQL) `BEGIN`, in one round trip (two
+    /// connections at once). Nothing is locked or written, so a writer may
+    /// prepare its next batch while the previous one commits; the batches
+    /// must then be stored ([`Store::store_prepared`]) one after the
+    /// other, in the order of their sends.
+    pub async fn prepare_batch(&self, msgs: &[NewMessage<'_>]) -> PreparedBatch {
+        if msgs.len() < 2 {
+            return PreparedBatch {
+                checked: None,
+                tx: None,
+            };
         }
+        let (fresh, _) = firsts(msgs);
+        let (checked, tx) = match self.backend() {
+            Backend::MySql => {
+                let (checked, tx) =
+                    tokio::join!(self.precheck(msgs, &fresh), self.db.begin_write());
+                // A failed BEGIN is tried again by the batch itself.
+                (checked, tx.ok())
+            }
+            Backend::Sqlite => (self.precheck(msgs, &fresh).await, None),
+        };
+        PreparedBatch {
+            checked: Some(checked),
+            tx,
+        }
+    }
+
+    /// The rest of [`Store::store_messages`] for a batch `prepared` from
+    /// the same `msgs`. `committing` is called when the batch transaction
+    /// is about to commit (not when the batch falls back to storing
+    /// message by message): a writer may gather and prepare its next batch
+    /// from then on.
+    pub async fn store_prepared(
+        &self,
+        msgs: &[NewMessage<'_>],
+        prepared: PreparedBatch,
+        large_group_threshold: usize,
+        committing: &(dyn Fn() + Sync),
+    ) -> Vec<Result<Delivery, StoreError>> {
+        let PreparedBatch { checked, mut tx } = prepared;
+        let checked = match (msgs, checked) {
+            ([m], _) => return vec![self.store_message(m, large_group_threshold).await],
+            (_, Some(checked)) => checked,
+            (_, None) => self.precheck(msgs, &firsts(msgs).0).await,
+        };
         let mut out: Vec<Option<Result<Delivery, StoreError>>> =
             (0..msgs.len()).map(|_| None).collect();
         // A `(sender, req)` twice in one batch: the first is stored, the
         // later ones are resends of it, answered once it is.
-        let mut first: HashMap<(UserId, &str), usize> = HashMap::with_capacity(msgs.len());
-        let mut repeats = Vec::new();
-        let mut fresh = Vec::with_capacity(msgs.len());
-        for (i, m) in msgs.iter().enumerate() {
-            if first.insert((m.sender, m.req), i).is_some() {
-                repeats.push(i);
-            } else {
-                fresh.push(i);
-            }
-        }
+        let (mut fresh, repeats) = firsts(msgs);
         // Resends of messages stored earlier: answered as `store_message`
         // answers them. The users the directory lacks come with them.
-        let missing = match self.precheck(msgs, &fresh).await {
+        let missing = match checked {
             Ok((found, missing)) => {
                 for i in found {
                     out[i] = Some(self.store_message(&msgs[i], large_group_threshold).await);
@@ -98,6 +157,9 @@ impl Store {
             Err(e) => {
                 tracing::debug!(error = %e, "batch duplicate check failed; storing one by one");
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                if let Some(tx) = tx.take() {
+                    rollback(tx).await;
+                }
                 for &i in &fresh {
                     out[i] = Some(self.store_message(&msgs[i], large_group_threshold).await);
                 }
@@ -108,7 +170,7 @@ impl Store {
         if !fresh.is_empty() {
             let batch: Vec<NewMessage<'_>> = fresh.iter().map(|&i| msgs[i]).collect();
             match self
-                .store_batch(&batch, &missing, large_group_threshold)
+                .store_batch(&batch, &missing, tx, large_group_threshold, committing)
                 .await
             {
                 Ok(results) => {
@@ -124,6 +186,8 @@ impl Store {
                     }
                 }
             }
+        } else if let Some(tx) = tx {
+            rollback(tx).await;
         }
         for i in repeats {
             out[i] = Some(self.store_message(&msgs[i], large_group_threshold).await);
@@ -143,7 +207,7 @@ impl Store {
         &self,
         msgs: &[NewMessage<'_>],
         idx: &[usize],
-    ) -> Result<(Vec<usize>, BTreeSet<UserId>), StoreError> {
+    ) -> Result<Checked, StoreError> {
         let mut people: Vec<UserId> = Vec::with_capacity(idx.len() * 2);
         for &i in idx {
             people.push(msgs[i].sender);
@@ -211,14 +275,22 @@ impl Store {
         &self,
         msgs: &[NewMessage<'_>],
         missing: &BTreeSet<UserId>,
+        tx: Option<Tx>,
         threshold: usize,
+        committing: &(dyn Fn() + Sync),
     ) -> Result<Results, StoreError> {
-        let users = match self.try_batch(msgs, missing, threshold).await? {
+        let users = match self
+            .try_batch(msgs, missing, tx, threshold, committing)
+            .await?
+        {
             Attempt::Stored(results) => return Ok(results),
             Attempt::NeedSeqRows(users) => users,
         };
         self.create_seq_rows(&users).await?;
-        match self.try_batch(msgs, missing, threshold).await? {
+        match self
+            .try_batch(msgs, missing, None, threshold, committing)
+            .await?
+        {
             Attempt::Stored(results) => Ok(results),
             Attempt::NeedSeqRows(_) => {
                 Err(bad_row("user_seq rows missing after creating them").into())
@@ -226,14 +298,23 @@ impl Store {
         }
     }
 
+    /// One go of the batch transaction, in `tx` when it is begun already.
     async fn try_batch(
         &self,
         msgs: &[NewMessage<'_>],
         missing: &BTreeSet<UserId>,
+        tx: Option<Tx>,
         threshold: usize,
+        committing: &(dyn Fn() + Sync),
     ) -> Result<Attempt<Results>, StoreError> {
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = match tx {
+            Some(tx) => tx,
+            None => self.db.begin_write().await?,
+        };
         let attempt = self.batch_in(&mut tx, msgs, missing, threshold).await;
+        if let Ok(Attempt::Stored(_)) = attempt {
+            committing();
+        }
         settle(tx, attempt).await
     }
 
@@ -531,6 +612,22 @@ impl Store {
         }
         Ok(ids)
     }
+}
+
+/// The indexes of `msgs` whose `(sender, req)` comes first in the batch,
+/// and those repeating an earlier one.
+fn firsts(msgs: &[NewMessage<'_>]) -> (Vec<usize>, Vec<usize>) {
+    let mut first: HashSet<(UserId, &str)> = HashSet::with_capacity(msgs.len());
+    let mut fresh = Vec::with_capacity(msgs.len());
+    let mut repeats = Vec::new();
+    for (i, m) in msgs.iter().enumerate() {
+        if first.insert((m.sender, m.req)) {
+            fresh.push(i);
+        } else {
+            repeats.push(i);
+        }
+    }
+    (fresh, repeats)
 }
 
 /// `ids[i]` for each `i` of `chunk`, from `rows` of `(id, sender, req)`.

@@ -41,6 +41,7 @@ mod messages;
 mod receipts;
 mod sync;
 
+pub use batch::PreparedBatch;
 pub use receipts::{OthersRead, READ_STATE_MAX, ReadPosition};
 
 use std::collections::HashSet;
