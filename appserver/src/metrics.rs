@@ -304,7 +304,7 @@ impl Render for ChatMetrics {
         )
         .counter(
             "iim_chat_store_batch_fallbacks_total",
-            "Batches stored send by send (a transaction each) because their batch transaction failed.",
+            "Batches stored send by send (a transaction each) because their batch transaction or their duplicate check failed.",
             &self.store_fallbacks,
         )
         .counter(

@@ -78,6 +78,14 @@ pub struct PreparedBatch {
     tx: Option<Tx>,
 }
 
+impl PreparedBatch {
+    /// Whether the batch's transaction is begun already (MySQL, a batch of
+    /// two or more, `BEGIN` answered).
+    pub fn begun(&self) -> bool {
+        self.tx.is_some()
+    }
+}
+
 impl Store {
     /// Stores `msgs` as [`Store::store_message`] would store each, in one
     /// transaction where it can (see the module documentation). The
@@ -123,9 +131,10 @@ impl Store {
 
     /// The rest of [`Store::store_messages`] for a batch `prepared` from
     /// the same `msgs`. `committing` is called when the batch transaction
-    /// is about to commit (not when the batch falls back to storing
-    /// message by message): a writer may gather and prepare its next batch
-    /// from then on.
+    /// is about to send its `COMMIT`: a writer may gather and prepare its
+    /// next batch from then on. Should the commit fail, the batch is still
+    /// stored message by message before this returns, so the next batch,
+    /// stored after this returns, still comes after it.
     pub async fn store_prepared(
         &self,
         msgs: &[NewMessage<'_>],
