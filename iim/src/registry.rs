@@ -170,6 +170,12 @@ pub enum RegistryError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("bad registry row: {what}")]
     BadRow { what: String },
+    /// The database dropped the transaction under it: on a Galera node, a
+    /// local transaction aborted for a conflicting replicated one can see
+    /// a statement answer as if its own earlier writes were gone. Run
+    /// again like a conflict.
+    #[error("registry transaction aborted by the database")]
+    Aborted,
     #[error("bad registry url: {0}")]
     BadUrl(String),
     #[error("cannot create the registry database file")]
@@ -225,7 +231,7 @@ impl From<ConnectError> for RegistryError {
     }
 }
 
-database_error!(RegistryError);
+database_error!(RegistryError, Aborted);
 
 /// Handle on the registry database; cheap to clone (it wraps the pool).
 /// The chat store and presence open on the same database through it
@@ -310,10 +316,14 @@ impl Registry {
                 .bind(now_ms)
                 .execute(&mut *tx)
                 .await?;
+            // The row was just written by this transaction; not finding it
+            // means the database aborted the transaction (a Galera node
+            // does when a replicated write to the same row wins).
             let row = sqlx::query("SELECT epoch FROM servers WHERE id = ?")
                 .bind(server_param(id))
-                .fetch_one(&mut *tx)
-                .await?;
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(RegistryError::Aborted)?;
             let epoch = nonnegative_col(&row, "epoch")?;
             self.delete_sessions_in(&mut tx, id, now_ms).await?;
             Ok(epoch)
@@ -922,4 +932,23 @@ pub(crate) fn session_from_row(row: &AnyRow) -> Result<Session, DbError> {
         server: required_server_col(row, "server_id")?,
         channel: ChannelId(col::<i64>(row, "channel")? as u64),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RegistryError;
+    use crate::db::Conflict;
+
+    /// A transaction the database aborted under it is run again, like a
+    /// deadlock; a bad row is not.
+    #[test]
+    fn an_aborted_transaction_is_worth_another_attempt() {
+        assert!(RegistryError::Aborted.is_conflict());
+        assert!(
+            !RegistryError::BadRow {
+                what: "x".to_string()
+            }
+            .is_conflict()
+        );
+    }
 }

@@ -35,7 +35,8 @@ pub struct ParseNameError {
 /// `Database(sqlx::Error)` and `BadRow { what: String }`: a database error
 /// is a conflict when [`is_retryable`](super::retry::is_retryable) says so.
 macro_rules! database_error {
-    ($error:ident) => {
+    // `$aborted`: a variant of `$error` that is also worth another attempt.
+    ($error:ident $(, $aborted:ident)?) => {
         impl From<$crate::db::DbError> for $error {
             fn from(e: $crate::db::DbError) -> Self {
                 match e {
@@ -49,6 +50,7 @@ macro_rules! database_error {
             fn is_conflict(&self) -> bool {
                 match self {
                     $error::Database(e) => $crate::db::Conflict::is_conflict(e),
+                    $($error::$aborted => true,)?
                     _ => false,
                 }
             }
