@@ -855,11 +855,10 @@ async fn tell_to_sync(
         for s in &sessions {
             by_user.entry(s.user).or_default().push(s.clone());
         }
+        // Only users' pushes are kept ([`OwedSets::keep`]).
         for job in &dropped {
             if let Recipients::Users(members) = &job.recipients {
                 notify_offline(offline, job, members, &by_user);
-            } else {
-                offline.skipped("large_group");
             }
         }
     }

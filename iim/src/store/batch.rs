@@ -143,16 +143,19 @@ impl Store {
         committing: &(dyn Fn() + Sync),
     ) -> Vec<Result<Delivery, StoreError>> {
         let PreparedBatch { checked, mut tx } = prepared;
-        let checked = match (msgs, checked) {
-            ([m], _) => return vec![self.store_message(m, large_group_threshold).await],
-            (_, Some(checked)) => checked,
-            (_, None) => self.precheck(msgs, &firsts(msgs).0).await,
-        };
-        let mut out: Vec<Option<Result<Delivery, StoreError>>> =
-            (0..msgs.len()).map(|_| None).collect();
+        if let [m] = msgs {
+            return vec![self.store_message(m, large_group_threshold).await];
+        }
         // A `(sender, req)` twice in one batch: the first is stored, the
         // later ones are resends of it, answered once it is.
         let (mut fresh, repeats) = firsts(msgs);
+        let checked = match checked {
+            Some(checked) => checked,
+            // Prepared for fewer messages than given: checked now.
+            None => self.precheck(msgs, &fresh).await,
+        };
+        let mut out: Vec<Option<Result<Delivery, StoreError>>> =
+            (0..msgs.len()).map(|_| None).collect();
         // Resends of messages stored earlier: answered as `store_message`
         // answers them. The users the directory lacks come with them.
         let missing = match checked {
