@@ -25,7 +25,7 @@ pub mod oracle;
 pub mod rng;
 pub mod world;
 
-pub use world::{Params, Stats, Violation, World};
+pub use world::{FEDERATED, Params, Stats, Violation, World};
 
 /// Run the simulation for `seed`; `trace` prints every step.
 pub fn run(seed: u64, trace: bool) -> Result<Stats, Violation> {

@@ -2,8 +2,11 @@
 //! faults; a failure names its seed, and `SEED=<n>` replays just that one
 //! (add `SIM_TRACE=1` to print every step).
 //!
-//! `SIM_SEEDS` sets how many seeds each of the four tests runs (default
-//! 500: 2,000 in all); `SIM_SEED_BASE` moves the first one.
+//! `SIM_SEEDS` sets how many seeds each of the six tests runs (default
+//! 500: 3,000 in all); `SIM_SEED_BASE` moves the first one. Four tests draw
+//! one exchange in two fifths of their seeds; the two `federated` tests
+//! always draw two or three (their seeds carry [`iim_sim::FEDERATED`]), so
+//! a run holds about 2,200 seeds of several exchanges.
 
 use std::time::Instant;
 
@@ -77,6 +80,18 @@ fn seeds_c() {
 fn seeds_d() {
     let n = seeds_per_test();
     run_range(base() + 3 * n, n);
+}
+
+#[test]
+fn federated_a() {
+    let n = seeds_per_test();
+    run_range(iim_sim::FEDERATED + base(), n);
+}
+
+#[test]
+fn federated_b() {
+    let n = seeds_per_test();
+    run_range(iim_sim::FEDERATED + base() + n, n);
 }
 
 /// `SEED=<n>`: run that seed alone, printing every step with `SIM_TRACE=1`.
