@@ -204,15 +204,17 @@ async fn three_exchange_processes_one_905_one_relay_frame_per_peer_one_906_per_t
     dep.db.cleanup().await;
 }
 
-/// One message's outcomes: (origin, stream, n) → [(target server,
-/// status)], and when its send began.
-type Outcomes = Vec<((u32, u32, u64), Vec<(u32, String)>, Instant)>;
+/// One message's outcomes: (origin, stream, n), its id's (epoch,
+/// sequence) at the origin, [(target server, status)], and when its send
+/// began.
+type Outcomes = Vec<((u32, u32, u64), (u64, u64), Vec<(u32, String)>, Instant)>;
 /// What a client received: (arrived, origin, stream, n, receiving server).
 type Arrivals = Arc<Mutex<Vec<(Instant, u32, u32, u64, u32)>>>;
 
 /// Every app server sends to every other, `STREAMS` senders per server,
-/// each one admin send after another with a 20 ms pause; every client
-/// records what arrives.
+/// each starting an admin send every 20 ms with up to `WINDOW` of its sends
+/// waiting for their reports (so a stall holds several messages per pair
+/// in flight); every client records what arrives.
 struct Traffic {
     stop_sending: CancellationToken,
     stop_reading: CancellationToken,
@@ -223,6 +225,17 @@ struct Traffic {
 }
 
 const STREAMS: u32 = 3;
+/// Sends of one stream waiting for their reports at most.
+const WINDOW: usize = 16;
+
+/// The (epoch, sequence) of an admin send's message id
+/// (`origin.epoch.seq`): the order the origin took its messages in.
+fn id_order(id: &str) -> (u64, u64) {
+    let mut parts = id.split('.').skip(1).map(|p| p.parse().unwrap());
+    let epoch = parts.next().unwrap_or_else(|| panic!("message id {id:?}"));
+    let seq = parts.next().unwrap_or_else(|| panic!("message id {id:?}"));
+    (epoch, seq)
+}
 
 impl Traffic {
     async fn start(dep: &TestDeployment, servers: u32) -> Traffic {
@@ -241,14 +254,14 @@ impl Traffic {
                     };
                     match f {
                         Ok(Frame::Notice(n)) => {
-                            let mut parts = n.text.split(':').map(|p| p.parse().unwrap());
-                            let (o, s, n) = (
-                                parts.next().unwrap(),
-                                parts.next().unwrap(),
-                                parts.next().unwrap(),
-                            );
-                            let mut got = got.lock().unwrap();
-                            got.push((Instant::now(), o as u32, s as u32, n, me));
+                            // The traffic's own (`origin:stream:n`); a
+                            // test's other sends reach these clients too.
+                            let parts: Vec<u64> =
+                                n.text.split(':').filter_map(|p| p.parse().ok()).collect();
+                            if let [o, s, n] = parts[..] {
+                                let mut got = got.lock().unwrap();
+                                got.push((Instant::now(), o as u32, s as u32, n, me));
+                            }
                         }
                         Ok(_) => {}
                         Err(e) => return Err(format!("client of server {me}: {e}")),
@@ -266,25 +279,31 @@ impl Traffic {
                     .map(user_of)
                     .collect();
                 senders.push(tokio::spawn(async move {
-                    let mut out = Vec::new();
+                    let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+                    let mut sends = tokio::task::JoinSet::new();
                     let mut n = 0u64;
                     while !stop.is_cancelled() {
-                        let text = format!("{origin}:{stream}:{n}");
-                        let began = Instant::now();
-                        let r = admin
-                            .send(&request(to.clone(), text))
-                            .await
-                            .unwrap_or_else(|e| panic!("send {origin}:{stream}:{n}: {e}"));
-                        let statuses = r
-                            .servers
-                            .into_iter()
-                            .map(|o| (o.server, o.status))
-                            .collect();
-                        out.push(((origin, stream, n), statuses, began));
+                        let permit = window.clone().acquire_owned().await.unwrap();
+                        let (admin, to) = (admin.clone(), to.clone());
+                        sends.spawn(async move {
+                            let text = format!("{origin}:{stream}:{n}");
+                            let began = Instant::now();
+                            let r = admin
+                                .send(&request(to, text))
+                                .await
+                                .unwrap_or_else(|e| panic!("send {origin}:{stream}:{n}: {e}"));
+                            drop(permit);
+                            let statuses = r
+                                .servers
+                                .into_iter()
+                                .map(|o| (o.server, o.status))
+                                .collect();
+                            ((origin, stream, n), id_order(&r.id), statuses, began)
+                        });
                         n += 1;
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    out
+                    sends.join_all().await
                 }));
             }
         }
@@ -307,7 +326,7 @@ impl Traffic {
         }
         let delivered: BTreeSet<(u32, u32, u64, u32)> = outcomes
             .iter()
-            .flat_map(|((o, s, n), targets, _)| {
+            .flat_map(|((o, s, n), _, targets, _)| {
                 targets
                     .iter()
                     .filter(|(_, st)| st == "delivered")
@@ -345,7 +364,7 @@ impl Finished {
     /// Outcomes counted by status.
     fn by_status(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
-        for (_, targets, _) in &self.outcomes {
+        for (_, _, targets, _) in &self.outcomes {
             for (_, st) in targets {
                 *out.entry(st.clone()).or_default() += 1;
             }
@@ -354,17 +373,26 @@ impl Finished {
     }
 
     /// (duplicated, reordered) among the arrivals: a (message, target)
-    /// seen twice; an (origin, stream, target) whose numbers went down.
+    /// seen twice; an (origin, target) pair whose messages arrived out of
+    /// the order the origin took them in (their ids' sequence numbers,
+    /// over all of the origin's streams).
     fn duplicated_and_reordered(&self) -> (usize, usize) {
+        let order: BTreeMap<(u32, u32, u64), (u64, u64)> = self
+            .outcomes
+            .iter()
+            .map(|(m, id, _, _)| (*m, *id))
+            .collect();
         let mut seen = BTreeSet::new();
-        let mut last = BTreeMap::<(u32, u32, u32), u64>::new();
+        let mut last = BTreeMap::<(u32, u32), (u64, u64)>::new();
         let (mut dup, mut reordered) = (0, 0);
+        // Each client's arrivals are in the vector in the order it got them.
         for (_, o, s, n, t) in &self.got {
             if !seen.insert((*o, *s, *n, *t)) {
                 dup += 1;
             }
-            if let Some(prev) = last.insert((*o, *s, *t), *n)
-                && prev > *n
+            let id = order[&(*o, *s, *n)];
+            if let Some(prev) = last.insert((*o, *t), id)
+                && prev > id
             {
                 reordered += 1;
             }
@@ -452,8 +480,11 @@ async fn exchange_processes_killed_in_turn_under_all_to_all_traffic() {
     let (dup, reordered) = done.duplicated_and_reordered();
     // Kill → first delivery of a message sent after it from or to a
     // server that was on the killed exchange (so through another one).
-    let began: BTreeMap<(u32, u32, u64), Instant> =
-        done.outcomes.iter().map(|(m, _, at)| (*m, *at)).collect();
+    let began: BTreeMap<(u32, u32, u64), Instant> = done
+        .outcomes
+        .iter()
+        .map(|(m, _, _, at)| (*m, *at))
+        .collect();
     let mut first = Vec::new();
     for (t0, moved) in &kill_times {
         let t = done
@@ -544,10 +575,11 @@ async fn a_rolling_sigterm_restart_of_every_exchange_process_loses_and_refuses_n
 /// Issue test 4 with processes: exchanges 100 and 101 linked through a UDP
 /// proxy (101 advertises the proxy; 100, the lower id, dials it); server 1
 /// on exchange 100, server 2 named exchange 101 directly. The proxy cuts
-/// the link: sends from 1 to 2 are reported `timed_out` (outcome unknown)
-/// within a few seconds, not held forever; the link heals by itself when
-/// the proxy passes traffic again, and sends are delivered. Nothing
-/// reported delivered is missing, nothing arrives twice.
+/// the link while both servers send to each other without pause: sends
+/// across it are reported `timed_out` (outcome unknown) within a few
+/// seconds, not held forever; the link heals by itself when the proxy
+/// passes traffic again, and sends are delivered. Nothing reported
+/// delivered is missing, nothing arrives twice or out of order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partition_between_exchange_processes_is_reported_then_heals() {
     let users = users(2);
@@ -582,6 +614,11 @@ async fn a_partition_between_exchange_processes_is_reported_then_heals() {
     };
     assert_eq!(send("before").await.0, "delivered");
     assert_eq!(next_notice(&mut c2).await, "before");
+    // Both ways across the link, from before the cut until after it heals.
+    let traffic = Traffic::start(&dep, 2).await;
+    eventually!(20, "traffic flowing before the cut", {
+        traffic.got.lock().unwrap().len() >= 50
+    });
 
     proxy.cut();
     let t0 = Instant::now();
@@ -607,14 +644,73 @@ async fn a_partition_between_exchange_processes_is_reported_then_heals() {
     assert_eq!(status, "delivered", "{r:?}");
     // "during" was never delivered (its relay never crossed), so the next
     // notice is "after", and only once.
-    assert_eq!(next_notice(&mut c2).await, "after");
+    assert_eq!(next_plain_notice(&mut c2).await, "after");
     assert_eq!(send("last").await.0, "delivered");
-    assert_eq!(next_notice(&mut c2).await, "last", "nothing twice");
+    assert_eq!(next_plain_notice(&mut c2).await, "last", "nothing twice");
+    let settle = traffic.got.lock().unwrap().len() + 100;
+    eventually!(30, "traffic after the heal", {
+        traffic.got.lock().unwrap().len() >= settle
+    });
+    let done = traffic.finish().await;
+    let by_status = done.by_status();
+    assert_eq!(
+        done.duplicated_and_reordered(),
+        (0, 0),
+        "duplicated, reordered"
+    );
+    assert!(
+        by_status
+            .keys()
+            .all(|s| s == "delivered" || s == "timed_out"),
+        "only delivered and timed_out: {by_status:?}"
+    );
+    assert!(
+        by_status.get("timed_out").is_some_and(|n| *n > 0)
+            && by_status.get("delivered").is_some_and(|n| *n > 0),
+        "the traffic crossed the cut: {by_status:?}"
+    );
     println!(
         "partition between two exchanges: a send during it reported timed_out after {} ms; \
-         the link healed {} ms after the proxy passed traffic again",
+         the link healed {} ms after the proxy passed traffic again; traffic both ways: {} \
+         messages, outcomes {by_status:?}, {} received, lost 0, duplicated 0, reordered 0",
         reported.as_millis(),
-        healed.as_millis()
+        healed.as_millis(),
+        done.outcomes.len(),
+        done.got.len()
     );
     dep.db.cleanup().await;
+}
+
+/// The next notice `c` receives that is not the traffic's
+/// (`origin:stream:n`).
+async fn next_plain_notice(c: &mut ChatClient) -> String {
+    loop {
+        let text = next_notice(c).await;
+        if !text.contains(':') {
+            return text;
+        }
+    }
+}
+
+/// The checker of the tests above finds what it is for: a (message,
+/// target) twice, and a pair whose messages arrived against the origin's
+/// order, across its streams.
+#[test]
+fn the_traffic_checker_counts_duplicates_and_reorders() {
+    let t = Instant::now();
+    let sent = |o: u32, s: u32, n: u64, seq: u64| ((o, s, n), (1, seq), Vec::new(), t);
+    let finished = |got: Vec<(u32, u32, u64, u32)>| Finished {
+        outcomes: vec![sent(1, 0, 0, 10), sent(1, 1, 0, 11), sent(1, 0, 1, 12)],
+        got: got
+            .into_iter()
+            .map(|(o, s, n, to)| (t, o, s, n, to))
+            .collect(),
+    };
+    let in_order = finished(vec![(1, 0, 0, 2), (1, 1, 0, 2), (1, 0, 1, 2), (1, 0, 1, 3)]);
+    assert_eq!(in_order.duplicated_and_reordered(), (0, 0));
+    // Stream 1's message (seq 11) after stream 0's second (seq 12).
+    let across_streams = finished(vec![(1, 0, 0, 2), (1, 0, 1, 2), (1, 1, 0, 2)]);
+    assert_eq!(across_streams.duplicated_and_reordered(), (0, 1));
+    let twice = finished(vec![(1, 0, 0, 2), (1, 0, 0, 2)]);
+    assert_eq!(twice.duplicated_and_reordered(), (1, 0));
 }
