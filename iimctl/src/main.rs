@@ -51,11 +51,12 @@ enum Command {
     /// connection was missing), 1 otherwise, including when none of the
     /// users is connected anywhere.
     Send(SendArgs),
-    /// Run the local demo: an exchange and three app servers on this machine.
+    /// Run the local demo: two exchanges and three app servers on this machine.
     ///
     /// Uses the binaries built next to iimctl, a fresh SQLite registry with
     /// the demo directory and generated development certificates; sends a
-    /// message across the three servers, stops and restarts one, shows users
+    /// message across the three servers and the two exchanges, kills one
+    /// exchange and sends through the other, stops and restarts a server, shows users
     /// on different servers chatting with `iimctl chat`, then stops
     /// everything (unless --keep-running).
     Demo(DemoArgs),
