@@ -22,6 +22,11 @@
 //! and the soak counts mark-downs and unreachable peers over every
 //! exchange.
 //!
+//! With `--leave-down` the killed exchange stays down until the push has
+//! gone through another exchange: the time then covers noticing the loss
+//! (QUIC idle timeout), choosing another exchange in the registry,
+//! attaching, and the origin's resend.
+//!
 //! `--idle-ms`, `--keep-alive-ms` and `--lease-secs` override the defaults
 //! (to compare settings in one sitting). The registry is MariaDB when
 //! `IIM_TEST_MYSQL_URL` is set, else SQLite.
@@ -68,6 +73,12 @@ struct Args {
     /// How many exchanges.
     #[arg(long, default_value_t = 1)]
     exchanges: u32,
+    /// With several exchanges: the killed exchange stays down until the
+    /// push has gone through another one (the servers must notice the loss
+    /// and re-attach, rather than meet the restarted exchange), then comes
+    /// back before the next kill.
+    #[arg(long)]
+    leave_down: bool,
 }
 
 const USERS: [(u64, u32); 3] = [(11, 1), (21, 2), (31, 3)];
@@ -113,6 +124,9 @@ async fn main() -> anyhow::Result<()> {
     spec.jwt_secret = Some(iim_kit::JWT_SECRET.to_owned());
     if args.exchanges == 0 {
         bail!("--exchanges must be at least 1");
+    }
+    if args.leave_down && args.exchanges < 2 {
+        bail!("--leave-down needs --exchanges 2 or more (somewhere to re-attach to)");
     }
     spec.exchanges = (0..args.exchanges).map(|i| 100 + i).collect();
     if args.exchanges > 1 {
@@ -179,15 +193,24 @@ async fn main() -> anyhow::Result<()> {
         };
         let t0 = Instant::now();
         dep.kill_exchange(x).await;
-        dep.start_exchange(x)?;
+        if !args.leave_down {
+            dep.start_exchange(x)?;
+        }
         let text = format!("after{k}");
         send(&mut watcher, &text, 31).await?;
         await_push(&mut receiver, &text).await?;
         backs.push(t0.elapsed());
+        if args.leave_down {
+            dep.start_exchange(x)?;
+            wait_all_linked(&dep).await?;
+        }
     }
     report(
         if args.exchanges == 1 {
             "kill -9 of the exchange, restarted at once → pushes across servers again"
+        } else if args.leave_down {
+            "kill -9 of the sender's or receiver's exchange, left down → pushes across servers \
+             again (its servers re-attached to another exchange)"
         } else {
             "kill -9 of the sender's or receiver's exchange, restarted at once → pushes across \
              servers again (through another exchange)"
@@ -266,13 +289,7 @@ async fn soak(dep: &mut Deployment, args: &Args, c11: &mut ChatClient) -> anyhow
     let burners = args.burners.unwrap_or(2 * cores);
     // Every server linked to the exchange again (after the last restart
     // above) before anything is counted.
-    let linked_by = Instant::now() + WAIT;
-    while !all_linked(dep).await? {
-        if Instant::now() > linked_by {
-            bail!("the app servers did not all link within {WAIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_all_linked(dep).await?;
     let before = counts(dep).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let spins = Arc::new(AtomicU64::new(0));
@@ -334,6 +351,18 @@ async fn soak(dep: &mut Deployment, args: &Args, c11: &mut ChatClient) -> anyhow
     Ok(())
 }
 
+/// Until [`all_linked`] (polling the metrics pages).
+async fn wait_all_linked(dep: &Deployment) -> anyhow::Result<()> {
+    let linked_by = Instant::now() + WAIT;
+    while !all_linked(dep).await? {
+        if Instant::now() > linked_by {
+            bail!("the exchanges and app servers did not all link within {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 /// The exchanges hold a link of every app server between them and are
 /// linked to each other, and every app server's link is up.
 async fn all_linked(dep: &Deployment) -> anyhow::Result<bool> {
@@ -341,9 +370,13 @@ async fn all_linked(dep: &Deployment) -> anyhow::Result<bool> {
     let exchanges = dep.spec().exchanges.clone();
     let mut links = 0.0;
     for &x in &exchanges {
-        let page = Client::new(&dep.exchange_http(x).to_string(), Duration::from_secs(5))?
+        // A restarted exchange may not be listening yet: not linked.
+        let Ok(page) = Client::new(&dep.exchange_http(x).to_string(), Duration::from_secs(5))?
             .metrics()
-            .await?;
+            .await
+        else {
+            return Ok(false);
+        };
         links += metric_value(&page, "iim_exchange_links").unwrap_or(0.0);
         let peers = metric_value(&page, "iim_exchange_peer_links").unwrap_or(0.0);
         if peers != (exchanges.len() - 1) as f64 {

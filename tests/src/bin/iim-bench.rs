@@ -125,6 +125,13 @@ struct Args {
     /// inflate every figure).
     #[arg(long, value_delimiter = ',')]
     cpu_at_rates: Vec<f64>,
+    /// With two exchanges: after both saturation runs of a (k, size),
+    /// offer both paths this fraction of the two-exchange path's
+    /// saturation rate (for `--latency-secs`) and compare their CPU there:
+    /// the hop's cost at the highest load both paths carry, rather than
+    /// each path at its own saturation. 0 skips it.
+    #[arg(long, default_value_t = 0.9)]
+    equal_load: f64,
 }
 
 // ---------------------------------------------------------------------------
@@ -429,6 +436,8 @@ struct Row {
     floor: Option<Floor>,
     /// CPU at the fixed rates of `--cpu-at-rates`.
     at_rates: Vec<AtRate>,
+    /// CPU at `--equal-load` of the two-exchange path's saturation.
+    at_equal: Option<AtRate>,
     lat: Vec<(u32, Latency)>,
     /// NATS at the same offered loads: (latency, sender lateness, missing).
     nats_lat: Vec<(Histogram<u64>, Histogram<u64>, u64)>,
@@ -442,6 +451,60 @@ struct AtRate {
     /// Both exchanges' CPU (with two), per delivery.
     exchange_us: f64,
     bench_us: f64,
+}
+
+/// Measures the CPU per delivery at one fixed offered rate.
+struct RateMeter<'a> {
+    iim: &'a Iim,
+    /// The exchanges (the second with `--exchanges 2`).
+    pids: [Option<u32>; 2],
+    me: u32,
+    tck: f64,
+    secs: f64,
+    arrivals: &'a Arrivals,
+}
+
+impl RateMeter<'_> {
+    /// `offered` deliveries/s to `users` (one message to all of them
+    /// each time) for `secs`.
+    async fn measure(
+        &self,
+        users: &[Session],
+        hops: u32,
+        offered: f64,
+        size: usize,
+    ) -> Result<AtRate> {
+        let k = users.len();
+        let exchanges: Vec<CpuMeter> = self
+            .pids
+            .iter()
+            .flatten()
+            .map(|&pid| CpuMeter::start(pid, self.tck))
+            .collect();
+        let own = CpuMeter::start(self.me, self.tck);
+        let l = iim_latency(
+            self.iim,
+            users,
+            offered / k as f64,
+            self.secs,
+            size,
+            self.arrivals,
+        )
+        .await?;
+        let delivered = ((l.sent - l.not_delivered) * k as u64).max(1) as f64;
+        let exchange_cpu: f64 = exchanges.into_iter().map(|c| c.micros()).sum();
+        let a = AtRate {
+            offered,
+            achieved: l.achieved_msgs * k as f64,
+            exchange_us: exchange_cpu / delivered,
+            bench_us: own.micros() / delivered,
+        };
+        eprintln!(
+            "iim  k={k:<2} size={size:<5} via {hops} exchange(s) at {offered:.0} deliveries/s offered ({:.0} achieved): exchange CPU {:.2} µs/delivery, bench process {:.2} µs",
+            a.achieved, a.exchange_us, a.bench_us,
+        );
+        Ok(a)
+    }
 }
 
 /// One run of the transport floor (`quic-floor`).
@@ -619,17 +682,27 @@ async fn run(mut args: Args) -> Result<()> {
     };
 
     let me = std::process::id();
+    let at = RateMeter {
+        iim: &origin.iim,
+        pids: [Some(ex.pid), ex2.as_ref().map(|x| x.pid)],
+        me,
+        tck,
+        secs: args.latency_secs,
+        arrivals: &arrivals,
+    };
     let mut rows: Vec<Row> = Vec::new();
     for &size in &args.sizes {
         for &k in &args.k {
             let messages = (args.deliveries / k).max(1);
             let first_row = rows.len();
+            let mut path_users = Vec::new();
             for (hops, targets) in &paths {
                 let hops = *hops;
                 let users = origin.iim.user_list(&targets[..k]).await?;
                 if users.len() != k {
                     bail!("expected {k} sessions, registry has {}", users.len());
                 }
+                path_users.push(users.clone());
                 // Warm-up, then the measured run.
                 iim_saturate(
                     &origin.iim,
@@ -669,33 +742,12 @@ async fn run(mut args: Args) -> Result<()> {
                     nats_bench_cpu_us: None,
                     floor: None,
                     at_rates: Vec::new(),
+                    at_equal: None,
                     lat: Vec::new(),
                     nats_lat: Vec::new(),
                 };
                 for &offered in &args.cpu_at_rates {
-                    let cpu = CpuMeter::start(ex.pid, tck);
-                    let cpu2 = ex2.as_ref().map(|x| CpuMeter::start(x.pid, tck));
-                    let own = CpuMeter::start(me, tck);
-                    let l = iim_latency(
-                        &origin.iim,
-                        &users,
-                        offered / k as f64,
-                        args.latency_secs,
-                        size,
-                        &arrivals,
-                    )
-                    .await?;
-                    let delivered = ((l.sent - l.not_delivered) * k as u64).max(1) as f64;
-                    let a = AtRate {
-                        offered,
-                        achieved: l.achieved_msgs * k as f64,
-                        exchange_us: (cpu.micros() + cpu2.map_or(0.0, |c| c.micros())) / delivered,
-                        bench_us: own.micros() / delivered,
-                    };
-                    eprintln!(
-                        "iim  k={k:<2} size={size:<5} via {hops} exchange(s) at {offered:.0} deliveries/s offered ({:.0} achieved): exchange CPU {:.2} µs/delivery, bench process {:.2} µs",
-                        a.achieved, a.exchange_us, a.bench_us,
-                    );
+                    let a = at.measure(&users, hops, offered, size).await?;
                     row.at_rates.push(a);
                 }
                 let first = rows.len() == first_row;
@@ -778,6 +830,16 @@ async fn run(mut args: Args) -> Result<()> {
                     }
                 }
                 rows.push(row);
+            }
+            // Both paths at one load: the two-exchange path's saturation
+            // rate, scaled down so that it is carried without a backlog.
+            if path_users.len() == 2 && args.equal_load > 0.0 {
+                let offered = rows[first_row + 1].iim_dps * args.equal_load;
+                for (i, users) in path_users.iter().enumerate() {
+                    let hops = paths[i].0;
+                    rows[first_row + i].at_equal =
+                        Some(at.measure(users, hops, offered, size).await?);
+                }
             }
         }
     }
@@ -888,6 +950,16 @@ async fn run(mut args: Args) -> Result<()> {
                 one.iim_dps, two.iim_dps
             );
             line(one, sat, one.iim_cpu_us, two.iim_cpu_us);
+            if let (Some(a), Some(b)) = (&one.at_equal, &two.at_equal) {
+                let load = format!(
+                    "{:.0} deliveries/s offered to both ({:.0} % of the two-exchange saturation; {:.0} / {:.0} achieved)",
+                    a.offered,
+                    100.0 * args.equal_load,
+                    a.achieved,
+                    b.achieved
+                );
+                line(one, load, a.exchange_us, b.exchange_us);
+            }
             for (a, b) in one.at_rates.iter().zip(&two.at_rates) {
                 let load = format!("{:.0} deliveries/s offered", a.offered);
                 line(one, load, a.exchange_us, b.exchange_us);
