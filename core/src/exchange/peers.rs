@@ -140,21 +140,23 @@ impl RelayOutbox {
     /// answer both. An entry that moved here with its target is taken
     /// whatever the room (see [`DeliveryQueue::push_moved`]).
     pub fn push(&mut self, r: Relayed) -> Result<bool, PushError> {
-        if self.index.contains_key(&(r.id, r.target)) {
-            return Ok(false);
-        }
         let size = r.size();
         let (n, bytes) = self.held.get(&r.target).copied().unwrap_or((0, 0));
         let full = n >= self.max_entries || (bytes + size > self.max_bytes && n > 0);
+        // One probe of the index for both the duplicate check and the insert.
+        let std::collections::hash_map::Entry::Vacant(slot) = self.index.entry((r.id, r.target))
+        else {
+            return Ok(false);
+        };
         if full && !r.maybe_handed {
             return Err(PushError::Full);
         }
         let key = self.next;
+        slot.insert(key);
         self.next += 1;
         let held = self.held.entry(r.target).or_default();
         held.0 += 1;
         held.1 += size;
-        self.index.insert((r.id, r.target), key);
         self.entries.push(key, r);
         Ok(true)
     }
