@@ -112,26 +112,66 @@ struct MessageWire<'a> {
 impl Message {
     /// Encode into a fresh buffer.
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.size_hint());
-        self.encode_into(&mut out);
+        let mut out = BytesMut::with_capacity(self.encoded_len());
+        self.put(&mut out);
         out.freeze()
     }
 
-    /// An upper estimate of the encoded size, so encoding allocates once.
-    fn size_hint(&self) -> usize {
-        // Fixed fields are at most ~80 bytes of varints; each nested
-        // message adds its own size and a length prefix.
-        96 + self.body.len()
+    /// Bytes of the encoding (postcard's layout of [`MessageWire`]: the
+    /// fields in order as varints, `timing.sent_at_ms` zigzagged, the body
+    /// and each nested message as a length-prefixed byte string).
+    fn encoded_len(&self) -> usize {
+        let address = |a: Address| varint_len(u64::from(a.server.0)) + varint_len(a.user.0);
+        varint_len(u64::from(self.id.origin.0))
+            + varint_len(self.id.epoch)
+            + varint_len(self.id.seq)
+            + address(self.source)
+            + address(self.target)
+            + varint_len(u64::from(self.kind))
+            + varint_len(zigzag(self.timing.sent_at_ms))
+            + varint_len(self.timing.ordering_key)
+            + varint_len(self.body.len() as u64)
+            + self.body.len()
+            + varint_len(self.nested.len() as u64)
             + self
                 .nested
                 .iter()
-                .map(|m| m.size_hint() + 10)
+                .map(|n| {
+                    let len = n.encoded_len();
+                    varint_len(len as u64) + len
+                })
                 .sum::<usize>()
     }
 
-    fn encode_into(&self, out: &mut BytesMut) {
-        // Serialising into a growable buffer cannot fail for these types.
-        let _ = postcard::serialize_with_flavor(&self.wire(), BytesMutFlavor(out));
+    /// Write the encoding by hand, byte for byte what postcard writes for
+    /// [`MessageWire`] (proptested against it).
+    fn put(&self, out: &mut BytesMut) {
+        put_varint(out, u64::from(self.id.origin.0));
+        put_varint(out, self.id.epoch);
+        put_varint(out, self.id.seq);
+        for a in [self.source, self.target] {
+            put_varint(out, u64::from(a.server.0));
+            put_varint(out, a.user.0);
+        }
+        put_varint(out, u64::from(self.kind));
+        put_varint(out, zigzag(self.timing.sent_at_ms));
+        put_varint(out, self.timing.ordering_key);
+        put_varint(out, self.body.len() as u64);
+        out.extend_from_slice(&self.body);
+        put_varint(out, self.nested.len() as u64);
+        for n in &self.nested {
+            put_varint(out, n.encoded_len() as u64);
+            n.put(out);
+        }
+    }
+
+    /// The encoding as postcard's derived serialiser writes it: what the
+    /// hand-written [`Message::put`] is tested against.
+    #[doc(hidden)]
+    pub fn encode_with_postcard(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        let _ = postcard::serialize_with_flavor(&self.wire(), BytesMutFlavor(&mut out));
+        out.freeze()
     }
 
     fn wire(&self) -> MessageWire<'_> {
@@ -142,7 +182,11 @@ impl Message {
             kind: self.kind,
             timing: &self.timing,
             body: &self.body,
-            nested: self.nested.iter().map(Message::encode).collect(),
+            nested: self
+                .nested
+                .iter()
+                .map(Message::encode_with_postcard)
+                .collect(),
         }
     }
 
@@ -188,14 +232,22 @@ impl Message {
         if depth > MAX_NESTING {
             return Err(WireError::TooDeep);
         }
-        let (wire, rest): (MessageWireRef<'_>, _) = postcard::take_from_bytes(bytes)
-            .map_err(|e| WireError::MalformedMessage(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(WireError::MalformedMessage(format!(
-                "{} trailing bytes",
-                rest.len()
-            )));
-        }
+        // The hand-written reader takes exactly what postcard takes; what
+        // it does not take, postcard decodes again and names the error.
+        let wire = match fast::message(bytes) {
+            Some(wire) => wire,
+            None => {
+                let (wire, rest): (MessageWireRef<'_>, _) = postcard::take_from_bytes(bytes)
+                    .map_err(|e| WireError::MalformedMessage(e.to_string()))?;
+                if !rest.is_empty() {
+                    return Err(WireError::MalformedMessage(format!(
+                        "{} trailing bytes",
+                        rest.len()
+                    )));
+                }
+                wire
+            }
+        };
         let nested = wire
             .nested
             .iter()
@@ -226,6 +278,34 @@ struct MessageWireRef<'a> {
     body: &'a [u8],
     #[serde(borrow)]
     nested: Vec<&'a [u8]>,
+}
+
+/// Decode one message with postcard's derived decoder only: what the
+/// hand-written reader is tested against.
+#[doc(hidden)]
+pub fn decode_message_with_postcard(bytes: &[u8]) -> Result<Message, WireError> {
+    let (wire, rest): (MessageWireRef<'_>, _) =
+        postcard::take_from_bytes(bytes).map_err(|e| WireError::MalformedMessage(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::MalformedMessage(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
+    }
+    let nested = wire
+        .nested
+        .iter()
+        .map(|b| decode_message_with_postcard(b))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Message {
+        id: wire.id,
+        source: wire.source,
+        target: wire.target,
+        kind: wire.kind,
+        timing: wire.timing,
+        body: Bytes::copy_from_slice(wire.body),
+        nested,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -613,15 +693,6 @@ const DELIVER_VARIANT: u8 = 4;
 const ACK_VARIANT: u8 = 5;
 const REPORT_VARIANT: u8 = 6;
 
-/// The fields of a 905 that precede its message, in encoding order.
-#[derive(Serialize)]
-struct ForwardHead<'a> {
-    id: MessageId,
-    source: Address,
-    target: Address,
-    rows: &'a [ServerRow],
-}
-
 /// A whole 905 with `message` encoded in place: byte for byte
 /// `encode(&Frame::Forward(..))` with `message: message.encode()`, without
 /// encoding the message into a buffer of its own first.
@@ -633,30 +704,25 @@ pub fn encode_forward(
     message: &Message,
     max: usize,
 ) -> Result<Bytes, WireError> {
-    let wire = message.wire();
-    // Measuring walks the fields without writing; cannot fail.
-    let message_len = postcard::experimental::serialized_size(&wire).unwrap_or(0);
+    let message_len = message.encoded_len();
     let rows_hint = rows.iter().map(ServerRow::size_hint).sum::<usize>();
     let mut out = BytesMut::with_capacity(HEADER_LEN + 64 + rows_hint + message_len);
-    out.put_u8(VERSION);
-    out.put_u32(0);
-    out.put_u8(FORWARD_VARIANT);
-    let head = ForwardHead {
-        id,
-        source,
-        target,
-        rows,
-    };
-    let _ = postcard::serialize_with_flavor(&head, BytesMutFlavor(&mut out));
-    let _ = postcard::serialize_with_flavor(&(message_len as u64), BytesMutFlavor(&mut out));
-    let len = out.len() - HEADER_LEN + message_len;
-    if len > max || len > u32::MAX as usize {
-        return Err(WireError::Oversized { len, max });
-    }
-    let _ = postcard::serialize_with_flavor(&wire, BytesMutFlavor(&mut out));
-    debug_assert_eq!(out.len(), HEADER_LEN + len);
-    out[1..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    let refs = rows.iter().map(|r| RowRef {
+        server: r.server,
+        via: r.via,
+        seq: r.seq,
+        users: &r.users,
+    });
+    write_forward_head(&mut out, id, source, target, refs, message_len, max)?;
+    let head = out.len();
+    message.put(&mut out);
+    debug_assert_eq!(out.len(), head + message_len);
     Ok(out.freeze())
+}
+
+/// postcard's zigzag form of a signed integer, as its varint carries it.
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
 }
 
 /// Longest 906 head a [`Head906`] holds without a heap allocation (one or

@@ -8,6 +8,7 @@
 
 use super::{ACK_VARIANT, DELIVER_VARIANT, FORWARD_VARIANT, REPORT_VARIANT, ServerRow, UserRow};
 use super::{Ack906, Deliver906, DeliveryStatus, Forward905, Frame, Report, ReportEntry};
+use super::{MessageWireRef, Timing};
 use crate::types::{Address, ChannelId, MessageId, ServerId, UserId};
 use bytes::Bytes;
 
@@ -130,6 +131,42 @@ impl<'a> Cursor<'a> {
             })
         })
     }
+}
+
+/// One encoded message (the whole of `bytes`), its byte strings borrowed.
+/// `None`: decode with postcard (invalid, or bytes left over).
+pub(super) fn message(bytes: &[u8]) -> Option<MessageWireRef<'_>> {
+    let mut c = Cursor { buf: bytes };
+    let m = message_fields(&mut c).ok()?;
+    c.buf.is_empty().then_some(m)
+}
+
+fn message_fields<'a>(c: &mut Cursor<'a>) -> Result<MessageWireRef<'a>, Reject> {
+    let id = c.id()?;
+    let source = c.address()?;
+    let target = c.address()?;
+    let kind = c.varint(16)? as u16;
+    let zigzag = c.u64()?;
+    let timing = Timing {
+        sent_at_ms: ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64),
+        ordering_key: c.u64()?,
+    };
+    let n = c.len()?;
+    let body = c.take(n)?;
+    // Each nested message is at least its length prefix.
+    let nested = c.vec_of(1, |c| {
+        let n = c.len()?;
+        c.take(n)
+    })?;
+    Ok(MessageWireRef {
+        id,
+        source,
+        target,
+        kind,
+        timing,
+        body,
+        nested,
+    })
 }
 
 /// The frame in `body` (without the 5-byte header), if it is one of the
