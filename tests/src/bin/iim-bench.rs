@@ -126,13 +126,14 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     cpu_at_rates: Vec<f64>,
     /// With two exchanges: after both saturation runs of a (k, size),
-    /// offer both paths this fraction of the lower of their saturation
-    /// rates (the two-exchange path's, in practice; for `--latency-secs`)
-    /// and compare their CPU there: the hop's cost at the highest load
-    /// both paths carry, rather than each path at its own saturation.
-    /// 0 skips it; at most 1.
-    #[arg(long, default_value_t = 0.9)]
-    equal_load: f64,
+    /// offer both paths each of these fractions of the lower of their
+    /// saturation rates (the two-exchange path's, in practice; each for
+    /// `--latency-secs`) and compare their CPU there: the hop's cost at
+    /// equal loads up to about the highest both carry, rather than each
+    /// path at its own saturation. Each in (0, 1]; empty (`--equal-load
+    /// ''`) skips it.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.75,0.9")]
+    equal_load: Vec<f64>,
 }
 
 // ---------------------------------------------------------------------------
@@ -438,7 +439,7 @@ struct Row {
     /// CPU at the fixed rates of `--cpu-at-rates`.
     at_rates: Vec<AtRate>,
     /// CPU at `--equal-load` of the two-exchange path's saturation.
-    at_equal: Option<AtRate>,
+    at_equal: Vec<AtRate>,
     lat: Vec<(u32, Latency)>,
     /// NATS at the same offered loads: (latency, sender lateness, missing).
     nats_lat: Vec<(Histogram<u64>, Histogram<u64>, u64)>,
@@ -579,8 +580,8 @@ async fn main() -> Result<()> {
 }
 
 async fn run(mut args: Args) -> Result<()> {
-    if !(0.0..=1.0).contains(&args.equal_load) {
-        bail!("--equal-load must be between 0 and 1");
+    if args.equal_load.iter().any(|f| !(*f > 0.0 && *f <= 1.0)) {
+        bail!("--equal-load: each fraction must be above 0 and at most 1");
     }
     if args.quick {
         args.k = vec![1, 16];
@@ -746,7 +747,7 @@ async fn run(mut args: Args) -> Result<()> {
                     nats_bench_cpu_us: None,
                     floor: None,
                     at_rates: Vec::new(),
-                    at_equal: None,
+                    at_equal: Vec::new(),
                     lat: Vec::new(),
                     nats_lat: Vec::new(),
                 };
@@ -837,9 +838,12 @@ async fn run(mut args: Args) -> Result<()> {
             }
             // Both paths at one load: the two-exchange path's saturation
             // rate, scaled down so that it is carried without a backlog.
-            if path_users.len() == 2 && args.equal_load > 0.0 {
-                let slower = rows[first_row].iim_dps.min(rows[first_row + 1].iim_dps);
-                let offered = slower * args.equal_load;
+            let slower = rows[first_row..]
+                .iter()
+                .map(|r| r.iim_dps)
+                .fold(f64::MAX, f64::min);
+            for &fraction in args.equal_load.iter().filter(|_| path_users.len() == 2) {
+                let offered = slower * fraction;
                 for (i, users) in path_users.iter().enumerate() {
                     let hops = paths[i].0;
                     let a = at.measure(users, hops, offered, size).await?;
@@ -849,7 +853,7 @@ async fn run(mut args: Args) -> Result<()> {
                             a.achieved
                         );
                     }
-                    rows[first_row + i].at_equal = Some(a);
+                    rows[first_row + i].at_equal.push(a);
                 }
             }
         }
@@ -961,11 +965,11 @@ async fn run(mut args: Args) -> Result<()> {
                 one.iim_dps, two.iim_dps
             );
             line(one, sat, one.iim_cpu_us, two.iim_cpu_us);
-            if let (Some(a), Some(b)) = (&one.at_equal, &two.at_equal) {
+            for ((a, b), fraction) in one.at_equal.iter().zip(&two.at_equal).zip(&args.equal_load) {
                 let load = format!(
                     "{:.0} deliveries/s offered to both ({:.0} % of the slower path's saturation; {:.0} / {:.0} achieved)",
                     a.offered,
-                    100.0 * args.equal_load,
+                    100.0 * fraction,
                     a.achieved,
                     b.achieved
                 );
