@@ -229,12 +229,21 @@ impl Message {
         depth: usize,
         body_of: &dyn Fn(&[u8]) -> Bytes,
     ) -> Result<Message, WireError> {
+        // The hand-written reader takes exactly what postcard takes; what
+        // it does not take, postcard decodes again and names the error.
+        Self::decode_with(bytes, depth, body_of, fast::message)
+    }
+
+    fn decode_with(
+        bytes: &[u8],
+        depth: usize,
+        body_of: &dyn Fn(&[u8]) -> Bytes,
+        read: fn(&[u8]) -> Option<MessageWireRef<'_>>,
+    ) -> Result<Message, WireError> {
         if depth > MAX_NESTING {
             return Err(WireError::TooDeep);
         }
-        // The hand-written reader takes exactly what postcard takes; what
-        // it does not take, postcard decodes again and names the error.
-        let wire = match fast::message(bytes) {
+        let wire = match read(bytes) {
             Some(wire) => wire,
             None => {
                 let (wire, rest): (MessageWireRef<'_>, _) = postcard::take_from_bytes(bytes)
@@ -251,7 +260,7 @@ impl Message {
         let nested = wire
             .nested
             .iter()
-            .map(|b| Self::decode_at(b, depth + 1, body_of))
+            .map(|b| Self::decode_with(b, depth + 1, body_of, read))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Message {
             id: wire.id,
@@ -284,28 +293,7 @@ struct MessageWireRef<'a> {
 /// hand-written reader is tested against.
 #[doc(hidden)]
 pub fn decode_message_with_postcard(bytes: &[u8]) -> Result<Message, WireError> {
-    let (wire, rest): (MessageWireRef<'_>, _) =
-        postcard::take_from_bytes(bytes).map_err(|e| WireError::MalformedMessage(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(WireError::MalformedMessage(format!(
-            "{} trailing bytes",
-            rest.len()
-        )));
-    }
-    let nested = wire
-        .nested
-        .iter()
-        .map(|b| decode_message_with_postcard(b))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Message {
-        id: wire.id,
-        source: wire.source,
-        target: wire.target,
-        kind: wire.kind,
-        timing: wire.timing,
-        body: Bytes::copy_from_slice(wire.body),
-        nested,
-    })
+    Message::decode_with(bytes, 0, &|body| Bytes::copy_from_slice(body), |_| None)
 }
 
 // ---------------------------------------------------------------------------
