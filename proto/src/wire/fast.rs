@@ -1,10 +1,10 @@
 //! Hand-written decoders for the frames of the hot path (905, 906, ack,
-//! report). They accept exactly what postcard's derived decoders accept and
-//! build the same values (a proptest compares them on valid frames and on
-//! garbage); anything they do not take — other frame kinds, or input they
-//! reject — goes to postcard, which then also names the error. The derived
-//! decoder walks serde's visitor machinery per field; these read the
-//! varints in place.
+//! report) and for the message a 906 carries. They accept exactly what
+//! postcard's derived decoders accept and build the same values
+//! (proptests compare them on valid input and on garbage); anything they
+//! do not take — other frame kinds, or input they reject — goes to
+//! postcard, which then also names the error. The derived decoder walks
+//! serde's visitor machinery per field; these read the varints in place.
 
 use super::{ACK_VARIANT, DELIVER_VARIANT, FORWARD_VARIANT, REPORT_VARIANT, ServerRow, UserRow};
 use super::{Ack906, Deliver906, DeliveryStatus, Forward905, Frame, Report, ReportEntry};
