@@ -516,6 +516,14 @@ fn message() -> impl Strategy<Value = Message> {
 
 /// What a 905/906 carries: usually a real message, sometimes opaque bytes
 /// (the relay never decodes it).
+fn report_entry() -> impl Strategy<Value = ReportEntry> {
+    (message_ids(), server_id(), delivery_status()).prop_map(|(id, server, status)| ReportEntry {
+        id,
+        server,
+        status,
+    })
+}
+
 fn carried_message() -> impl Strategy<Value = Bytes> {
     prop_oneof![
         3 => message().prop_map(|m| m.encode()),
@@ -584,9 +592,7 @@ fn frame() -> impl Strategy<Value = Frame> {
             })
         });
     let ack = varint_u64().prop_map(|upto| Frame::Ack(Ack906 { upto }));
-    let entry = (message_ids(), server_id(), delivery_status())
-        .prop_map(|(id, server, status)| ReportEntry { id, server, status });
-    let report = vec(entry, 0..8).prop_map(|entries| Frame::Report(Report { entries }));
+    let report = vec(report_entry(), 0..8).prop_map(|entries| Frame::Report(Report { entries }));
     let error = (error_code(), "\\PC{0,40}")
         .prop_map(|(code, detail)| Frame::Error(ErrorFrame { code, detail }));
     let hello =
@@ -769,6 +775,20 @@ proptest! {
         let body_len = whole.len() - HEADER_LEN;
         prop_assert_eq!(
             wire::encode_forward(id, source, target, &rows, &message, body_len - 1),
+            Err(WireError::Oversized { len: body_len, max: body_len - 1 })
+        );
+    }
+
+    #[test]
+    fn a_report_written_by_hand_is_the_generic_frame(entries in vec(report_entry(), 0..40)) {
+        let whole = wire::encode_to_bytes(
+            &Frame::Report(Report { entries: entries.clone() }),
+            usize::MAX,
+        ).unwrap();
+        prop_assert_eq!(hex(&wire::encode_report(&entries, usize::MAX).unwrap()), hex(&whole));
+        let body_len = whole.len() - HEADER_LEN;
+        prop_assert_eq!(
+            wire::encode_report(&entries, body_len - 1),
             Err(WireError::Oversized { len: body_len, max: body_len - 1 })
         );
     }

@@ -92,6 +92,19 @@ pub fn frame_bytes(frame: &Frame, max_frame: usize) -> Option<Bytes> {
     }
 }
 
+/// A report frame of `entries` (the exchange's hot frame besides the
+/// 906), written by hand; `None` (and an error logged) when it does not
+/// fit `max_frame`.
+pub fn report_bytes(entries: &[wire::ReportEntry], max_frame: usize) -> Option<Bytes> {
+    match wire::encode_report(entries, max_frame) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::error!(error = %e, kind = "report", "could not encode frame");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -708,6 +708,36 @@ pub fn encode_forward(
     Ok(out.freeze())
 }
 
+/// A whole report frame of `entries`, written by hand: byte for byte
+/// `encode(&Frame::Report(..))` (proptested), without building the frame
+/// value (a copy of the entries) first.
+pub fn encode_report(entries: &[ReportEntry], max: usize) -> Result<Bytes, WireError> {
+    let entry_len = |e: &ReportEntry| {
+        varint_len(u64::from(e.id.origin.0))
+            + varint_len(e.id.epoch)
+            + varint_len(e.id.seq)
+            + varint_len(u64::from(e.server.0))
+            + varint_len(e.status as u64)
+    };
+    let body = 1 + varint_len(entries.len() as u64) + entries.iter().map(entry_len).sum::<usize>();
+    if body > max || body > u32::MAX as usize {
+        return Err(WireError::Oversized { len: body, max });
+    }
+    let mut out = BytesMut::with_capacity(HEADER_LEN + body);
+    out.put_u8(VERSION);
+    out.put_u32(body as u32);
+    out.put_u8(REPORT_VARIANT);
+    put_varint(&mut out, entries.len() as u64);
+    for e in entries {
+        put_varint(&mut out, u64::from(e.id.origin.0));
+        put_varint(&mut out, e.id.epoch);
+        put_varint(&mut out, e.id.seq);
+        put_varint(&mut out, u64::from(e.server.0));
+        put_varint(&mut out, e.status as u64);
+    }
+    Ok(out.freeze())
+}
+
 /// postcard's zigzag form of a signed integer, as its varint carries it.
 fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64

@@ -36,11 +36,11 @@ use crate::Map;
 pub use crate::RegistryFailure;
 use crate::{AskId, ConnId, Timers};
 use bytes::Bytes;
-use iim_proto::coalesce::{Coalescer, frame_bytes};
+use iim_proto::coalesce::{Coalescer, frame_bytes, report_bytes};
 use iim_proto::types::{MessageId, ServerId};
 use iim_proto::wire::{
     CLOSE_GOING_AWAY, Deliver906, DeliveryStatus, ErrorCode, ErrorFrame, Forward905, Frame,
-    Register, Registered, Report, ReportEntry, WireError,
+    Register, Registered, ReportEntry, WireError,
 };
 use peers::Peer;
 use queue::{DeliveryQueue, Dropped, PushError};
@@ -619,10 +619,7 @@ impl Exchange {
             // bytes (three u64 and two u32 varints, a status byte).
             let max_frame = route.queue.max_frame();
             for chunk in entries.chunks((max_frame / 32).max(1)) {
-                let f = Frame::Report(Report {
-                    entries: chunk.to_vec(),
-                });
-                out.extend(frame_bytes(&f, max_frame));
+                out.extend(report_bytes(chunk, max_frame));
             }
         }
         let t = route.queue.poll_transmit(max_bytes);

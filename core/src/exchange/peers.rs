@@ -1148,10 +1148,7 @@ impl Exchange {
         if !p.reports.is_empty() {
             let entries = std::mem::take(&mut p.reports);
             for chunk in entries.chunks((max_frame / 32).max(1)) {
-                let f = Frame::Report(Report {
-                    entries: chunk.to_vec(),
-                });
-                out.extend(frame_bytes(&f, max_frame));
+                out.extend(report_bytes(chunk, max_frame));
             }
         }
         let mut too_big = Vec::new();
