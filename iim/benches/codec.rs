@@ -1,6 +1,7 @@
 //! Codec micro-benchmarks: encode and decode of a 905 with 1 and 16 server
 //! rows and 100 B / 1 KiB bodies (the message encoded inside, as
-//! `Iim::submit` does), and decode of a 906.
+//! `Iim::submit` does), decode of a 906, and a report frame of 1 and 16
+//! entries through the generic encoder and by hand.
 //!
 //! `cargo bench -p iim --bench codec` (short measurement times: a quick
 //! look, not a lab measurement).
@@ -9,7 +10,8 @@ use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use iim::types::{Address, ChannelId, MessageId, ServerId, UserId};
 use iim::wire::{
-    self, DEFAULT_MAX_FRAME, Deliver906, Forward905, Frame, Message, ServerRow, Timing, UserRow,
+    self, DEFAULT_MAX_FRAME, Deliver906, DeliveryStatus, Forward905, Frame, Message, Report,
+    ReportEntry, ServerRow, Timing, UserRow,
 };
 use std::hint::black_box;
 use std::time::Duration;
@@ -140,6 +142,40 @@ fn codec(c: &mut Criterion) {
                     _ => unreachable!("a 906"),
                 }
             })
+        });
+    }
+    g.finish();
+
+    // What the exchange does per batch of outcomes for one origin: a report
+    // frame, through the generic encoder (with the copy of the entries a
+    // frame value needs) and written by hand.
+    let mut g = c.benchmark_group("report");
+    g.warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(30);
+    for n in [1usize, 16] {
+        let entries: Vec<ReportEntry> = (0..n as u64)
+            .map(|i| ReportEntry {
+                id: MessageId {
+                    origin: ServerId(1),
+                    epoch: 1_733_400_000_000,
+                    seq: 5_000_000 + i,
+                },
+                server: ServerId(2),
+                status: DeliveryStatus::Delivered,
+            })
+            .collect();
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::new("generic", n), &entries, |b, entries| {
+            b.iter(|| {
+                let f = Frame::Report(Report {
+                    entries: black_box(entries).to_vec(),
+                });
+                wire::encode_to_bytes(&f, DEFAULT_MAX_FRAME).unwrap()
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("by_hand", n), &entries, |b, entries| {
+            b.iter(|| wire::encode_report(black_box(entries), DEFAULT_MAX_FRAME).unwrap())
         });
     }
     g.finish();
