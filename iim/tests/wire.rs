@@ -780,6 +780,14 @@ proptest! {
     }
 
     #[test]
+    fn an_ack_written_by_hand_is_the_generic_frame(upto in varint_u64()) {
+        let whole = wire::encode_to_bytes(&Frame::Ack(Ack906 { upto }), usize::MAX).unwrap();
+        let mut buf = [0u8; wire::ACK_FRAME_MAX];
+        let len = wire::write_ack(&mut buf, upto);
+        prop_assert_eq!(hex(&buf[..len]), hex(&whole));
+    }
+
+    #[test]
     fn a_report_written_by_hand_is_the_generic_frame(entries in vec(report_entry(), 0..40)) {
         let whole = wire::encode_to_bytes(
             &Frame::Report(Report { entries: entries.clone() }),

@@ -738,6 +738,23 @@ pub fn encode_report(entries: &[ReportEntry], max: usize) -> Result<Bytes, WireE
     Ok(out.freeze())
 }
 
+/// The longest ack frame: the header, the variant and a ten-byte varint.
+pub const ACK_FRAME_MAX: usize = HEADER_LEN + 1 + 10;
+
+/// An ack frame written by hand into `buf`: byte for byte
+/// `encode(&Frame::Ack(Ack906 { upto }))` (proptested), with no allocation.
+/// Returns its length. (Its body, at most 11 bytes, fits every frame
+/// limit a link accepts.)
+pub fn write_ack(buf: &mut [u8; ACK_FRAME_MAX], upto: u64) -> usize {
+    let body = 1 + varint_len(upto);
+    let mut w = &mut buf[..];
+    w.put_u8(VERSION);
+    w.put_u32(body as u32);
+    w.put_u8(ACK_VARIANT);
+    put_varint(&mut w, upto);
+    HEADER_LEN + body
+}
+
 /// postcard's zigzag form of a signed integer, as its varint carries it.
 fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64

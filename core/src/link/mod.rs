@@ -32,8 +32,8 @@ use bytes::Bytes;
 use iim_proto::coalesce::{Coalescer, frame_bytes};
 use iim_proto::types::{Address, MessageId, ServerId};
 use iim_proto::wire::{
-    self, Ack906, CLOSE_GOING_AWAY, Deliver906, DeliveryStatus, ErrorCode, Frame, Heartbeat,
-    Message, Register, Registered, ReportEntry, UserRow,
+    self, CLOSE_GOING_AWAY, Deliver906, DeliveryStatus, ErrorCode, Frame, Heartbeat, Message,
+    Register, Registered, ReportEntry, UserRow,
 };
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -550,9 +550,9 @@ impl<R> Link<R> {
         }
         if let Some(upto) = ack {
             self.metrics.acks_out.inc();
-            if let Some(b) = frame_bytes(&Frame::Ack(Ack906 { upto }), self.cfg.max_frame) {
-                self.out.copy(&b);
-            }
+            let mut ack = [0u8; wire::ACK_FRAME_MAX];
+            let len = wire::write_ack(&mut ack, upto);
+            self.out.copy(&ack[..len]);
         }
     }
 
