@@ -83,10 +83,15 @@ impl Coalescer {
 /// Encode one frame for a writer. Frames built from local state are small
 /// and bounded; a failure here is a bug worth logging, not a panic.
 pub fn frame_bytes(frame: &Frame, max_frame: usize) -> Option<Bytes> {
-    match wire::encode_to_bytes(frame, max_frame) {
+    logged(wire::encode_to_bytes(frame, max_frame), frame.kind())
+}
+
+/// The encoded frame, or `None` with the error logged.
+fn logged(encoded: Result<Bytes, wire::WireError>, kind: &str) -> Option<Bytes> {
+    match encoded {
         Ok(b) => Some(b),
         Err(e) => {
-            tracing::error!(error = %e, kind = frame.kind(), "could not encode frame");
+            tracing::error!(error = %e, kind, "could not encode frame");
             None
         }
     }
@@ -96,13 +101,7 @@ pub fn frame_bytes(frame: &Frame, max_frame: usize) -> Option<Bytes> {
 /// 906), written by hand; `None` (and an error logged) when it does not
 /// fit `max_frame`.
 pub fn report_bytes(entries: &[wire::ReportEntry], max_frame: usize) -> Option<Bytes> {
-    match wire::encode_report(entries, max_frame) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            tracing::error!(error = %e, kind = "report", "could not encode frame");
-            None
-        }
-    }
+    logged(wire::encode_report(entries, max_frame), "report")
 }
 
 #[cfg(test)]
